@@ -1,0 +1,194 @@
+"""User memory accesses with MTE tag checks: load, store, STG, LDG, IRG.
+
+Hardware checks tags where they live, atomically with the access; so does the
+model. An access first faults in every page it touches (the fault paths have
+scheduling points), then checks and performs the whole access with no point in
+between, retrying if a page went away meanwhile.
+
+Checks (Arm ARM, and the kernel's TCF handling in mte.c):
+
+* Only loads and stores through a Normal-Tagged PTE are checked, and only when
+  the thread's effective TCF (``mte_update_sctlr_user``) is not NONE and
+  PSTATE.TCO is 0. STG/LDG never check.
+* Every granule the access touches is compared with the pointer tag; an access
+  spanning two granules is checked against both.
+* SYNC (and ASYMM reads): the access is suppressed; the outcome is a
+  ``tag-check-fault`` whose address is the first byte the access touches in
+  the first mismatching granule (the granule's first byte for aligned
+  accesses).
+* ASYNC (and ASYMM writes): the access is performed, TFSR records the fault,
+  and the outcome is ``async-tag-check-fault``.
+* Allocation tags of memory that is not Normal-Tagged read as zero and ignore
+  writes (RAZ/WI).
+
+Signals are reported as errors: SIGSEGV (no mapping, or no permission) and
+SIGBUS (an unaligned STG) come back as EFAULT with the signal named.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from hypervisor.errors import KernelError
+from hypervisor.memory import handle_mm_fault
+from hypervisor.mte import mte_update_sctlr_user
+from hypervisor.tags import read_tags, write_tags
+from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.process import Task
+
+
+@attrs.frozen
+class AccessResult:
+    """The value of an access plus the architectural event it raised, if any."""
+
+    value: object = None
+    fault: dict | None = None
+
+
+def _pages(va: int, size: int):
+    """(vpn, offset in page, length) for each page of [va, va+size)."""
+    end = va + size
+    while va < end:
+        off = va & (PAGE_SIZE - 1)
+        n = min(PAGE_SIZE - off, end - va)
+        yield va >> PAGE_SHIFT, off, n
+        va += n
+
+
+async def _fault_in(k: "Kernel", task: "Task", va: int, size: int, write: bool):
+    """Fault every page in, then return their PTEs, all checked at one instant."""
+    mm = task.mm
+    for _ in range(16):
+        for vpn, _off, _n in _pages(va, size):
+            pte = mm.pt.get(vpn)
+            if pte is None or not pte.present or (write and not pte.write):
+                await handle_mm_fault(k, mm, vpn << PAGE_SHIFT, write)
+        await k.sched.point("uaccess")
+        ptes = []
+        for vpn, off, n in _pages(va, size):
+            pte = mm.pt.get(vpn)
+            if pte is None or not pte.present or (write and not pte.write):
+                break
+            vma = mm.find_vma(vpn << PAGE_SHIFT)
+            if vma is None:
+                raise KernelError("EFAULT", f"SIGSEGV (SEGV_MAPERR) at {vpn << PAGE_SHIFT:#x}")
+            ptes.append((pte, off, n, vpn))
+        else:
+            return ptes
+    raise KernelError("EFAULT", f"access at {va:#x} kept losing its pages")
+
+
+def effective_tcf(k: "Kernel", task: "Task") -> str:
+    """SCTLR_EL1.TCF0 as the task runs, after the per-CPU preference."""
+    if not k.mte:
+        return "none"
+    return mte_update_sctlr_user(task.mte_ctrl, k.tcf_preferred)
+
+
+def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
+    tcf = effective_tcf(k, task)
+    if tcf == "none" or task.tco:
+        return None
+    want = bytes([tag])
+    for pte, off, n, vpn in ptes:
+        if not pte.tagged or pte.page.zone == "device":
+            continue
+        g0 = off // MTE_GRANULE_SIZE
+        g1 = (off + n - 1) // MTE_GRANULE_SIZE + 1
+        tags = pte.page.tags if not pte.special else bytes(g1)
+        span = bytes(tags[g0:g1])
+        if span != want * (g1 - g0):
+            bad = next(i for i, t in enumerate(span) if t != tag)
+            gaddr = (vpn << PAGE_SHIFT) + (g0 + bad) * MTE_GRANULE_SIZE
+            addr = max(gaddr, va)
+            sync = tcf == "sync" or (tcf == "asymm" and not write)
+            return {"kind": "tag-check-fault" if sync else "async-tag-check-fault", "addr": addr,
+                    "pointer_tag": tag, "memory_tag": span[bad]}
+    return None
+
+
+async def user_load(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> AccessResult:
+    """A load of ``size`` bytes through a pointer carrying ``tag``."""
+    va = untagged_addr(ptr)
+    tag = tag or pointer_tag(ptr)
+    if size == 0:
+        return AccessResult(b"")
+    ptes = await _fault_in(k, task, va, size, False)
+    fault = _check(k, task, ptes, tag, False, va)
+    if fault and fault["kind"] == "tag-check-fault":
+        return AccessResult(None, fault)
+    if fault:
+        task.tfsr |= 1
+    data = b"".join(pte.page.read(off, n) for pte, off, n, _ in ptes)
+    return AccessResult(data, fault)
+
+
+async def user_store(k: "Kernel", task: "Task", ptr: int, tag: int, data: bytes) -> AccessResult:
+    """A store of ``data`` through a pointer carrying ``tag``."""
+    va = untagged_addr(ptr)
+    tag = tag or pointer_tag(ptr)
+    if not data:
+        return AccessResult(None)
+    ptes = await _fault_in(k, task, va, len(data), True)
+    fault = _check(k, task, ptes, tag, True, va)
+    if fault and fault["kind"] == "tag-check-fault":
+        return AccessResult(None, fault)
+    if fault:
+        task.tfsr |= 1
+    pos = 0
+    for pte, off, n, _ in ptes:
+        pte.page.write(off, data[pos:pos + n])
+        pos += n
+    return AccessResult(None, fault)
+
+
+async def user_stg(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> AccessResult:
+    """STG over [ptr, ptr+size): set the allocation tag of every granule to ``tag``.
+
+    Raises:
+        KernelError: EFAULT (SIGBUS) for an address not 16-byte aligned;
+            EINVAL for a size that is not a whole number of granules.
+    """
+    va = untagged_addr(ptr)
+    tag = tag or pointer_tag(ptr)
+    if va % MTE_GRANULE_SIZE:
+        raise KernelError("EFAULT", f"SIGBUS (BUS_ADRALN): STG at {va:#x} is not 16-byte aligned")
+    if size % MTE_GRANULE_SIZE:
+        raise KernelError("EINVAL", f"stg: size {size} is not a multiple of the 16-byte granule")
+    if size == 0:
+        return AccessResult(None)
+    ptes = await _fault_in(k, task, va, size, True)  # a tag store is a write
+    for pte, off, n, _ in ptes:
+        if pte.tagged and pte.page.zone == "normal":
+            write_tags(k, pte.page, off // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE))
+    return AccessResult(None)
+
+
+async def user_ldg(k: "Kernel", task: "Task", ptr: int, size: int) -> AccessResult:
+    """LDG over [ptr, ptr+size): one allocation tag per granule (address aligned down)."""
+    va = untagged_addr(ptr) & ~(MTE_GRANULE_SIZE - 1)
+    size = (size + MTE_GRANULE_SIZE - 1) // MTE_GRANULE_SIZE * MTE_GRANULE_SIZE
+    if size == 0:
+        return AccessResult([])
+    ptes = await _fault_in(k, task, va, size, False)
+    out = bytearray()
+    for pte, off, n, _ in ptes:
+        g = n // MTE_GRANULE_SIZE
+        if pte.tagged and not pte.special and pte.page.zone == "normal":
+            out += read_tags(k, pte.page, off // MTE_GRANULE_SIZE, g, f"ldg by pid {task.pid}")
+        else:
+            out += bytes(g)  # zero page tags are zero; untagged memory is RAZ
+    return AccessResult(list(out))
+
+
+def user_irg(k: "Kernel", task: "Task") -> int:
+    """IRG: a random tag not excluded by GCR_EL1.Exclude (0 if all are excluded)."""
+    allowed = [t for t in range(16) if not task.mte_ctrl.excl & (1 << t)]
+    if not allowed or not k.mte:
+        return 0
+    return task.rng.choice(allowed)

@@ -1,0 +1,61 @@
+"""KSM: one merge pass over a range (mm/ksm.c, with arm64's memcmp_pages).
+
+Only private anonymous pages in VM_MERGEABLE VMAs are candidates, as with
+madvise(MADV_MERGEABLE). Identical pages are merged into one write-protected
+KSM page unless ``memcmp_pages`` says they differ, which it always does when
+either page is PG_mte_tagged (NO KSM MERGE OF TAGGED PAGES).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.memory import get_page, put_page
+from hypervisor.mte import memcmp_pages
+from hypervisor.mte_lock import page_mte_tagged
+from hypervisor.vma import VM_MERGEABLE
+from shared.mte import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.mm import MM
+
+
+async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
+    """ksm_do_scan() over [start, end) of ``mm``; returns the pages merged away."""
+    merged = 0
+    async with mm.mmap_lock.read():
+        for vma in mm.vmas_in(start, end):
+            if not vma.is_anon or not vma.flags & VM_MERGEABLE:
+                continue
+            for vpn in range(max(start, vma.start) >> PAGE_SHIFT, min(end, vma.end) >> PAGE_SHIFT):
+                pte = mm.pt.get(vpn)
+                if pte is None or not pte.present or pte.special or pte.page.zone != "normal":
+                    continue
+                page = pte.page
+                if page.ksm or page.is_hugetlb:
+                    continue
+                await k.sched.point("ksm:cmp_and_merge_page")
+                key = bytes(page.data) if page.data is not None else b""
+                stable = k.ksm_stable.get(key)
+                if stable is not None and not stable.free and stable is not page \
+                        and memcmp_pages(k, page, stable) == 0:
+                    # replace_page(): map the stable page read-only instead
+                    page.rmap.discard((mm, vpn))
+                    page.mapcount -= 1
+                    pte.page = stable
+                    pte.write = False
+                    stable.rmap.add((mm, vpn))
+                    stable.mapcount += 1
+                    get_page(stable)
+                    put_page(k, page)
+                    merged += 1
+                    k.oracle.check_ksm_merge(stable)
+                elif stable is None or stable.free:
+                    if not page_mte_tagged(k, page) and page.mapping is None:
+                        # becomes a stable-tree page: write-protected everywhere
+                        page.ksm = True
+                        for m2, v2 in page.rmap:
+                            m2.pt[v2].write = False
+                        k.ksm_stable[key] = page
+    return merged

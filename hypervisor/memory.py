@@ -1,0 +1,299 @@
+"""Page faults, PTE installation, zapping and fork (mm/memory.c).
+
+The paths are named after their Linux functions so a reader can hold the two
+side by side:
+
+* ``handle_mm_fault`` dispatches to ``do_anonymous_page`` (zero page for
+  reads, a __GFP_ZEROTAGS page for writes under VM_MTE), ``do_fault``
+  (page-cache objects: ``do_read_fault``/``do_shared_fault``/``do_cow_fault``),
+  ``do_swap_page`` (with ``arch_swap_restore`` before mapping) and
+  ``do_wp_page``/``wp_page_copy`` (copy-on-write through ``copy_user_highpage``).
+* ``set_pte_at`` runs ``__sync_cache_and_tags`` -> ``mte_sync_tags`` for a
+  tagged, accessible, non-special PTE *before* the PTE is written
+  (USER-VISIBLE => TAGGED).
+* ``copy_page_range`` (fork) shares anonymous pages copy-on-write.
+
+Faults take ``mmap_lock`` for read; callers that already hold it (GUP from
+ptrace) pass ``locked=True``. A fault that cannot be satisfied raises
+:class:`KernelError` EFAULT, standing for SIGSEGV/SIGBUS to a user access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.copypage import copy_user_highpage
+from hypervisor.errors import KernelError
+from hypervisor.mte import mte_sync_tags, tag_clear_highpage
+from hypervisor.page import Page
+from hypervisor.vma import VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
+from shared.mte import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.mm import MM
+
+
+# ---- page references ---------------------------------------------------------
+
+def get_page(page: Page) -> None:
+    """get_page()."""
+    page.refcount += 1
+
+
+def put_page(k: "Kernel", page: Page) -> None:
+    """put_page(): the last reference frees the frame."""
+    if page.zone != "normal":
+        return
+    page.refcount -= 1
+    if page.refcount <= 0:
+        if page.is_hugetlb:
+            head = page.folio
+            if all(p.refcount <= 0 for p in head.subpages):
+                k.alloc.free_page(head)
+        else:
+            k.alloc.free_page(page)
+
+
+# ---- installing and removing PTEs ----------------------------------------------
+
+async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1) -> None:
+    """set_ptes() -> __sync_cache_and_tags() -> mte_sync_tags(), then write the PTE.
+
+    The page's reference and rmap entry are taken here; ``pte.page`` is mapped
+    at ``vpn`` (and, for ``nr > 1``, the following subpages at the following
+    vpns). Sync happens only for tagged, accessible (readable), non-special PTEs.
+    """
+    page = pte.page
+    if k.mte and pte.tagged and not pte.special and page is not None and page.zone == "normal" and pte_accessible(mm, vpn):
+        await mte_sync_tags(k, page, nr)
+    await k.sched.point("set_pte_at")
+    for i in range(nr):
+        p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
+        old = mm.pt.get(vpn + i)
+        if old is not None:
+            _release_pte(k, mm, vpn + i, old)
+        entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special)
+        mm.pt[vpn + i] = entry
+        if not pte.special:
+            p.rmap.add((mm, vpn + i))
+            p.mapcount += 1
+            get_page(p)
+
+
+def pte_accessible(mm: "MM", vpn: int) -> bool:
+    """pte_access_permitted_no_overlay(pte, false): PROT_NONE/exec-only PTEs expose no tags."""
+    vma = mm.find_vma(vpn << PAGE_SHIFT)
+    return vma is not None and bool(vma.flags & VM_READ)
+
+
+def _release_pte(k: "Kernel", mm: "MM", vpn: int, pte: Pte) -> None:
+    if pte.page is not None and not pte.special and not pte.migrating:
+        pte.page.rmap.discard((mm, vpn))
+        pte.page.mapcount -= 1
+        put_page(k, pte.page)
+    elif pte.swap is not None:
+        k.swap.swap_free(k, pte.swap)
+
+
+def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int) -> None:
+    """zap_pte_range(): drop the PTEs of [start, end) and their page references."""
+    for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+        pte = mm.pt.pop(vpn, None)
+        if pte is not None:
+            _release_pte(k, mm, vpn, pte)
+    k.sched.wake()
+
+
+# ---- the fault handler ---------------------------------------------------------
+
+def _segv(addr: int, why: str) -> KernelError:
+    return KernelError("EFAULT", f"SIGSEGV ({why}) at {addr:#x}")
+
+
+async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, locked: bool = False) -> Pte:
+    """handle_mm_fault(): make ``addr`` present (and writable if ``write``).
+
+    Returns:
+        The PTE now mapping ``addr``.
+
+    Raises:
+        KernelError: EFAULT for SEGV_MAPERR (no VMA) or SEGV_ACCERR (protection),
+            ENOMEM when no frame can be allocated.
+    """
+    if not locked:
+        await mm.mmap_lock.read_lock()
+    try:
+        return await _fault_locked(k, mm, addr, write)
+    finally:
+        if not locked:
+            mm.mmap_lock.read_unlock()
+
+
+async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool) -> Pte:
+    vma = mm.find_vma(addr)
+    if vma is None:
+        raise _segv(addr, "SEGV_MAPERR")
+    if write and not vma.flags & VM_WRITE:
+        raise _segv(addr, "SEGV_ACCERR: write to a mapping without PROT_WRITE")
+    if not write and not vma.flags & VM_READ:
+        raise _segv(addr, "SEGV_ACCERR: read of a mapping without PROT_READ")
+    vpn = addr >> PAGE_SHIFT
+    await k.sched.point("handle_mm_fault")
+    for _ in range(64):
+        pte = mm.pt.get(vpn)
+        if pte is not None and pte.migrating:
+            # migration_entry_wait(): sleep until the migration finishes
+            await k.sched.wait_until(lambda: mm.pt.get(vpn) is not pte, "migration_entry_wait")
+            continue
+        if pte is None:
+            if vma.flags & VM_PFNMAP:
+                raise _segv(addr, "SEGV_MAPERR: PFNMAP range not populated")
+            if vma.is_anon:
+                await do_anonymous_page(k, mm, vma, vpn, write)
+            else:
+                await do_fault(k, mm, vma, vpn, write)
+        elif pte.swap is not None:
+            await do_swap_page(k, mm, vma, vpn, pte, write)
+        elif write and not pte.write:
+            await do_wp_page(k, mm, vma, vpn, pte)
+        else:
+            return pte
+    raise KernelError("EFAULT", f"fault at {addr:#x} did not settle")
+
+
+def _pte_for(vma: Vma, page: Page, write: bool, special: bool = False) -> Pte:
+    return Pte(page=page, write=write, tagged=bool(vma.flags & VM_MTE), special=special)
+
+
+async def do_anonymous_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> None:
+    """do_anonymous_page(): the zero page for a read, a new zeroed page for a write."""
+    if vma.backing == "hugetlb":
+        raise KernelError("EFAULT", "hugetlb mappings are object-backed")  # pragma: no cover
+    if not write:
+        await set_pte_at(k, mm, vpn, _pte_for(vma, k.alloc.zero_page, False, special=True))
+        return
+    page = await vma_alloc_zeroed_movable_folio(k, vma)
+    await set_pte_at(k, mm, vpn, _pte_for(vma, page, True))
+    put_page(k, page)
+
+
+async def vma_alloc_zeroed_movable_folio(k: "Kernel", vma: Vma) -> Page:
+    """vma_alloc_zeroed_movable_folio() (mm/fault.c): __GFP_ZEROTAGS under VM_MTE."""
+    page = k.alloc.alloc_page()
+    if vma.flags & VM_MTE:
+        await tag_clear_highpage(k, page)
+    return page
+
+
+async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
+    """shmem_get_folio()/filemap_fault(): the page-cache page at ``index``, created or swapped in.
+
+    Page-cache pages are allocated without __GFP_ZEROTAGS: they stay untagged
+    until a tagged PTE maps them.
+    """
+    await k.sched.point("shmem_get_folio")
+    cur = obj.pages.get(index)
+    if isinstance(cur, Page):
+        return cur
+    if isinstance(cur, int):
+        return await k.swap.shmem_swapin_folio(k, obj, index, cur)
+    if obj.kind == "hugetlbfs":
+        page = k.alloc.alloc_hugetlb_folio()
+        for sub in page.subpages:
+            sub.mapping, sub.index = obj, index
+    else:
+        page = k.alloc.alloc_page()  # the allocation's reference becomes the page cache's
+        page.mapping, page.index = obj, index
+    obj.pages[index] = page
+    return page
+
+
+async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> None:
+    """do_fault(): do_read_fault / do_shared_fault / do_cow_fault for object-backed VMAs."""
+    obj = vma.obj
+    index = vma.index_of(vpn << PAGE_SHIFT)
+    if obj.kind == "hugetlbfs":
+        # hugetlb_fault(): map the whole 2 MiB folio (set_huge_pte_at, nr = 512)
+        hindex, sub = divmod(index, PAGES_PER_HPAGE)
+        head = await shmem_get_folio(k, obj, hindex)
+        first = vpn - sub
+        writable = bool(vma.flags & VM_WRITE)
+        await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=PAGES_PER_HPAGE)
+        return
+    page = await shmem_get_folio(k, obj, index)
+    if write and not vma.flags & VM_SHARED:
+        # do_cow_fault(): a private copy of the file page
+        new = k.alloc.alloc_page()
+        await copy_user_highpage(k, new, page)
+        await set_pte_at(k, mm, vpn, _pte_for(vma, new, True))
+        put_page(k, new)
+        return
+    writable = bool(vma.flags & VM_SHARED and vma.flags & VM_WRITE)
+    await set_pte_at(k, mm, vpn, _pte_for(vma, page, writable))
+
+
+async def do_swap_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte, write: bool) -> None:
+    """do_swap_page(): bring the page back (tags restored first), then map it."""
+    entry = pte.swap
+    page = await k.swap.swapin(k, entry)
+    if mm.pt.get(vpn) is not pte:  # someone else handled it while we slept
+        put_page(k, page)
+        return
+    exclusive = k.swap.count(entry) == 1 and page.mapcount == 0
+    mm.pt.pop(vpn)
+    k.swap.swap_free(k, entry)
+    await set_pte_at(k, mm, vpn, _pte_for(vma, page, exclusive and bool(vma.flags & VM_WRITE)))
+    put_page(k, page)
+
+
+async def do_wp_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+    """do_wp_page(): reuse an exclusive anonymous page, else wp_page_copy()."""
+    page = pte.page
+    if vma.flags & VM_SHARED and not vma.is_anon:
+        pte.write = True  # a shared mapping only needs its write bit back
+        return
+    if not pte.special and page.mapping is None and page.mapcount == 1 and page.swap_entry is None \
+            and not page.ksm and page.zone == "normal":
+        pte.write = True  # wp_can_reuse_anon_folio()
+        return
+    await wp_page_copy(k, mm, vma, vpn, pte)
+
+
+async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+    """wp_page_copy(): copy-on-write into a new page through copy_user_highpage()."""
+    old = pte.page
+    if pte.special:  # the zero page: a fresh zeroed page (__GFP_ZEROTAGS under VM_MTE)
+        new = await vma_alloc_zeroed_movable_folio(k, vma)
+    else:
+        new = k.alloc.alloc_page()
+        await copy_user_highpage(k, new, old)
+    await k.sched.point("wp_page_copy:map")
+    if mm.pt.get(vpn) is not pte:  # the PTE changed under us: back off, the fault retries
+        put_page(k, new)
+        return
+    await set_pte_at(k, mm, vpn, _pte_for(vma, new, True))
+    put_page(k, new)
+
+
+# ---- fork ------------------------------------------------------------------
+
+def copy_page_range(k: "Kernel", dst: "MM", src: "MM") -> None:
+    """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both."""
+    for vpn, pte in src.pt.items():
+        if pte.migrating:
+            continue  # the child faults it in again after the migration
+        vma = src.find_vma(vpn << PAGE_SHIFT)
+        if pte.swap is not None:
+            k.swap.swap_duplicate(pte.swap)
+            dst.pt[vpn] = Pte(swap=pte.swap, tagged=pte.tagged)
+            continue
+        cow = vma is not None and not vma.flags & VM_SHARED
+        if cow:
+            pte.write = False
+        child = Pte(page=pte.page, write=pte.write, tagged=pte.tagged, special=pte.special)
+        dst.pt[vpn] = child
+        if not pte.special:
+            pte.page.rmap.add((dst, vpn))
+            pte.page.mapcount += 1
+            get_page(pte.page)

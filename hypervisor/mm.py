@@ -1,0 +1,354 @@
+"""Address spaces and their syscalls: mmap, munmap, mprotect, madvise.
+
+Models mm/mmap.c (``do_mmap``/``mmap_region``), mm/mprotect.c
+(``do_mprotect_pkey``/``change_protection``), mm/madvise.c and the arm64 PROT_MTE
+rules of arch/arm64/include/asm/mman.h:
+
+* PROT_MTE sets VM_MTE only on a CPU with MTE (mmap silently drops it otherwise;
+  mprotect fails with EINVAL through ``arch_validate_prot``);
+* VM_MTE without VM_MTE_ALLOWED is EINVAL (``arch_validate_flags``);
+* VM_MTE is sticky: mprotect without PROT_MTE keeps it;
+* mprotect(PROT_MTE) on present pages re-installs their PTEs tagged, so
+  ``mte_sync_tags`` zeroes untagged pages and keeps tagged ones.
+
+Errors (Linux errno):
+    EINVAL: zero length, unaligned address or offset, PROT_MTE where tags are not
+        allowed, a hugetlb length or address not 2 MiB aligned, MAP_PRIVATE of
+        anon-shared.
+    ENOMEM: no room in the address space, or mprotect/madvise over a hole.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+from hypervisor.errors import KernelError
+from hypervisor.locks import ModelRwSem
+from hypervisor.memory import set_pte_at, zap_pte_range
+from hypervisor.page import Page
+from hypervisor.vma import (
+    OBJECT_KIND,
+    VM_EXEC,
+    VM_HUGETLB,
+    VM_IO,
+    VM_MERGEABLE,
+    VM_MTE,
+    VM_MTE_ALLOWED,
+    VM_PFNMAP,
+    VM_READ,
+    VM_SHARED,
+    VM_WRITE,
+    MemObject,
+    Pte,
+    Vma,
+    arch_calc_vm_flag_bits,
+    arch_validate_flags,
+    flag_names,
+)
+from shared.mte import HPAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+MMAP_BASE = 0x7F00_0000_0000  # top-down allocation below this
+_anon_names = itertools.count(1)
+
+
+class MM:
+    """mm_struct: VMAs, page table and mmap_lock of one process."""
+
+    def __init__(self, k: "Kernel", owner: str):
+        self.owner = owner
+        self.vmas: list[Vma] = []  # sorted by start, non-overlapping
+        self.pt: dict[int, Pte] = {}  # vpn -> PTE
+        self.mmap_lock = ModelRwSem(k.sched, f"mmap_lock[{owner}]")
+
+    def __repr__(self) -> str:
+        return f"<mm {self.owner}>"
+
+    def find_vma(self, addr: int) -> Vma | None:
+        """vma_lookup(): the VMA containing ``addr``."""
+        for v in self.vmas:
+            if v.start <= addr < v.end:
+                return v
+            if v.start > addr:
+                return None
+        return None
+
+    def vmas_in(self, start: int, end: int) -> list[Vma]:
+        """The VMAs intersecting [start, end)."""
+        return [v for v in self.vmas if v.start < end and v.end > start]
+
+    def covered(self, start: int, end: int) -> bool:
+        """[start, end) is mapped with no hole."""
+        pos = start
+        for v in self.vmas_in(start, end):
+            if v.start > pos:
+                return False
+            pos = v.end
+        return pos >= end
+
+    def _split(self, addr: int) -> None:
+        """__split_vma() at ``addr`` if a VMA straddles it."""
+        for i, v in enumerate(self.vmas):
+            if v.start < addr < v.end:
+                tail = Vma(addr, v.end, v.flags, v.backing, v.obj, v.pgoff + ((addr - v.start) >> PAGE_SHIFT))
+                if v.obj is not None:
+                    v.obj.mappings += 1
+                v.end = addr
+                self.vmas.insert(i + 1, tail)
+                return
+
+    def get_unmapped_area(self, size: int, align: int = PAGE_SIZE) -> int:
+        """Top-down search for a free range below MMAP_BASE."""
+        top = MMAP_BASE
+        for v in sorted(self.vmas, key=lambda v: -v.start):
+            if v.start >= top:
+                top = min(top, v.start)
+                continue
+            cand = (top - size) & ~(align - 1)
+            if cand >= v.end:
+                return cand
+            top = v.start
+        cand = (top - size) & ~(align - 1)
+        if cand < PAGE_SIZE * 16:
+            raise KernelError("ENOMEM", f"no room for {size:#x} bytes in the address space")
+        return cand
+
+
+def _prot_flags(prot) -> int:
+    f = 0
+    if "read" in prot:
+        f |= VM_READ
+    if "write" in prot:
+        f |= VM_WRITE
+    if "exec" in prot:
+        f |= VM_EXEC
+    return f
+
+
+def get_object(k: "Kernel", backing: str, name: str | None) -> MemObject:
+    """The object behind a non-anonymous mapping: named ones are shared host-wide."""
+    kind = OBJECT_KIND[backing]
+    if name is None:
+        return MemObject(kind, f"{backing}:{next(_anon_names)}")
+    key = name
+    obj = k.objects.get(key)
+    if obj is None:
+        obj = MemObject(kind, name, named=True)
+        k.objects[key] = obj
+    elif obj.kind != kind:
+        raise KernelError("EINVAL", f"object {name!r} is a {obj.kind} object, not {backing}")
+    return obj
+
+
+async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share: str, backing: str,
+                  obj_name: str | None, offset: int) -> int:
+    """do_mmap() + mmap_region(): create a mapping and return its address.
+
+    Raises:
+        KernelError: EINVAL (zero length, unaligned addr/offset, PROT_MTE without
+            VM_MTE_ALLOWED, bad hugetlb alignment, private anon-shared), ENOMEM (no room).
+    """
+    if size == 0:
+        raise KernelError("EINVAL", "mmap: length is 0")
+    if offset & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"mmap: offset {offset:#x} is not page aligned")
+    if addr is not None and addr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"mmap: MAP_FIXED address {addr:#x} is not page aligned")
+    if backing == "anon-shared" and share == "private":
+        raise KernelError("EINVAL", "mmap: anon-shared is MAP_SHARED|MAP_ANONYMOUS; it cannot be private")
+    if backing == "anon" and share == "shared":
+        backing = "anon-shared"
+    align = PAGE_SIZE
+    if backing == "hugetlb":
+        if size % HPAGE_SIZE or (addr is not None and addr % HPAGE_SIZE) or offset % HPAGE_SIZE:
+            raise KernelError("EINVAL", "mmap: hugetlb length, address and offset must be 2 MiB multiples")
+        align = HPAGE_SIZE
+    size = page_align_up(size)
+    if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
+        raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
+    obj = None if backing == "anon" else get_object(k, backing, obj_name)
+    flags = _prot_flags(prot)
+    if "mte" in prot and k.mte:  # arch_calc_vm_prot_bits(): dropped without MTE
+        flags |= VM_MTE
+    if share == "shared" or backing in ("anon-shared", "device"):
+        flags |= VM_SHARED
+    if backing == "hugetlb":
+        flags |= VM_HUGETLB
+    if backing == "device":
+        flags |= VM_PFNMAP | VM_IO
+    flags |= arch_calc_vm_flag_bits(k.mte, backing, obj)
+    if not arch_validate_flags(flags):
+        raise KernelError("EINVAL", f"mmap: PROT_MTE on a {backing} mapping, which lacks VM_MTE_ALLOWED")
+    async with mm.mmap_lock.write():
+        if addr is None:
+            addr = mm.get_unmapped_area(size, align)
+        else:
+            await _unmap_locked(k, mm, addr, size)  # MAP_FIXED replaces what was there
+        vma = Vma(addr, addr + size, flags, backing, obj, offset >> PAGE_SHIFT)
+        if obj is not None:
+            obj.mappings += 1
+        mm.vmas.append(vma)
+        mm.vmas.sort(key=lambda v: v.start)
+        if backing == "device":
+            await _remap_pfn_range(k, mm, vma)
+    return addr
+
+
+async def _remap_pfn_range(k: "Kernel", mm: MM, vma: Vma) -> None:
+    """remap_pfn_range(): a device region is mapped up front, special PTEs, never tagged."""
+    for i, vpn in enumerate(range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT)):
+        index = vma.pgoff + i
+        page = vma.obj.pages.get(index)
+        if page is None:
+            page = Page(pfn=0x1_0000_0000 + id(vma.obj) % 0x10000 * 0x1000 + index, tags=bytearray(256),
+                        zone="device", free=False, refcount=1, mapping=vma.obj, index=index)
+            vma.obj.pages[index] = page
+        mm.pt[vpn] = Pte(page=page, write=bool(vma.flags & VM_WRITE), tagged=False, special=True)
+
+
+async def _unmap_locked(k: "Kernel", mm: MM, addr: int, size: int) -> None:
+    end = addr + size
+    mm._split(addr)
+    mm._split(end)
+    for v in mm.vmas_in(addr, end):
+        mm.vmas.remove(v)
+        _drop_object_ref(k, v)
+    zap_pte_range(k, mm, addr, end)
+    await k.sched.point("munmap")
+
+
+def _drop_object_ref(k: "Kernel", v: Vma) -> None:
+    from hypervisor.memory import put_page
+
+    obj = v.obj
+    if obj is None:
+        return
+    obj.mappings -= 1
+    if obj.mappings == 0 and not obj.named and obj.kind != "device":
+        # the last reference to an unnamed object: truncate its page cache
+        for idx, cur in list(obj.pages.items()):
+            if isinstance(cur, Page):
+                cur.mapping = None
+                if cur.is_hugetlb:
+                    for sub in cur.subpages:
+                        sub.mapping = None
+                    k.alloc.free_page(cur)
+                else:
+                    put_page(k, cur)
+            else:
+                k.swap.swap_free(k, cur)
+        obj.pages.clear()
+
+
+async def do_munmap(k: "Kernel", mm: MM, addr: int, size: int) -> None:
+    """do_munmap().
+
+    Raises:
+        KernelError: EINVAL for an unaligned address or a zero length.
+    """
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"munmap: address {addr:#x} is not page aligned")
+    if size == 0:
+        raise KernelError("EINVAL", "munmap: length is 0")
+    size = page_align_up(size)
+    async with mm.mmap_lock.write():
+        await _unmap_locked(k, mm, addr, size)
+
+
+async def do_mprotect_pkey(k: "Kernel", mm: MM, addr: int, size: int, prot) -> None:
+    """do_mprotect_pkey() + change_protection().
+
+    Raises:
+        KernelError: EINVAL (unaligned, PROT_MTE without MTE or without
+            VM_MTE_ALLOWED; VMAs earlier in the range may already be changed),
+            ENOMEM (a hole in the range).
+    """
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"mprotect: address {addr:#x} is not page aligned")
+    if "mte" in prot and not k.mte:  # arch_validate_prot()
+        raise KernelError("EINVAL", "mprotect: PROT_MTE on a CPU without MTE")
+    size = page_align_up(size)
+    if size == 0:
+        return
+    end = addr + size
+    async with mm.mmap_lock.write():
+        if not mm.covered(addr, end):
+            raise KernelError("ENOMEM", f"mprotect: [{addr:#x}, {end:#x}) is not fully mapped")
+        mm._split(addr)
+        mm._split(end)
+        for v in mm.vmas_in(addr, end):
+            newflags = (v.flags & ~(VM_READ | VM_WRITE | VM_EXEC)) | _prot_flags(prot)
+            if "mte" in prot:
+                newflags |= VM_MTE  # VM_MTE is never cleared by mprotect
+            if not arch_validate_flags(newflags):
+                raise KernelError(
+                    "EINVAL", f"mprotect: PROT_MTE on {v.backing} memory at {v.start:#x} lacks VM_MTE_ALLOWED "
+                              f"({flag_names(v.flags)})")
+            v.flags = newflags
+            await change_protection(k, mm, v)
+
+
+async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
+    """change_protection(): rewrite present PTEs with the VMA's new attributes.
+
+    Each page's new PTE goes through set_pte_at, so a page newly mapped tagged
+    is synced (zeroed if untagged, kept if tagged). Write permission is never
+    granted here to a CoW page; the next write fault decides.
+    """
+    for vpn in range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT):
+        pte = mm.pt.get(vpn)
+        if pte is None or not pte.present:
+            continue
+        await k.sched.point("change_protection")
+        pte = mm.pt.get(vpn)
+        if pte is None or not pte.present:
+            continue
+        tagged = bool(vma.flags & VM_MTE) and pte.page.zone != "device"
+        write = pte.write and bool(vma.flags & VM_WRITE)
+        if vma.flags & VM_SHARED and vma.flags & VM_WRITE and not vma.is_anon and not pte.special:
+            write = True
+        if tagged != pte.tagged:
+            page = pte.page
+            new = Pte(page=page, write=write, tagged=tagged, special=pte.special)
+            if pte.special:
+                mm.pt[vpn] = new
+            else:
+                await set_pte_at(k, mm, vpn, new)
+        else:
+            pte.write = write
+
+
+async def do_madvise(k: "Kernel", mm: MM, addr: int, size: int, advice: str) -> None:
+    """do_madvise(): MADV_DONTNEED, MADV_FREE, MADV_MERGEABLE.
+
+    MADV_FREE is modelled as an immediate discard (the kernel may free the
+    pages at any time; the model chooses "now"). Afterwards the range reads as
+    zeros with zero tags, as the MTE documentation allows.
+
+    Raises:
+        KernelError: EINVAL (unaligned), ENOMEM (a hole in the range).
+    """
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"madvise: address {addr:#x} is not page aligned")
+    size = page_align_up(size)
+    end = addr + size
+    async with mm.mmap_lock.read() if advice != "mergeable" else mm.mmap_lock.write():
+        if not mm.covered(addr, end):
+            raise KernelError("ENOMEM", f"madvise: [{addr:#x}, {end:#x}) is not fully mapped")
+        if advice == "mergeable":
+            mm._split(addr)
+            mm._split(end)
+            for v in mm.vmas_in(addr, end):
+                if v.is_anon:
+                    v.flags |= VM_MERGEABLE
+            return
+        for v in mm.vmas_in(addr, end):
+            if v.flags & (VM_PFNMAP | VM_HUGETLB) and advice == "dontneed" and v.flags & VM_PFNMAP:
+                raise KernelError("EINVAL", "madvise: MADV_DONTNEED on a PFNMAP mapping")
+            if advice == "free" and not v.is_anon:
+                raise KernelError("EINVAL", "madvise: MADV_FREE works on private anonymous memory only")
+        zap_pte_range(k, mm, addr, end)
+        await k.sched.point("madvise")

@@ -1,0 +1,65 @@
+"""Tags across swap (arch/arm64/mm/mteswap.c).
+
+Tags are saved, packed two per byte, in an xarray keyed by swap entry when the
+folio is swapped out, and restored before the page is mapped again. The
+condition is PG_mte_tagged, not VM_MTE: a KVM guest page that the VMM maps
+untagged is still saved. Entries are freed with their swap slot.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.errors import KernelError
+from hypervisor.mte_lock import page_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
+from hypervisor.page import Page
+from hypervisor.tags import mte_restore_page_tags, mte_save_page_tags
+from shared.mte import unpack_tags
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+
+class MteSwapTags:
+    """``static DEFINE_XARRAY(mte_pages)``: saved tags by swap entry."""
+
+    def __init__(self, capacity: int | None = None):
+        self.store: dict[int, tuple[bytes, bytearray | None]] = {}
+        self.capacity = capacity  # fault injection: kmalloc fails past this many entries
+
+    def mte_save_tags(self, k: "Kernel", page: Page, entry: int) -> None:
+        """mte_save_tags(): nothing for an untagged page; -ENOMEM if no buffer."""
+        if not page_mte_tagged(k, page):
+            return
+        if self.capacity is not None and len(self.store) >= self.capacity:
+            raise KernelError("ENOMEM", "mte_save_tags: no memory for the tag buffer")
+        self.store[entry] = mte_save_page_tags(k, page)
+
+    async def mte_restore_tags(self, k: "Kernel", entry: int, page: Page) -> None:
+        """mte_restore_tags(): restore and publish saved tags, if any (else the page stays untagged)."""
+        saved = self.store.get(entry)
+        if saved is None:
+            return
+        if await try_page_mte_tagging(k, page):
+            await k.sched.point("mte_restore_tags:restore")
+            mte_restore_page_tags(k, page, saved[0], saved[1])
+            k.oracle.check_swap_restore(page, unpack_tags(saved[0]))
+            set_page_mte_tagged(k, page)
+
+    def mte_invalidate_tags(self, entry: int) -> None:
+        """mte_invalidate_tags(): the slot was freed."""
+        self.store.pop(entry, None)
+
+
+def arch_prepare_to_swap(k: "Kernel", page: Page, entry: int) -> None:
+    """arch_prepare_to_swap(): save the tags; on failure the folio is not swapped.
+
+    Raises:
+        KernelError: ENOMEM when the tag buffer cannot be allocated.
+    """
+    k.swap.tags.mte_save_tags(k, page, entry)
+
+
+async def arch_swap_restore(k: "Kernel", entry: int, page: Page) -> None:
+    """arch_swap_restore(): restore tags before the page is mapped."""
+    await k.swap.tags.mte_restore_tags(k, entry, page)

@@ -1,0 +1,145 @@
+"""The invariants of reference section 6, as code.
+
+Two kinds of checks:
+
+* *Event checks*, called by the model at the moment something happens: a tag
+  read of a page that claims PG_mte_tagged but holds tags nobody defined
+  (NO-PUBLISH-BEFORE-VALID), a second initialiser in one page lifetime
+  (EXCLUSIVE-INIT), an initialising clear that wipes tags an actor wrote
+  (PRESERVE-ON-MAP), a swap-in that does not restore what was saved (SWAP
+  ROUND-TRIP), a KSM merge of a tagged page.
+* *State checks* (:meth:`Oracle.check_state`), run after every step of a
+  controlled run and at the end of every scenario: LAST-TAG-WRITTEN (every
+  tagged page holds exactly the tags its actors last wrote, or zeros from its
+  one initialisation), USER-VISIBLE => TAGGED, VM_MTE => VM_MTE_ALLOWED,
+  ZERO PAGE NEVER FLAGGED, LOCK-LIVENESS (at rest, no page is locked but
+  untagged).
+
+A broken invariant becomes a :class:`Violation` with the actor that broke it;
+nothing is raised, so a run goes on and reports every violation with its
+schedule.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.page import Page
+from hypervisor.sched import current_actor
+from hypervisor.vma import VM_MTE, VM_READ, arch_validate_flags, flag_names
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+
+@attrs.frozen
+class Violation:
+    """One broken invariant."""
+
+    invariant: str
+    message: str
+    actor: str
+    pfn: int | None = None
+
+    def to_wire(self) -> dict:
+        """The msgpack/JSON form."""
+        return {"invariant": self.invariant, "message": self.message, "actor": self.actor, "pfn": self.pfn}
+
+
+def _granules(a: bytes, b: bytes) -> str:
+    diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
+    show = ", ".join(f"g{i}: {a[i]}" + (f" (expected {b[i]})" if b[i] != 0xFF else " (never written)")
+                     for i in diff[:4])
+    return f"{len(diff)} granule(s) differ: {show}{', ...' if len(diff) > 4 else ''}"
+
+
+class Oracle:
+    """Collects violations for one kernel."""
+
+    def __init__(self, k: "Kernel"):
+        self.k = k
+        self.violations: list[Violation] = []
+        self._seen: set[tuple[str, int | None]] = set()
+
+    def report(self, invariant: str, message: str, page: Page | None = None) -> None:
+        """Record a violation once per (invariant, page)."""
+        key = (invariant, None if page is None else page.pfn)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        self.violations.append(Violation(invariant, message, current_actor.get(), None if page is None else page.pfn))
+
+    # ---- event checks ----------------------------------------------------------
+
+    def on_init_start(self, page: Page, actor: str) -> None:
+        """A try_* caller won initialisation of ``page``."""
+        page.inits += 1
+        if page.inits > 1:
+            self.report("EXCLUSIVE-INIT", f"pfn {page.pfn:#x} initialised a second time in its lifetime by "
+                                          f"{actor} (first: {page.initialiser})", page)
+        if page.initialiser in (None, "init"):
+            page.initialiser = f"init" if page.initialiser is None else page.initialiser
+
+    def on_publish(self, page: Page) -> None:
+        """PG_mte_tagged went 0 -> 1 (INIT-ONCE is enforced by the flag never clearing)."""
+
+    def on_tags_read(self, page: Page, who: str) -> None:
+        """A reader that trusts PG_mte_tagged is looking at ``page``'s tags."""
+        head = page.folio
+        if not head.flags & PG_mte_tagged:
+            return
+        if page.shadow is None or bytes(page.tags) != bytes(page.shadow):
+            what = "never initialised (stale)" if page.shadow is None else _granules(page.tags, page.shadow)
+            self.report("NO-PUBLISH-BEFORE-VALID",
+                        f"{who} read tags of pfn {page.pfn:#x}, which is PG_mte_tagged, but its tags are {what}",
+                        page)
+
+    def on_tags_overwritten(self, page: Page, who: str) -> None:
+        """An initialising clear hit a page whose tags an actor had already written."""
+        self.report("PRESERVE-ON-MAP", f"{who} by {current_actor.get()} zeroed tags already written to pfn "
+                                       f"{page.pfn:#x} (a second initialiser)", page)
+
+    def check_swap_restore(self, page: Page, saved: bytes) -> None:
+        """SWAP ROUND-TRIP: what swap-in restored is what swap-out saved."""
+        if bytes(page.tags) != saved:
+            self.report("SWAP-ROUND-TRIP", f"pfn {page.pfn:#x} restored tags differ from the saved ones", page)
+
+    def check_ksm_merge(self, stable: Page) -> None:
+        """NO KSM MERGE OF TAGGED PAGES."""
+        if stable.flags & PG_mte_tagged:
+            self.report("NO-KSM-MERGE-OF-TAGGED", f"KSM merged into tagged pfn {stable.pfn:#x}", stable)
+
+    # ---- state checks ------------------------------------------------------------
+
+    def check_state(self, *, at_rest: bool = True) -> list[Violation]:
+        """Run every state invariant now; returns all violations so far."""
+        k = self.k
+        if k.alloc.zero_page.flags & PG_mte_tagged:
+            self.report("ZERO-PAGE-NEVER-FLAGGED", "ZERO_PAGE has PG_mte_tagged", k.alloc.zero_page)
+        for page in k.alloc.live_pages():
+            head = page.folio
+            tagged = bool(head.flags & PG_mte_tagged)
+            if tagged and (page.shadow is None or bytes(page.tags) != bytes(page.shadow)):
+                what = ("tags nobody wrote: stale from a previous owner" if page.shadow is None
+                        else "a tag changed that nobody wrote: " + _granules(page.tags, page.shadow))
+                self.report("LAST-TAG-WRITTEN", f"pfn {page.pfn:#x} is PG_mte_tagged with {what}", page)
+            if at_rest and head is page and page.flags & PG_mte_lock and not tagged:
+                self.report("LOCK-LIVENESS", f"pfn {page.pfn:#x} is PG_mte_lock without PG_mte_tagged at rest "
+                                             "(an initialiser never called set_page_mte_tagged)", page)
+        for task in k.tasks.values():
+            mm = task.mm
+            for v in mm.vmas:
+                if not arch_validate_flags(v.flags):
+                    self.report("VM_MTE=>VM_MTE_ALLOWED", f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
+            for vpn, pte in mm.pt.items():
+                if not pte.present or not pte.tagged or pte.special or pte.page.zone != "normal":
+                    continue
+                v = mm.find_vma(vpn << 12)
+                if v is not None and v.flags & VM_READ and not pte.page.folio.flags & PG_mte_tagged:
+                    self.report("USER-VISIBLE=>TAGGED",
+                                f"pid {task.pid} maps untagged pfn {pte.page.pfn:#x} at {vpn << 12:#x} "
+                                f"through a tagged PTE ({flag_names(v.flags & VM_MTE)})", pte.page)
+        return list(self.violations)

@@ -1,0 +1,183 @@
+"""Physical memory: struct page, hugetlb folios, and the page allocator.
+
+Each :class:`Page` is a 4 KiB frame with its data (allocated lazily: ``None``
+reads as zeros, so a 1 GiB guest that touches 10 MiB costs about 10 MiB), one
+allocation tag per 16-byte granule (a 256-byte ``bytearray``), page flags,
+refcount/mapcount and a reverse map of the PTEs that map it.
+
+Tag memory is never cleared by the allocator: a freshly allocated frame holds
+whatever tags its previous owner left (at boot, a fixed nonzero pattern), which
+is what makes stale-tag bugs observable. Hugetlb folios are 512 frames whose
+tag state lives in the head page's flags (asm/mte.h ``folio_*_hugetlb_*``).
+
+Ghost state (``shadow``, ``inits``) is not kernel state: the oracles use it to
+know which tags a correct kernel would hold (see hypervisor/oracles.py).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from hypervisor.errors import KernelError
+from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SIZE, PAGES_PER_HPAGE
+
+#: Stale tags a frame holds at boot: nonzero, different per pfn.
+_BOOT_PATTERN = bytes((i % 15) + 1 for i in range(MTE_GRANULES_PER_PAGE + 15))
+
+
+def boot_tags(pfn: int) -> bytearray:
+    """The garbage tags of frame ``pfn`` before anyone initialised them."""
+    off = pfn % 15
+    return bytearray(_BOOT_PATTERN[off:off + MTE_GRANULES_PER_PAGE])
+
+
+@attrs.define(eq=False, repr=False)
+class Page:
+    """struct page: one 4 KiB frame (or one subpage of a hugetlb folio)."""
+
+    pfn: int
+    tags: bytearray
+    data: bytearray | None = None
+    flags: int = 0
+    refcount: int = 0
+    mapcount: int = 0
+    zone: str = "normal"  # "normal", "zero" (ZERO_PAGE) or "device" (PFNMAP, no struct page in Linux)
+    head: "Page | None" = None  # hugetlb: the folio's head page (itself for the head)
+    subpages: "list[Page] | None" = None  # hugetlb head only
+    rmap: set = attrs.Factory(set)  # {(mm, vpn)} PTEs mapping this frame
+    mapping: object | None = None  # page-cache owner (a shmem/file object) or None for anon
+    index: int = 0
+    swap_entry: int | None = None  # set while the page is in the swap cache
+    free: bool = True
+    ksm: bool = False  # a KSM stable page (never reused in place by CoW)
+    # ghost state for the oracles
+    shadow: bytearray | None = None
+    inits: int = 0
+    initialiser: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<page pfn={self.pfn:#x} flags={self.flags:#x} ref={self.refcount} map={self.mapcount}>"
+
+    @property
+    def is_hugetlb(self) -> bool:
+        """folio_test_hugetlb(page_folio(page))."""
+        return self.head is not None
+
+    @property
+    def folio(self) -> "Page":
+        """page_folio(): the head page for hugetlb, else the page itself."""
+        return self.head if self.head is not None else self
+
+    def read(self, off: int, n: int) -> bytes:
+        """Read ``n`` bytes of data at offset ``off`` in the frame."""
+        if self.data is None:
+            return bytes(n)
+        return bytes(self.data[off:off + n])
+
+    def write(self, off: int, data: bytes) -> None:
+        """Write data at offset ``off`` in the frame."""
+        if self.data is None:
+            if not any(data):
+                return
+            self.data = bytearray(PAGE_SIZE)
+        self.data[off:off + len(data)] = data
+
+    def copy_data_from(self, src: "Page") -> None:
+        """copy_page(): the data only."""
+        self.data = None if src.data is None else bytearray(src.data)
+
+
+class PageAllocator:
+    """The buddy allocator, reduced to what the model needs.
+
+    Args:
+        ram: bytes of RAM (frames beyond it cannot be allocated: ENOMEM).
+    """
+
+    def __init__(self, ram: int):
+        self.nr_frames = ram // PAGE_SIZE
+        self._free: list[Page] = []
+        self._next_pfn = 0x80000  # DRAM starts at 2 GiB on the model's board
+        self.allocated = 0
+        self.frames: dict[int, Page] = {}  # every frame ever handed out, by pfn
+        self.zero_page = Page(pfn=0x7FFFF, tags=bytearray(MTE_GRANULES_PER_PAGE), zone="zero", free=False,
+                              refcount=1, shadow=bytearray(MTE_GRANULES_PER_PAGE))
+
+    def _new_frame(self) -> Page:
+        pfn = self._next_pfn
+        self._next_pfn += 1
+        page = Page(pfn=pfn, tags=boot_tags(pfn))
+        self.frames[pfn] = page
+        return page
+
+    def alloc_page(self) -> Page:
+        """alloc_page(): a frame with zeroed data and stale tags.
+
+        Raises:
+            KernelError: ENOMEM when every frame of RAM is in use.
+        """
+        if self._free:
+            page = self._free.pop()
+        elif self.allocated < self.nr_frames:
+            page = self._new_frame()
+        else:
+            raise KernelError("ENOMEM", f"out of memory: all {self.nr_frames} frames in use")
+        self.allocated += 1
+        page.free = False
+        page.refcount = 1
+        page.data = None
+        return page
+
+    def alloc_hugetlb_folio(self) -> Page:
+        """alloc_hugetlb_folio(): 512 contiguous frames; returns the head.
+
+        Raises:
+            KernelError: ENOMEM when RAM cannot hold another 2 MiB.
+        """
+        if self.allocated + PAGES_PER_HPAGE > self.nr_frames:
+            raise KernelError("ENOMEM", "out of memory for a 2 MiB hugetlb folio")
+        # align the head to 512 frames, as a PMD-sized folio is
+        self._next_pfn = (self._next_pfn + PAGES_PER_HPAGE - 1) & ~(PAGES_PER_HPAGE - 1)
+        pages = [self._new_frame() for _ in range(PAGES_PER_HPAGE)]
+        head = pages[0]
+        for p in pages:
+            p.head = head
+            p.free = False
+            p.refcount = 1
+        head.subpages = pages
+        self.allocated += PAGES_PER_HPAGE
+        return head
+
+    def free_page(self, page: Page) -> None:
+        """__free_pages(): flags reset, data dropped, tags left stale."""
+        if page.zone != "normal" or page.free:
+            return
+        if page.is_hugetlb:
+            head = page.folio
+            for p in head.subpages:
+                self._reset(p)
+            # arch_clear_hugetlb_flags(): PG_mte_tagged and PG_mte_lock cleared on the head
+            self.allocated -= PAGES_PER_HPAGE
+            return
+        self._reset(page)
+        self.allocated -= 1
+        self._free.append(page)
+
+    @staticmethod
+    def _reset(p: Page) -> None:
+        p.free = True
+        p.flags = 0
+        p.refcount = 0
+        p.mapcount = 0
+        p.data = None
+        p.rmap.clear()
+        p.mapping = None
+        p.swap_entry = None
+        p.ksm = False
+        p.shadow = None
+        p.inits = 0
+        p.initialiser = None
+
+    def live_pages(self):
+        """Every allocated frame (for the oracles)."""
+        return (p for p in self.frames.values() if not p.free)

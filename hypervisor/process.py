@@ -1,0 +1,32 @@
+"""Host user processes (task_struct + the MTE thread state)."""
+
+from __future__ import annotations
+
+import random
+
+import attrs
+
+from hypervisor.mm import MM
+from hypervisor.mte import MteCtrl
+
+
+@attrs.define(eq=False)
+class Task:
+    """A host process: one address space, one MTE control word, PSTATE.TCO.
+
+    The model runs one thread per process; parallel steps of one process share
+    this state as threads of a process share their mm (TCF is per thread in
+    Linux, and the model's processes set it once per process).
+    """
+
+    pid: int
+    name: str
+    mm: MM
+    session: str
+    mte_ctrl: MteCtrl = attrs.Factory(MteCtrl)
+    tco: bool = False
+    tfsr: int = 0  # pending asynchronous tag check fault (TFSRE0_EL1.TF0)
+    rng: random.Random = attrs.Factory(lambda: random.Random(0))
+    parent: int | None = None
+    fork_token: str | None = None  # set until a connection attaches to this child
+    attached: bool = False

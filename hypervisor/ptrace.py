@@ -1,0 +1,85 @@
+"""PTRACE_PEEKMTETAGS / PTRACE_POKEMTETAGS (kernel/mte.c ``mte_ptrace_copy_tags``).
+
+Tags travel one per byte. The address is aligned down to its granule. Pages
+are reached through GUP with FOLL_FORCE (faulting them in, FOLL_WRITE for
+POKE); each must be in a VM_MTE VMA. Errors follow the code, not the
+documentation: a VMA without VM_MTE stops the walk with -EOPNOTSUPP, which
+``__access_remote_tags`` turns into -EIO when no tag was copied (reference
+section 3.5). A partial copy succeeds with the count copied.
+
+Errors:
+    EIO: no MTE on the CPU; nothing copied because the first page is unmapped
+        or not VM_MTE.
+    EPERM: the target is not traceable by the caller (another session).
+    ESRCH: no such process.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.errors import KernelError
+from hypervisor.memory import handle_mm_fault
+from hypervisor.tags import read_tags, write_tags
+from hypervisor.vma import VM_MTE
+from shared.mte import MTE_GRANULE_MASK, MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.process import Task
+
+
+async def mte_ptrace_copy_tags(k: "Kernel", tracer: "Task", target: "Task", addr: int, count: int,
+                               poke: bytes | None) -> bytes | int:
+    """mte_ptrace_copy_tags(): returns the tags read (PEEK) or the number written (POKE).
+
+    Raises:
+        KernelError: EIO, EPERM as listed in the module docstring.
+    """
+    if not k.mte:
+        raise KernelError("EIO", "PTRACE_*MTETAGS: the CPU has no MTE")
+    if target.session != tracer.session:
+        raise KernelError("EPERM", f"pid {target.pid} is not traceable by pid {tracer.pid} (another session)")
+    if target.mm is None:
+        raise KernelError("EPERM", f"pid {target.pid} has no mm")
+    addr &= MTE_GRANULE_MASK
+    mm = target.mm
+    want = count if poke is None else len(poke)
+    out = bytearray()
+    done = 0
+    err = None
+    async with mm.mmap_lock.read():
+        while done < want:
+            # get_user_page_lookup_vma(): GUP with FOLL_FORCE (and FOLL_WRITE for POKE)
+            vma = mm.find_vma(addr)
+            if vma is None:
+                err = "EIO"
+                break
+            if not vma.flags & VM_MTE:
+                err = "EOPNOTSUPP"
+                break
+            try:
+                pte = await handle_mm_fault(k, mm, addr, poke is not None, locked=True)
+            except KernelError:
+                err = "EIO"
+                break
+            await k.sched.point("access_remote_tags")
+            page = pte.page
+            offset = addr & (PAGE_SIZE - 1)
+            n = min(want - done, (PAGE_SIZE - offset) // MTE_GRANULE_SIZE)
+            first = offset // MTE_GRANULE_SIZE
+            if pte.special:  # the zero page: its tags are zero, never written
+                if poke is not None:
+                    err = "EIO"
+                    break
+                out += bytes(n)
+            elif poke is None:
+                out += read_tags(k, page, first, n, f"ptrace-peek by pid {tracer.pid}")
+            else:
+                write_tags(k, page, first, bytes(t & 0xF for t in poke[done:done + n]))
+            done += n
+            addr = ((addr >> PAGE_SHIFT) + 1) << PAGE_SHIFT
+    if done == 0 and want > 0:
+        why = {"EIO": "address not mapped", "EOPNOTSUPP": "VMA not mapped with PROT_MTE (EOPNOTSUPP, returned as EIO)"}
+        raise KernelError("EIO", f"PTRACE_*MTETAGS at {addr:#x}: {why[err]}")
+    return bytes(out) if poke is None else done

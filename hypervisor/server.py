@@ -1,0 +1,202 @@
+"""The hypervisor's connection handling: every client connection is a host process.
+
+:class:`Hypervisor` serves connections over any trio stream (Unix or TCP
+socket, or an in-memory stream in controlled runs: the same code either way).
+The first message must be ``hello``. A ``process`` connection then owns one
+task (a new process, or the forked child whose token it presents) and may
+touch only that task's address space; when the connection closes the process
+exits and its memory is freed. A ``host`` connection drives the host kernel.
+
+Each request runs concurrently in its own kernel context (named by the
+request's ``ctx``), so one connection can carry parallel steps. At most
+:data:`MAX_OUTSTANDING` requests per connection run at once; more get EAGAIN.
+Nothing a client sends can take the hypervisor down: bad requests get errno
+replies, malformed frames close that connection only, and an unexpected error
+inside the model is reported (EIO, recorded in the kernel's warnings).
+
+Errors replied:
+    EPERM: no ``hello`` yet, wrong secret, or an op outside the connection's role.
+    ESRCH: ``attach`` token unknown or already used.
+    EBUSY: ``boot`` while processes are attached.
+    EAGAIN: too many outstanding requests.
+    EDEADLK: the controlled scheduler found every context blocked.
+    plus whatever the op itself returns.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import traceback
+
+import trio
+
+from hypervisor.access import AccessResult
+from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
+from hypervisor.kernel import Kernel
+from hypervisor.syscalls import HOST_OPS, PROCESS_OPS
+from shared import wire
+from shared.abi import OPS, AbiError, validate_args
+from shared.errno import EAGAIN, EDEADLK, EIO, EPERM
+
+log = logging.getLogger("mtekvm.hypervisor")
+
+MAX_OUTSTANDING = 256
+
+
+class Hypervisor:
+    """One modelled host serving its clients.
+
+    Args:
+        kernel: the host kernel (a fresh default one if omitted).
+        secret: when set, every ``hello`` must present it.
+    """
+
+    def __init__(self, kernel: Kernel | None = None, *, secret: str | None = None):
+        self.kernel = kernel or Kernel()
+        self.secret = secret
+        self.connections = 0
+        self.failures: list[str] = []  # scheduler failures (deadlock, divergence)
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until it closes; never raises for client misbehaviour."""
+        conn = _Connection(self, wire.FramedStream(stream))
+        self.connections += 1
+        try:
+            await conn.run()
+        finally:
+            self.connections -= 1
+            with trio.CancelScope(shield=True):
+                await conn.cleanup()
+                try:
+                    await stream.aclose()
+                except Exception:  # noqa: BLE001 - closing a broken stream
+                    pass
+
+
+class _Connection:
+    def __init__(self, hv: Hypervisor, framed: wire.FramedStream):
+        self.hv = hv
+        self.framed = framed
+        self.role: str | None = None
+        self.task = None
+        self.outstanding = 0
+        self.seq = 0
+
+    @property
+    def k(self) -> Kernel:
+        return self.hv.kernel
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    msg = await self.framed.receive()
+                except wire.ConnectionClosed:
+                    break
+                except wire.WireError as exc:
+                    log.info("closing connection: %s", exc)
+                    break
+                if not isinstance(msg, dict) or msg.get("t") != "req":
+                    log.info("closing connection: not a request envelope")
+                    break
+                rid = msg.get("id")
+                if not isinstance(rid, int) or isinstance(rid, bool):
+                    await self._reply(wire.response_err(None, 22, "request id must be an integer"))
+                    continue
+                if self.outstanding >= MAX_OUTSTANDING:
+                    await self._reply(wire.response_err(rid, EAGAIN, f"more than {MAX_OUTSTANDING} requests in flight"))
+                    continue
+                self.outstanding += 1
+                nursery.start_soon(self._handle, rid, msg.get("op"), msg.get("args", {}), msg.get("ctx"))
+            nursery.cancel_scope.cancel()
+
+    async def _reply(self, msg: dict) -> None:
+        try:
+            await self.framed.send(msg)
+        except wire.ConnectionClosed:
+            pass
+
+    async def _handle(self, rid: int, op, args, ctx) -> None:
+        try:
+            reply = await self._dispatch(rid, op, args, ctx)
+        except (KernelError, AbiError) as exc:
+            reply = wire.response_err(rid, exc.errno, exc.message)
+        except (Deadlock, ScheduleDivergence) as exc:
+            self.hv.failures.append(f"{type(exc).__name__}: {exc}")
+            reply = wire.response_err(rid, EDEADLK, f"{type(exc).__name__}: {exc}")
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a model bug must not take the host down
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            self.k.warn_once(f"internal error in {op}: {detail}")
+            log.exception("internal error in %s", op)
+            reply = wire.response_err(rid, EIO, f"internal model error in {op}: {detail}")
+        finally:
+            self.outstanding -= 1
+        await self._reply(reply)
+
+    async def _dispatch(self, rid: int, op, args, ctx) -> dict:
+        a = validate_args(op, args)
+        d = OPS[op]
+        if op == "hello":
+            return wire.response_ok(rid, self._hello(a))
+        if self.role is None:
+            raise KernelError(EPERM, f"{op}: say hello first")
+        if d.role != "any" and d.role != self.role:
+            raise KernelError(EPERM, f"{op} is a {d.role} op; this connection is a {self.role}")
+        if op == "boot":
+            return wire.response_ok(rid, self._boot(a))
+        self.seq += 1
+        name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else 'host'}#{self.seq}"
+        k = self.k
+        async with k.sched.context(name):
+            if self.role == "process":
+                result = await PROCESS_OPS[op](k, self.task, a)
+            else:
+                result = await HOST_OPS[op](k, a)
+        if isinstance(result, AccessResult):
+            return wire.response_ok(rid, result.value, result.fault)
+        return wire.response_ok(rid, result)
+
+    def _hello(self, a: dict) -> dict:
+        if self.role is not None:
+            raise KernelError(EPERM, "hello: already introduced")
+        if self.hv.secret is not None and not hmac.compare_digest(a["secret"] or "", self.hv.secret):
+            raise KernelError(EPERM, "hello: wrong or missing secret")
+        if a["role"] == "host":
+            self.role = "host"
+            return {"role": "host"}
+        if a["attach"] is not None:
+            task = next((t for t in self.k.tasks.values() if t.fork_token == a["attach"] and not t.attached), None)
+            if task is None:
+                raise KernelError("ESRCH", "hello: no unattached child holds that token")
+        else:
+            task = self.k.create_task(a["name"] or "", a["session"])
+        task.attached = True
+        task.fork_token = None
+        self.task = task
+        self.role = "process"
+        return {"role": "process", "pid": task.pid}
+
+    def _boot(self, a: dict) -> dict:
+        if any(t.attached for t in self.k.tasks.values()):
+            raise KernelError("EBUSY", "boot: processes are still attached to this host")
+        try:
+            self.hv.kernel = Kernel(mte=a["mte"], ram=a["ram"], swap=a["swap"], bugs=a["bugs"],
+                                    sched=self.k.sched, tcf_preferred=a["tcf_preferred"])
+        except ValueError as exc:
+            raise KernelError("EINVAL", f"boot: {exc}") from None
+        return {"booted": True}
+
+    async def cleanup(self) -> None:
+        if self.task is not None:
+            task, self.task = self.task, None
+            # children forked but never attached die with their parent's connection
+            orphans = [t for t in self.k.tasks.values() if t.parent == task.pid and not t.attached]
+            for t in [task, *orphans]:
+                try:
+                    async with self.k.sched.context(f"exit:{t.name}:{t.pid}"):
+                        await self.k.exit_task(t)
+                except Exception:  # noqa: BLE001
+                    log.exception("exit of pid %s failed", t.pid)

@@ -1,0 +1,182 @@
+"""The swap device, reclaim and swap-in (mm/swapfile.c, mm/vmscan.c, mm/swap_state.c).
+
+``shrink_folio_list`` reclaims the pages of a range: ``add_to_swap`` takes a
+slot, ``arch_prepare_to_swap`` saves the tags (a failure keeps the folio in
+memory), ``try_to_unmap`` turns every PTE mapping the page into a swap entry
+(anonymous) or removes it (shmem, whose page cache then holds the entry), the
+data is written to the slot and the frame freed. Swap-in reads the data into a
+new frame and calls ``arch_swap_restore`` before the page is mapped.
+
+Hugetlb, zero-page, device and KSM pages are never reclaimed here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import attrs
+
+from hypervisor.errors import KernelError
+from hypervisor.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
+from hypervisor.page import Page
+from hypervisor.vma import MemObject, Pte
+from shared.mte import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+
+@attrs.define
+class SwapSlot:
+    """One slot of the swap device: the page's data and the swap count."""
+
+    data: bytes | None
+    count: int = 0
+
+
+class SwapDevice:
+    """A swap area of ``size`` bytes, its swap cache and the MTE tag store."""
+
+    def __init__(self, size: int):
+        self.nr_slots = size // PAGE_SIZE
+        self.slots: dict[int, SwapSlot] = {}
+        self.cache: dict[int, Page] = {}  # swap cache: entry -> page
+        self.tags = MteSwapTags()
+        self._next = 1
+
+    def count(self, entry: int) -> int:
+        """__swap_count()."""
+        slot = self.slots.get(entry)
+        return 0 if slot is None else slot.count
+
+    def get_swap_page(self) -> int:
+        """folio_alloc_swap(): a free slot.
+
+        Raises:
+            KernelError: ENOSPC when the device is full.
+        """
+        if len(self.slots) >= self.nr_slots:
+            raise KernelError("ENOSPC", f"swap is full ({self.nr_slots} slots)")
+        while self._next in self.slots:
+            self._next += 1
+        entry = self._next
+        self._next += 1
+        self.slots[entry] = SwapSlot(None, 0)
+        return entry
+
+    def swap_duplicate(self, entry: int) -> None:
+        """swap_duplicate(): another PTE holds the entry (fork)."""
+        self.slots[entry].count += 1
+
+    def swap_free(self, k: "Kernel", entry: int) -> None:
+        """swap_free(): drop one reference; the last frees the slot and its saved tags."""
+        slot = self.slots.get(entry)
+        if slot is None:
+            return
+        slot.count -= 1
+        if slot.count <= 0:
+            del self.slots[entry]
+            k.swap.tags.mte_invalidate_tags(entry)  # arch_swap_invalidate_page()
+            page = self.cache.pop(entry, None)
+            if page is not None:
+                page.swap_entry = None
+                from hypervisor.memory import put_page
+
+                put_page(k, page)
+
+    async def swapin(self, k: "Kernel", entry: int) -> Page:
+        """swapin_readahead() for one entry: the swap-cache page, with a reference.
+
+        Tags are restored (``arch_swap_restore``) before the caller maps it.
+        """
+        page = self.cache.get(entry)
+        if page is None:
+            page = k.alloc.alloc_page()
+            slot = self.slots[entry]
+            if slot.data is not None:
+                page.write(0, slot.data)
+            page.swap_entry = entry
+            self.cache[entry] = page
+            page.refcount += 1  # the swap cache's reference
+            await k.sched.point("swap_read_folio")
+            await arch_swap_restore(k, entry, page)
+        else:
+            page.refcount += 1
+        return page
+
+    async def shmem_swapin_folio(self, k: "Kernel", obj: MemObject, index: int, entry: int) -> Page:
+        """shmem_swapin_folio(): bring a shmem page back into its page cache."""
+        page = await self.swapin(k, entry)
+        if obj.pages.get(index) != entry:  # raced with another swap-in
+            from hypervisor.memory import put_page
+
+            put_page(k, page)
+            return obj.pages[index]
+        page.mapping, page.index = obj, index
+        obj.pages[index] = page
+        # the page cache takes over the swap-in reference; the slot is no longer needed
+        self.swap_free(k, entry)
+        return page
+
+
+async def shrink_folio_list(k: "Kernel", pages: list[Page]) -> int:
+    """shrink_folio_list(): swap out ``pages``; returns how many went.
+
+    Raises:
+        KernelError: ENOSPC (swap full) or ENOMEM (tag storage) if not even
+            the first page could be swapped.
+    """
+    done = 0
+    for page in pages:
+        try:
+            ok = await _swap_out_one(k, page)
+        except KernelError:
+            if done == 0:
+                raise
+            break
+        done += ok
+    return done
+
+
+async def _swap_out_one(k: "Kernel", page: Page) -> int:
+    from hypervisor.memory import put_page
+
+    if page.free or page.zone != "normal" or page.is_hugetlb or page.ksm or page.swap_entry is not None:
+        return 0
+    await k.sched.point("shrink_folio_list")
+    if page.free:
+        return 0
+    entry = k.swap.get_swap_page()
+    try:
+        arch_prepare_to_swap(k, page, entry)
+    except KernelError:
+        del k.swap.slots[entry]
+        raise
+    await k.sched.point("arch_prepare_to_swap:saved")
+    if page.free:  # freed while we slept
+        k.swap.swap_free(k, entry)
+        return 0
+    # try_to_unmap(): every mapping now holds the swap entry (anon) or nothing (shmem)
+    obj = page.mapping
+    for mm, vpn in list(page.rmap):
+        pte = mm.pt.get(vpn)
+        if pte is None or pte.page is not page:
+            continue
+        page.rmap.discard((mm, vpn))
+        page.mapcount -= 1
+        page.refcount -= 1
+        if obj is None:
+            mm.pt[vpn] = Pte(swap=entry, tagged=pte.tagged)
+            k.swap.slots[entry].count += 1
+        else:
+            del mm.pt[vpn]
+    k.swap.slots[entry].data = None if page.data is None else bytes(page.data)  # pageout()
+    if obj is not None:
+        obj.pages[page.index] = entry
+        k.swap.slots[entry].count += 1
+        page.mapping = None
+    if k.swap.slots[entry].count == 0:  # nobody mapped it after all
+        k.swap.swap_free(k, entry)
+    put_page(k, page)  # __remove_mapping(): the frame goes back to the allocator
+    k.sched.wake()
+    return 1

@@ -1,0 +1,150 @@
+"""The system-call layer: one handler per ABI op, validated arguments in, values out.
+
+Handlers receive the kernel, the calling task (process role) and the
+arguments already checked by :func:`shared.abi.validate_args`. They return a
+plain value, or an :class:`~hypervisor.access.AccessResult` when the access
+raised a modelled architectural event; errors are :class:`KernelError`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+from hypervisor.access import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
+from hypervisor.errors import KernelError
+from hypervisor.mm import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
+from hypervisor.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
+from hypervisor.ptrace import mte_ptrace_copy_tags
+from shared.abi import AbiError, validate_args
+from shared.mte import tagged_pointer
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.process import Task
+
+
+async def sys_mmap(k, t, a):
+    return await do_mmap(k, t.mm, a["addr"], a["size"], a["prot"], a["share"], a["backing"], a["object"], a["offset"])
+
+
+async def sys_mprotect(k, t, a):
+    await do_mprotect_pkey(k, t.mm, a["addr"], a["size"], a["prot"])
+
+
+async def sys_munmap(k, t, a):
+    await do_munmap(k, t.mm, a["addr"], a["size"])
+
+
+async def sys_madvise(k, t, a):
+    await do_madvise(k, t.mm, a["addr"], a["size"], a["advice"])
+
+
+async def sys_prctl(k, t, a):
+    if a["tcf"] is None and a["include"] is None:
+        raise KernelError("EINVAL", "prctl: give tcf, include or both")
+    set_tagged_addr_ctrl(k, t.mte_ctrl, a["tcf"], a["include"])
+
+
+async def sys_prctl_get(k, t, a):
+    return get_tagged_addr_ctrl(t.mte_ctrl)
+
+
+async def sys_tco(k, t, a):
+    t.tco = a["on"]
+
+
+async def sys_store(k, t, a):
+    return await user_store(k, t, tagged_pointer(a["addr"], a["tag"]) if a["tag"] else a["addr"], a["tag"], a["data"])
+
+
+async def sys_load(k, t, a):
+    return await user_load(k, t, a["addr"], a["tag"], a["size"])
+
+
+async def sys_stg(k, t, a):
+    return await user_stg(k, t, a["addr"], a["tag"], a["size"])
+
+
+async def sys_ldg(k, t, a):
+    return await user_ldg(k, t, a["addr"], a["size"])
+
+
+async def sys_irg(k, t, a):
+    return user_irg(k, t)
+
+
+async def sys_getpid(k, t, a):
+    return t.pid
+
+
+async def sys_fork(k, t, a):
+    child = await k.fork(t, a["child"])
+    return {"pid": child.pid, "token": child.fork_token}
+
+
+async def sys_peek(k, t, a):
+    return list(await mte_ptrace_copy_tags(k, t, k.task(a["target"]), a["addr"], a["count"], None))
+
+
+async def sys_poke(k, t, a):
+    return await mte_ptrace_copy_tags(k, t, k.task(a["target"]), a["addr"], 0, a["tags"])
+
+
+PROCESS_OPS: dict[str, Callable[..., Awaitable]] = {
+    "mmap": sys_mmap, "mprotect": sys_mprotect, "munmap": sys_munmap, "madvise": sys_madvise,
+    "prctl": sys_prctl, "prctl-get": sys_prctl_get, "tco": sys_tco, "store": sys_store, "load": sys_load,
+    "stg": sys_stg, "ldg": sys_ldg, "irg": sys_irg, "fork": sys_fork, "ptrace-peek-tags": sys_peek,
+    "ptrace-poke-tags": sys_poke, "getpid": sys_getpid,
+}
+
+
+async def sys_batch(k: "Kernel", t: "Task", a) -> list:
+    """Run process ops in order; each result is ``[ok, value or errno, fault]``."""
+    out = []
+    for op, args in a["ops"]:
+        if op not in PROCESS_OPS:
+            out.append([False, 38, f"{op!r} is not a process op"])
+            continue
+        try:
+            r = await PROCESS_OPS[op](k, t, validate_args(op, args))
+        except (KernelError, AbiError) as exc:
+            out.append([False, exc.errno, exc.message])
+            continue
+        if isinstance(r, AccessResult):
+            out.append([True, r.value, r.fault])
+        else:
+            out.append([True, r, None])
+    return out
+
+
+PROCESS_OPS["batch"] = sys_batch
+
+
+async def host_swap_out(k, a):
+    return await k.swap_out(a["pid"], a["addr"], a["size"])
+
+
+async def host_ksm(k, a):
+    return await k.ksm_merge(a["pid"], a["addr"], a["size"])
+
+
+async def host_migrate(k, a):
+    return await k.migrate_pages(a["pid"], a["addr"], a["size"])
+
+
+async def host_page_flags(k, a):
+    return k.page_flags(a["pid"], a["addr"])
+
+
+async def host_check(k, a):
+    return [v.to_wire() for v in k.oracle.check_state()]
+
+
+async def host_stats(k, a):
+    return k.stats()
+
+
+HOST_OPS = {
+    "swap-out": host_swap_out, "ksm-merge": host_ksm, "migrate-pages": host_migrate,
+    "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
+}

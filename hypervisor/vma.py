@@ -1,0 +1,136 @@
+"""VMAs, their flags, and the objects behind shared mappings.
+
+A :class:`Vma` is a ``vm_area_struct``: a page-aligned range with ``vm_flags``
+and, for anything but private anonymous memory, a :class:`MemObject` (the
+shmem/memfd inode, regular file, hugetlbfs file or device region). Shared
+objects hold their own page cache (``index -> Page`` or a swap entry), so every
+mapping of the same object, in any process, maps the same frames.
+
+VM_MTE_ALLOWED follows ``arch_calc_vm_flag_bits()`` (arch/arm64/include/asm/mman.h,
+v6.13+): anonymous and MAP_HUGETLB mappings, shmem/memfd files and hugetlbfs
+files get it; regular files and device (PFNMAP) regions do not.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from hypervisor.page import Page
+
+VM_READ = 0x1
+VM_WRITE = 0x2
+VM_EXEC = 0x4
+VM_SHARED = 0x8
+VM_PFNMAP = 0x400
+VM_IO = 0x4000
+VM_HUGETLB = 0x400000
+VM_MERGEABLE = 0x80000000
+VM_MTE = 1 << 36  # VM_HIGH_ARCH_4
+VM_MTE_ALLOWED = 1 << 37  # VM_HIGH_ARCH_5
+
+FLAG_NAMES = {
+    VM_READ: "VM_READ", VM_WRITE: "VM_WRITE", VM_EXEC: "VM_EXEC", VM_SHARED: "VM_SHARED",
+    VM_PFNMAP: "VM_PFNMAP", VM_IO: "VM_IO", VM_HUGETLB: "VM_HUGETLB", VM_MERGEABLE: "VM_MERGEABLE",
+    VM_MTE: "VM_MTE", VM_MTE_ALLOWED: "VM_MTE_ALLOWED",
+}
+
+#: Object kinds by scenario backing name.
+OBJECT_KIND = {
+    "anon-shared": "shmem",  # MAP_SHARED|MAP_ANONYMOUS is a shmem file internally
+    "memfd": "shmem",
+    "shmem": "shmem",
+    "file": "file",
+    "hugetlb": "hugetlbfs",
+    "device": "device",
+}
+
+
+def flag_names(flags: int) -> str:
+    """``VM_READ|VM_MTE...`` for messages and traces."""
+    return "|".join(n for bit, n in FLAG_NAMES.items() if flags & bit) or "0"
+
+
+@attrs.define(eq=False)
+class MemObject:
+    """An inode whose pages can be mapped by several processes.
+
+    ``pages`` maps a page index (a 2 MiB folio index for hugetlbfs) to the
+    resident frame, or to an ``int`` swap entry while the page is swapped out.
+    """
+
+    kind: str  # "shmem", "file", "hugetlbfs", "device"
+    name: str
+    pages: dict = attrs.Factory(dict)
+    mappings: int = 0
+    named: bool = False  # named objects live as long as the host (a tmpfs file)
+
+    @property
+    def is_shmem(self) -> bool:
+        """shmem_file(file)."""
+        return self.kind == "shmem"
+
+
+@attrs.define(eq=False)
+class Vma:
+    """vm_area_struct."""
+
+    start: int
+    end: int
+    flags: int
+    backing: str
+    obj: MemObject | None = None
+    pgoff: int = 0  # offset of ``start`` in the object, in pages
+
+    def __repr__(self) -> str:
+        return f"<vma {self.start:#x}-{self.end:#x} {flag_names(self.flags)} {self.backing}>"
+
+    @property
+    def is_anon(self) -> bool:
+        """vma_is_anonymous() for private anonymous memory (its pages live in PTEs)."""
+        return self.obj is None
+
+    def contains(self, addr: int) -> bool:
+        """start <= addr < end."""
+        return self.start <= addr < self.end
+
+    def index_of(self, addr: int) -> int:
+        """linear_page_index(): the object page index of ``addr``."""
+        return self.pgoff + ((addr - self.start) >> 12)
+
+
+def arch_calc_vm_flag_bits(mte: bool, backing: str, obj: MemObject | None) -> int:
+    """arch_calc_vm_flag_bits() (asm/mman.h): which mappings are tag-capable."""
+    if not mte:
+        return 0
+    if backing in ("anon", "anon-shared", "hugetlb"):  # MAP_ANONYMOUS | MAP_HUGETLB
+        return VM_MTE_ALLOWED
+    if obj is not None and obj.kind in ("shmem", "hugetlbfs"):  # shmem_file || is_file_hugepages
+        return VM_MTE_ALLOWED
+    return 0
+
+
+def arch_validate_flags(flags: int) -> bool:
+    """arch_validate_flags() (asm/mman.h): no VM_MTE without VM_MTE_ALLOWED."""
+    return not (flags & VM_MTE and not flags & VM_MTE_ALLOWED)
+
+
+@attrs.define(eq=False)
+class Pte:
+    """A user page-table entry.
+
+    Exactly one of ``page`` (present), ``swap`` (a swap entry) is set. A
+    ``migrating`` entry is a migration entry: faults wait until it is replaced.
+    ``tagged`` is the Normal-Tagged AttrIndx (the VMA had VM_MTE).
+    """
+
+    page: Page | None = None
+    swap: int | None = None
+    write: bool = False
+    tagged: bool = False
+    special: bool = False  # the zero page: no refcount, no tag sync
+    migrating: bool = False
+
+    @property
+    def present(self) -> bool:
+        """pte_present()."""
+        return self.page is not None and not self.migrating

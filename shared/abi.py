@@ -1,0 +1,258 @@
+"""The ABI: every op's message, defined once.
+
+Each op is an :class:`OpDef` listing its argument :class:`Field`s. Both sides use
+these definitions: the hypervisor validates every incoming request with
+:func:`validate_args` at the wire boundary (a bad request gets an errno reply,
+never a crash), and clients may use the same definitions to build requests.
+
+Roles: a connection says who it is with ``hello`` first. ``process``
+connections are host user processes (each with its own address space; the VMM
+is one); ``host`` connections drive the host kernel itself (reclaim, KSM, page
+migration, invariant checks) and must present the hypervisor's secret when it
+has one.
+
+Errors (Linux errno values, as the kernel would return them):
+    ENOSYS: unknown op.
+    EPERM: op not allowed for the connection's role, or ``hello`` missing.
+    EINVAL: missing or unknown argument, wrong type, value out of range.
+    E2BIG: a data argument larger than :data:`MAX_IO` (split the access).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+
+from shared.errno import E2BIG, EINVAL
+from shared.mte import TCF_MODES
+
+#: Largest data/tag payload one access request may carry or return.
+MAX_IO = 16 * 1024 * 1024
+U64_MAX = (1 << 64) - 1
+
+
+class AbiError(Exception):
+    """A request that does not fit its op's definition.
+
+    Attributes:
+        errno: the Linux errno to reply with.
+        message: what is wrong, naming the op and the argument.
+    """
+
+    def __init__(self, errno: int, message: str):
+        self.errno = errno
+        self.message = message
+        super().__init__(message)
+
+
+def _u64(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= U64_MAX:
+        raise ValueError("must be an unsigned 64-bit integer")
+    return v
+
+
+def _int(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not -(1 << 63) <= v <= U64_MAX:
+        raise ValueError("must be an integer")
+    return v
+
+
+def _tag(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 15:
+        raise ValueError("must be a tag 0..15")
+    return v
+
+
+def _bool(v):
+    if not isinstance(v, bool):
+        raise ValueError("must be a boolean")
+    return v
+
+
+def _str(v):
+    if not isinstance(v, str) or len(v) > 256:
+        raise ValueError("must be a string of at most 256 characters")
+    return v
+
+
+def _bytes(v):
+    if not isinstance(v, (bytes, bytearray)):
+        raise ValueError("must be bytes")
+    if len(v) > MAX_IO:
+        raise OverflowError(f"{len(v)} bytes is more than the {MAX_IO} a request may carry")
+    return bytes(v)
+
+
+def _tags(v):
+    """Tags travel one per byte (the ptrace/COPY_TAGS format); a list of ints is accepted too."""
+    if isinstance(v, list):
+        if len(v) > MAX_IO:
+            raise OverflowError(f"{len(v)} tags is more than the {MAX_IO} a request may carry")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 255 for t in v):
+            raise ValueError("must be a list of byte values")
+        return bytes(v)
+    return _bytes(v)
+
+
+def _enum(*choices: str) -> Callable[[Any], str]:
+    def check(v):
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return v
+
+    check.__doc__ = "|".join(choices)
+    return check
+
+
+def _prot(v):
+    if not isinstance(v, list) or not all(p in ("read", "write", "exec", "mte") for p in v):
+        raise ValueError("must be a list of read, write, exec, mte")
+    return tuple(v)
+
+
+def _strlist(v):
+    if not isinstance(v, list) or len(v) > 64 or not all(isinstance(s, str) for s in v):
+        raise ValueError("must be a list of strings")
+    return tuple(v)
+
+
+def _size(v):
+    v = _u64(v)
+    if v > MAX_IO:
+        raise OverflowError(f"{v} bytes is more than the {MAX_IO} one access may cover")
+    return v
+
+
+def _batch(v):
+    if not isinstance(v, list) or len(v) > 65536:
+        raise ValueError("must be a list of at most 65536 [op, args] pairs")
+    for item in v:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                and isinstance(item[1], dict)):
+            raise ValueError("each item must be [op, args]")
+    return v
+
+
+_REQUIRED = object()
+
+
+@attrs.frozen
+class Field:
+    """One argument of an op: its name, checker, and default (required when absent)."""
+
+    name: str
+    check: Callable[[Any], Any]
+    default: Any = _REQUIRED
+    doc: str = ""
+
+
+@attrs.frozen
+class OpDef:
+    """One op of the ABI: who may send it and its arguments."""
+
+    name: str
+    role: str  # "any", "process" or "host"
+    fields: tuple[Field, ...]
+    doc: str
+
+
+def F(name, check, default=_REQUIRED, doc=""):
+    return Field(name, check, default, doc)
+
+
+BACKINGS = ("anon", "anon-shared", "memfd", "shmem", "file", "hugetlb", "device")
+
+_OPS = [
+    OpDef("hello", "any", (
+        F("role", _enum("process", "host")),
+        F("name", _str, None, "a label for traces"),
+        F("session", _str, None, "processes of one session may ptrace each other"),
+        F("attach", _str, None, "become the forked child holding this token"),
+        F("secret", _str, None, "the hypervisor's secret (host role, TCP)"),
+    ), "Introduce the connection; must come first."),
+    # ---- host user processes: their own address space -----------------
+    OpDef("mmap", "process", (
+        F("addr", lambda v: None if v is None else _u64(v), None, "MAP_FIXED address"),
+        F("size", _u64), F("prot", _prot, ("read", "write")),
+        F("share", _enum("private", "shared"), "private"),
+        F("backing", _enum(*BACKINGS), "anon"),
+        F("object", lambda v: None if v is None else _str(v), None),
+        F("offset", _u64, 0),
+    ), "mmap(2); returns the address."),
+    OpDef("mprotect", "process", (F("addr", _u64), F("size", _u64), F("prot", _prot)), "mprotect(2)."),
+    OpDef("munmap", "process", (F("addr", _u64), F("size", _u64)), "munmap(2)."),
+    OpDef("madvise", "process", (
+        F("addr", _u64), F("size", _u64), F("advice", _enum("dontneed", "free", "mergeable")),
+    ), "madvise(2)."),
+    OpDef("prctl", "process", (
+        F("tcf", lambda v: None if v is None else _enum(*TCF_MODES)(v), None),
+        F("include", lambda v: None if v is None else _int(v), None),
+    ), "prctl(PR_SET_TAGGED_ADDR_CTRL)."),
+    OpDef("prctl-get", "process", (), "prctl(PR_GET_TAGGED_ADDR_CTRL)."),
+    OpDef("tco", "process", (F("on", _bool),), "MSR TCO, #on."),
+    OpDef("store", "process", (F("addr", _u64), F("tag", _tag, 0), F("data", _bytes)), "A store through a tagged pointer."),
+    OpDef("load", "process", (F("addr", _u64), F("tag", _tag, 0), F("size", _size)), "A load; returns bytes."),
+    OpDef("stg", "process", (F("addr", _u64), F("tag", _tag, 0), F("size", _size)), "STG over a range."),
+    OpDef("ldg", "process", (F("addr", _u64), F("size", _size)), "LDG over a range; one tag per granule."),
+    OpDef("irg", "process", (), "IRG: a random tag allowed by the include mask."),
+    OpDef("fork", "process", (F("child", _str, None),), "fork(2); returns {pid, token}."),
+    OpDef("ptrace-peek-tags", "process", (F("target", _u64), F("addr", _u64), F("count", _size)), "PTRACE_PEEKMTETAGS."),
+    OpDef("ptrace-poke-tags", "process", (F("target", _u64), F("addr", _u64), F("tags", _tags)), "PTRACE_POKEMTETAGS."),
+    OpDef("batch", "process", (F("ops", _batch),), "Run several process ops in order in one round trip."),
+    OpDef("getpid", "process", (), "getpid(2)."),
+    # ---- the host kernel itself ------------------------------------------
+    OpDef("boot", "host", (
+        F("mte", _bool, True), F("ram", _u64, 256 << 20), F("swap", _u64, 64 << 20),
+        F("bugs", _strlist, ()), F("tcf_preferred", _enum("async", "sync", "asymm"), "async"),
+    ), "Replace the host kernel with a freshly booted one (no process may be attached)."),
+    OpDef("swap-out", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "Reclaim pages to swap."),
+    OpDef("ksm-merge", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "One KSM scan of a range."),
+    OpDef("migrate-pages", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "Move pages to new frames."),
+    OpDef("page-flags", "host", (F("pid", _u64), F("addr", _u64)), "PG_mte_tagged/PG_mte_lock of the page at addr."),
+    OpDef("check-invariants", "host", (), "Run every oracle now; returns the violations found so far."),
+    OpDef("stats", "host", (), "Memory and object counts."),
+]
+
+OPS: dict[str, OpDef] = {op.name: op for op in _OPS}
+
+
+def validate_args(op: str, args: Any) -> dict:
+    """Check ``args`` against ``op``'s definition and return them normalised.
+
+    Args:
+        op: the op name.
+        args: the request's ``args`` map.
+
+    Returns:
+        A dict with every field of the op, defaults filled in.
+
+    Raises:
+        AbiError: ENOSYS for an unknown op, EINVAL for a bad argument, E2BIG
+            for a payload over :data:`MAX_IO`.
+    """
+    from shared.errno import ENOSYS
+
+    d = OPS.get(op) if isinstance(op, str) else None
+    if d is None:
+        raise AbiError(ENOSYS, f"unknown op {op!r}")
+    if not isinstance(args, dict):
+        raise AbiError(EINVAL, f"{op}: args must be a map")
+    known = {f.name for f in d.fields}
+    extra = [k for k in args if k not in known]
+    if extra:
+        raise AbiError(EINVAL, f"{op}: unknown argument {extra[0]!r}")
+    out = {}
+    for f in d.fields:
+        if f.name in args:
+            try:
+                out[f.name] = f.check(args[f.name])
+            except OverflowError as exc:
+                raise AbiError(E2BIG, f"{op}: argument {f.name!r}: {exc}") from None
+            except ValueError as exc:
+                raise AbiError(EINVAL, f"{op}: argument {f.name!r} {exc}") from None
+        elif f.default is _REQUIRED:
+            raise AbiError(EINVAL, f"{op}: missing argument {f.name!r}")
+        else:
+            out[f.name] = f.default
+    return out

@@ -1,0 +1,63 @@
+"""The bug zoo: historical races that can be switched back on by name.
+
+Each name reintroduces one race that Linux fixed; scenarios name them in
+``bugs = [...]`` and the CLI in ``--bug NAME``. The fixed model is the default.
+See DESIGN.md, "The bug zoo".
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Bug:
+    """One switchable historical race."""
+
+    name: str
+    reintroduces: str
+    fixed_by: str
+    issue: int  # the issue that models it (2: host kernel, 3: KVM)
+
+
+BUGS: dict[str, Bug] = {
+    b.name: b
+    for b in (
+        Bug(
+            "flag-before-init",
+            "PG_mte_tagged set before the tags are cleared: CoW, ptrace or "
+            "COPY_TAGS read stale tags",
+            "e059853d14ca (v6.2)",
+            2,
+        ),
+        Bug(
+            "no-tag-lock",
+            "tag init without PG_mte_lock: two initialisers of a MAP_SHARED page "
+            "zero tags already written",
+            "d77e59a8fccd (v6.2)",
+            2,
+        ),
+        Bug(
+            "mte-allowed-outside-lock",
+            "user_mem_abort reads VM_MTE_ALLOWED after dropping mmap_lock",
+            "8c2e8ac8ad4b (v6.3)",
+            3,
+        ),
+        Bug(
+            "copy-tags-during-dirty-log",
+            "KVM_ARM_MTE_COPY_TAGS TO_GUEST allowed while dirty logging",
+            "EBUSY check (v6.13)",
+            3,
+        ),
+    )
+}
+
+
+def check_bug_names(names) -> tuple[str, ...]:
+    """Return ``names`` as a tuple, or raise ValueError naming the unknown one."""
+    out = []
+    for n in names:
+        if n not in BUGS:
+            raise ValueError(f"unknown bug {n!r}; known: {', '.join(sorted(BUGS))}")
+        out.append(n)
+    return tuple(out)
