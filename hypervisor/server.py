@@ -42,6 +42,7 @@ from shared.errno import EAGAIN, EDEADLK, EIO, EPERM
 log = logging.getLogger("mtekvm.hypervisor")
 
 MAX_OUTSTANDING = 256
+OBSERVERS = frozenset({"check-invariants", "stats"})
 
 
 class Hypervisor:
@@ -57,21 +58,31 @@ class Hypervisor:
         self.secret = secret
         self.connections = 0
         self.failures: list[str] = []  # scheduler failures (deadlock, divergence)
+        self._idle = trio.Event()
+        self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until every connection has closed and its process has exited."""
+        await self._idle.wait()
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until it closes; never raises for client misbehaviour."""
         conn = _Connection(self, wire.FramedStream(stream))
         self.connections += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
         try:
             await conn.run()
         finally:
-            self.connections -= 1
             with trio.CancelScope(shield=True):
                 await conn.cleanup()
                 try:
                     await stream.aclose()
                 except Exception:  # noqa: BLE001 - closing a broken stream
                     pass
+            self.connections -= 1
+            if self.connections == 0:
+                self._idle.set()
 
 
 class _Connection:
@@ -150,11 +161,14 @@ class _Connection:
         self.seq += 1
         name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else 'host'}#{self.seq}"
         k = self.k
-        async with k.sched.context(name):
-            if self.role == "process":
-                result = await PROCESS_OPS[op](k, self.task, a)
-            else:
-                result = await HOST_OPS[op](k, a)
+        if op in OBSERVERS:  # oracles and statistics look; they are not kernel contexts
+            result = await HOST_OPS[op](k, a)
+        else:
+            async with k.sched.context(name):
+                if self.role == "process":
+                    result = await PROCESS_OPS[op](k, self.task, a)
+                else:
+                    result = await HOST_OPS[op](k, a)
         if isinstance(result, AccessResult):
             return wire.response_ok(rid, result.value, result.fault)
         return wire.response_ok(rid, result)

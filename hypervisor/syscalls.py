@@ -16,7 +16,6 @@ from hypervisor.mm import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import AbiError, validate_args
-from shared.mte import tagged_pointer
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -54,7 +53,7 @@ async def sys_tco(k, t, a):
 
 
 async def sys_store(k, t, a):
-    return await user_store(k, t, tagged_pointer(a["addr"], a["tag"]) if a["tag"] else a["addr"], a["tag"], a["data"])
+    return await user_store(k, t, a["addr"], a["tag"], a["data"])
 
 
 async def sys_load(k, t, a):

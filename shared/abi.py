@@ -244,7 +244,9 @@ def validate_args(op: str, args: Any) -> dict:
         raise AbiError(EINVAL, f"{op}: unknown argument {extra[0]!r}")
     out = {}
     for f in d.fields:
-        if f.name in args:
+        if f.name in args and args[f.name] is None and f.default is None:
+            out[f.name] = None  # an optional argument given as nil
+        elif f.name in args:
             try:
                 out[f.name] = f.check(args[f.name])
             except OverflowError as exc:

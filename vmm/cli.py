@@ -1,0 +1,153 @@
+"""The ``mtekvm`` command.
+
+``mtekvm run FILE...`` runs scenarios (see shared/SCENARIOS.md) and prints a
+table per scenario: step, actor, op, expected, got. Exit status: 0 when every
+expectation held and no invariant broke, 1 otherwise, 2 for a file that is not
+a valid scenario or options that cannot work together.
+
+``--seeds N`` with ``--scheduler random`` runs each scenario under N seeds
+(from ``--seed``) and stops at the first failure, printing its schedule and
+the command that replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import trio
+
+from hypervisor.errors import KernelError
+from shared.bugs import BUGS
+from shared.wire import RemoteError
+from vmm.hostlink import HostStartError
+from vmm.runner import RunError, RunOptions, ScenarioResult, run_scenario
+from vmm.scenario import ScenarioError, SchedulerSpec, load_scenario
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0xFFFF:
+        return hex(v)
+    if isinstance(v, list) and len(v) > 8:
+        return "[" + ", ".join(map(str, v[:8])) + f", ... ({len(v)})]"
+    s = str(v)
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def print_result(r: ScenarioResult, out=sys.stdout) -> None:
+    """The human table for one scenario."""
+    print(f"\n== {r.name}  ({r.path}, scheduler {r.scheduler})", file=out)
+    rows = [("step", "actor", "op", "expected", "got", "")]
+    for s in r.steps:
+        got = s.outcome if s.value is None else f"{s.outcome} {_fmt(s.value)}"
+        rows.append((s.index, s.actor, s.op, _fmt(s.expect) if s.expect is not None else "-", got,
+                     "ok" if s.passed else "FAIL"))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(6)]
+    for row in rows:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+    for s in r.steps:
+        if not s.passed and s.message:
+            print(f"  step {s.index}: {s.message}", file=out)
+    for v in r.violations:
+        print(f"  VIOLATION {v['invariant']}: {v['message']}" + (f" [{v['actor']}]" if v.get("actor") else ""),
+              file=out)
+    if r.replay_command:
+        print(f"  schedule: {r.schedule or '(default order)'}", file=out)
+        print(f"  replay:   {r.replay_command}", file=out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtekvm", description="An executable model of arm64 MTE under KVM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run scenario files")
+    r.add_argument("files", nargs="+", metavar="FILE")
+    r.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    r.add_argument("--host", metavar="ADDR", help="use a running hypervisor (unix:PATH or tcp:HOST:PORT)")
+    r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret")
+    r.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
+                   help=f"switch on a bug-zoo race ({', '.join(sorted(BUGS))})")
+    r.add_argument("--scheduler", choices=("free", "random", "replay"), help="override the scenario's scheduler")
+    r.add_argument("--seed", type=int, help="seed for --scheduler random")
+    r.add_argument("--seeds", type=int, default=1, metavar="N", help="with random: try N seeds, stop at a failure")
+    r.add_argument("--schedule", help="schedule for --scheduler replay")
+    return p
+
+
+async def _run_file(path, args, secret) -> list[ScenarioResult]:
+    scn = load_scenario(path)
+    spec = None
+    if args.scheduler:
+        spec = SchedulerSpec(args.scheduler, args.seed if args.scheduler == "random" else None,
+                             args.schedule if args.scheduler == "replay" else None)
+        if args.scheduler == "replay" and not args.schedule:
+            raise RunError("--scheduler replay needs --schedule")
+    base = spec or scn.scheduler
+    results = []
+    seeds = [None]
+    if base.kind == "random" and args.seeds > 1:
+        first = base.seed or 0
+        seeds = list(range(first, first + args.seeds))
+    for seed in seeds:
+        s = base if seed is None else SchedulerSpec("random", seed, None)
+        opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=s)
+        res = await run_scenario(scn, opts)
+        if len(seeds) > 1 and res.passed and seed != seeds[-1]:
+            continue
+        results.append(res)
+        if len(seeds) > 1:
+            print(f"{scn.name}: {'no failure in' if res.passed else 'failure at seed ' + str(seed) + ' of'} "
+                  f"{len(seeds)} seeds", file=sys.stderr)
+        break
+    return results
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``mtekvm`` console command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    secret = None
+    if args.secret_file:
+        with open(args.secret_file) as f:
+            secret = f.read().strip()
+    all_results: list[ScenarioResult] = []
+    status = 0
+    for path in args.files:
+        try:
+            res = trio.run(_run_file, path, args, secret)
+        except ScenarioError as exc:
+            print(f"mtekvm: {exc}", file=sys.stderr)
+            return 2
+        except (RunError, HostStartError, ValueError) as exc:
+            print(f"mtekvm: {path}: {exc}", file=sys.stderr)
+            return 2
+        except (RemoteError, KernelError) as exc:
+            print(f"mtekvm: {path}: the host refused set-up: {exc}", file=sys.stderr)
+            return 2
+        for r in res:
+            print_result(r)
+            all_results.append(r)
+            if not r.passed:
+                status = 1
+    passed = sum(r.passed for r in all_results)
+    steps = sum(len(r.steps) for r in all_results)
+    print(f"\n{passed} passed, {len(all_results) - passed} failed ({len(all_results)} scenarios, {steps} steps)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"scenarios": [r.to_json() for r in all_results]}, f, indent=2, default=_json_default)
+    return status
+
+
+def _json_default(o):
+    if isinstance(o, (bytes, bytearray)):
+        return o.hex()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(type(o).__name__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

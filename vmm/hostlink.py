@@ -1,0 +1,145 @@
+"""How the orchestrator reaches a modelled host: a hypervisor process, or one in-process.
+
+Both kinds hand out :class:`shared.wire.Client` connections speaking the same
+msgpack protocol; only the byte stream differs:
+
+* :class:`ProcessHost` starts ``python -m hypervisor`` on a private Unix socket
+  (0600, secret passed in the environment) or connects to a running one
+  (``--host ADDR``).
+* :class:`InProcessHost` runs the :class:`~hypervisor.server.Hypervisor` in the
+  caller's ``trio.run`` and connects through ``trio.testing.memory_stream_pair``.
+  Controlled schedulers need this: one process, one event loop, one driver.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+
+import trio
+import trio.testing
+
+from hypervisor.kernel import Kernel
+from hypervisor.listen import open_connection
+from hypervisor.sched import ControlledScheduler, Scheduler
+from hypervisor.server import Hypervisor
+from shared.wire import Client
+
+
+class HostStartError(Exception):
+    """The hypervisor process could not be started or reached."""
+
+
+class HostLink:
+    """A modelled host the orchestrator can open connections to."""
+
+    def __init__(self, nursery: trio.Nursery):
+        self.nursery = nursery
+
+    async def _stream(self) -> trio.abc.Stream:
+        raise NotImplementedError
+
+    async def connect(self, role: str, **hello) -> tuple[Client, dict]:
+        """Open a connection and introduce it; returns the client and hello's reply.
+
+        Raises:
+            shared.wire.RemoteError: hello was refused.
+        """
+        stream = await self._stream()
+        client = Client(stream)
+        await self.nursery.start(client.run)
+        reply = await client.call("hello", {"role": role, "secret": self.secret, **hello})
+        return client, reply.value
+
+    secret: str | None = None
+
+
+class InProcessHost(HostLink):
+    """A hypervisor in this trio run, reached through in-memory streams."""
+
+    def __init__(self, nursery: trio.Nursery, kernel: Kernel):
+        super().__init__(nursery)
+        self.hv = Hypervisor(kernel)
+
+    @property
+    def sched(self) -> Scheduler:
+        return self.hv.kernel.sched
+
+    async def start(self) -> None:
+        """Start the controlled scheduler's driver, if there is one."""
+        if isinstance(self.sched, ControlledScheduler):
+            await self.nursery.start(self.sched.run_driver)
+
+    async def _stream(self) -> trio.abc.Stream:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self.hv.serve, server_end)
+        return client_end
+
+
+class ProcessHost(HostLink):
+    """A ``python -m hypervisor`` process: started privately, or already running at ``address``."""
+
+    def __init__(self, nursery: trio.Nursery, *, address: str | None = None, secret: str | None = None,
+                 mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=()):
+        super().__init__(nursery)
+        self.address = address
+        self.secret = secret
+        self._args = (mte, ram, swap, tuple(bugs))
+        self.process: trio.Process | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    async def start(self) -> None:
+        """Start the private hypervisor process (unless an address was given).
+
+        Raises:
+            HostStartError: it exited or never said it was listening.
+        """
+        if self.address is not None:
+            return
+        mte, ram, swap, bugs = self._args
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtekvm-")
+        path = os.path.join(self._tmp.name, "hv.sock")
+        self.secret = secrets.token_hex(16)
+        cmd = [sys.executable, "-m", "hypervisor", "--listen", f"unix:{path}", "--ram", str(ram), "--swap", str(swap)]
+        if not mte:
+            cmd.append("--no-mte")
+        for b in bugs:
+            cmd += ["--bug", b]
+        env = dict(os.environ, MTEKVM_SECRET=self.secret)
+        self.process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
+        line = b""
+        with trio.move_on_after(30):
+            while not line.endswith(b"\n"):
+                chunk = await self.process.stdout.receive_some(1)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.startswith(b"listening on "):
+            await self.stop()
+            raise HostStartError(f"hypervisor did not start (said {line!r})")
+        self.address = line.decode().split(" ", 2)[2].strip()
+
+    async def _stream(self) -> trio.abc.Stream:
+        try:
+            return await open_connection(self.address)
+        except OSError as exc:
+            raise HostStartError(f"cannot reach the hypervisor at {self.address}: {exc}") from None
+
+    async def stop(self) -> None:
+        """Stop the private hypervisor process."""
+        if self.process is not None:
+            self.process.terminate()
+            with trio.move_on_after(5):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            if self.process.stdout is not None:
+                await self.process.stdout.aclose()
+            self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
