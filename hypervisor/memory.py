@@ -71,14 +71,15 @@ async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1) -> 
     for i in range(nr):
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
         old = mm.pt.get(vpn + i)
+        entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special)
+        if not pte.special:  # take the new reference before dropping the old one (same page?)
+            get_page(p)
         if old is not None:
             _release_pte(k, mm, vpn + i, old)
-        entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special)
         mm.pt[vpn + i] = entry
         if not pte.special:
             p.rmap.add((mm, vpn + i))
             p.mapcount += 1
-            get_page(p)
 
 
 def pte_accessible(mm: "MM", vpn: int) -> bool:

@@ -78,10 +78,8 @@ class Oracle:
         """A try_* caller won initialisation of ``page``."""
         page.inits += 1
         if page.inits > 1:
-            self.report("EXCLUSIVE-INIT", f"pfn {page.pfn:#x} initialised a second time in its lifetime by "
-                                          f"{actor} (first: {page.initialiser})", page)
-        if page.initialiser in (None, "init"):
-            page.initialiser = f"init" if page.initialiser is None else page.initialiser
+            self.report("EXCLUSIVE-INIT", f"pfn {page.pfn:#x} has a second tag initialiser in one lifetime: {actor}",
+                        page)
 
     def on_publish(self, page: Page) -> None:
         """PG_mte_tagged went 0 -> 1 (INIT-ONCE is enforced by the flag never clearing)."""
