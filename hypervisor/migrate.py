@@ -23,17 +23,18 @@ if TYPE_CHECKING:
 
 async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
     """migrate_pages() for every migratable page mapped in [start, end); returns pages moved."""
-    seen: set[int] = set()
-    moved = 0
+    folios: dict[int, Page] = {}  # isolate_migratepages(): each folio once, chosen before any moves
     for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present or pte.special:
             continue
-        page = pte.page.folio if pte.page.is_hugetlb else pte.page
-        if page.pfn in seen or page.zone != "normal" or page.ksm or page.swap_entry is not None:
-            continue
-        seen.add(page.pfn)
-        moved += await migrate_folio(k, page)
+        page = pte.page.folio
+        if page.zone == "normal" and not page.ksm and page.swap_entry is None:
+            folios.setdefault(page.pfn, page)
+    moved = 0
+    for page in folios.values():
+        if not page.free:
+            moved += await migrate_folio(k, page)
     return moved
 
 
