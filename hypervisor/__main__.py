@@ -64,6 +64,8 @@ def main(argv=None) -> int:
         secret = _read_secret(args.secret_file)
     elif os.environ.get("MTEKVM_SECRET"):
         secret = os.environ["MTEKVM_SECRET"]
+    if secret is not None and not secret:
+        p.error("the secret is empty: put a real secret in the file (or delete it to have one made)")
     if kind == "tcp":
         host = where[0]
         try:

@@ -132,7 +132,7 @@ class Kernel:
         task = self.task(pid)
         start, end = self._range(addr, size)
         pages = []
-        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+        for vpn in task.mm.vpns_in(start, end):
             pte = task.mm.pt.get(vpn)
             if pte is not None and pte.present and not pte.special and pte.page not in pages:
                 pages.append(pte.page)

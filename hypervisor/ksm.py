@@ -28,7 +28,7 @@ async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
         for vma in mm.vmas_in(start, end):
             if not vma.is_anon or not vma.flags & VM_MERGEABLE:
                 continue
-            for vpn in range(max(start, vma.start) >> PAGE_SHIFT, min(end, vma.end) >> PAGE_SHIFT):
+            for vpn in mm.vpns_in(max(start, vma.start), min(end, vma.end)):
                 pte = mm.pt.get(vpn)
                 if pte is None or not pte.present or pte.special or pte.page.zone != "normal":
                     continue

@@ -44,7 +44,15 @@ async def open_listener(text: str) -> trio.SocketListener:
     if kind == "unix":
         path = where
         if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)  # a stale socket from a previous run
+            probe = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+            try:
+                await probe.connect(path)
+            except OSError:
+                os.unlink(path)  # a stale socket from a previous run
+            else:
+                raise OSError(98, f"{path}: another hypervisor is listening there (EADDRINUSE)")
+            finally:
+                probe.close()
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:

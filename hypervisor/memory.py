@@ -99,7 +99,7 @@ def _release_pte(k: "Kernel", mm: "MM", vpn: int, pte: Pte) -> None:
 
 def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int) -> None:
     """zap_pte_range(): drop the PTEs of [start, end) and their page references."""
-    for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+    for vpn in mm.vpns_in(start, end):
         pte = mm.pt.pop(vpn, None)
         if pte is not None:
             _release_pte(k, mm, vpn, pte)
@@ -112,7 +112,8 @@ def _segv(addr: int, why: str) -> KernelError:
     return KernelError("EFAULT", f"SIGSEGV ({why}) at {addr:#x}")
 
 
-async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, locked: bool = False) -> Pte:
+async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, locked: bool = False,
+                          force: bool = False) -> Pte:
     """handle_mm_fault(): make ``addr`` present (and writable if ``write``).
 
     Returns:
@@ -125,17 +126,19 @@ async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, lock
     if not locked:
         await mm.mmap_lock.read_lock()
     try:
-        return await _fault_locked(k, mm, addr, write)
+        return await _fault_locked(k, mm, addr, write, force)
     finally:
         if not locked:
             mm.mmap_lock.read_unlock()
 
 
-async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool) -> Pte:
+async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool, force: bool = False) -> Pte:
     vma = mm.find_vma(addr)
     if vma is None:
         raise _segv(addr, "SEGV_MAPERR")
-    if write and not vma.flags & VM_WRITE:
+    # FOLL_FORCE (ptrace) may write a read-only *private* mapping: it breaks CoW, the PTE stays read-only
+    forced = force and write and not vma.flags & VM_WRITE and not vma.flags & VM_SHARED
+    if write and not vma.flags & VM_WRITE and not forced:
         raise _segv(addr, "SEGV_ACCERR: write to a mapping without PROT_WRITE")
     if not write and not vma.flags & VM_READ:
         raise _segv(addr, "SEGV_ACCERR: read of a mapping without PROT_READ")
@@ -156,8 +159,13 @@ async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool) -> Pte:
                 await do_fault(k, mm, vma, vpn, write)
         elif pte.swap is not None:
             await do_swap_page(k, mm, vma, vpn, pte, write)
+        elif forced and not pte.special and pte.page.mapping is None and pte.page.mapcount == 1 \
+                and not pte.page.ksm:
+            return pte  # the private copy exists: FOLL_FORCE writes it through the kernel mapping
         elif write and not pte.write:
             await do_wp_page(k, mm, vma, vpn, pte)
+            if forced and mm.pt.get(vpn) is not None:
+                mm.pt[vpn].write = False
         else:
             return pte
     raise KernelError("EFAULT", f"fault at {addr:#x} did not settle")

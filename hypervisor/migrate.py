@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
     """migrate_pages() for every migratable page mapped in [start, end); returns pages moved."""
     folios: dict[int, Page] = {}  # isolate_migratepages(): each folio once, chosen before any moves
-    for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+    for vpn in mm.vpns_in(start, end):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present or pte.special:
             continue

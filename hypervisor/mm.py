@@ -67,6 +67,13 @@ class MM:
     def __repr__(self) -> str:
         return f"<mm {self.owner}>"
 
+    def vpns_in(self, start: int, end: int) -> list[int]:
+        """The vpns with a PTE in [start, end), sorted (cheap for huge, sparse ranges)."""
+        lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+        if hi - lo <= len(self.pt):
+            return [v for v in range(lo, hi) if v in self.pt]
+        return sorted(v for v in self.pt if lo <= v < hi)
+
     def find_vma(self, addr: int) -> Vma | None:
         """vma_lookup(): the VMA containing ``addr``."""
         for v in self.vmas:
@@ -253,6 +260,8 @@ async def do_munmap(k: "Kernel", mm: MM, addr: int, size: int) -> None:
         raise KernelError("EINVAL", f"munmap: address {addr:#x} is not page aligned")
     if size == 0:
         raise KernelError("EINVAL", "munmap: length is 0")
+    if addr > TASK_SIZE or size > TASK_SIZE - addr:  # do_vmi_munmap()
+        raise KernelError("EINVAL", f"munmap: [{addr:#x}, +{size:#x}) runs past TASK_SIZE")
     size = page_align_up(size)
     async with mm.mmap_lock.write():
         await _unmap_locked(k, mm, addr, size)
@@ -298,7 +307,7 @@ async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
     is synced (zeroed if untagged, kept if tagged). Write permission is never
     granted here to a CoW page; the next write fault decides.
     """
-    for vpn in range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT):
+    for vpn in mm.vpns_in(vma.start, vma.end):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present:
             continue
@@ -310,7 +319,7 @@ async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
         write = pte.write and bool(vma.flags & VM_WRITE)
         if vma.flags & VM_SHARED and vma.flags & VM_WRITE and not vma.is_anon and not pte.special:
             write = True
-        if tagged != pte.tagged:
+        if tagged != pte.tagged or (tagged and not pte.special):
             page = pte.page
             new = Pte(page=page, write=write, tagged=tagged, special=pte.special)
             if pte.special:

@@ -97,6 +97,8 @@ def folio_test_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> bool:
 
 def folio_set_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> None:
     """folio_set_hugetlb_mte_tagged(): publish the whole folio's tags (head flag)."""
+    if not folio.is_hugetlb:
+        k.warn_once("folio_set_hugetlb_mte_tagged() on a non-hugetlb folio")
     if "flag-before-init" in k.bugs:
         return
     _mark_tagged(k, folio.folio)
@@ -104,6 +106,8 @@ def folio_set_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> None:
 
 async def folio_try_hugetlb_mte_tagging(k: "Kernel", folio: Page) -> bool:
     """folio_try_hugetlb_mte_tagging(): the two-bit lock on the folio head."""
+    if not folio.is_hugetlb:
+        k.warn_once("folio_try_hugetlb_mte_tagging() on a non-hugetlb folio")
     return await _try_tagging(k, folio.folio, "folio_try_hugetlb_mte_tagging")
 
 

@@ -59,7 +59,7 @@ async def mte_ptrace_copy_tags(k: "Kernel", tracer: "Task", target: "Task", addr
                 err = "EOPNOTSUPP"
                 break
             try:
-                pte = await handle_mm_fault(k, mm, addr, poke is not None, locked=True)
+                pte = await handle_mm_fault(k, mm, addr, poke is not None, locked=True, force=True)
             except KernelError:
                 err = "EIO"
                 break

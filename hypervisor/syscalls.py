@@ -15,7 +15,7 @@ from hypervisor.errors import KernelError
 from hypervisor.mm import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.ptrace import mte_ptrace_copy_tags
-from shared.abi import AbiError, validate_args
+from shared.abi import MAX_IO, AbiError, validate_args
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -98,7 +98,16 @@ PROCESS_OPS: dict[str, Callable[..., Awaitable]] = {
 
 
 async def sys_batch(k: "Kernel", t: "Task", a) -> list:
-    """Run process ops in order; each result is ``[ok, value or errno, fault]``."""
+    """Run process ops in order; each result is ``[ok, value or errno, fault]``.
+
+    Raises:
+        KernelError: E2BIG when the data the batch would return exceeds
+            :data:`shared.abi.MAX_IO` (checked before anything runs).
+    """
+    want = sum(args.get("size", 0) for op, args in a["ops"]
+               if op in ("load", "ldg") and isinstance(args.get("size"), int))
+    if want > MAX_IO:
+        raise KernelError("E2BIG", f"batch: {want} bytes of replies exceed the {MAX_IO} one reply may carry")
     out = []
     for op, args in a["ops"]:
         if op not in PROCESS_OPS:

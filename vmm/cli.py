@@ -84,7 +84,7 @@ async def _run_file(path, args, secret) -> list[ScenarioResult]:
     if args.scheduler:
         spec = SchedulerSpec(args.scheduler, args.seed if args.scheduler == "random" else None,
                              args.schedule if args.scheduler == "replay" else None)
-        if args.scheduler == "replay" and not args.schedule:
+        if args.scheduler == "replay" and args.schedule is None:
             raise RunError("--scheduler replay needs --schedule")
     base = spec or scn.scheduler
     results = []

@@ -1,0 +1,391 @@
+"""``python -m benchmarks``: print each figure beside its same-run baseline (see benchmarks/__init__.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import attrs
+import msgpack
+import trio
+
+from hypervisor.listen import open_connection
+from vmm.hostlink import ProcessHost
+
+MiB = 1 << 20
+GRANULE = 16
+RW_MTE = ["read", "write", "mte"]
+
+
+@attrs.frozen
+class Row:
+    """One line of the table: a figure and the baseline it is read against."""
+
+    group: str
+    figure: str
+    unit: str
+    value: float
+    baseline: str
+    baseline_value: float
+
+    @property
+    def ratio(self) -> float:
+        return self.value / self.baseline_value if self.baseline_value else float("nan")
+
+
+async def _timed(fn, units_per_call: float, seconds: float) -> float:
+    calls = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    while True:
+        await fn()
+        calls += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return calls * units_per_call / (now - t0)
+
+
+async def compare(a, units_a: float, b, units_b: float, seconds: float, rounds: int = 5) -> tuple[float, float]:
+    """Units per second of ``await a()`` and of ``await b()``.
+
+    The two are measured in alternating slices (a, b, a, b, ...), ``rounds``
+    of each, about ``seconds`` in all, and each figure is the median of its
+    slices: drift in the machine's load hits both sides alike.
+    """
+    await a()  # warm up both
+    await b()
+    ra, rb = [], []
+    for _ in range(rounds):
+        ra.append(await _timed(a, units_a, seconds / (2 * rounds)))
+        rb.append(await _timed(b, units_b, seconds / (2 * rounds)))
+    return statistics.median(ra), statistics.median(rb)
+
+
+class LeanClient:
+    """The smallest msgpack request/response client: used for both sides of every comparison.
+
+    (:class:`shared.wire.Client` matches concurrent replies with events and
+    tasks; its own cost would blur the difference between the two servers.)
+    """
+
+    def __init__(self, stream: trio.abc.Stream):
+        self.stream = stream
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=128 << 20)
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.ids = 0
+
+    @classmethod
+    async def open(cls, address: str, hello: dict | None = None) -> "LeanClient":
+        c = cls(await open_connection(address))
+        if hello is not None:
+            await c.call("hello", hello)
+        return c
+
+    async def _next(self) -> dict:
+        while True:
+            try:
+                return next(self.unpacker)
+            except StopIteration:
+                data = await self.stream.receive_some(256 * 1024)
+                if not data:
+                    raise ConnectionError("connection closed")
+                self.unpacker.feed(data)
+
+    async def call(self, op: str, args: dict | None = None) -> dict:
+        """One request, one response; raises on an error reply."""
+        self.ids += 1
+        await self.stream.send_all(self.packer.pack({"t": "req", "id": self.ids, "op": op, "args": args or {}}))
+        msg = await self._next()
+        if not msg.get("ok"):
+            raise RuntimeError(f"{op}: {msg.get('err')} {msg.get('msg')}")
+        return msg
+
+    async def pipeline(self, op: str, args: dict, n: int) -> None:
+        """``n`` requests written at once, then their ``n`` responses read."""
+        first = self.ids + 1
+        self.ids += n
+        await self.stream.send_all(b"".join(self.packer.pack({"t": "req", "id": i, "op": op, "args": args})
+                                            for i in range(first, first + n)))
+        for _ in range(n):
+            msg = await self._next()
+            if not msg.get("ok"):
+                raise RuntimeError(f"{op}: {msg.get('err')} {msg.get('msg')}")
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+def vm_rss_mib(pid: int) -> float:
+    """VmRSS of ``pid`` in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class EchoServer:
+    """The baseline peer process (benchmarks/echo_server.py)."""
+
+    def __init__(self, nursery: trio.Nursery):
+        self.nursery = nursery
+        self.process: trio.Process | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtekvm-bench-")
+        self.address = f"unix:{os.path.join(self._tmp.name, 'echo.sock')}"
+
+    async def start(self) -> None:
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "benchmarks.echo_server", self.address], stdout=subprocess.PIPE, env=env)
+        line = b""
+        with trio.move_on_after(20):
+            while not line.endswith(b"\n"):
+                chunk = await self.process.stdout.receive_some(1)
+                if not chunk:
+                    break
+                line += chunk
+        if not line.startswith(b"listening on "):
+            raise RuntimeError(f"echo server did not start (said {line!r})")
+
+    async def connect(self) -> LeanClient:
+        return await LeanClient.open(self.address)
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            with trio.move_on_after(5):
+                await self.process.wait()
+            if self.process.returncode is None:
+                self.process.kill()
+                await self.process.wait()
+            await self.process.stdout.aclose()
+        self._tmp.cleanup()
+
+
+# ---- figure 1: small-op round trips ------------------------------------------------
+
+async def _process(hv: ProcessHost, name: str) -> LeanClient:
+    return await LeanClient.open(hv.address, {"role": "process", "name": name, "secret": hv.secret})
+
+
+async def bench_rpc(hv: ProcessHost, echo: EchoServer, seconds: float) -> list[Row]:
+    proc = await _process(hv, "bench-rpc")
+    raw = await echo.connect()
+
+    async def hv_one():
+        await proc.call("getpid")
+
+    async def echo_one():
+        await raw.call("getpid")
+
+    async def hv_16():
+        await proc.pipeline("getpid", {}, 16)
+
+    async def echo_16():
+        await raw.pipeline("getpid", {}, 16)
+
+    hv_seq, echo_seq = await compare(hv_one, 1, echo_one, 1, seconds)
+    hv_par, echo_par = await compare(hv_16, 16, echo_16, 16, seconds)
+    await proc.aclose()
+    await raw.aclose()
+    return [
+        Row("rpc", "getpid round trips, 1 in flight", "req/s", hv_seq, "raw msgpack echo", echo_seq),
+        Row("rpc", "getpid round trips, 16 in flight", "req/s", hv_par, "raw msgpack echo", echo_par),
+    ]
+
+
+# ---- figure 2: tagged access throughput -----------------------------------------------
+
+async def _tagged_process(hv: ProcessHost, tcf: str, tag: int) -> tuple[LeanClient, int]:
+    """A process with TCF ``tcf`` and a 4 MiB VM_MTE mapping whose first 3 MiB carry ``tag``, pages present."""
+    proc = await _process(hv, f"bench-access-{tcf}")
+    addr = (await proc.call("mmap", {"size": 4 * MiB, "prot": RW_MTE}))["value"]
+    await proc.call("stg", {"addr": addr, "tag": tag, "size": 3 * MiB})
+    await proc.call("store", {"addr": addr, "tag": tag, "data": b"\x01" * (3 * MiB)})
+    await proc.call("prctl", {"tcf": tcf})
+    return proc, addr
+
+
+async def bench_access(hv: ProcessHost, echo: EchoServer, seconds: float) -> list[Row]:
+    tag = 5
+    size = MiB
+    checked_p, checked_addr = await _tagged_process(hv, "sync", tag)
+    plain_p, plain_addr = await _tagged_process(hv, "none", tag)
+    raw = await echo.connect()
+    payload = bytes(range(256)) * (size // 256)
+
+    def store_load(proc, addr):
+        async def run():
+            r = await proc.call("store", {"addr": addr, "tag": tag, "data": payload})
+            assert r["fault"] is None, r["fault"]
+            r = await proc.call("load", {"addr": addr, "tag": tag, "size": size})
+            assert r["fault"] is None and len(r["value"]) == size
+        return run
+
+    async def raw_bulk():
+        await raw.call("store", {"addr": 0, "tag": tag, "data": payload})
+        r = await raw.call("load", {"addr": 0, "tag": tag, "size": size})
+        assert len(r["value"]) == size
+
+    granules = 2 * size // GRANULE
+    checked, unchecked = await compare(store_load(checked_p, checked_addr), granules,
+                                       store_load(plain_p, plain_addr), granules, seconds)
+    checked2, bulk = await compare(store_load(checked_p, checked_addr), granules, raw_bulk, granules, seconds)
+
+    n = 1024
+    small = bytes(range(64))
+
+    def small_ops(addr):
+        base = addr + 2 * MiB
+        return [["store", {"addr": base + i * 64, "tag": tag, "data": small}] if i % 2 == 0 else
+                ["load", {"addr": base + (i - 1) * 64, "tag": tag, "size": 64}] for i in range(n)]
+
+    def batch(proc, addr):
+        ops = small_ops(addr)
+
+        async def run():
+            out = (await proc.call("batch", {"ops": ops}))["value"]
+            assert all(r[0] and r[2] is None for r in out), out[:3]
+        return run
+
+    def one_by_one(proc, addr, count=256):
+        ops = small_ops(addr)[:count]
+
+        async def run():
+            for op, args in ops:
+                r = await proc.call(op, args)
+                assert r["fault"] is None
+        return run
+
+    small_granules = n * 64 // GRANULE
+    batch_checked, batch_unchecked = await compare(batch(checked_p, checked_addr), small_granules,
+                                                   batch(plain_p, plain_addr), small_granules, seconds)
+    batch_checked2, single_checked = await compare(batch(checked_p, checked_addr), small_granules,
+                                                   one_by_one(checked_p, checked_addr), 256 * 64 // GRANULE,
+                                                   seconds)
+    for c in (checked_p, plain_p, raw):
+        await c.aclose()
+    return [
+        Row("access", "1MiB store+load, tcf sync", "granules/s", checked, "same, tcf none", unchecked),
+        Row("access", "1MiB store+load, tcf sync", "granules/s", checked2, "raw bulk 1MiB out+back", bulk),
+        Row("access", "batch of 1024 x 64B, tcf sync", "granules/s", batch_checked, "same, tcf none",
+            batch_unchecked),
+        Row("access", "batch of 1024 x 64B, tcf sync", "granules/s", batch_checked2, "1 request per access",
+            single_checked),
+    ]
+
+
+# ---- figure 3: memory per MiB touched ---------------------------------------------------
+
+async def bench_memory(touch_mib: int) -> list[Row]:
+    rows = []
+    for how in ("store", "stg", "load"):
+        async with trio.open_nursery() as nursery:
+            hv = ProcessHost(nursery, ram=max(256, 2 * touch_mib) * MiB)
+            await hv.start()
+            try:
+                proc = await _process(hv, f"bench-mem-{how}")
+                span = 16 * touch_mib * MiB  # a mapping much larger than what is touched
+                addr = (await proc.call("mmap", {"size": span, "prot": RW_MTE}))["value"]
+                chunk = bytes([0xA5]) * MiB
+                # warm up the allocator and the code paths on a region we do not count
+                warm = (await proc.call("mmap", {"size": 4 * MiB, "prot": RW_MTE}))["value"]
+                for i in range(4):
+                    await proc.call("store", {"addr": warm + i * MiB, "tag": 0, "data": chunk})
+                    await proc.call("load", {"addr": warm + i * MiB, "size": MiB})
+                before = vm_rss_mib(hv.process.pid)
+                stride = span // touch_mib
+                for i in range(touch_mib):
+                    at = addr + i * stride
+                    if how == "store":
+                        await proc.call("store", {"addr": at, "tag": 0, "data": chunk})
+                    elif how == "stg":
+                        await proc.call("stg", {"addr": at, "tag": 7, "size": MiB})
+                    else:
+                        await proc.call("load", {"addr": at, "size": MiB})
+                after = vm_rss_mib(hv.process.pid)
+                await proc.aclose()
+            finally:
+                await hv.stop()
+                nursery.cancel_scope.cancel()
+        what = {"store": "written (data+tags)", "stg": "tagged by STG only", "load": "read only (zero page)"}[how]
+        rows.append(Row("memory", f"{touch_mib} MiB {what}", "RSS MiB/MiB", (after - before) / touch_mib,
+                        "raw bytes", 1.0))
+    return rows
+
+
+# ---- driver ------------------------------------------------------------------------------
+
+def _fmt(v: float) -> str:
+    if v != v:  # nan
+        return "-"
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:.2f}M"
+    if abs(v) >= 1e4:
+        return f"{v / 1e3:.1f}k"
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3f}"
+
+
+def print_table(rows: list[Row], out=sys.stdout) -> None:
+    head = ("figure", "unit", "value", "baseline", "baseline value", "ratio")
+    body = [(f"[{r.group}] {r.figure}", r.unit, _fmt(r.value), r.baseline, _fmt(r.baseline_value),
+             f"{r.ratio:.2f}x") for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
+    line = "  ".join("-" * w for w in widths)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths)), file=out)
+    print(line, file=out)
+    for b in body:
+        print("  ".join((c.rjust(w) if i in (2, 4, 5) else c.ljust(w)) for i, (c, w) in enumerate(zip(b, widths))),
+              file=out)
+
+
+async def run(args) -> list[Row]:
+    rows: list[Row] = []
+    async with trio.open_nursery() as nursery:
+        hv = ProcessHost(nursery)
+        echo = EchoServer(nursery)
+        await hv.start()
+        await echo.start()
+        try:
+            print("figure 1: small-op round trips ...", file=sys.stderr, flush=True)
+            rows += await bench_rpc(hv, echo, args.seconds)
+            print("figure 2: tagged access throughput ...", file=sys.stderr, flush=True)
+            rows += await bench_access(hv, echo, args.seconds)
+        finally:
+            await hv.stop()
+            await echo.stop()
+            nursery.cancel_scope.cancel()
+    print("figure 3: hypervisor memory per MiB touched ...", file=sys.stderr, flush=True)
+    rows += await bench_memory(args.touch)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--seconds", type=float, default=2.0, help="time per figure/baseline pair (default 2)")
+    p.add_argument("--touch", type=int, default=64, help="MiB touched by the memory figure (default 64)")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rows = trio.run(run, args)
+    print()
+    print_table(rows)
+    print(f"\n(ratio = value / baseline, both measured in this run; {time.perf_counter() - t0:.0f} s; "
+          "see benchmarks/__init__.py for how to read each figure)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**attrs.asdict(r), "ratio": r.ratio} for r in rows], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

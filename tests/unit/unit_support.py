@@ -1,0 +1,183 @@
+"""Shared helpers for the host-kernel unit tests (not a test module).
+
+* :class:`Proc` drives one modelled process in-process: ``await p("mmap", ...)``
+  validates the arguments with the ABI and calls the syscall handler, exactly
+  as the server does for a ``process`` connection.
+* :func:`explore` runs a small concurrent scenario under **every** interleaving
+  the :class:`~hypervisor.sched.ControlledScheduler` can produce. It replaces
+  the scheduler's random source with a scripted one and walks the decision
+  tree depth first (stateless model checking: each run replays a prefix of
+  choices, then takes the first option at every later decision).
+"""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import attrs
+import trio
+
+from hypervisor.errors import KernelError
+from hypervisor.kernel import Kernel
+from hypervisor.process import Task
+from hypervisor.sched import ControlledScheduler
+from hypervisor.syscalls import PROCESS_OPS
+from shared.abi import validate_args
+from shared.mte import PAGE_SHIFT
+
+RW = ["read", "write"]
+RWM = ["read", "write", "mte"]
+
+
+class Proc:
+    """One host process of a :class:`Kernel`, called like a syscall table."""
+
+    def __init__(self, k: Kernel, task: Task):
+        self.k = k
+        self.task = task
+
+    @classmethod
+    def new(cls, k: Kernel, name: str, session: str | None = None) -> "Proc":
+        """A fresh process (optionally in the same ptrace session as another)."""
+        return cls(k, k.create_task(name, session))
+
+    @property
+    def pid(self) -> int:
+        return self.task.pid
+
+    async def __call__(self, op: str, **args):
+        return await PROCESS_OPS[op](self.k, self.task, validate_args(op, args))
+
+    async def fork(self, name: str | None = None) -> "Proc":
+        """fork(2): the child as a Proc."""
+        res = await self("fork", child=name)
+        return Proc(self.k, self.k.task(res["pid"]))
+
+    async def tags(self, addr: int, size: int) -> list[int]:
+        """LDG over a range (one tag per granule)."""
+        return (await self("ldg", addr=addr, size=size)).value
+
+    def pte(self, addr: int):
+        """The PTE mapping ``addr`` (None if none)."""
+        return self.task.mm.pt.get(addr >> PAGE_SHIFT)
+
+    def page(self, addr: int):
+        """The frame mapped at ``addr`` (asserts it is present)."""
+        pte = self.pte(addr)
+        assert pte is not None and pte.present, f"{addr:#x} is not present"
+        return pte.page
+
+    def vma(self, addr: int):
+        """The VMA containing ``addr``."""
+        return self.task.mm.find_vma(addr)
+
+
+async def expect_errno(name: str, coro: Awaitable) -> KernelError:
+    """Await ``coro`` and check it fails with errno ``name``; returns the error."""
+    try:
+        value = await coro
+    except KernelError as exc:
+        assert exc.name == name, f"expected {name}, got {exc.name}: {exc.message}"
+        return exc
+    raise AssertionError(f"expected {name}, got success ({value!r})")
+
+
+def invariants(k: Kernel) -> list[str]:
+    """Names of the invariants the oracle reports as broken right now."""
+    return [v.invariant for v in k.oracle.check_state()]
+
+
+# ---- exhaustive interleaving exploration --------------------------------------
+
+
+class _ScriptedChoice:
+    """Stands in for the scheduler's ``random.Random``: follows a prefix of choice indices."""
+
+    def __init__(self, prefix: list[int], on_decision: Callable[[], None] | None):
+        self.prefix = prefix
+        self.log: list[tuple[int, int]] = []  # (index chosen, number of runnable contexts)
+        self.on_decision = on_decision
+
+    def choice(self, seq):
+        if self.on_decision is not None:
+            self.on_decision()  # every context is parked at a scheduling point now
+        i = len(self.log)
+        c = self.prefix[i] if i < len(self.prefix) else 0
+        self.log.append((c, len(seq)))
+        return seq[c]
+
+
+@attrs.define
+class Run:
+    """One complete interleaving: its kernel, scenario state and schedule."""
+
+    k: Kernel
+    state: object
+    schedule: str
+    trace: list
+    failure: Exception | None
+
+
+Body = Callable[[Kernel, object], Awaitable[None]]
+
+
+async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *, prefix: list[int] | None = None,
+                   schedule: str | None = None, bugs=(), on_decision=None) -> tuple[Run, list[tuple[int, int]]]:
+    """Run the scenario once under a controlled scheduler.
+
+    ``setup(k)`` builds the initial state (outside any context) and returns
+    ``(state, {actor: body})``; every body runs as its own kernel context.
+    With ``prefix`` the scripted explorer picks the contexts; with ``schedule``
+    the scheduler replays a recorded schedule string.
+    """
+    if schedule is not None:
+        sched = ControlledScheduler(schedule=schedule)
+        script = None
+    else:
+        sched = ControlledScheduler(seed=0)
+        script = _ScriptedChoice(prefix or [], None)
+        sched._rng = script
+    k = Kernel(sched=sched, bugs=bugs)
+    state, bodies = setup(k)
+    if script is not None and on_decision is not None:
+        script.on_decision = lambda: on_decision(k, state)
+
+    async def actor(name, body):
+        try:
+            async with sched.context(name):
+                await body(k, state)
+        except Exception as exc:  # a deadlock or divergence cancels the parked contexts with it
+            if sched.failure is None or exc is not sched.failure:
+                raise
+
+    async with trio.open_nursery() as outer:
+        await outer.start(sched.run_driver)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as inner:
+                for name, body in bodies.items():
+                    inner.start_soon(actor, name, body)
+        outer.cancel_scope.cancel()
+    return Run(k, state, sched.schedule, list(sched.trace), sched.failure), (script.log if script else [])
+
+
+async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 20_000) -> list[Run]:
+    """Every interleaving of the scenario built by ``setup`` (see :func:`run_once`).
+
+    With ``until`` (a predicate on a :class:`Run`) the walk stops at the first
+    run for which it holds (a counterexample search); that run is the last one
+    returned.
+    """
+    runs: list[Run] = []
+    prefix: list[int] = []
+    while True:
+        run, log = await run_once(setup, prefix=prefix, bugs=bugs, on_decision=on_decision)
+        runs.append(run)
+        if until is not None and until(run):
+            return runs
+        assert len(runs) <= limit, "state space larger than expected"
+        i = len(log) - 1
+        while i >= 0 and log[i][0] + 1 >= log[i][1]:
+            i -= 1
+        if i < 0:
+            return runs
+        prefix = [c for c, _ in log[:i]] + [log[i][0] + 1]
