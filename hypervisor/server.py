@@ -130,7 +130,9 @@ class _Connection:
 
     async def _handle(self, rid: int, op, args, ctx) -> None:
         try:
-            reply = await self._dispatch(rid, op, args, ctx)
+            # a kernel path runs to its end even if its client dies (no half-done faults, no leaks)
+            with trio.CancelScope(shield=True):
+                reply = await self._dispatch(rid, op, args, ctx)
         except (KernelError, AbiError) as exc:
             reply = wire.response_err(rid, exc.errno, exc.message)
         except (Deadlock, ScheduleDivergence) as exc:

@@ -18,8 +18,6 @@ KNOWN_BUGS = {
         "FramedStream: the frame bound is enforced per buffer, not per frame as it arrives",
     "tests/e2e/test_bad_input.py::TestGarbageOnTheSocket::test_oversized_bin_inside_a_request_closes":
         "FramedStream: as above, an oversized bin inside a request is only refused when the buffer fills",
-    "tests/e2e/test_processes.py::TestClientDeath::test_close_while_pages_are_being_faulted_in_frees_every_frame":
-        "server cleanup: a request still faulting pages in when the client dies can leave frames allocated",
     "tests/e2e/test_processes.py::TestMemoryReuse::test_map_touch_unmap_cycles_do_not_grow_the_hypervisor":
         "page allocator: freed hugetlb folios are not reused (alloc_hugetlb_folio always takes new pfns)",
     "tests/unit/test_swap_ksm_migrate.py::TestKsm::test_identical_content_merges_whatever_its_history":
