@@ -91,6 +91,109 @@ def event(kind: str, data: Any) -> dict:
     return {"t": "evt", "kind": kind, "data": data}
 
 
+# msgpack first byte -> (header size, what follows). "body:K" = a big-endian length of K bytes at
+# offset 1 (ext: plus one type byte); "fixed:N" = N bytes of payload; "array:K"/"map:K" likewise.
+def _header_kind(b: int):
+    if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+        return 1, "fixed", 0
+    if 0x80 <= b <= 0x8F:
+        return 1, "map", b & 0x0F
+    if 0x90 <= b <= 0x9F:
+        return 1, "array", b & 0x0F
+    if 0xA0 <= b <= 0xBF:
+        return 1, "fixed", b & 0x1F
+    table = {
+        0xC4: (2, "body", 1), 0xC5: (3, "body", 2), 0xC6: (5, "body", 4),
+        0xC7: (3, "ext", 1), 0xC8: (4, "ext", 2), 0xC9: (6, "ext", 4),
+        0xCA: (1, "fixed", 4), 0xCB: (1, "fixed", 8),
+        0xCC: (1, "fixed", 1), 0xCD: (1, "fixed", 2), 0xCE: (1, "fixed", 4), 0xCF: (1, "fixed", 8),
+        0xD0: (1, "fixed", 1), 0xD1: (1, "fixed", 2), 0xD2: (1, "fixed", 4), 0xD3: (1, "fixed", 8),
+        0xD4: (1, "fixed", 2), 0xD5: (1, "fixed", 3), 0xD6: (1, "fixed", 5), 0xD7: (1, "fixed", 9),
+        0xD8: (1, "fixed", 17),
+        0xD9: (2, "body", 1), 0xDA: (3, "body", 2), 0xDB: (5, "body", 4),
+        0xDC: (3, "array", 2), 0xDD: (5, "array", 4), 0xDE: (3, "map", 2), 0xDF: (5, "map", 4),
+    }
+    if b not in table:
+        raise WireError(f"malformed frame: byte {b:#04x} starts no msgpack value")
+    return table[b]
+
+
+class _FrameGuard:
+    """Walks msgpack headers as bytes arrive and refuses a frame that declares more than ``limit``.
+
+    The streaming Unpacker only notices an oversized bin/str/ext when its
+    buffer fills, so a peer could make the receiver wait for a 1 GiB body.
+    This walker reads headers only (bodies are skipped by length, so it costs
+    a few steps per message) and keeps its state across chunks.
+    """
+
+    MAX_DEPTH = 1024
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.frame = 0  # bytes of the current frame seen so far (headers + bodies)
+        self.skip = 0  # body bytes still to skip
+        self.partial = b""  # an incomplete header
+        self.stack: list[int] = []  # items left in each open container
+
+    def _item_done(self) -> None:
+        while self.stack:
+            self.stack[-1] -= 1
+            if self.stack[-1] > 0:
+                return
+            self.stack.pop()
+        self.frame = 0  # a whole top-level message is complete
+
+    def feed(self, data: bytes) -> None:
+        """Account for ``data``.
+
+        Raises:
+            WireError: a header declares a frame over the limit, or is invalid.
+        """
+        i, n = 0, len(data)
+        while i < n:
+            if self.skip:
+                step = min(self.skip, n - i)
+                self.skip -= step
+                i += step
+                if not self.skip:
+                    self._item_done()
+                continue
+            need_first = self.partial[:1] or data[i:i + 1]
+            size, kind, k = _header_kind(need_first[0])
+            have = self.partial + data[i:i + size - len(self.partial)]
+            if len(have) < size:
+                self.partial = have
+                i = n
+                break
+            i += size - len(self.partial)
+            self.partial = b""
+            self.frame += size
+            if kind in ("body", "ext"):
+                body = int.from_bytes(have[1:1 + k], "big")  # ext's type byte is in its header size
+            elif kind == "fixed":
+                body = k
+            else:
+                count = int.from_bytes(have[1:1 + k], "big") if k and size > 1 else k
+                count *= 2 if kind == "map" else 1
+                if count > self.limit:
+                    raise WireError(f"frame declares a container of {count} items, over the bound")
+                if count == 0:
+                    self._item_done()
+                    continue
+                if len(self.stack) >= self.MAX_DEPTH:
+                    raise WireError(f"frame nests containers deeper than {self.MAX_DEPTH}")
+                self.stack.append(count)
+                continue
+            if self.frame + body > self.limit:
+                raise WireError(f"frame larger than {self.limit} bytes (a header declares {body} more)")
+            self.frame += body
+            if body:
+                self.skip = body
+            else:
+                self._item_done()
+
+
 def _default(obj):
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
@@ -121,6 +224,7 @@ class FramedStream:
             max_map_len=1 << 16,
         )
         self._packer = msgpack.Packer(default=_default, use_bin_type=True)
+        self._guard = _FrameGuard(max_frame)
 
     async def send(self, msg: Any) -> None:
         """Send one message.
@@ -155,6 +259,7 @@ class FramedStream:
                 raise ConnectionClosed(str(exc)) from None
             if not data:
                 raise ConnectionClosed("end of stream")
+            self._guard.feed(data)
             try:
                 self._unpacker.feed(data)
             except msgpack.BufferFull:

@@ -11,13 +11,6 @@ from __future__ import annotations
 import pytest
 
 KNOWN_BUGS = {
-    "tests/e2e/test_bad_input.py::TestGarbageOnTheSocket::test_oversized_bin_header_closes_without_waiting_for_the_body":
-        "FramedStream: msgpack's streaming Unpacker does not refuse a bin/str/ext header over max_bin_len "
-        "until the buffer fills, so the server waits for the body instead of closing at once",
-    "tests/e2e/test_bad_input.py::TestGarbageOnTheSocket::test_frame_of_many_bins_over_the_bound_closes":
-        "FramedStream: the frame bound is enforced per buffer, not per frame as it arrives",
-    "tests/e2e/test_bad_input.py::TestGarbageOnTheSocket::test_oversized_bin_inside_a_request_closes":
-        "FramedStream: as above, an oversized bin inside a request is only refused when the buffer fills",
     "tests/e2e/test_processes.py::TestMemoryReuse::test_map_touch_unmap_cycles_do_not_grow_the_hypervisor":
         "page allocator: freed hugetlb folios are not reused (alloc_hugetlb_folio always takes new pfns)",
     "tests/unit/test_swap_ksm_migrate.py::TestKsm::test_identical_content_merges_whatever_its_history":

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Awaitable, Callable
 
 import attrs
@@ -125,8 +126,9 @@ async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *,
                    schedule: str | None = None, bugs=(), on_decision=None) -> tuple[Run, list[tuple[int, int]]]:
     """Run the scenario once under a controlled scheduler.
 
-    ``setup(k)`` builds the initial state (outside any context) and returns
-    ``(state, {actor: body})``; every body runs as its own kernel context.
+    ``setup(k)`` (a function or a coroutine function) builds the initial state
+    outside any context (sequentially: no interleaving) and returns
+    ``(state, {actor: body})``; every body then runs as its own kernel context.
     With ``prefix`` the scripted explorer picks the contexts; with ``schedule``
     the scheduler replays a recorded schedule string.
     """
@@ -138,7 +140,8 @@ async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *,
         script = _ScriptedChoice(prefix or [], None)
         sched._rng = script
     k = Kernel(sched=sched, bugs=bugs)
-    state, bodies = setup(k)
+    built = setup(k)
+    state, bodies = (await built) if inspect.isawaitable(built) else built
     if script is not None and on_decision is not None:
         script.on_decision = lambda: on_decision(k, state)
 
