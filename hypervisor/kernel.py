@@ -68,8 +68,8 @@ class Kernel:
     def create_task(self, name: str, session: str | None = None) -> Task:
         """A new process as after execve: TCF none, include mask 0, TCO 0, empty mm."""
         pid = next(self._pids)
-        task = Task(pid=pid, name=name or f"pid{pid}", mm=MM(self, name or f"pid{pid}"),
-                    session=session or secrets.token_hex(8))
+        session = session or secrets.token_hex(8)
+        task = Task(pid=pid, name=name or f"pid{pid}", mm=MM(self, name or f"pid{pid}", session), session=session)
         task.rng.seed(pid)
         self.tasks[pid] = task
         return task

@@ -21,6 +21,13 @@ if TYPE_CHECKING:
     from hypervisor.mm import MM
 
 
+def page_content_key(page) -> bytes:
+    """The stable tree's key: the page's bytes (an all-zero page, however it got there, is b"")."""
+    if page.data is None or not any(page.data):
+        return b""
+    return bytes(page.data)
+
+
 async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
     """ksm_do_scan() over [start, end) of ``mm``; returns the pages merged away."""
     merged = 0
@@ -36,7 +43,7 @@ async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
                 if page.ksm or page.is_hugetlb:
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")
-                key = bytes(page.data) if page.data is not None else b""
+                key = page_content_key(page)
                 stable = k.ksm_stable.get(key)
                 if stable is not None and not stable.free and stable is not page \
                         and memcmp_pages(k, page, stable) == 0:

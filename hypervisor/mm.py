@@ -58,8 +58,9 @@ _anon_names = itertools.count(1)
 class MM:
     """mm_struct: VMAs, page table and mmap_lock of one process."""
 
-    def __init__(self, k: "Kernel", owner: str):
+    def __init__(self, k: "Kernel", owner: str, session: str = ""):
         self.owner = owner
+        self.session = session  # named objects are looked up in the session's namespace
         self.vmas: list[Vma] = []  # sorted by start, non-overlapping
         self.pt: dict[int, Pte] = {}  # vpn -> PTE
         self.mmap_lock = ModelRwSem(k.sched, f"mmap_lock[{owner}]")
@@ -135,12 +136,17 @@ def _prot_flags(prot) -> int:
     return f
 
 
-def get_object(k: "Kernel", backing: str, name: str | None) -> MemObject:
-    """The object behind a non-anonymous mapping: named ones are shared host-wide."""
+def get_object(k: "Kernel", backing: str, name: str | None, session: str = "") -> MemObject:
+    """The object behind a non-anonymous mapping.
+
+    Named objects are shared by every process of one session (the processes of
+    one scenario, as if they shared a file descriptor or a tmpfs mount); other
+    sessions cannot reach them.
+    """
     kind = OBJECT_KIND[backing]
     if name is None:
         return MemObject(kind, f"{backing}:{next(_anon_names)}")
-    key = name
+    key = (session, name)
     obj = k.objects.get(key)
     if obj is None:
         obj = MemObject(kind, name, named=True)
@@ -176,7 +182,7 @@ async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share:
     size = page_align_up(size)
     if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
         raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
-    obj = None if backing == "anon" else get_object(k, backing, obj_name)
+    obj = None if backing == "anon" else get_object(k, backing, obj_name, mm.session)
     flags = _prot_flags(prot)
     if "mte" in prot and k.mte:  # arch_calc_vm_prot_bits(): dropped without MTE
         flags |= VM_MTE

@@ -97,6 +97,7 @@ class PageAllocator:
     def __init__(self, ram: int):
         self.nr_frames = ram // PAGE_SIZE
         self._free: list[Page] = []
+        self._free_huge: list[Page] = []  # freed hugetlb folio heads (the hugetlb pool)
         self._next_pfn = 0x80000  # DRAM starts at 2 GiB on the model's board
         self.allocated = 0
         self.frames: dict[int, Page] = {}  # every frame ever handed out, by pfn
@@ -136,9 +137,12 @@ class PageAllocator:
         """
         if self.allocated + PAGES_PER_HPAGE > self.nr_frames:
             raise KernelError("ENOMEM", "out of memory for a 2 MiB hugetlb folio")
-        # align the head to 512 frames, as a PMD-sized folio is
-        self._next_pfn = (self._next_pfn + PAGES_PER_HPAGE - 1) & ~(PAGES_PER_HPAGE - 1)
-        pages = [self._new_frame() for _ in range(PAGES_PER_HPAGE)]
+        if self._free_huge:
+            pages = self._free_huge.pop().subpages
+        else:
+            # align the head to 512 frames, as a PMD-sized folio is
+            self._next_pfn = (self._next_pfn + PAGES_PER_HPAGE - 1) & ~(PAGES_PER_HPAGE - 1)
+            pages = [self._new_frame() for _ in range(PAGES_PER_HPAGE)]
         head = pages[0]
         for p in pages:
             p.head = head
@@ -158,6 +162,7 @@ class PageAllocator:
                 self._reset(p)
             # arch_clear_hugetlb_flags(): PG_mte_tagged and PG_mte_lock cleared on the head
             self.allocated -= PAGES_PER_HPAGE
+            self._free_huge.append(head)
             return
         self._reset(page)
         self.allocated -= 1

@@ -117,7 +117,7 @@ class TestMprotectSyncsTags:
         """MAP_SHARED memfd: B's mprotect(PROT_MTE) keeps the tags A stored and zeroes the untagged page."""
         k = Kernel()
         a = Proc.new(k, "A")
-        b = Proc.new(k, "B")
+        b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         am = await a("mmap", size=2 * PAGE, prot=RWM, share="shared", backing="memfd", object="m")
         bm = await b("mmap", size=2 * PAGE, prot=RW, share="shared", backing="memfd", object="m")
         await a("stg", addr=am, tag=7, size=PAGE)  # page 0: tagged by A
@@ -137,7 +137,7 @@ class TestMprotectSyncsTags:
         """Mapping an already-tagged MAP_SHARED page tagged in another process keeps its tags (PRESERVE ON MAP)."""
         k = Kernel()
         a = Proc.new(k, "A")
-        b = Proc.new(k, "B")
+        b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
         await a("stg", addr=am, tag=4, size=PAGE)
         bm = await b("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")

@@ -61,7 +61,7 @@ class TestSwapRoundTrip:
         """MAP_SHARED memfd tagged in A, swapped out through B's untagged mapping: the tags come back whoever faults first."""
         k = Kernel()
         a = Proc.new(k, "A")
-        b = Proc.new(k, "B")
+        b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
         bm = await b("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
         await tag_pattern(a, am)
@@ -93,7 +93,7 @@ class TestSwapRoundTrip:
         """An untagged memfd page swapped out and then mapped with PROT_MTE gets zero tags, not stale ones."""
         k = Kernel()
         a = Proc.new(k, "A")
-        b = Proc.new(k, "B")
+        b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         bm = await b("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
         await b("store", addr=bm, data=b"b")
         await k.swap_out(b.pid, bm, PAGE)
@@ -306,7 +306,7 @@ class TestMigrate:
         """Migrating a tagged MAP_SHARED page through a mapping without PROT_MTE keeps its tags for everyone."""
         k = Kernel()
         a = Proc.new(k, "A")
-        b = Proc.new(k, "B")
+        b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
         bm = await b("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
         await tag_pattern(a, am)
@@ -315,7 +315,7 @@ class TestMigrate:
         assert await k.migrate_pages(b.pid, bm, PAGE) == 1
         new = a.page(am)
         assert new is not old and b.page(bm) is new and old.free
-        assert k.objects["m"].pages[0] is new
+        assert a.vma(am).obj.pages[0] is new  # the page cache points at the new frame
         assert new.flags & PG_mte_tagged
         assert await a.tags(am, PAGE) == PATTERN
         assert invariants(k) == []

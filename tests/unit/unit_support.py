@@ -92,18 +92,29 @@ def invariants(k: Kernel) -> list[str]:
 
 
 class _ScriptedChoice:
-    """Stands in for the scheduler's ``random.Random``: follows a prefix of choice indices."""
+    """Stands in for the scheduler's ``random.Random``.
 
-    def __init__(self, prefix: list[int], on_decision: Callable[[], None] | None):
+    It follows a prefix of choice indices into the (name-sorted) runnable
+    contexts, then takes index 0; or, with ``policy``, asks
+    ``policy(runnable)`` (the scheduler's parked-actor records, which carry
+    ``.name`` and ``.label``, the point each one is parked at).
+    """
+
+    def __init__(self, prefix: list[int], on_decision: Callable[[], None] | None, policy=None):
         self.prefix = prefix
         self.log: list[tuple[int, int]] = []  # (index chosen, number of runnable contexts)
         self.on_decision = on_decision
+        self.policy = policy
 
     def choice(self, seq):
         if self.on_decision is not None:
             self.on_decision()  # every context is parked at a scheduling point now
         i = len(self.log)
-        c = self.prefix[i] if i < len(self.prefix) else 0
+        if self.policy is not None:
+            c = seq.index(self.policy(seq))
+        else:
+            c = self.prefix[i] if i < len(self.prefix) else 0
+            assert c < len(seq), "the model ran differently on replay of the same choices (non-determinism)"
         self.log.append((c, len(seq)))
         return seq[c]
 
@@ -123,21 +134,23 @@ Body = Callable[[Kernel, object], Awaitable[None]]
 
 
 async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *, prefix: list[int] | None = None,
-                   schedule: str | None = None, bugs=(), on_decision=None) -> tuple[Run, list[tuple[int, int]]]:
+                   schedule: str | None = None, policy=None, bugs=(),
+                   on_decision=None) -> tuple[Run, list[tuple[int, int]]]:
     """Run the scenario once under a controlled scheduler.
 
     ``setup(k)`` (a function or a coroutine function) builds the initial state
     outside any context (sequentially: no interleaving) and returns
     ``(state, {actor: body})``; every body then runs as its own kernel context.
-    With ``prefix`` the scripted explorer picks the contexts; with ``schedule``
-    the scheduler replays a recorded schedule string.
+    With ``prefix`` (or ``policy``, see :class:`_ScriptedChoice`) the scripted
+    explorer picks the contexts; with ``schedule`` the scheduler replays a
+    recorded schedule string.
     """
     if schedule is not None:
         sched = ControlledScheduler(schedule=schedule)
         script = None
     else:
         sched = ControlledScheduler(seed=0)
-        script = _ScriptedChoice(prefix or [], None)
+        script = _ScriptedChoice(prefix or [], None, policy)
         sched._rng = script
     k = Kernel(sched=sched, bugs=bugs)
     built = setup(k)
@@ -161,6 +174,24 @@ async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *,
                     inner.start_soon(actor, name, body)
         outer.cancel_scope.cancel()
     return Run(k, state, sched.schedule, list(sched.trace), sched.failure), (script.log if script else [])
+
+
+def run_until_then(first: str, label: str, other: str):
+    """A policy: run ``first`` until it parks at ``label``, then ``other`` to the end, then the rest."""
+    switched = False
+
+    def policy(runnable):
+        nonlocal switched
+        by_name = {a.name: a for a in runnable}
+        if first in by_name and by_name[first].label == label:
+            switched = True
+        if switched and other in by_name:
+            return by_name[other]
+        if not switched and first in by_name:
+            return by_name[first]
+        return runnable[0]
+
+    return policy
 
 
 async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 20_000) -> list[Run]:
