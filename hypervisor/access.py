@@ -170,9 +170,11 @@ async def user_stg(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> 
 
 
 async def user_ldg(k: "Kernel", task: "Task", ptr: int, size: int) -> AccessResult:
-    """LDG over [ptr, ptr+size): one allocation tag per granule (address aligned down)."""
-    va = untagged_addr(ptr) & ~(MTE_GRANULE_SIZE - 1)
-    size = (size + MTE_GRANULE_SIZE - 1) // MTE_GRANULE_SIZE * MTE_GRANULE_SIZE
+    """LDG over [ptr, ptr+size): one allocation tag per granule the range touches."""
+    start = untagged_addr(ptr)
+    va = start & ~(MTE_GRANULE_SIZE - 1)
+    end = (start + size + MTE_GRANULE_SIZE - 1) & ~(MTE_GRANULE_SIZE - 1)
+    size = end - va if size else 0
     if size == 0:
         return AccessResult([])
     ptes = await _fault_in(k, task, va, size, False)

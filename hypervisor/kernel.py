@@ -94,6 +94,9 @@ class Kernel:
         child.fork_token = secrets.token_hex(16)
         async with parent.mm.mmap_lock.write():  # dup_mmap()
             await self.sched.point("dup_mmap")
+            # Linux copies migration entries into the child; the model lets the migrations finish first
+            await self.sched.wait_until(lambda: not any(p.migrating for p in parent.mm.pt.values()),
+                                        "dup_mmap:migration_entry_wait")
             for v in parent.mm.vmas:
                 nv = type(v)(v.start, v.end, v.flags, v.backing, v.obj, v.pgoff)
                 if v.obj is not None:

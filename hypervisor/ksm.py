@@ -40,7 +40,7 @@ async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
                 if pte is None or not pte.present or pte.special or pte.page.zone != "normal":
                     continue
                 page = pte.page
-                if page.ksm or page.is_hugetlb:
+                if page.ksm or page.is_hugetlb or page.isolated:
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")
                 key = page_content_key(page)

@@ -57,17 +57,40 @@ def put_page(k: "Kernel", page: Page) -> None:
 
 # ---- installing and removing PTEs ----------------------------------------------
 
-async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1) -> None:
+ANY = object()  # set_pte_at(expect=ANY): install whatever the slot holds now
+
+
+async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1, expect=ANY) -> bool:
     """set_ptes() -> __sync_cache_and_tags() -> mte_sync_tags(), then write the PTE.
 
     The page's reference and rmap entry are taken here; ``pte.page`` is mapped
     at ``vpn`` (and, for ``nr > 1``, the following subpages at the following
     vpns). Sync happens only for tagged, accessible (readable), non-special PTEs.
+
+    Linux does this under the page-table lock after a ``pte_same()`` check; the
+    model's sync has scheduling points, so the check comes after them: unless
+    the slot still holds ``expect`` (the entry the caller saw), nothing is
+    installed and False is returned (the caller backs off, a fault retries).
     """
     page = pte.page
-    if k.mte and pte.tagged and not pte.special and page is not None and page.zone == "normal" and pte_accessible(mm, vpn):
-        await mte_sync_tags(k, page, nr)
-    await k.sched.point("set_pte_at")
+    hold = page is not None and not pte.special
+    if hold:
+        get_page(page)  # held across the sync points
+    try:
+        if k.mte and pte.tagged and hold and page.zone == "normal" and pte_accessible(mm, vpn):
+            await mte_sync_tags(k, page, nr)
+        await k.sched.point("set_pte_at")
+        if expect is not ANY and mm.pt.get(vpn) is not expect:
+            return False
+        _install(k, mm, vpn, pte, nr)
+        return True
+    finally:
+        if hold:
+            put_page(k, page)
+
+
+def _install(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int) -> None:
+    page = pte.page
     for i in range(nr):
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
         old = mm.pt.get(vpn + i)
@@ -80,6 +103,7 @@ async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1) -> 
         if not pte.special:
             p.rmap.add((mm, vpn + i))
             p.mapcount += 1
+    k.sched.wake()
 
 
 def pte_accessible(mm: "MM", vpn: int) -> bool:
@@ -140,7 +164,8 @@ async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool, force: bo
     forced = force and write and not vma.flags & VM_WRITE and not vma.flags & VM_SHARED
     if write and not vma.flags & VM_WRITE and not forced:
         raise _segv(addr, "SEGV_ACCERR: write to a mapping without PROT_WRITE")
-    if not write and not vma.flags & VM_READ:
+    forced_read = force and not write  # FOLL_FORCE reads any VMA with VM_MAYREAD (all of ours)
+    if not write and not vma.flags & VM_READ and not forced_read:
         raise _segv(addr, "SEGV_ACCERR: read of a mapping without PROT_READ")
     vpn = addr >> PAGE_SHIFT
     await k.sched.point("handle_mm_fault")
@@ -180,10 +205,10 @@ async def do_anonymous_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bo
     if vma.backing == "hugetlb":
         raise KernelError("EFAULT", "hugetlb mappings are object-backed")  # pragma: no cover
     if not write:
-        await set_pte_at(k, mm, vpn, _pte_for(vma, k.alloc.zero_page, False, special=True))
+        await set_pte_at(k, mm, vpn, _pte_for(vma, k.alloc.zero_page, False, special=True), expect=None)
         return
     page = await vma_alloc_zeroed_movable_folio(k, vma)
-    await set_pte_at(k, mm, vpn, _pte_for(vma, page, True))
+    await set_pte_at(k, mm, vpn, _pte_for(vma, page, True), expect=None)
     put_page(k, page)
 
 
@@ -198,15 +223,19 @@ async def vma_alloc_zeroed_movable_folio(k: "Kernel", vma: Vma) -> Page:
 async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
     """shmem_get_folio()/filemap_fault(): the page-cache page at ``index``, created or swapped in.
 
+    Returns the page with a reference for the caller (drop it with put_page).
     Page-cache pages are allocated without __GFP_ZEROTAGS: they stay untagged
     until a tagged PTE maps them.
     """
     await k.sched.point("shmem_get_folio")
     cur = obj.pages.get(index)
     if isinstance(cur, Page):
+        get_page(cur)
         return cur
     if isinstance(cur, int):
-        return await k.swap.shmem_swapin_folio(k, obj, index, cur)
+        page = await k.swap.shmem_swapin_folio(k, obj, index, cur)
+        get_page(page)
+        return page
     if obj.kind == "hugetlbfs":
         page = k.alloc.alloc_hugetlb_folio()
         for sub in page.subpages:
@@ -215,6 +244,7 @@ async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
         page = k.alloc.alloc_page()  # the allocation's reference becomes the page cache's
         page.mapping, page.index = obj, index
     obj.pages[index] = page
+    get_page(page)
     return page
 
 
@@ -228,18 +258,22 @@ async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> No
         head = await shmem_get_folio(k, obj, hindex)
         first = vpn - sub
         writable = bool(vma.flags & VM_WRITE)
-        await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=PAGES_PER_HPAGE)
+        await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=PAGES_PER_HPAGE, expect=mm.pt.get(first))
+        put_page(k, head)
         return
     page = await shmem_get_folio(k, obj, index)
-    if write and not vma.flags & VM_SHARED:
-        # do_cow_fault(): a private copy of the file page
-        new = k.alloc.alloc_page()
-        await copy_user_highpage(k, new, page)
-        await set_pte_at(k, mm, vpn, _pte_for(vma, new, True))
-        put_page(k, new)
-        return
-    writable = bool(vma.flags & VM_SHARED and vma.flags & VM_WRITE)
-    await set_pte_at(k, mm, vpn, _pte_for(vma, page, writable))
+    try:
+        if write and not vma.flags & VM_SHARED:
+            # do_cow_fault(): a private copy of the file page
+            new = k.alloc.alloc_page()
+            await copy_user_highpage(k, new, page)
+            await set_pte_at(k, mm, vpn, _pte_for(vma, new, True), expect=None)
+            put_page(k, new)
+            return
+        writable = bool(vma.flags & VM_SHARED and vma.flags & VM_WRITE)
+        await set_pte_at(k, mm, vpn, _pte_for(vma, page, writable), expect=None)
+    finally:
+        put_page(k, page)
 
 
 async def do_swap_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte, write: bool) -> None:
@@ -250,9 +284,8 @@ async def do_swap_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte, writ
         put_page(k, page)
         return
     exclusive = k.swap.count(entry) == 1 and page.mapcount == 0
-    mm.pt.pop(vpn)
-    k.swap.swap_free(k, entry)
-    await set_pte_at(k, mm, vpn, _pte_for(vma, page, exclusive and bool(vma.flags & VM_WRITE)))
+    # installing over the swap PTE drops its swap reference (_release_pte -> swap_free)
+    await set_pte_at(k, mm, vpn, _pte_for(vma, page, exclusive and bool(vma.flags & VM_WRITE)), expect=pte)
     put_page(k, page)
 
 
@@ -276,12 +309,14 @@ async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> N
         new = await vma_alloc_zeroed_movable_folio(k, vma)
     else:
         new = k.alloc.alloc_page()
-        await copy_user_highpage(k, new, old)
+        get_page(old)  # the fault's reference on the source while it copies
+        try:
+            await copy_user_highpage(k, new, old)
+        finally:
+            put_page(k, old)
     await k.sched.point("wp_page_copy:map")
-    if mm.pt.get(vpn) is not pte:  # the PTE changed under us: back off, the fault retries
-        put_page(k, new)
-        return
-    await set_pte_at(k, mm, vpn, _pte_for(vma, new, True))
+    # if the PTE changed under us (pte_same() fails), back off: the fault retries
+    await set_pte_at(k, mm, vpn, _pte_for(vma, new, True), expect=pte)
     put_page(k, new)
 
 
@@ -290,8 +325,6 @@ async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> N
 def copy_page_range(k: "Kernel", dst: "MM", src: "MM") -> None:
     """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both."""
     for vpn, pte in src.pt.items():
-        if pte.migrating:
-            continue  # the child faults it in again after the migration
         vma = src.find_vma(vpn << PAGE_SHIFT)
         if pte.swap is not None:
             k.swap.swap_duplicate(pte.swap)

@@ -1,9 +1,14 @@
 """Page migration (mm/migrate.c): move pages to new frames through copy_highpage.
 
-``migrate_pages`` unmaps every PTE of the folio into a migration entry
-(faults on it wait), copies data and tags with ``folio_copy`` ->
-``copy_highpage`` (PRESERVE ON COPY), then ``remove_migration_ptes`` maps the
-new frame in the same places with ``set_pte_at`` and frees the old one.
+``migrate_pages`` isolates each folio (one migrator or reclaimer at a time),
+turns every PTE mapping it into a migration entry (faults on it wait), copies
+data and tags with ``folio_copy`` -> ``copy_highpage`` (PRESERVE ON COPY), then
+freezes the old folio's references: if anyone else still holds one (a fault
+that found it in the page cache), the migration is undone, as
+``folio_ref_freeze`` failing makes Linux retry. Otherwise the page cache points
+at the new frame and ``remove_migration_ptes`` maps it, with ``set_pte_at``,
+wherever a migration entry of this folio is still in place: a PTE zapped or
+replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from hypervisor.copypage import copy_highpage
 from hypervisor.memory import get_page, put_page, set_pte_at
 from hypervisor.page import Page
 from hypervisor.vma import Pte
-from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -22,8 +26,8 @@ if TYPE_CHECKING:
 
 
 async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
-    """migrate_pages() for every migratable page mapped in [start, end); returns pages moved."""
-    folios: dict[int, Page] = {}  # isolate_migratepages(): each folio once, chosen before any moves
+    """migrate_pages() for every migratable page mapped in [start, end); returns folios moved."""
+    folios: dict[int, Page] = {}  # each folio once, chosen before any moves
     for vpn in mm.vpns_in(start, end):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present or pte.special:
@@ -33,54 +37,80 @@ async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
             folios.setdefault(page.pfn, page)
     moved = 0
     for page in folios.values():
-        if not page.free:
+        if not page.free and not page.isolated:
             moved += await migrate_folio(k, page)
     return moved
 
 
 async def migrate_folio(k: "Kernel", old: Page) -> int:
-    """migrate_folio_unmap() + move_to_new_folio() + remove_migration_ptes()."""
+    """migrate_folio_unmap() + move_to_new_folio() + remove_migration_ptes(); 1 if moved, else 0."""
+    old.isolated = True
+    get_page(old)  # the isolation reference
+    try:
+        return await _migrate_isolated(k, old)
+    finally:
+        old.isolated = False
+        put_page(k, old)
+        k.sched.wake()
+
+
+async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     huge = old.is_hugetlb
     olds = old.subpages if huge else [old]
     new_head = k.alloc.alloc_hugetlb_folio() if huge else k.alloc.alloc_page()
     news = new_head.subpages if huge else [new_head]
     await k.sched.point("migrate:unmap")
-    # try_to_migrate(): PTEs become migration entries
-    mappings = []
-    for o in olds:
+    # try_to_migrate(): each PTE becomes a migration entry of its own; the mapping's reference goes
+    entries: list[tuple["MM", int, Pte, int]] = []
+    for i, o in enumerate(olds):
         for mm, vpn in list(o.rmap):
             pte = mm.pt.get(vpn)
-            if pte is not None and pte.page is o:
-                pte.migrating = True
-                mappings.append((mm, vpn, pte, o))
-    # move_to_new_folio() -> folio_copy() -> copy_highpage() per page (hugetlb: once, from the head)
+            if pte is None or pte.page is not o or pte.migrating:
+                continue
+            entry = Pte(page=o, write=pte.write, tagged=pte.tagged, migrating=True)
+            mm.pt[vpn] = entry
+            o.rmap.discard((mm, vpn))
+            o.mapcount -= 1
+            o.refcount -= 1
+            entries.append((mm, vpn, entry, i))
+    # move_to_new_folio() -> folio_copy() -> copy_highpage() (hugetlb: once, from the head)
     if huge:
         for n, o in zip(news, olds):
             n.copy_data_from(o)
-        await copy_highpage(k, new_head, old)
-    else:
-        await copy_highpage(k, new_head, old)
+    await copy_highpage(k, new_head, old)
     await k.sched.point("migrate:copied")
-    # page cache / swap cache now points at the new frame
+    # folio_ref_freeze(): only our isolation reference and the page cache's may remain
+    if not huge and old.busy():
+        _undo(k, olds, entries)
+        put_page(k, new_head)
+        return 0
     if old.mapping is not None:
         obj = old.mapping
         for n, o in zip(news, olds):
             n.mapping, n.index = o.mapping, o.index
-        obj.pages[old.index] = new_head
-        get_page(new_head)  # the page cache's reference moves to the new frame
-    # remove_migration_ptes(): map the new frames where the old ones were
-    for mm, vpn, pte, o in mappings:
-        n = news[olds.index(o)] if huge else new_head
-        pte.migrating = False
-        entry = Pte(page=n, write=pte.write, tagged=pte.tagged)
-        await set_pte_at(k, mm, vpn, entry)
-    k.sched.wake()
-    if old.mapping is not None:
-        for o in olds:
             o.mapping = None
-        if huge:
-            k.alloc.free_page(old)
-        else:
-            put_page(k, old)  # the old page cache reference
-    put_page(k, new_head) if not huge else None
+        obj.pages[old.index] = new_head
+        if not huge:
+            get_page(new_head)  # the page cache's reference moves to the new frame
+            put_page(k, old)
+    # remove_migration_ptes(): only where our migration entry is still in place
+    for mm, vpn, entry, i in entries:
+        if mm.pt.get(vpn) is entry:
+            n = news[i]
+            await set_pte_at(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), expect=entry)
+    if huge:
+        k.alloc.free_page(old) if old.mapping is None and all(o.mapcount == 0 for o in olds) else None
+    else:
+        put_page(k, new_head)  # the allocation's reference
     return 1
+
+
+def _undo(k: "Kernel", olds: list[Page], entries) -> None:
+    """Put the old frame back wherever our migration entries still stand (no scheduling point)."""
+    for mm, vpn, entry, i in entries:
+        if mm.pt.get(vpn) is entry:
+            o = olds[i]
+            mm.pt[vpn] = Pte(page=o, write=entry.write, tagged=entry.tagged)
+            o.rmap.add((mm, vpn))
+            o.mapcount += 1
+            get_page(o)

@@ -331,7 +331,7 @@ async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
             if pte.special:
                 mm.pt[vpn] = new
             else:
-                await set_pte_at(k, mm, vpn, new)
+                await set_pte_at(k, mm, vpn, new, expect=pte)  # a PTE changed meanwhile is left alone
         else:
             pte.write = write
 

@@ -55,11 +55,12 @@ async def mte_sync_tags(k: "Kernel", page: Page, nr_pages: int = 1) -> None:
             folio_set_hugetlb_mte_tagged(k, folio)
         return
     for i in range(nr_pages):
-        if await try_page_mte_tagging(k, page):
+        p = page if i == 0 else k.alloc.frames[page.pfn + i]  # the following pfns of a large folio
+        if await try_page_mte_tagging(k, p):
             await k.sched.point("mte_sync_tags:clear")
-            mte_clear_page_tags(k, page)
+            mte_clear_page_tags(k, p)
             await k.sched.point("mte_sync_tags:set")
-            set_page_mte_tagged(k, page)
+            set_page_mte_tagged(k, p)
     # smp_wmb(): the tags are visible before the PTE is set
 
 

@@ -31,6 +31,22 @@ def boot_tags(pfn: int) -> bytearray:
     return bytearray(_BOOT_PATTERN[off:off + MTE_GRANULES_PER_PAGE])
 
 
+class Rmap(dict):
+    """The PTEs mapping a frame, as ``(mm, vpn)`` keys in the order they were made.
+
+    A dict rather than a set: walks over it must not depend on object
+    addresses, or a recorded schedule would not replay.
+    """
+
+    def add(self, key) -> None:
+        """Record a mapping."""
+        self[key] = None
+
+    def discard(self, key) -> None:
+        """Forget a mapping (absent is fine)."""
+        self.pop(key, None)
+
+
 @attrs.define(eq=False, repr=False)
 class Page:
     """struct page: one 4 KiB frame (or one subpage of a hugetlb folio)."""
@@ -44,12 +60,13 @@ class Page:
     zone: str = "normal"  # "normal", "zero" (ZERO_PAGE) or "device" (PFNMAP, no struct page in Linux)
     head: "Page | None" = None  # hugetlb: the folio's head page (itself for the head)
     subpages: "list[Page] | None" = None  # hugetlb head only
-    rmap: set = attrs.Factory(set)  # {(mm, vpn)} PTEs mapping this frame
+    rmap: Rmap = attrs.Factory(Rmap)  # (mm, vpn) of the PTEs mapping this frame
     mapping: object | None = None  # page-cache owner (a shmem/file object) or None for anon
     index: int = 0
     swap_entry: int | None = None  # set while the page is in the swap cache
     free: bool = True
     ksm: bool = False  # a KSM stable page (never reused in place by CoW)
+    isolated: bool = False  # taken off the LRU by reclaim or migration (folio_isolate_lru)
     # ghost state for the oracles
     shadow: bytearray | None = None
     inits: int = 0
@@ -81,6 +98,13 @@ class Page:
                 return
             self.data = bytearray(PAGE_SIZE)
         self.data[off:off + len(data)] = data
+
+    def busy(self, held: int = 1) -> bool:
+        """Someone else holds a reference: more than the mappings, the page/swap cache and ``held`` of ours.
+
+        Reclaim and migration give up on a busy folio (folio_ref_freeze() fails).
+        """
+        return self.refcount > self.mapcount + (self.mapping is not None) + (self.swap_entry is not None) + held
 
     def copy_data_from(self, src: "Page") -> None:
         """copy_page(): the data only."""
@@ -179,6 +203,7 @@ class PageAllocator:
         p.mapping = None
         p.swap_entry = None
         p.ksm = False
+        p.isolated = False
         p.shadow = None
         p.inits = 0
         p.initialiser = None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.errors import KernelError
+from hypervisor.memory import put_page
 from hypervisor.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.page import Page
 from hypervisor.vma import MemObject, Pte
@@ -80,8 +81,6 @@ class SwapDevice:
             page = self.cache.pop(entry, None)
             if page is not None:
                 page.swap_entry = None
-                from hypervisor.memory import put_page
-
                 put_page(k, page)
 
     async def swapin(self, k: "Kernel", entry: int) -> Page:
@@ -108,8 +107,6 @@ class SwapDevice:
         """shmem_swapin_folio(): bring a shmem page back into its page cache."""
         page = await self.swapin(k, entry)
         if obj.pages.get(index) != entry:  # raced with another swap-in
-            from hypervisor.memory import put_page
-
             put_page(k, page)
             return obj.pages[index]
         page.mapping, page.index = obj, index
@@ -139,13 +136,23 @@ async def shrink_folio_list(k: "Kernel", pages: list[Page]) -> int:
 
 
 async def _swap_out_one(k: "Kernel", page: Page) -> int:
-    from hypervisor.memory import put_page
 
-    if page.free or page.zone != "normal" or page.is_hugetlb or page.ksm or page.swap_entry is not None:
+    if page.free or page.zone != "normal" or page.is_hugetlb or page.ksm or page.swap_entry is not None \
+            or page.isolated:
         return 0
+    page.isolated = True  # folio_isolate_lru(): one reclaimer or migrator at a time
+    page.refcount += 1  # the isolation reference
+    try:
+        return await _reclaim_isolated(k, page)
+    finally:
+        page.isolated = False
+        put_page(k, page)
+
+
+async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
     await k.sched.point("shrink_folio_list")
-    if page.free:
-        return 0
+    if page.mapcount == 0 and page.mapping is None:
+        return 0  # unmapped while we slept: nothing left to reclaim
     entry = k.swap.get_swap_page()
     try:
         arch_prepare_to_swap(k, page, entry)
@@ -153,8 +160,10 @@ async def _swap_out_one(k: "Kernel", page: Page) -> int:
         del k.swap.slots[entry]
         raise
     await k.sched.point("arch_prepare_to_swap:saved")
-    if page.free:  # freed while we slept
-        k.swap.swap_free(k, entry)
+    if page.busy() or (page.mapcount == 0 and page.mapping is None):
+        # someone holds a reference (a fault about to map it): keep it (folio_ref_freeze fails)
+        del k.swap.slots[entry]
+        k.swap.tags.mte_invalidate_tags(entry)
         return 0
     # try_to_unmap(): every mapping now holds the swap entry (anon) or nothing (shmem)
     obj = page.mapping
@@ -175,8 +184,8 @@ async def _swap_out_one(k: "Kernel", page: Page) -> int:
         obj.pages[page.index] = entry
         k.swap.slots[entry].count += 1
         page.mapping = None
+        page.refcount -= 1  # __remove_mapping(): the page cache's reference
     if k.swap.slots[entry].count == 0:  # nobody mapped it after all
         k.swap.swap_free(k, entry)
-    put_page(k, page)  # __remove_mapping(): the frame goes back to the allocator
     k.sched.wake()
-    return 1
+    return 1  # the isolation reference, dropped by the caller, frees the frame

@@ -297,3 +297,17 @@ class TestStgLdg:
         base = await p("mmap", size=PAGE, prot=["read"])
         err = await expect_errno("EFAULT", p("store", addr=base, data=b"x"))
         assert "SEGV_ACCERR" in err.message
+
+
+class TestLdgRange:
+    async def test_unaligned_ldg_covers_every_granule_touched(self):
+        """LDG over [base+20, +16) touches granules 1 and 2, so it returns both their tags."""
+        k, p, base = await setup()
+        await p("stg", addr=base + 16, tag=3, size=16)
+        await p("stg", addr=base + 32, tag=4, size=16)
+        assert (await p("ldg", addr=base + 20, size=16)).value == [3, 4]
+
+    async def test_ldg_of_zero_bytes_is_empty(self):
+        """LDG of size 0 returns no tags."""
+        k, p, base = await setup()
+        assert (await p("ldg", addr=base + 20, size=0)).value == []

@@ -338,6 +338,18 @@ class TestPtraceMteTags:
         assert await tracer("ptrace-poke-tags", target=tracee.pid, addr=ro, tags=[7, 7]) == 2
         assert await tracer("ptrace-peek-tags", target=tracee.pid, addr=ro, count=3) == [7, 7, 0]
 
+    async def test_poke_of_read_only_shared_mapping_is_eio(self):
+        """FOLL_FORCE does not write a read-only MAP_SHARED mapping (not a CoW mapping): POKE fails with EIO."""
+        k, tracer, tracee, _ = await two_procs()
+        ro = await tracee("mmap", size=4096, prot=["read", "mte"], share="shared", backing="memfd", object="ro")
+        await expect_errno("EIO", tracer("ptrace-poke-tags", target=tracee.pid, addr=ro, tags=[7]))
+
+    async def test_peek_of_prot_none_mapping_uses_foll_force(self):
+        """PEEK of a PROT_NONE|PROT_MTE mapping succeeds: FOLL_FORCE reads any VMA with VM_MAYREAD."""
+        k, tracer, tracee, addr = await two_procs()
+        await tracee("mprotect", addr=addr, size=4096, prot=["mte"])
+        assert await tracer("ptrace-peek-tags", target=tracee.pid, addr=addr, count=2) == [6, 6]
+
     async def test_peek_of_untouched_page_reads_zero_tags(self):
         """PEEK of a never-touched VM_MTE page reads the zero page's zero tags and leaves it unflagged."""
         k, tracer, tracee, _ = await two_procs()

@@ -310,3 +310,51 @@ class TestCopyHighpage:
         before = bytes(dst.subpages[3].tags)
         await copy_highpage(k, dst.subpages[3], src.subpages[3])
         assert dst.flags == 0 and bytes(dst.subpages[3].tags) == before
+
+
+class TestFileBackedFaults:
+    """do_fault on shmem/memfd objects: do_read_fault, do_shared_fault, do_cow_fault."""
+
+    async def test_private_mapping_of_a_tagged_memfd_page_copies_its_tags(self):
+        """A MAP_PRIVATE PROT_MTE mapping reads the shared page's tags; its write gets a private copy with them."""
+        k = Kernel()
+        a = Proc.new(k, "A")
+        b = Proc.new(k, "B", session=a.task.session)
+        am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
+        await a("store", addr=am, data=b"orig")
+        await a("stg", addr=am, tag=3, size=PAGE)
+        bm = await b("mmap", size=PAGE, prot=RWM, share="private", backing="memfd", object="m")
+        assert (await b("load", addr=bm, size=4)).value == b"orig"
+        assert b.page(bm) is a.page(am) and await b.tags(bm, 32) == [3, 3]
+        await b("store", addr=bm, data=b"mine")
+        await b("stg", addr=bm, tag=9, size=16)
+        assert b.page(bm) is not a.page(am) and b.page(bm).flags & PG_mte_tagged
+        assert await b.tags(bm, 48) == [9, 3, 3]
+        assert (await a("load", addr=am, size=4)).value == b"orig" and await a.tags(am, 32) == [3, 3]
+        assert invariants(k) == []
+
+    async def test_private_tagged_read_of_an_untagged_page_cache_page_initialises_it(self):
+        """Mapping an untagged page-cache page through a tagged private PTE zeroes its tags and flags it."""
+        k = Kernel()
+        a = Proc.new(k, "A")
+        b = Proc.new(k, "B", session=a.task.session)
+        am = await a("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
+        await a("store", addr=am, data=b"x")
+        page = a.page(am)
+        assert not page.flags & PG_mte_tagged
+        bm = await b("mmap", size=PAGE, prot=RWM, share="private", backing="memfd", object="m")
+        assert await b.tags(bm, PAGE) == [0] * 256
+        assert b.page(bm) is page and page.flags & PG_mte_tagged and bytes(page.tags) == ZERO_TAGS
+        assert invariants(k) == []
+
+    async def test_unnamed_shared_anonymous_memory_is_shared_with_the_child(self):
+        """MAP_SHARED|MAP_ANONYMOUS PROT_MTE memory is one page for parent and child after fork, tags included."""
+        k, parent = new()
+        addr = await parent("mmap", size=PAGE, prot=RWM, share="shared")
+        await parent("store", addr=addr, data=b"p")
+        child = await parent.fork()
+        await child("stg", addr=addr, tag=12, size=16)
+        await child("store", addr=addr + 1, data=b"c")
+        assert await parent.tags(addr, 16) == [12]
+        assert (await parent("load", addr=addr, size=2)).value == b"pc"
+        assert parent.page(addr) is child.page(addr)

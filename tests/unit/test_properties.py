@@ -9,13 +9,14 @@ otherwise) and the bytes the last stores wrote (zeros otherwise):
 * MAP_SHARED memfd pages are keyed by (object, page index): every mapping in
   every process sees the same page, and neither munmap nor MADV_DONTNEED
   loses them (the object is a named tmpfs file);
-* swap-out and page migration change nothing a process can observe.
+* swap-out, page migration and KSM merging change nothing a process can observe.
 
 LDG and PEEKMTETAGS through a VM_MTE mapping must return the expected tags,
 through any other mapping zeros (RAZ); every process runs with TCF sync and
 all tags included, so a store through a pointer with the expected tag must
 never fault and one with a wrong tag must fault without being performed.
-After every step ``k.oracle.check_state()`` must be empty.
+After every step ``k.oracle.check_state()`` must be empty and the frames'
+bookkeeping sound (``unit_support.frame_problems``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
 from shared.mte import tagged_pointer
 
-from unit_support import Proc
+from unit_support import Proc, frame_problems
 
 PAGE = 4096
 MAX_TASKS = 4
@@ -207,6 +208,16 @@ class Model:
         if r is not None:
             await self.k.migrate_pages(r.proc.pid, r.addr, r.npages * PAGE)
 
+    async def op_mergeable(self, rsel):
+        r = self.pick(rsel)
+        if r is not None:
+            await r.proc("madvise", addr=r.addr, size=r.npages * PAGE, advice="mergeable")
+
+    async def op_ksm(self, rsel):
+        r = self.pick(rsel)
+        if r is not None:
+            await self.k.ksm_merge(r.proc.pid, r.addr, r.npages * PAGE)
+
     async def op_munmap(self, rsel):
         r = self.pick(rsel)
         if r is None:
@@ -235,6 +246,7 @@ class Model:
 
     def check_oracles(self) -> None:
         assert self.k.oracle.check_state() == [], self.log
+        assert frame_problems(self.k) == [], self.log
 
     async def check_all(self) -> None:
         for r in self.regions:
@@ -262,6 +274,8 @@ OPS = st.one_of(
     st.tuples(st.just("fork"), sel),
     st.tuples(st.just("swap_out"), sel),
     st.tuples(st.just("migrate"), sel),
+    st.tuples(st.just("mergeable"), sel),
+    st.tuples(st.just("ksm"), sel),
     st.tuples(st.just("munmap"), sel),
     st.tuples(st.just("dontneed"), sel),
 )
@@ -315,7 +329,9 @@ class TestRandomHostOps:
             ("poke", 1, 0, 8, [1, 2, 3]), ("fork", 0), ("store", 3, 1, 16, 9, False),
             ("store", 4, 1, 15, 5, True), ("swap_out", 2), ("peek", 0, 0), ("migrate", 0), ("migrate", 1),
             ("mprotect_mte", 2), ("ldg", 2, 0), ("dontneed", 1), ("dontneed", 0), ("munmap", 3),
-            ("swap_out", 4), ("ldg", 4, 1),
+            ("swap_out", 4), ("ldg", 4, 1), ("mmap", 1, False, False, 2), ("store", 4, 0, 0, 1, False),
+            ("store", 4, 1, 0, 1, False), ("mergeable", 4), ("ksm", 4), ("store", 4, 1, 100, 2, False),
         ]
         m = trio.run(run_ops, ops)
-        assert len(m.procs) == 3 and len(m.regions) == 4
+        assert len(m.procs) == 3 and len(m.regions) == 5
+        assert any(p.ksm for p in m.k.alloc.live_pages())  # the KSM pass really merged

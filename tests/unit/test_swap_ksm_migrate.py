@@ -19,7 +19,7 @@ from hypervisor.tags import write_tags
 from shared.abi import validate_args
 from shared.mte import HPAGE_SIZE
 
-from unit_support import RW, RWM, Proc, expect_errno, invariants
+from unit_support import RW, RWM, Proc, expect_errno, frame_problems, invariants, phases, run_once
 
 PAGE = 4096
 PATTERN = [(i * 7) % 16 for i in range(256)]  # a distinct tag per granule
@@ -394,3 +394,200 @@ class TestPageFlags:
         """page-flags of a pid that does not exist fails with ESRCH."""
         k = Kernel()
         await expect_errno("ESRCH", host(k, "page-flags", pid=31337, addr=0))
+
+
+# ---- concurrent paths on one page (controlled interleavings) ---------------------------------
+
+
+async def one_page_host(k: Kernel):
+    """P: one private PROT_MTE page (data "private", tags 5). Q: a MAP_SHARED memfd page it maps
+    untagged (data "shared"); A, in Q's session, maps the same memfd PROT_MTE but has not touched it."""
+    p = Proc.new(k, "P")
+    q = Proc.new(k, "Q", session=p.task.session)
+    a = Proc.new(k, "A", session=p.task.session)
+    anon = await p("mmap", size=PAGE, prot=RWM)
+    await p("store", addr=anon, tag=0, data=b"private")
+    await p("stg", addr=anon, tag=5, size=PAGE)
+    qm = await q("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
+    await q("store", addr=qm, data=b"shared")
+    am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
+    return {"p": p, "q": q, "a": a, "anon": anon, "qm": qm, "am": am}
+
+
+def two_contexts(x, y, fork_child: bool = False):
+    """A scenario for :func:`run_once`: the one-page host, then contexts ``x`` and ``y``."""
+
+    async def setup(k):
+        st = await one_page_host(k)
+        if fork_child:
+            st["c"] = await st["p"].fork("C")
+
+        async def bx(k, st):
+            st["x"] = await x(k, st)
+
+        async def by(k, st):
+            st["y"] = await y(k, st)
+
+        return st, {"x": bx, "y": by}
+
+    return setup
+
+
+def migrate_p(k, st):
+    return k.migrate_pages(st["p"].pid, st["anon"], PAGE)
+
+
+def migrate_q(k, st):
+    return k.migrate_pages(st["q"].pid, st["qm"], PAGE)
+
+
+def swap_p(k, st):
+    return k.swap_out(st["p"].pid, st["anon"], PAGE)
+
+
+def swap_q(k, st):
+    return k.swap_out(st["q"].pid, st["qm"], PAGE)
+
+
+def assert_host_consistent(run) -> None:
+    """The interleaving finished, broke no invariant, and left the frames' bookkeeping sound."""
+    assert run.failure is None, run.failure
+    assert invariants(run.k) == []
+    assert frame_problems(run.k) == []
+
+
+async def assert_private_page_intact(st) -> None:
+    """P still reads its data and tags 5."""
+    p, anon = st["p"], st["anon"]
+    assert (await p("load", addr=anon, tag=5, size=7)).value == b"private"
+    assert await p.tags(anon, PAGE) == [5] * 256
+
+
+async def assert_shared_page_coherent(st) -> None:
+    """A and Q see one MAP_SHARED page: its data, and each other's later stores."""
+    a, q = st["a"], st["q"]
+    assert (await a("load", addr=st["am"], size=6)).value == b"shared"
+    await a("store", addr=st["am"] + 6, data=b"+A")
+    assert (await q("load", addr=st["qm"], size=8)).value == b"shared+A"
+    assert a.page(st["am"]) is q.page(st["qm"]) is a.vma(st["am"]).obj.pages[0]
+
+
+class TestConcurrentMigrationAndReclaim:
+    """Migration and swap-out racing faults, mprotect, munmap and each other, one interleaving each.
+
+    Each interleaving is forced with a phase policy (run one context to a named
+    scheduling point, then another), so it does not depend on the scheduler's
+    seed. In Linux these paths exclude each other through the folio lock, LRU
+    isolation, the folio reference a fault holds, and the page-table lock with
+    pte_same() re-checks.
+    """
+
+    @pytest.mark.parametrize("host_op", [swap_q, migrate_q], ids=["swap-out", "migrate"])
+    async def test_shmem_fault_holds_its_page(self, host_op):
+        """A's fault found the page-cache page; reclaim/migration then runs; A must not map a freed or replaced frame."""
+
+        def fault(k, st):
+            return st["a"]("load", addr=st["am"], size=6)
+
+        run, _ = await run_once(two_contexts(fault, host_op),
+                                policy=phases(("x", "try_page_mte_tagging:test"), ("y", None), ("x", None)))
+        assert run.state["x"].value == b"shared"
+        assert_host_consistent(run)
+        await assert_shared_page_coherent(run.state)
+
+    @pytest.mark.parametrize("host_op", [swap_q, migrate_q], ids=["swap-out", "migrate"])
+    async def test_mprotect_holds_its_page(self, host_op):
+        """Q's mprotect(PROT_MTE) re-installing a PTE races reclaim/migration of that page; no freed or leaked frame."""
+
+        def mprotect(k, st):
+            return st["q"]("mprotect", addr=st["qm"], size=PAGE, prot=RWM)
+
+        run, _ = await run_once(two_contexts(mprotect, host_op),
+                                policy=phases(("x", "try_page_mte_tagging:test"), ("y", None), ("x", None)))
+        assert_host_consistent(run)
+        await assert_shared_page_coherent(run.state)
+
+    @pytest.mark.parametrize("op", ["munmap", "dontneed", "exit"])
+    async def test_zap_during_migration_is_not_undone(self, op):
+        """munmap/MADV_DONTNEED/exit while the page is under migration: no PTE comes back, no frame leaks."""
+
+        def zap(k, st):
+            if op == "munmap":
+                return st["p"]("munmap", addr=st["anon"], size=PAGE)
+            if op == "exit":
+                return k.exit_task(st["p"].task)
+            return st["p"]("madvise", addr=st["anon"], size=PAGE, advice="dontneed")
+
+        run, _ = await run_once(two_contexts(zap, migrate_p),
+                                policy=phases(("y", "migrate:copied"), ("x", None), ("y", None)))
+        assert_host_consistent(run)
+        assert run.state["p"].pte(run.state["anon"]) is None
+        if op == "exit":  # nothing of P's is left
+            assert not any(page.rmap for page in run.k.alloc.live_pages() if page.zone == "normal"
+                           and any(mm is run.state["p"].task.mm for mm, _ in page.rmap))
+        if op == "dontneed":  # the range reads as a fresh zero page again
+            assert (await run.state["p"]("load", addr=run.state["anon"], size=7)).value == bytes(7)
+
+    async def test_cow_fault_during_migration(self):
+        """The child's CoW write fault replacing a PTE that migration unmapped meanwhile: no stale rmap, no leak."""
+
+        def cow(k, st):
+            return st["c"]("store", addr=st["anon"], tag=5, data=b"child!!")
+
+        run, _ = await run_once(two_contexts(cow, migrate_p, fork_child=True),
+                                policy=phases(("x", "wp_page_copy:map"), ("y", "migrate:copied"), ("x", None),
+                                              ("y", None)))
+        assert_host_consistent(run)
+        st = run.state
+        assert (await st["c"]("load", addr=st["anon"], tag=5, size=7)).value == b"child!!"
+        await assert_private_page_intact(st)
+
+    async def test_two_migrations_of_one_page(self):
+        """Two migrations that both picked the page: it ends on one frame with its data and tags."""
+        run, _ = await run_once(two_contexts(migrate_p, migrate_p),
+                                policy=phases(("x", "migrate:unmap"), ("y", "migrate:unmap"),
+                                              ("x", "copy_highpage:test"), ("y", None), ("x", None)))
+        assert_host_consistent(run)
+        await assert_private_page_intact(run.state)
+
+    async def test_swap_out_during_migration(self):
+        """Swap-out that picked the page before migration unmapped it: data and tags survive, nothing leaks."""
+        run, _ = await run_once(two_contexts(migrate_p, swap_p),
+                                policy=phases(("y", "arch_prepare_to_swap:saved"), ("x", "copy_highpage:test"),
+                                              ("y", None), ("x", None)))
+        assert_host_consistent(run)
+        await assert_private_page_intact(run.state)
+
+    async def test_sequential_controls(self):
+        """Control: the same operations one after another leave everything consistent."""
+        for x, y in ((swap_q, migrate_q), (migrate_p, swap_p), (migrate_p, migrate_p)):
+            run, _ = await run_once(two_contexts(x, y), policy=phases(("x", None), ("y", None)))
+            assert_host_consistent(run)
+            await assert_private_page_intact(run.state)
+            await assert_shared_page_coherent(run.state)
+
+
+class TestReplayIsDeterministic:
+    """A recorded schedule, replayed, must reproduce the run (DESIGN.md, the concurrency model)."""
+
+    async def test_migration_of_a_page_mapped_twice_replays_identically(self):
+        """Migrating a page mapped by two processes while one of them faults on it replays to the same trace every time."""
+
+        async def setup(k):
+            st = await one_page_host(k)
+            await st["a"]("load", addr=st["am"], size=1)  # the page now has two mappings (A and Q)
+
+            async def reader(k, st):
+                await k.sched.point("reader:start")
+                st["read"] = (await st["a"]("load", addr=st["am"], size=6)).value
+
+            return st, {"a": reader, "h": lambda k, st: migrate_q(k, st)}
+
+        first, _ = await run_once(setup, policy=phases(("h", "migrate:copied"), ("a", None), ("h", None)))
+        assert first.failure is None and first.state["read"] == b"shared"
+        runs = [first]
+        for _ in range(12):  # keep every run alive, so no two kernels share object addresses
+            again, _ = await run_once(setup, schedule=first.schedule)
+            runs.append(again)
+            assert again.failure is None, again.failure
+            assert again.trace == first.trace

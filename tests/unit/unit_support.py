@@ -215,3 +215,94 @@ async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 
         if i < 0:
             return runs
         prefix = [c for c, _ in log[:i]] + [log[i][0] + 1]
+
+
+def frame_problems(k: Kernel) -> list[str]:
+    """Bookkeeping of frames at rest: every PTE maps a live frame that knows it, and no frame leaks.
+
+    * every PTE lies inside a VMA, and no migration entry is left at rest;
+    * a present PTE maps a frame that is not free and whose rmap holds that PTE;
+    * every rmap entry of a live frame is a PTE that really maps it;
+    * mapcount == len(rmap);
+    * every live frame is reachable: mapped, in an object's page cache, in the
+      swap cache or KSM's stable tree (otherwise it leaked).
+    """
+    out = []
+    cached = set()
+    for obj in _objects(k):
+        cached.update(id(p) for p in obj.pages.values() if not isinstance(p, int))
+    cached.update(id(p) for p in k.swap.cache.values())
+    cached.update(id(p) for p in k.ksm_stable.values())
+    mms = [t.mm for t in k.tasks.values()]
+    for mm in mms:
+        for vpn, pte in mm.pt.items():
+            if mm.find_vma(vpn << PAGE_SHIFT) is None:
+                out.append(f"{mm!r} vpn {vpn:#x} has a PTE outside every VMA")
+            if pte.migrating:
+                out.append(f"{mm!r} vpn {vpn:#x}: a migration entry at rest")
+            if not pte.present or pte.special or pte.page.zone != "normal":
+                continue
+            if pte.page.free:
+                out.append(f"{mm!r} vpn {vpn:#x} maps freed pfn {pte.page.pfn:#x}")
+            if (mm, vpn) not in pte.page.rmap:
+                out.append(f"{mm!r} vpn {vpn:#x} maps pfn {pte.page.pfn:#x} but is not in its rmap")
+    for page in k.alloc.live_pages():
+        if page.zone != "normal":
+            continue
+        for mm, vpn in page.rmap:
+            pte = mm.pt.get(vpn)
+            if pte is None or pte.page is not page:
+                out.append(f"pfn {page.pfn:#x} rmap names {mm!r} vpn {vpn:#x}, which does not map it")
+        if page.mapcount != len(page.rmap):
+            out.append(f"pfn {page.pfn:#x} mapcount {page.mapcount} but {len(page.rmap)} rmap entries")
+        head = page.folio
+        reachable = page.rmap or id(page) in cached or id(head) in cached or any(s.rmap for s in (head.subpages or []))
+        if not reachable:
+            out.append(f"pfn {page.pfn:#x} is allocated but nothing maps or caches it (leaked)")
+    return out
+
+
+def _objects(k: Kernel):
+    """Every memory object reachable from the kernel (named ones and those behind VMAs)."""
+    seen = {}
+    for obj in k.objects.values():
+        seen[id(obj)] = obj
+    for t in k.tasks.values():
+        for v in t.mm.vmas:
+            if v.obj is not None:
+                seen[id(v.obj)] = v.obj
+    return seen.values()
+
+
+def phases(*plan: tuple[str, str | None]):
+    """A policy that runs the contexts in phases: ``("a", "label")`` runs ``a`` until it parks at
+    ``label``; ``("a", None)`` runs it to its end. While the phase's context is blocked (a model
+    lock, a migration entry), the lowest-named runnable context runs instead. After the plan,
+    the default order (lowest name first) finishes the run.
+    """
+    step = 0
+    seen: dict = {}
+
+    def policy(runnable):
+        nonlocal step
+        for a in runnable:
+            seen[a.name] = a
+        by_name = {a.name: a for a in runnable}
+        while step < len(plan):
+            actor, label = plan[step]
+            a = seen.get(actor)
+            if label is None and a is not None and not a.alive:
+                step += 1
+                continue
+            if label is not None and actor in by_name and by_name[actor].label == label and actor in started:
+                step += 1
+                started.discard(actor)
+                continue
+            if actor in by_name:
+                started.add(actor)
+                return by_name[actor]
+            return runnable[0]  # the phase's context is blocked (or not started): let another run
+        return runnable[0]
+
+    started: set = set()
+    return policy
