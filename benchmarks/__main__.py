@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -16,7 +15,7 @@ import msgpack
 import trio
 
 from hypervisor.listen import open_connection
-from vmm.hostlink import ProcessHost
+from vmm.hostlink import ProcessHost, start_listening_process, stop_process
 
 MiB = 1 << 20
 GRANULE = 16
@@ -142,30 +141,15 @@ class EchoServer:
     async def start(self) -> None:
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "benchmarks.echo_server", self.address], stdout=subprocess.PIPE, env=env)
-        line = b""
-        with trio.move_on_after(20):
-            while not line.endswith(b"\n"):
-                chunk = await self.process.stdout.receive_some(1)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.startswith(b"listening on "):
-            raise RuntimeError(f"echo server did not start (said {line!r})")
+        self.process, _ = await start_listening_process(
+            [sys.executable, "-m", "benchmarks.echo_server", self.address], env, timeout=20)
 
     async def connect(self) -> LeanClient:
         return await LeanClient.open(self.address)
 
     async def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            with trio.move_on_after(5):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-            await self.process.stdout.aclose()
+            await stop_process(self.process)
         self._tmp.cleanup()
 
 

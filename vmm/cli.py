@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 import trio
 
@@ -78,6 +79,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class Progress:
+    """Progress of a long hunt on stderr: a live line on a terminal, a line every 10% otherwise."""
+
+    def __init__(self, what: str, total: int, out=sys.stderr):
+        self.what, self.total, self.out = what, total, out
+        self.live = out.isatty()
+        self.started = time.monotonic()
+        self._step = max(1, total // 10)
+
+    def update(self, done: int) -> None:
+        """Report ``done`` of ``total`` runs finished."""
+        if not self.live and done % self._step and done != self.total:
+            return
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        line = f"{self.what}: {done}/{self.total} seeds clean, {rate:.0f} runs/s"
+        print(("\r" + line) if self.live else line, end="" if self.live else "\n", file=self.out, flush=True)
+
+    def close(self) -> None:
+        """End the live line."""
+        if self.live:
+            print(file=self.out)
+
+
 async def _run_file(path, args, secret) -> list[ScenarioResult]:
     scn = load_scenario(path)
     spec = None
@@ -92,17 +116,26 @@ async def _run_file(path, args, secret) -> list[ScenarioResult]:
     if base.kind == "random" and args.seeds > 1:
         first = base.seed or 0
         seeds = list(range(first, first + args.seeds))
-    for seed in seeds:
-        s = base if seed is None else SchedulerSpec("random", seed, None)
-        opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=s)
-        res = await run_scenario(scn, opts)
-        if len(seeds) > 1 and res.passed and seed != seeds[-1]:
-            continue
-        results.append(res)
-        if len(seeds) > 1:
-            print(f"{scn.name}: {'no failure in' if res.passed else 'failure at seed ' + str(seed) + ' of'} "
-                  f"{len(seeds)} seeds", file=sys.stderr)
-        break
+    progress = Progress(scn.name, len(seeds)) if len(seeds) > 1 else None
+    try:
+        for done, seed in enumerate(seeds, 1):
+            s = base if seed is None else SchedulerSpec("random", seed, None)
+            opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=s)
+            res = await run_scenario(scn, opts)
+            if progress and res.passed:
+                progress.update(done)
+            if len(seeds) > 1 and res.passed and seed != seeds[-1]:
+                continue
+            results.append(res)
+            break
+    finally:
+        if progress:
+            progress.close()
+    if progress:
+        r = results[0]
+        print(f"{scn.name}: " + (f"no failure in {len(seeds)} seeds" if r.passed else
+                                 f"failure at seed {seed} ({done} of {len(seeds)} seeds run)"),
+              file=sys.stderr)
     return results
 
 

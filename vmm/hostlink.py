@@ -33,6 +33,41 @@ class HostStartError(Exception):
     """The hypervisor process could not be started or reached."""
 
 
+async def start_listening_process(cmd: list[str], env: dict, *, timeout: float = 30) -> tuple[trio.Process, str]:
+    """Start a server process and wait for its ``listening on ADDR`` line.
+
+    Returns:
+        The process and the address it announced.
+
+    Raises:
+        HostStartError: it exited or did not announce an address in time.
+    """
+    process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
+    line = b""
+    with trio.move_on_after(timeout):
+        while not line.endswith(b"\n"):
+            chunk = await process.stdout.receive_some(1)
+            if not chunk:
+                break
+            line += chunk
+    if not line.startswith(b"listening on "):
+        await stop_process(process)
+        raise HostStartError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} did not start (said {line!r})")
+    return process, line.decode().split(" ", 2)[2].strip()
+
+
+async def stop_process(process: trio.Process) -> None:
+    """SIGTERM, then SIGKILL after 5 s; close its stdout pipe."""
+    process.terminate()
+    with trio.move_on_after(5):
+        await process.wait()
+    if process.returncode is None:
+        process.kill()
+        await process.wait()
+    if process.stdout is not None:
+        await process.stdout.aclose()
+
+
 class HostLink:
     """A modelled host the orchestrator can open connections to."""
 
@@ -109,18 +144,12 @@ class ProcessHost(HostLink):
         for b in bugs:
             cmd += ["--bug", b]
         env = dict(os.environ, MTEKVM_SECRET=self.secret)
-        self.process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
-        line = b""
-        with trio.move_on_after(30):
-            while not line.endswith(b"\n"):
-                chunk = await self.process.stdout.receive_some(1)
-                if not chunk:
-                    break
-                line += chunk
-        if not line.startswith(b"listening on "):
-            await self.stop()
-            raise HostStartError(f"hypervisor did not start (said {line!r})")
-        self.address = line.decode().split(" ", 2)[2].strip()
+        try:
+            self.process, self.address = await start_listening_process(cmd, env)
+        except HostStartError:
+            self._tmp.cleanup()
+            self._tmp = None
+            raise
 
     async def _stream(self) -> trio.abc.Stream:
         try:
@@ -131,14 +160,7 @@ class ProcessHost(HostLink):
     async def stop(self) -> None:
         """Stop the private hypervisor process."""
         if self.process is not None:
-            self.process.terminate()
-            with trio.move_on_after(5):
-                await self.process.wait()
-            if self.process.returncode is None:
-                self.process.kill()
-                await self.process.wait()
-            if self.process.stdout is not None:
-                await self.process.stdout.aclose()
+            await stop_process(self.process)
             self.process = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -406,3 +406,23 @@ class TestReplay:
         assert [(v["invariant"], v["message"]) for v in redo["violations"]] == \
                [(v["invariant"], v["message"]) for v in doc["violations"]]
         assert redo["schedule"] == doc["schedule"]
+
+
+class TestHunt:
+    """``--seeds N``: try seeds until one fails, with progress on stderr."""
+
+    def test_hunt_stops_at_the_first_failing_seed(self):
+        """A hunt for flag-before-init stops at seed 18, says so, and exits 1 with a replay command."""
+        r = run_cli("run", str(ROOT / "scenarios/race-cow-vs-mprotect.toml"), "--bug", "flag-before-init",
+                    "--scheduler", "random", "--seeds", "40")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "failure at seed 18 (19 of 40 seeds run)" in r.stderr
+        assert "16/40 seeds clean" in r.stderr  # progress: a line per tenth (4 seeds) off a terminal
+        assert "replay:" in r.stdout
+
+    def test_clean_hunt_reports_every_seed(self):
+        """On the fixed model the hunt runs every seed, reports progress to the end, and exits 0."""
+        r = run_cli("run", str(ROOT / "scenarios/race-cow-vs-mprotect.toml"), "--scheduler", "random",
+                    "--seeds", "20")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "20/20 seeds clean" in r.stderr and "no failure in 20 seeds" in r.stderr
