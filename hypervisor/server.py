@@ -93,6 +93,8 @@ class _Connection:
         self.task = None
         self.outstanding = 0
         self.seq = 0
+        self._pending: list[bytes] = []  # packed responses not yet written
+        self._wake = trio.Event()
 
     @property
     def k(self) -> Kernel:
@@ -100,6 +102,7 @@ class _Connection:
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._writer)
             while True:
                 try:
                     msg = await self.framed.receive()
@@ -113,20 +116,32 @@ class _Connection:
                     break
                 rid = msg.get("id")
                 if not isinstance(rid, int) or isinstance(rid, bool):
-                    await self._reply(wire.response_err(None, 22, "request id must be an integer"))
+                    self._reply(wire.response_err(None, 22, "request id must be an integer"))
                     continue
                 if self.outstanding >= MAX_OUTSTANDING:
-                    await self._reply(wire.response_err(rid, EAGAIN, f"more than {MAX_OUTSTANDING} requests in flight"))
+                    self._reply(wire.response_err(rid, EAGAIN, f"more than {MAX_OUTSTANDING} requests in flight"))
                     continue
                 self.outstanding += 1
                 nursery.start_soon(self._handle, rid, msg.get("op"), msg.get("args", {}), msg.get("ctx"))
             nursery.cancel_scope.cancel()
 
-    async def _reply(self, msg: dict) -> None:
-        try:
-            await self.framed.send(msg)
-        except wire.ConnectionClosed:
-            pass
+    def _reply(self, msg: dict) -> None:
+        """Queue a response; the writer sends whatever has queued up in one write."""
+        self._pending.append(self.framed.pack(msg))
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        """Coalesce responses: one send_all for all that finished since the last one."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._pending:
+                data = b"".join(self._pending)
+                self._pending.clear()
+                try:
+                    await self.framed.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return  # the peer has gone; run() notices on its next receive
 
     async def _handle(self, rid: int, op, args, ctx) -> None:
         try:
@@ -147,7 +162,7 @@ class _Connection:
             reply = wire.response_err(rid, EIO, f"internal model error in {op}: {detail}")
         finally:
             self.outstanding -= 1
-        await self._reply(reply)
+        self._reply(reply)
 
     async def _dispatch(self, rid: int, op, args, ctx) -> dict:
         a = validate_args(op, args)

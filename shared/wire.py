@@ -21,6 +21,7 @@ data, never as an error.
 
 from __future__ import annotations
 
+import collections
 import itertools
 from typing import Any
 
@@ -91,31 +92,40 @@ def event(kind: str, data: Any) -> dict:
     return {"t": "evt", "kind": kind, "data": data}
 
 
-# msgpack first byte -> (header size, what follows). "body:K" = a big-endian length of K bytes at
-# offset 1 (ext: plus one type byte); "fixed:N" = N bytes of payload; "array:K"/"map:K" likewise.
+# msgpack first byte -> (header size, kind, k): "fixed" = k bytes of payload follow the header;
+# "body"/"ext" = a big-endian length of k bytes at offset 1 (ext's type byte is in the header
+# size); "array"/"map" = k items (fix forms) or a k-byte count. None: no value starts so.
+def _build_header_table() -> tuple:
+    t: list = [None] * 256
+    for b in range(256):
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            t[b] = (1, "fixed", 0)
+        elif b <= 0x8F:
+            t[b] = (1, "map", b & 0x0F)
+        elif b <= 0x9F:
+            t[b] = (1, "array", b & 0x0F)
+        elif b <= 0xBF:
+            t[b] = (1, "fixed", b & 0x1F)
+    t[0xC4], t[0xC5], t[0xC6] = (2, "body", 1), (3, "body", 2), (5, "body", 4)
+    t[0xC7], t[0xC8], t[0xC9] = (3, "ext", 1), (4, "ext", 2), (6, "ext", 4)
+    t[0xCA], t[0xCB] = (1, "fixed", 4), (1, "fixed", 8)
+    for b, n in zip(range(0xCC, 0xD4), (1, 2, 4, 8, 1, 2, 4, 8)):
+        t[b] = (1, "fixed", n)
+    for b, n in zip(range(0xD4, 0xD9), (2, 3, 5, 9, 17)):
+        t[b] = (1, "fixed", n)
+    t[0xD9], t[0xDA], t[0xDB] = (2, "body", 1), (3, "body", 2), (5, "body", 4)
+    t[0xDC], t[0xDD], t[0xDE], t[0xDF] = (3, "array", 2), (5, "array", 4), (3, "map", 2), (5, "map", 4)
+    return tuple(t)
+
+
+_HEADERS = _build_header_table()
+
+
 def _header_kind(b: int):
-    if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
-        return 1, "fixed", 0
-    if 0x80 <= b <= 0x8F:
-        return 1, "map", b & 0x0F
-    if 0x90 <= b <= 0x9F:
-        return 1, "array", b & 0x0F
-    if 0xA0 <= b <= 0xBF:
-        return 1, "fixed", b & 0x1F
-    table = {
-        0xC4: (2, "body", 1), 0xC5: (3, "body", 2), 0xC6: (5, "body", 4),
-        0xC7: (3, "ext", 1), 0xC8: (4, "ext", 2), 0xC9: (6, "ext", 4),
-        0xCA: (1, "fixed", 4), 0xCB: (1, "fixed", 8),
-        0xCC: (1, "fixed", 1), 0xCD: (1, "fixed", 2), 0xCE: (1, "fixed", 4), 0xCF: (1, "fixed", 8),
-        0xD0: (1, "fixed", 1), 0xD1: (1, "fixed", 2), 0xD2: (1, "fixed", 4), 0xD3: (1, "fixed", 8),
-        0xD4: (1, "fixed", 2), 0xD5: (1, "fixed", 3), 0xD6: (1, "fixed", 5), 0xD7: (1, "fixed", 9),
-        0xD8: (1, "fixed", 17),
-        0xD9: (2, "body", 1), 0xDA: (3, "body", 2), 0xDB: (5, "body", 4),
-        0xDC: (3, "array", 2), 0xDD: (5, "array", 4), 0xDE: (3, "map", 2), 0xDF: (5, "map", 4),
-    }
-    if b not in table:
+    kind = _HEADERS[b]
+    if kind is None:
         raise WireError(f"malformed frame: byte {b:#04x} starts no msgpack value")
-    return table[b]
+    return kind
 
 
 class _FrameGuard:
@@ -131,6 +141,10 @@ class _FrameGuard:
 
     def __init__(self, limit: int):
         self.limit = limit
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: the next byte fed starts a frame."""
         self.frame = 0  # bytes of the current frame seen so far (headers + bodies)
         self.skip = 0  # body bytes still to skip
         self.partial = b""  # an incomplete header
@@ -225,6 +239,14 @@ class FramedStream:
         )
         self._packer = msgpack.Packer(default=_default, use_bin_type=True)
         self._guard = _FrameGuard(max_frame)
+        self._ready: collections.deque = collections.deque()  # decoded, not yet returned
+        self._fed = 0  # bytes fed to the unpacker so far
+        self._boundary = 0  # stream offset where the last complete message ended
+        self._error: WireError | None = None  # raised once the messages before it are delivered
+
+    def pack(self, msg: Any) -> bytes:
+        """The bytes of one message (for callers that batch their own sends)."""
+        return self._packer.pack(msg)
 
     async def send(self, msg: Any) -> None:
         """Send one message.
@@ -246,24 +268,47 @@ class FramedStream:
             ConnectionClosed: end of stream.
             WireError: the bytes are not msgpack, or a frame is too large.
         """
-        while True:
-            try:
-                return next(self._unpacker)
-            except StopIteration:
-                pass
-            except (msgpack.UnpackException, ValueError) as exc:
-                raise WireError(f"malformed frame: {exc}") from None
+        while not self._ready:
+            if self._error is not None:
+                raise self._error
             try:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise ConnectionClosed(str(exc)) from None
             if not data:
                 raise ConnectionClosed("end of stream")
-            self._guard.feed(data)
             try:
-                self._unpacker.feed(data)
-            except msgpack.BufferFull:
-                raise WireError(f"frame larger than {MAX_FRAME} bytes") from None
+                self._take(data)
+            except WireError as exc:  # deliver what arrived intact first, then fail
+                self._error = exc
+        return self._ready.popleft()
+
+    def _take(self, data: bytes) -> None:
+        """Decode every complete message in ``data``; bound the incomplete one that remains."""
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise WireError(f"frame larger than {self._guard.limit} bytes") from None
+        self._fed += len(data)
+        completed = False
+        while True:
+            try:
+                self._ready.append(next(self._unpacker))
+            except StopIteration:
+                break
+            except (msgpack.UnpackException, ValueError) as exc:
+                raise WireError(f"malformed frame: {exc}") from None
+            completed = True
+            self._boundary = self._unpacker.tell()  # tell() is a frame boundary only right after a message
+        # The guard walks only the frame still incomplete (small messages never reach it).
+        pending = self._fed - self._boundary
+        if pending == 0:
+            self._guard.reset()
+        elif completed or self._guard.frame == 0 and not self._guard.stack and not self._guard.partial:
+            self._guard.reset()
+            self._guard.feed(data[len(data) - pending:])  # that frame began inside this chunk
+        else:
+            self._guard.feed(data)  # the frame the guard is already following goes on
 
     async def aclose(self) -> None:
         """Close the underlying stream."""

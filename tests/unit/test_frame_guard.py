@@ -66,3 +66,47 @@ class TestRefusals:
         """An array header declaring more items than the bound has bytes is refused."""
         with pytest.raises(WireError, match="container"):
             _FrameGuard(LIMIT).feed(b"\xdd" + (LIMIT + 1).to_bytes(4, "big"))
+
+
+class TestFramedStreamBound:
+    """FramedStream applies the guard to the frame left incomplete after each chunk."""
+
+    async def test_oversized_header_after_a_message_in_one_chunk(self):
+        """A complete message followed, in the same chunk, by an oversized header: the message arrives, then WireError."""
+        import trio.testing
+
+        from shared.wire import FramedStream
+
+        a, b = trio.testing.memory_stream_pair()
+        f = FramedStream(b, max_frame=LIMIT)
+        await a.send_all(msgpack.packb({"t": "req"}) + b"\xc6" + (LIMIT + 1).to_bytes(4, "big"))
+        assert await f.receive() == {"t": "req"}
+        with pytest.raises(WireError, match="larger than"):
+            await f.receive()
+
+    async def test_frame_growing_over_many_chunks_is_cut_at_the_bound(self):
+        """A frame of many small bins sent in pieces is refused once its declared size passes the bound."""
+        import trio.testing
+
+        from shared.wire import FramedStream
+
+        a, b = trio.testing.memory_stream_pair()
+        f = FramedStream(b, max_frame=LIMIT)
+        blob = msgpack.packb([bytes(LIMIT // 8)] * 12)
+        for i in range(0, len(blob) - 1, 4096):  # all but the last byte: never a complete message
+            await a.send_all(blob[i:min(i + 4096, len(blob) - 1)])
+        with pytest.raises(WireError, match="larger than"):
+            await f.receive()
+
+    async def test_many_small_messages_pass(self):
+        """Thousands of small messages in arbitrary chunks all arrive in order."""
+        import trio.testing
+
+        from shared.wire import FramedStream
+
+        a, b = trio.testing.memory_stream_pair()
+        f = FramedStream(b, max_frame=LIMIT)
+        blob = b"".join(msgpack.packb({"id": i, "v": bytes(i % 300)}) for i in range(2000))
+        for i in range(0, len(blob), 777):
+            await a.send_all(blob[i:i + 777])
+        assert [(await f.receive())["id"] for _ in range(2000)] == list(range(2000))
