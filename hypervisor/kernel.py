@@ -14,7 +14,7 @@ import secrets
 
 from hypervisor.errors import KernelError
 from hypervisor.ksm import ksm_merge_range
-from hypervisor.memory import copy_page_range
+from hypervisor.memory import copy_page_range, zap_pte_range
 from hypervisor.migrate import migrate_range
 from hypervisor.mm import MM, _drop_object_ref
 from hypervisor.mte import MteCtrl
@@ -25,7 +25,7 @@ from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
 from hypervisor.swap import SwapDevice, shrink_folio_list
 from shared.bugs import check_bug_names
-from shared.mte import PAGE_SHIFT, PAGE_SIZE, page_align_up
+from shared.mte import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 
 
 class Kernel:
@@ -111,17 +111,9 @@ class Kernel:
         async with mm.mmap_lock.write():
             for v in list(mm.vmas):
                 _drop_object_ref(self, v)
-            self._zap_all(mm)
+            zap_pte_range(self, mm, 0, TASK_SIZE, "release")  # exit_mmap() -> mmu_notifier_release()
             mm.vmas.clear()
         self.tasks.pop(task.pid, None)
-
-    def _zap_all(self, mm: MM) -> None:
-        from hypervisor.memory import _release_pte
-
-        for vpn, pte in list(mm.pt.items()):
-            del mm.pt[vpn]
-            _release_pte(self, mm, vpn, pte)
-        self.sched.wake()
 
     # ---- the host kernel's own work (the `host` actor) ------------------------------
 

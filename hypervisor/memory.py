@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.copypage import copy_user_highpage
 from hypervisor.errors import KernelError
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.page import Page
 from hypervisor.vma import VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
@@ -95,6 +96,8 @@ def _install(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int) -> None:
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
         old = mm.pt.get(vpn + i)
         entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special)
+        if old is not None and old.page is not None and old.page is not p and not old.migrating:
+            mmu_notifier_invalidate_range(mm, (vpn + i) << PAGE_SHIFT, (vpn + i + 1) << PAGE_SHIFT, "clear")
         if not pte.special:  # take the new reference before dropping the old one (same page?)
             get_page(p)
         if old is not None:
@@ -121,8 +124,9 @@ def _release_pte(k: "Kernel", mm: "MM", vpn: int, pte: Pte) -> None:
         k.swap.swap_free(k, pte.swap)
 
 
-def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int) -> None:
+def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int, event: str = "unmap") -> None:
     """zap_pte_range(): drop the PTEs of [start, end) and their page references."""
+    mmu_notifier_invalidate_range(mm, start, end, event)
     for vpn in mm.vpns_in(start, end):
         pte = mm.pt.pop(vpn, None)
         if pte is not None:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 from hypervisor.copypage import copy_highpage
 from hypervisor.memory import get_page, put_page, set_pte_at
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from shared.mte import PAGE_SHIFT
 from hypervisor.page import Page
 from hypervisor.vma import Pte
 
@@ -67,6 +69,7 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
             pte = mm.pt.get(vpn)
             if pte is None or pte.page is not o or pte.migrating:
                 continue
+            mmu_notifier_invalidate_range(mm, vpn << PAGE_SHIFT, (vpn + 1) << PAGE_SHIFT, "migrate")
             entry = Pte(page=o, write=pte.write, tagged=pte.tagged, migrating=True)
             mm.pt[vpn] = entry
             o.rmap.discard((mm, vpn))

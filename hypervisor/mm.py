@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from hypervisor.errors import KernelError
 from hypervisor.locks import ModelRwSem
 from hypervisor.memory import set_pte_at, zap_pte_range
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.page import Page
 from hypervisor.vma import (
     OBJECT_KIND,
@@ -64,6 +65,7 @@ class MM:
         self.vmas: list[Vma] = []  # sorted by start, non-overlapping
         self.pt: dict[int, Pte] = {}  # vpn -> PTE
         self.mmap_lock = ModelRwSem(k.sched, f"mmap_lock[{owner}]")
+        self.notifiers: list = []  # MMU notifier subscribers (KVM's stage 2), mmu_notifier.py
 
     def __repr__(self) -> str:
         return f"<mm {self.owner}>"
@@ -313,6 +315,7 @@ async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
     is synced (zeroed if untagged, kept if tagged). Write permission is never
     granted here to a CoW page; the next write fault decides.
     """
+    mmu_notifier_invalidate_range(mm, vma.start, vma.end, "protection_vma")
     for vpn in mm.vpns_in(vma.start, vma.end):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present:
@@ -365,5 +368,5 @@ async def do_madvise(k: "Kernel", mm: MM, addr: int, size: int, advice: str) -> 
                 raise KernelError("EINVAL", "madvise: MADV_DONTNEED on a PFNMAP mapping")
             if advice == "free" and not v.is_anon:
                 raise KernelError("EINVAL", "madvise: MADV_FREE works on private anonymous memory only")
-        zap_pte_range(k, mm, addr, end)
+        zap_pte_range(k, mm, addr, end, "clear")
         await k.sched.point("madvise")

@@ -18,10 +18,11 @@ import attrs
 
 from hypervisor.errors import KernelError
 from hypervisor.memory import put_page
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.page import Page
 from hypervisor.vma import MemObject, Pte
-from shared.mte import PAGE_SIZE
+from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -171,6 +172,7 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
         pte = mm.pt.get(vpn)
         if pte is None or pte.page is not page:
             continue
+        mmu_notifier_invalidate_range(mm, vpn << PAGE_SHIFT, (vpn + 1) << PAGE_SHIFT, "swap")
         page.rmap.discard((mm, vpn))
         page.mapcount -= 1
         page.refcount -= 1
