@@ -31,9 +31,10 @@ The figures (columns: figure, unit, value, baseline, baseline value, ratio)
    0.5 means each op costs twice a bare msgpack round trip. A second row
    writes 16 requests at once and then reads the 16 replies (pipelining on
    one connection). The echo server answers a whole read's worth of requests
-   with one write, while the hypervisor runs each request in its own task and
-   sends each reply on its own, so this ratio is expected to be much lower:
-   it is the price of per-request kernel contexts.
+   with one write; the hypervisor runs each request in its own task (its own
+   kernel context) and a writer task coalesces the replies that are ready,
+   so this ratio is lower than the first: it is the price of per-request
+   kernel contexts.
 
 2. **Tagged access throughput** (``access``), in granules (16 bytes) checked
    per second.
