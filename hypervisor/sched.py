@@ -13,8 +13,12 @@ Schedulers:
   multi-process runs.
 * :class:`ControlledScheduler`: exactly one context runs at a time. A driver
   waits until every task is blocked, then releases one parked context. Its
-  policy is ``random(seed)`` (a uniform random walk over runnable contexts) or
-  ``replay(schedule)``. Either way the run is recorded as a *schedule*: a list
+  policy is ``random(seed)`` (a uniform random walk over runnable contexts),
+  ``pct(seed, depth)`` (probabilistic concurrency testing, Burckhardt et al.
+  2010: random distinct priorities, the highest-priority runnable context
+  runs, and at ``depth - 1`` random decisions the running context drops to a
+  low priority; finds a depth-d bug with probability at least 1/(n k^(d-1)))
+  or ``replay(schedule)``. Either way the run is recorded as a *schedule*: a list
   of actor-local preemptions ``actor@n>other`` ("when ``actor`` reached its
   n-th decision, run ``other`` instead of the default"). The default rule is:
   keep running the current actor; when it blocks or ends, take the
@@ -151,13 +155,22 @@ class ControlledScheduler(Scheduler):
 
     kind = "controlled"
 
-    def __init__(self, *, seed: int | None = None, schedule: str | None = None, max_decisions: int = 200_000):
+    def __init__(self, *, seed: int | None = None, schedule: str | None = None, max_decisions: int = 200_000,
+                 pct_depth: int | None = None, pct_steps: int = 40):
         if (seed is None) == (schedule is None):
-            raise ValueError("give exactly one of seed (random) or schedule (replay)")
+            raise ValueError("give exactly one of seed (random/pct) or schedule (replay)")
         self.seed = seed
         self.replay = parse_schedule(schedule) if schedule is not None else None
-        self.policy = "random" if seed is not None else "replay"
+        self.policy = "replay" if schedule is not None else ("pct" if pct_depth else "random")
         self._rng = random.Random(seed)
+        # PCT: priorities above `depth` for new actors, change points among the first pct_steps decisions
+        self.pct_depth = pct_depth or 0
+        self._priority: dict[str, float] = {}
+        self._change_points: dict[int, int] = {}
+        self._contended = 0
+        if self.policy == "pct":
+            points = self._rng.sample(range(1, pct_steps + 1), min(self.pct_depth - 1, pct_steps))
+            self._change_points = {p: i for i, p in enumerate(sorted(points))}
         self._actors: dict[str, _Actor] = {}
         self._parked: dict[str, _Actor] = {}
         self._running: _Actor | None = None
@@ -247,10 +260,25 @@ class ControlledScheduler(Scheduler):
                 f"schedule entry {key[0]}@{key[1]}>{target}: {target!r} is not runnable at decision "
                 f"{self.decisions} (runnable: {', '.join(a.name for a in runnable)})"
             )
-        choice = self._rng.choice(runnable)
+        if self.policy == "pct":
+            choice = self._pct_choose(runnable)
+        else:
+            choice = self._rng.choice(runnable)
         if choice is not default:
             self.preemptions.append((key[0], key[1], choice.name))
         return choice
+
+    def _pct_choose(self, runnable: list[_Actor]) -> _Actor:
+        for a in runnable:  # a context seen for the first time gets a random priority above depth
+            if a.name not in self._priority:
+                self._priority[a.name] = self.pct_depth + self._rng.random()
+        if len(runnable) < 2:
+            return runnable[0]
+        self._contended += 1  # PCT's k counts the decisions where there is a choice
+        low = self._change_points.get(self._contended)
+        if low is not None and self._last.name in self._priority:
+            self._priority[self._last.name] = low  # the running context drops below every new one
+        return max(runnable, key=lambda a: self._priority[a.name])
 
     async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Release one parked context at a time, forever (cancel to stop)."""
@@ -296,7 +324,7 @@ class ControlledScheduler(Scheduler):
             a.event.set()
 
 
-def make_scheduler(kind: str, seed: int | None = None, schedule: str | None = None) -> Scheduler:
+def make_scheduler(kind: str, seed: int | None = None, schedule: str | None = None, depth: int = 3) -> Scheduler:
     """Build a scheduler from its scenario/CLI description.
 
     Raises:
@@ -306,8 +334,12 @@ def make_scheduler(kind: str, seed: int | None = None, schedule: str | None = No
         return FreeScheduler()
     if kind == "random":
         return ControlledScheduler(seed=seed if seed is not None else 0)
+    if kind == "pct":
+        if depth < 1:
+            raise ValueError("pct depth must be at least 1")
+        return ControlledScheduler(seed=seed if seed is not None else 0, pct_depth=depth)
     if kind == "replay":
         if schedule is None:
             raise ValueError("replay needs a schedule")
         return ControlledScheduler(schedule=schedule)
-    raise ValueError(f"unknown scheduler {kind!r} (free, random, replay)")
+    raise ValueError(f"unknown scheduler {kind!r} (free, random, pct, replay)")

@@ -72,9 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret")
     r.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
                    help=f"switch on a bug-zoo race ({', '.join(sorted(BUGS))})")
-    r.add_argument("--scheduler", choices=("free", "random", "replay"), help="override the scenario's scheduler")
-    r.add_argument("--seed", type=int, help="seed for --scheduler random")
-    r.add_argument("--seeds", type=int, default=1, metavar="N", help="with random: try N seeds, stop at a failure")
+    r.add_argument("--scheduler", choices=("free", "random", "pct", "replay"),
+                   help="override the scenario's scheduler")
+    r.add_argument("--seed", type=int, help="seed for --scheduler random or pct")
+    r.add_argument("--depth", type=int, default=3, help="bug depth for --scheduler pct (default 3)")
+    r.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="with random or pct: try N seeds, stop at the first failure")
     r.add_argument("--schedule", help="schedule for --scheduler replay")
     return p
 
@@ -106,20 +109,20 @@ async def _run_file(path, args, secret) -> list[ScenarioResult]:
     scn = load_scenario(path)
     spec = None
     if args.scheduler:
-        spec = SchedulerSpec(args.scheduler, args.seed if args.scheduler == "random" else None,
-                             args.schedule if args.scheduler == "replay" else None)
+        spec = SchedulerSpec(args.scheduler, args.seed if args.scheduler in ("random", "pct") else None,
+                             args.schedule if args.scheduler == "replay" else None, args.depth)
         if args.scheduler == "replay" and args.schedule is None:
             raise RunError("--scheduler replay needs --schedule")
     base = spec or scn.scheduler
     results = []
     seeds = [None]
-    if base.kind == "random" and args.seeds > 1:
+    if base.kind in ("random", "pct") and args.seeds > 1:
         first = base.seed or 0
         seeds = list(range(first, first + args.seeds))
     progress = Progress(scn.name, len(seeds)) if len(seeds) > 1 else None
     try:
         for done, seed in enumerate(seeds, 1):
-            s = base if seed is None else SchedulerSpec("random", seed, None)
+            s = base if seed is None else SchedulerSpec(base.kind, seed, None, base.depth)
             opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=s)
             res = await run_scenario(scn, opts)
             if progress and res.passed:

@@ -138,7 +138,8 @@ class _Run:
                            "hosts need the embedded hypervisor")
         for name, spec in self.scn.hosts.items():
             if self.controlled:
-                sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule)
+                sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule,
+                                       self.sched_spec.depth)
                 kernel = Kernel(mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, sched=sched)
                 link = InProcessHost(self.nursery, kernel)
             elif self.opts.host is not None:
@@ -252,6 +253,8 @@ class _Run:
 def _scheduler_text(spec: SchedulerSpec) -> str:
     if spec.kind == "random":
         return f"random(seed={spec.seed if spec.seed is not None else 0})"
+    if spec.kind == "pct":
+        return f"pct(seed={spec.seed if spec.seed is not None else 0}, depth={spec.depth})"
     if spec.kind == "replay":
         return "replay"
     return "free"

@@ -147,11 +147,12 @@ class ScenarioError(Exception):
 
 @attrs.frozen
 class SchedulerSpec:
-    """How concurrent contexts interleave: ``free``, ``random`` (seeded) or ``replay``."""
+    """How concurrent contexts interleave: ``free``, ``random`` or ``pct`` (seeded) or ``replay``."""
 
     kind: str = "free"
     seed: int | None = None
     schedule: str | None = None
+    depth: int = 3  # pct only: the bug depth hunted for
 
 
 @attrs.frozen
@@ -777,17 +778,20 @@ def parse_scenario(data: dict, path: str = "<scenario>") -> Scenario:
         raise w.error("bugs", str(exc)) from None
 
     sched = _table(data.get("scheduler", {}), w, "scheduler")
-    _check_keys(sched, ("kind", "seed", "schedule"), w, "scheduler.")
-    kind = _choice("free", "random", "replay")(sched.get("kind", "free"), w, "scheduler.kind")
+    _check_keys(sched, ("kind", "seed", "schedule", "depth"), w, "scheduler.")
+    kind = _choice("free", "random", "pct", "replay")(sched.get("kind", "free"), w, "scheduler.kind")
     seed = _u64(sched["seed"], w, "scheduler.seed") if "seed" in sched else None
     schedule = _str(sched["schedule"], w, "scheduler.schedule") if "schedule" in sched else None
     if kind == "free" and seed is not None:
-        raise w.error("scheduler.seed", "only for kind 'random' or 'replay'")
+        raise w.error("scheduler.seed", "only for kind 'random', 'pct' or 'replay'")
+    depth = _int(1, 16)(sched["depth"], w, "scheduler.depth") if "depth" in sched else 3
+    if kind != "pct" and "depth" in sched:
+        raise w.error("scheduler.depth", "only for kind 'pct'")
     if kind != "replay" and schedule is not None:
         raise w.error("scheduler.schedule", "only for kind 'replay'")
     if kind == "replay" and schedule is None:
         raise w.error("scheduler.schedule", "missing; kind 'replay' needs a schedule")
-    scheduler = SchedulerSpec(kind, 0 if kind == "random" and seed is None else seed, schedule)
+    scheduler = SchedulerSpec(kind, 0 if kind in ("random", "pct") and seed is None else seed, schedule, depth)
 
     hosts, default_host = _parse_hosts(data, w)
     processes: dict[str, ProcessSpec] = {}

@@ -426,3 +426,11 @@ class TestHunt:
                     "--seeds", "20")
         assert r.returncode == 0, r.stdout + r.stderr
         assert "20/20 seeds clean" in r.stderr and "no failure in 20 seeds" in r.stderr
+
+    def test_pct_hunt_finds_and_prints_a_replay(self):
+        """``--scheduler pct`` hunts like random: it finds flag-before-init and prints a replay command."""
+        r = run_cli("run", str(ROOT / "scenarios/race-cow-vs-mprotect.toml"), "--bug", "flag-before-init",
+                    "--scheduler", "pct", "--depth", "3", "--seeds", "60")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "failure at seed 32" in r.stderr and "scheduler pct(seed=32, depth=3)" in r.stdout
+        assert "replay:" in r.stdout

@@ -541,3 +541,25 @@ class TestVms:
     def test_bad_vm_fields(self, vm, key):
         """Bad VM fields are errors naming the key."""
         assert error({"name": "t", "vms": {"v": vm}}).key == key
+
+
+class TestPctScheduler:
+    def test_pct_with_depth(self):
+        """``kind = "pct"`` takes a seed and a depth."""
+        s = parse('name = "x"\n[scheduler]\nkind = "pct"\nseed = 4\ndepth = 2\n')
+        assert (s.scheduler.kind, s.scheduler.seed, s.scheduler.depth) == ("pct", 4, 2)
+
+    def test_pct_defaults(self):
+        """PCT without seed or depth uses seed 0 and depth 3."""
+        s = parse('name = "x"\n[scheduler]\nkind = "pct"\n')
+        assert (s.scheduler.seed, s.scheduler.depth) == (0, 3)
+
+    def test_depth_only_for_pct(self):
+        """``depth`` with another kind is an error naming the key."""
+        e = error('name = "x"\n[scheduler]\nkind = "random"\ndepth = 2\n')
+        assert e.key == "scheduler.depth"
+
+    def test_depth_range(self):
+        """A depth of 0 is refused."""
+        e = error('name = "x"\n[scheduler]\nkind = "pct"\ndepth = 0\n')
+        assert e.key == "scheduler.depth"
