@@ -77,7 +77,10 @@ def main(argv=None) -> int:
                     "(pass --allow-remote, with --secret-file)")
         if secret is None:
             p.error("TCP needs a secret: pass --secret-file FILE (created if missing) or set MTEKVM_SECRET")
-    kernel = Kernel(mte=not args.no_mte, ram=args.ram, swap=args.swap, bugs=args.bug)
+    try:
+        kernel = Kernel(mte=not args.no_mte, ram=args.ram, swap=args.swap, bugs=args.bug)
+    except ValueError as exc:
+        p.error(str(exc))
     hv = Hypervisor(kernel, secret=secret)
 
     async def run():

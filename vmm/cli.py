@@ -5,9 +5,11 @@ table per scenario: step, actor, op, expected, got. Exit status: 0 when every
 expectation held and no invariant broke, 1 otherwise, 2 for a file that is not
 a valid scenario or options that cannot work together.
 
-``--seeds N`` with ``--scheduler random`` runs each scenario under N seeds
-(from ``--seed``) and stops at the first failure, printing its schedule and
-the command that replays it.
+``--seeds N`` with ``--scheduler random`` (or ``pct``) runs each scenario under
+N seeds (from ``--seed``) and stops at the first failure, printing its
+schedule and the command that replays it.
+
+``mtekvm bugs`` lists the bug zoo.
 """
 
 from __future__ import annotations
@@ -79,7 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", type=int, default=1, metavar="N",
                    help="with random or pct: try N seeds, stop at the first failure")
     r.add_argument("--schedule", help="schedule for --scheduler replay")
+    sub.add_parser("bugs", help="list the bug zoo: historical races that --bug switches back on")
     return p
+
+
+def list_bugs(out=sys.stdout) -> None:
+    """The bug zoo as a table: name, modelled or not yet, the fix, what it reintroduces."""
+    for b in BUGS.values():
+        state = "modelled" if b.issue <= 2 else "with KVM"
+        print(f"{b.name:28} {state:9} fixed by {b.fixed_by}", file=out)
+        print(f"{'':28} {b.reintroduces}", file=out)
 
 
 class Progress:
@@ -145,6 +156,9 @@ async def _run_file(path, args, secret) -> list[ScenarioResult]:
 def main(argv=None) -> int:
     """Entry point of the ``mtekvm`` console command; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.cmd == "bugs":
+        list_bugs()
+        return 0
     secret = None
     if args.secret_file:
         with open(args.secret_file) as f:

@@ -33,8 +33,12 @@ class HostStartError(Exception):
     """The hypervisor process could not be started or reached."""
 
 
-async def start_listening_process(cmd: list[str], env: dict, *, timeout: float = 30) -> tuple[trio.Process, str]:
+async def start_listening_process(cmd: list[str], env: dict, *, timeout: float = 30,
+                                  log_path: str | None = None) -> tuple[trio.Process, str]:
     """Start a server process and wait for its ``listening on ADDR`` line.
+
+    Its stderr goes to ``log_path`` when given (read back to explain a failed
+    start), else to ours.
 
     Returns:
         The process and the address it announced.
@@ -42,7 +46,12 @@ async def start_listening_process(cmd: list[str], env: dict, *, timeout: float =
     Raises:
         HostStartError: it exited or did not announce an address in time.
     """
-    process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=env)
+    log = open(log_path, "wb") if log_path else None
+    try:
+        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+    finally:
+        if log is not None:
+            log.close()  # the child has its own descriptor
     line = b""
     with trio.move_on_after(timeout):
         while not line.endswith(b"\n"):
@@ -52,7 +61,12 @@ async def start_listening_process(cmd: list[str], env: dict, *, timeout: float =
             line += chunk
     if not line.startswith(b"listening on "):
         await stop_process(process)
-        raise HostStartError(f"{cmd[2] if len(cmd) > 2 else cmd[0]} did not start (said {line!r})")
+        why = ""
+        if log_path and os.path.exists(log_path):
+            with open(log_path, errors="replace") as f:
+                why = f.read()
+        last = why.strip().splitlines()[-1:] or [f"said {line!r}"]
+        raise HostStartError(f"{' '.join(cmd[1:3])} did not start: {last[0]}")
     return process, line.decode().split(" ", 2)[2].strip()
 
 
@@ -145,7 +159,8 @@ class ProcessHost(HostLink):
             cmd += ["--bug", b]
         env = dict(os.environ, MTEKVM_SECRET=self.secret)
         try:
-            self.process, self.address = await start_listening_process(cmd, env)
+            self.process, self.address = await start_listening_process(
+                cmd, env, log_path=os.path.join(self._tmp.name, "hypervisor.log"))
         except HostStartError:
             self._tmp.cleanup()
             self._tmp = None

@@ -434,3 +434,22 @@ class TestHunt:
         assert r.returncode == 1, r.stdout + r.stderr
         assert "failure at seed 32" in r.stderr and "scheduler pct(seed=32, depth=3)" in r.stdout
         assert "replay:" in r.stdout
+
+
+class TestBugsCommand:
+    def test_lists_every_bug_with_its_fix(self):
+        """``mtekvm bugs`` names every bug-zoo entry, whether it is modelled yet, and the commit that fixed it."""
+        r = run_cli("bugs")
+        assert r.returncode == 0
+        for name, fix in [("flag-before-init", "e059853d14ca"), ("no-tag-lock", "d77e59a8fccd"),
+                          ("mte-allowed-outside-lock", "8c2e8ac8ad4b")]:
+            line = next(ln for ln in r.stdout.splitlines() if ln.startswith(name))
+            assert fix in line
+        assert "modelled" in next(ln for ln in r.stdout.splitlines() if ln.startswith("no-tag-lock"))
+        assert "with KVM" in next(ln for ln in r.stdout.splitlines() if ln.startswith("copy-tags-during"))
+
+    def test_unmodelled_bug_is_refused(self):
+        """Switching on a KVM bug before KVM is modelled is exit 2 with a message, not a silent no-op."""
+        r = run_cli("run", str(ROOT / "scenarios/race-shared-init.toml"), "--bug", "mte-allowed-outside-lock")
+        assert r.returncode == 2
+        assert "not model" in r.stderr and "mte-allowed-outside-lock" in r.stderr
