@@ -31,9 +31,7 @@ PG_mte_lock = 1 << 1  # PG_arch_3
 
 
 def _mark_tagged(k: "Kernel", page: Page) -> None:
-    if not page.flags & PG_mte_tagged:
-        page.flags |= PG_mte_tagged
-        k.oracle.on_publish(page)
+    page.flags |= PG_mte_tagged  # never cleared while the page is allocated (INIT-ONCE)
     k.sched.wake()  # smp_wmb(); set_bit(): wakes try_* spinners
 
 

@@ -81,9 +81,6 @@ class Oracle:
             self.report("EXCLUSIVE-INIT", f"pfn {page.pfn:#x} has a second tag initialiser in one lifetime: {actor}",
                         page)
 
-    def on_publish(self, page: Page) -> None:
-        """PG_mte_tagged went 0 -> 1 (INIT-ONCE is enforced by the flag never clearing)."""
-
     def on_tags_read(self, page: Page, who: str) -> None:
         """A reader that trusts PG_mte_tagged is looking at ``page``'s tags."""
         head = page.folio
