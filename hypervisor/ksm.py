@@ -14,7 +14,6 @@ from hypervisor.memory import get_page, put_page
 from hypervisor.mte import memcmp_pages
 from hypervisor.mte_lock import page_mte_tagged
 from hypervisor.vma import VM_MERGEABLE
-from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

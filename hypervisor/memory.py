@@ -28,7 +28,7 @@ from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.page import Page
 from hypervisor.vma import VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
-from shared.mte import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE
+from shared.mte import PAGE_SHIFT, PAGES_PER_HPAGE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -206,8 +206,6 @@ def _pte_for(vma: Vma, page: Page, write: bool, special: bool = False) -> Pte:
 
 async def do_anonymous_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> None:
     """do_anonymous_page(): the zero page for a read, a new zeroed page for a write."""
-    if vma.backing == "hugetlb":
-        raise KernelError("EFAULT", "hugetlb mappings are object-backed")  # pragma: no cover
     if not write:
         await set_pte_at(k, mm, vpn, _pte_for(vma, k.alloc.zero_page, False, special=True), expect=None)
         return

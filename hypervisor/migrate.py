@@ -101,10 +101,10 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
         if mm.pt.get(vpn) is entry:
             n = news[i]
             await set_pte_at(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), expect=entry)
-    if huge:
-        k.alloc.free_page(old) if old.mapping is None and all(o.mapcount == 0 for o in olds) else None
-    else:
+    if not huge:
         put_page(k, new_head)  # the allocation's reference
+    elif old.mapping is None and all(o.mapcount == 0 for o in olds):
+        k.alloc.free_page(old)
     return 1
 
 

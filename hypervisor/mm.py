@@ -35,7 +35,6 @@ from hypervisor.vma import (
     VM_IO,
     VM_MERGEABLE,
     VM_MTE,
-    VM_MTE_ALLOWED,
     VM_PFNMAP,
     VM_READ,
     VM_SHARED,
@@ -364,7 +363,7 @@ async def do_madvise(k: "Kernel", mm: MM, addr: int, size: int, advice: str) -> 
                     v.flags |= VM_MERGEABLE
             return
         for v in mm.vmas_in(addr, end):
-            if v.flags & (VM_PFNMAP | VM_HUGETLB) and advice == "dontneed" and v.flags & VM_PFNMAP:
+            if advice == "dontneed" and v.flags & VM_PFNMAP:
                 raise KernelError("EINVAL", "madvise: MADV_DONTNEED on a PFNMAP mapping")
             if advice == "free" and not v.is_anon:
                 raise KernelError("EINVAL", "madvise: MADV_FREE works on private anonymous memory only")

@@ -295,7 +295,7 @@ async def run_scenario(scn: Scenario, opts: RunOptions = RunOptions()) -> Scenar
                 else:
                     await run.run_step(st, results)
                 if run.controlled:
-                    violations = await run.check()
+                    await run.check()  # state invariants after every step; the oracle keeps what it finds
             violations = await run.check() + run.failures()
             schedule = run.schedule()
         except Exception as exc:  # re-raised below, outside the nursery's exception group
