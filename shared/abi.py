@@ -7,9 +7,15 @@ never a crash), and clients may use the same definitions to build requests.
 
 Roles: a connection says who it is with ``hello`` first. ``process``
 connections are host user processes (each with its own address space; the VMM
-is one); ``host`` connections drive the host kernel itself (reclaim, KSM, page
-migration, invariant checks) and must present the hypervisor's secret when it
-has one.
+is one, and its KVM ioctls are ``kvm-*`` process ops on VM handles it
+created); ``vcpu`` connections are guests, holding the tokens of exactly the
+vCPUs they run (handed out by ``kvm-create-vcpu``, presented with
+``vcpu-attach``); ``host`` connections drive
+the host kernel itself (reclaim, KSM, page migration, invariant checks). Every
+connection must present the hypervisor's secret when it has one.
+
+The control channels of the VMM (orchestrator -> VMM, VMM <-> guest) are
+defined the same way in :mod:`shared.control`.
 
 Errors (Linux errno values, as the kernel would return them):
     ENOSYS: unknown op.
@@ -124,6 +130,47 @@ def _size(v):
     return v
 
 
+def _opt(check):
+    def inner(v):
+        return None if v is None else check(v)
+
+    inner.__doc__ = check.__doc__
+    return inner
+
+
+def _memslot_flags(v):
+    if not isinstance(v, list) or not all(f in ("log-dirty-pages", "readonly") for f in v):
+        raise ValueError("must be a list of log-dirty-pages, readonly")
+    return tuple(v)
+
+
+def _u64_pair(v):
+    if not isinstance(v, list) or len(v) != 2:
+        raise ValueError("must be a list of two unsigned 64-bit integers")
+    return tuple(_u64(x) for x in v)
+
+
+SEG_ATTRS = ("tagged", "normal", "device")
+
+
+def _segs(v):
+    """A guest access after stage 1: ``[[ipa, length, attr], ...]`` in access order."""
+    if not isinstance(v, list) or not 1 <= len(v) <= 4097:
+        raise ValueError("must be a list of 1..4097 [ipa, length, attr] segments")
+    out, total = [], 0
+    for item in v:
+        if not (isinstance(item, list) and len(item) == 3 and item[2] in SEG_ATTRS):
+            raise ValueError("each segment must be [ipa, length, attr] with attr tagged, normal or device")
+        ipa, n = _u64(item[0]), _u64(item[1])
+        if n == 0 or (ipa & 0xFFF) + n > 4096:
+            raise ValueError("each segment must be 1..4096 bytes within one 4 KiB page")
+        total += n
+        out.append((ipa, n, item[2]))
+    if total > MAX_IO:
+        raise OverflowError(f"{total} bytes is more than the {MAX_IO} one access may cover")
+    return tuple(out)
+
+
 def _batch(v):
     if not isinstance(v, list) or len(v) > 65536:
         raise ValueError("must be a list of at most 65536 [op, args] pairs")
@@ -165,11 +212,11 @@ BACKINGS = ("anon", "anon-shared", "memfd", "shmem", "file", "hugetlb", "device"
 
 _OPS = [
     OpDef("hello", "any", (
-        F("role", _enum("process", "host")),
+        F("role", _enum("process", "host", "vcpu")),
         F("name", _str, None, "a label for traces"),
         F("session", _str, None, "processes of one session may ptrace each other"),
         F("attach", _str, None, "become the forked child holding this token"),
-        F("secret", _str, None, "the hypervisor's secret (host role, TCP)"),
+        F("secret", _str, None, "the hypervisor's secret, when it has one"),
     ), "Introduce the connection; must come first."),
     # ---- host user processes: their own address space -----------------
     OpDef("mmap", "process", (
@@ -201,6 +248,40 @@ _OPS = [
     OpDef("ptrace-poke-tags", "process", (F("target", _u64), F("addr", _u64), F("tags", _tags)), "PTRACE_POKEMTETAGS."),
     OpDef("batch", "process", (F("ops", _batch),), "Run several process ops in order in one round trip."),
     OpDef("getpid", "process", (), "getpid(2)."),
+    # ---- KVM: ioctls of a process (the VMM) on the VMs it created -----------
+    OpDef("kvm-create-vm", "process", (F("ipa_bits", _u64, 40),),
+          "KVM_CREATE_VM (type KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits)); returns the VM's handle."),
+    OpDef("kvm-check-extension", "process", (F("vm", _opt(_u64), None), F("cap", _str)),
+          "KVM_CHECK_EXTENSION on /dev/kvm (vm nil) or a VM; returns an integer (0: unsupported)."),
+    OpDef("kvm-enable-cap", "process", (F("vm", _u64), F("cap", _str), F("flags", _u64, 0)),
+          "KVM_ENABLE_CAP on a VM."),
+    OpDef("kvm-create-vcpu", "process", (F("vm", _u64), F("aarch32", _bool, False)),
+          "KVM_CREATE_VCPU + KVM_ARM_VCPU_INIT (EL1_32BIT if aarch32); returns {index, token}."),
+    OpDef("kvm-set-memory-region", "process", (
+        F("vm", _u64), F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64),
+        F("flags", _memslot_flags, ()),
+    ), "KVM_SET_USER_MEMORY_REGION: create, change flags, or delete (size 0) a memslot."),
+    OpDef("kvm-get-dirty-log", "process", (F("vm", _u64), F("slot", _u64)),
+          "KVM_GET_DIRTY_LOG (manual protect): the slot's dirty page indexes; the log is not cleared."),
+    OpDef("kvm-clear-dirty-log", "process", (
+        F("vm", _u64), F("slot", _u64), F("first", _u64, 0), F("num", _opt(_u64), None),
+    ), "KVM_CLEAR_DIRTY_LOG: clear and write-protect again pages [first, first+num) of the slot."),
+    OpDef("kvm-copy-tags", "process", (
+        F("vm", _u64), F("guest_ipa", _u64), F("length", _u64), F("flags", _u64, 0),
+        F("reserved", _u64_pair, (0, 0)), F("tags", _tags, b"", "TO_GUEST: the user buffer (1 tag per byte)"),
+    ), "KVM_ARM_MTE_COPY_TAGS; returns {length: guest bytes done, tags: bytes (FROM_GUEST)}."),
+    OpDef("kvm-destroy-vm", "process", (F("vm", _u64),), "close() the VM's last fd: tear the VM down."),
+    # ---- a guest running on its vCPUs ------------------------------------
+    OpDef("vcpu-attach", "vcpu", (F("token", _str),),
+          "Run the vCPU this token names from this connection; returns {vcpu, vm, mte} "
+          "(mte: ID_AA64PFR1_EL1.MTE as KVM exposes it)."),
+    OpDef("vcpu-access", "vcpu", (
+        F("vcpu", _u64), F("kind", _enum("load", "store", "stg", "ldg")), F("segs", _segs),
+        F("tag", _tag, 0, "the pointer's logical tag"), F("data", _bytes, b"", "store: the bytes"),
+        F("check", _enum("none", "sync", "async", "asymm"), "none",
+          "SCTLR_EL1.TCF as it applies (none when PSTATE.TCO is set)"),
+        F("ata", _bool, False, "SCTLR_EL1.ATA: allocation tag access enabled"),
+    ), "One guest memory access after stage-1 translation (KVM_RUN until it retires or exits)."),
     # ---- the host kernel itself ------------------------------------------
     OpDef("boot", "host", (
         F("mte", _bool, True), F("ram", _u64, 256 << 20), F("swap", _u64, 64 << 20),
@@ -217,12 +298,13 @@ _OPS = [
 OPS: dict[str, OpDef] = {op.name: op for op in _OPS}
 
 
-def validate_args(op: str, args: Any) -> dict:
+def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> dict:
     """Check ``args`` against ``op``'s definition and return them normalised.
 
     Args:
         op: the op name.
         args: the request's ``args`` map.
+        table: the op table (default: the hypervisor's :data:`OPS`).
 
     Returns:
         A dict with every field of the op, defaults filled in.
@@ -233,7 +315,7 @@ def validate_args(op: str, args: Any) -> dict:
     """
     from shared.errno import ENOSYS
 
-    d = OPS.get(op) if isinstance(op, str) else None
+    d = (OPS if table is None else table).get(op) if isinstance(op, str) else None
     if d is None:
         raise AbiError(ENOSYS, f"unknown op {op!r}")
     if not isinstance(args, dict):
