@@ -2,9 +2,10 @@
 
 :class:`Kernel` owns every piece of state (frames, tags, objects, tasks,
 swap, KSM's stable tree) and the scheduler that orders its contexts. The
-syscall layer (hypervisor/syscalls.py) calls into it; KVM (issue 3) will sit
-beside it and use the same frames, locks and tag primitives, since a VM's
-stage 2 maps the VMM's pages.
+syscall layer (hypervisor/syscalls.py) calls into it; KVM
+(:class:`hypervisor.kvm.KvmState`, ``kernel.kvm``) sits beside it and uses the
+same frames, locks and tag primitives, since a VM's stage 2 maps the VMM's
+pages.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import secrets
 
 from hypervisor.errors import KernelError
 from hypervisor.ksm import ksm_merge_range
+from hypervisor.kvm import KvmState
 from hypervisor.memory import copy_page_range, zap_pte_range
 from hypervisor.migrate import migrate_range
 from hypervisor.mm import MM, _drop_object_ref
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.vma import VM_SHARED
 from hypervisor.mte import MteCtrl
 from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.oracles import Oracle
@@ -24,7 +28,7 @@ from hypervisor.page import PageAllocator
 from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
 from hypervisor.swap import SwapDevice, shrink_folio_list
-from shared.bugs import BUGS, check_bug_names
+from shared.bugs import check_bug_names
 from shared.mte import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 
 
@@ -40,16 +44,13 @@ class Kernel:
         tcf_preferred: the per-CPU ``mte_tcf_preferred`` (async, as Linux boots).
 
     Raises:
-        ValueError: an unknown bug name, or one whose paths are not modelled yet.
+        ValueError: an unknown bug name.
     """
 
     def __init__(self, *, mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=(),
                  sched: Scheduler | None = None, tcf_preferred: str = "async"):
         self.mte = mte
         self.bugs = frozenset(check_bug_names(bugs))
-        later = sorted(b for b in self.bugs if BUGS[b].issue > 2)
-        if later:  # switching one on would silently test nothing
-            raise ValueError(f"bug {', '.join(later)} lives in KVM paths, which this build does not model yet")
         self.sched = sched or FreeScheduler()
         self.tcf_preferred = tcf_preferred
         self.alloc = PageAllocator(ram)
@@ -60,6 +61,7 @@ class Kernel:
         self.ksm_stable: dict = {}
         self.warnings: list[str] = []
         self._pids = itertools.count(100)
+        self.kvm = KvmState(self)
 
     def warn_once(self, msg: str) -> None:
         """WARN_ON_ONCE(): recorded, never fatal."""
@@ -105,11 +107,14 @@ class Kernel:
                 if v.obj is not None:
                     v.obj.mappings += 1
                 child.mm.vmas.append(nv)
+                if not v.flags & VM_SHARED:  # copy_page_range(): MMU_NOTIFY_PROTECTION_PAGE for CoW ranges
+                    mmu_notifier_invalidate_range(parent.mm, v.start, v.end, "protection_page")
             copy_page_range(self, child.mm, parent.mm)
         return child
 
     async def exit_task(self, task: Task) -> None:
-        """do_exit() -> exit_mmap(): free the address space."""
+        """do_exit(): the VM fds close (their VMs are destroyed), then exit_mmap() frees the address space."""
+        await self.kvm.release_task(task)
         mm = task.mm
         async with mm.mmap_lock.write():
             for v in list(mm.vmas):
@@ -162,5 +167,5 @@ class Kernel:
         """Counts for benchmarks and status."""
         resident = sum(1 for p in self.alloc.live_pages() if p.data is not None)
         return {"frames_allocated": self.alloc.allocated, "frames_with_data": resident,
-                "swap_slots": len(self.swap.slots), "tasks": len(self.tasks),
+                "swap_slots": len(self.swap.slots), "tasks": len(self.tasks), "vms": len(self.kvm.vms),
                 "violations": len(self.oracle.violations), "warnings": list(self.warnings)}

@@ -230,6 +230,7 @@ async def _unmap_locked(k: "Kernel", mm: MM, addr: int, size: int) -> None:
     for v in mm.vmas_in(addr, end):
         mm.vmas.remove(v)
         _drop_object_ref(k, v)
+        v.freed = True  # vm_area_free()
     zap_pte_range(k, mm, addr, end)
     await k.sched.point("munmap")
 

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from hypervisor.mm import MM
 
 #: enum mmu_notifier_event, the ones the model raises
-EVENTS = ("unmap", "clear", "protection_vma", "migrate", "swap", "release")
+EVENTS = ("unmap", "clear", "protection_vma", "protection_page", "migrate", "swap", "release")
 
 
 @attrs.frozen

@@ -13,7 +13,16 @@ Two kinds of checks:
   tagged page holds exactly the tags its actors last wrote, or zeros from its
   one initialisation), USER-VISIBLE => TAGGED, VM_MTE => VM_MTE_ALLOWED,
   ZERO PAGE NEVER FLAGGED, LOCK-LIVENESS (at rest, no page is locked but
-  untagged).
+  untagged), and for every VM: GUEST-VISIBLE => TAGGED, MTE-VM MEMORY IS
+  TAG-CAPABLE (checked on what stage 2 maps), STAGE-2 COHERENT (stage 2 maps
+  the frame the VMM's PTE maps: the MMU notifier did its job) and CAP BEFORE
+  VCPUS (no AArch32 vCPU runs in an MTE VM).
+
+KVM event checks: COPY_TAGS WRITE => TAGGED and COPY_TAGS READ OF UNTAGGED =
+ZEROS (a read changes no page state), DIRTY-LOG-COMPLETE (when the VMM reads or
+clears a dirty log, every page a KVM path changed since the last clear is in
+it) and VMA-USE-AFTER-FREE (a kernel path read a VMA that munmap had freed, as
+KASAN would report).
 
 A broken invariant becomes a :class:`Violation` with the actor that broke it;
 nothing is raised, so a run goes on and reports every violation with its
@@ -29,7 +38,7 @@ import attrs
 from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
-from hypervisor.vma import VM_MTE, VM_READ, arch_validate_flags, flag_names
+from hypervisor.vma import VM_MTE, VM_MTE_ALLOWED, VM_READ, arch_validate_flags, flag_names
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -97,6 +106,33 @@ class Oracle:
         self.report("PRESERVE-ON-MAP", f"{who} by {current_actor.get()} zeroed tags already written to pfn "
                                        f"{page.pfn:#x} (a second initialiser)", page)
 
+    def on_vma_read(self, vma, who: str) -> None:
+        """A path reads ``vma`` outside mmap_lock: report it if munmap/MAP_FIXED already freed it."""
+        if vma.freed:
+            self.report("VMA-USE-AFTER-FREE", f"{who}: {vma!r} was freed by munmap/MAP_FIXED while the path held "
+                                              "no mmap_lock (KASAN: slab-use-after-free in vm_area_struct)")
+
+    def check_copy_tags_write(self, page: Page) -> None:
+        """COPY_TAGS WRITE => TAGGED: a page TO_GUEST touched is PG_mte_tagged."""
+        if not page.folio.flags & PG_mte_tagged:
+            self.report("COPY_TAGS-WRITE=>TAGGED", f"KVM_ARM_MTE_COPY_TAGS TO_GUEST left pfn {page.pfn:#x} "
+                                                   "without PG_mte_tagged", page)
+
+    def check_copy_tags_read(self, page: Page, flags_before: int) -> None:
+        """COPY_TAGS READ changes no page state."""
+        if page.folio.flags != flags_before:
+            self.report("COPY_TAGS-READ-IS-PURE", f"KVM_ARM_MTE_COPY_TAGS FROM_GUEST changed the flags of pfn "
+                                                  f"{page.pfn:#x}", page)
+
+    def check_dirty_log(self, kvm, slot) -> None:
+        """DIRTY-LOG-COMPLETE: every page a KVM path changed since the last clear is marked dirty."""
+        missed = sorted(kvm.ghost_written.get(slot.id, set()) - slot.dirty)
+        if missed:
+            show = ", ".join(str(i) for i in missed[:8])
+            self.report("DIRTY-LOG-COMPLETE", f"VM {kvm.handle} memslot {slot.id}: page(s) {show} changed through "
+                                              "KVM (guest access or COPY_TAGS) but are not in the dirty log; "
+                                              "a migration would not resend them")
+
     def check_swap_restore(self, page: Page, saved: bytes) -> None:
         """SWAP ROUND-TRIP: what swap-in restored is what swap-out saved."""
         if bytes(page.tags) != saved:
@@ -137,4 +173,36 @@ class Oracle:
                     self.report("USER-VISIBLE=>TAGGED",
                                 f"pid {task.pid} maps untagged pfn {pte.page.pfn:#x} at {vpn << 12:#x} "
                                 f"through a tagged PTE ({flag_names(v.flags & VM_MTE)})", pte.page)
+        for kvm in list(k.kvm.vms.values()):
+            self._check_vm(kvm)
         return list(self.violations)
+
+    def _check_vm(self, kvm) -> None:
+        from hypervisor.kvm import kvm_has_mte
+
+        k = self.k
+        mte = kvm_has_mte(k, kvm)
+        if mte and any(v.aarch32 and v.initialised for v in kvm.vcpus):
+            self.report("CAP-BEFORE-VCPUS", f"VM {kvm.handle} has MTE and an initialised AArch32 vCPU")
+        mm = kvm.mm
+        for gfn, e in kvm.s2.items():
+            slot = kvm.slot_of(gfn)
+            if slot is None:
+                self.report("STAGE-2-COHERENT", f"VM {kvm.handle} maps gfn {gfn:#x}, which no memslot covers")
+                continue
+            hva = slot.hva(gfn)
+            pte = mm.pt.get(hva >> 12)
+            if pte is None or not pte.present or pte.page is not e.page:
+                self.report("STAGE-2-COHERENT", f"VM {kvm.handle} gfn {gfn:#x} maps pfn {e.page.pfn:#x} but the VMM's "
+                                                f"PTE at {hva:#x} no longer does (a missed MMU notifier)", e.page)
+                continue
+            if not mte or not e.cacheable:
+                continue
+            vma = mm.find_vma(hva)
+            if vma is None or not vma.flags & VM_MTE_ALLOWED:
+                self.report("MTE-VM-MEMORY-IS-TAG-CAPABLE",
+                            f"VM {kvm.handle} gfn {gfn:#x} is mapped Normal cacheable from {vma!r}, "
+                            "which lacks VM_MTE_ALLOWED", e.page)
+            if e.page is not k.alloc.zero_page and not e.page.folio.flags & PG_mte_tagged:
+                self.report("GUEST-VISIBLE=>TAGGED", f"VM {kvm.handle} maps untagged pfn {e.page.pfn:#x} at gfn "
+                                                     f"{gfn:#x} as Normal cacheable", e.page)

@@ -4,8 +4,11 @@
 socket, or an in-memory stream in controlled runs: the same code either way).
 The first message must be ``hello``. A ``process`` connection then owns one
 task (a new process, or the forked child whose token it presents) and may
-touch only that task's address space; when the connection closes the process
-exits and its memory is freed. A ``host`` connection drives the host kernel.
+touch only that task's address space and the VMs it created; when the
+connection closes the process exits, its VMs are destroyed and its memory is
+freed. A ``vcpu`` connection is a guest: ``vcpu-attach`` with a token from
+``kvm-create-vcpu`` gives it that vCPU, and it may run only the vCPUs it
+attached. A ``host`` connection drives the host kernel.
 
 Each request runs concurrently in its own kernel context (named by the
 request's ``ctx``), so one connection can carry parallel steps. At most
@@ -17,7 +20,9 @@ inside the model is reported (EIO, recorded in the kernel's warnings).
 Errors replied:
     EPERM: no ``hello`` yet, wrong secret, or an op outside the connection's role.
     ESRCH: ``attach`` token unknown or already used.
-    EBUSY: ``boot`` while processes are attached.
+    EBUSY: ``boot`` while processes are attached; ``vcpu-attach`` of a vCPU
+        another live guest connection runs.
+    ESRCH: ``vcpu-attach`` token unknown, or its VM destroyed.
     EAGAIN: too many outstanding requests.
     EDEADLK: the controlled scheduler found every context blocked.
     plus whatever the op itself returns.
@@ -34,7 +39,7 @@ import trio
 from hypervisor.access import AccessResult
 from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
-from hypervisor.syscalls import HOST_OPS, PROCESS_OPS
+from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
 from shared.abi import OPS, AbiError, validate_args
 from shared.errno import EAGAIN, EDEADLK, EIO, EPERM
@@ -91,6 +96,7 @@ class _Connection:
         self.framed = framed
         self.role: str | None = None
         self.task = None
+        self.vcpus: dict = {}  # index -> Vcpu this guest connection attached
         self.outstanding = 0
         self.seq = 0
         self._pending: list[bytes] = []  # packed responses not yet written
@@ -176,28 +182,50 @@ class _Connection:
         if op == "boot":
             return wire.response_ok(rid, self._boot(a))
         self.seq += 1
-        name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else 'host'}#{self.seq}"
+        name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else self.role}#{self.seq}"
         k = self.k
+        if op == "vcpu-attach":
+            return wire.response_ok(rid, self._attach_vcpu(a["token"]))
         if op in OBSERVERS:  # oracles and statistics look; they are not kernel contexts
             result = await HOST_OPS[op](k, a)
         else:
             async with k.sched.context(name):
                 if self.role == "process":
                     result = await PROCESS_OPS[op](k, self.task, a)
+                elif self.role == "vcpu":
+                    result = await VCPU_OPS[op](k, self._vcpu(a["vcpu"]), a)
                 else:
                     result = await HOST_OPS[op](k, a)
         if isinstance(result, AccessResult):
             return wire.response_ok(rid, result.value, result.fault)
         return wire.response_ok(rid, result)
 
+    def _attach_vcpu(self, token: str) -> dict:
+        vcpu = self.k.kvm.vcpu_by_token(token)
+        if vcpu.attached is not None and vcpu.attached is not self:
+            raise KernelError("EBUSY", f"vCPU {vcpu.index} is already run by another guest connection")
+        vcpu.attached = self
+        self.vcpus[vcpu.index] = vcpu
+        from hypervisor.kvm import kvm_has_mte
+
+        return {"vcpu": vcpu.index, "vm": vcpu.kvm.handle, "mte": kvm_has_mte(self.k, vcpu.kvm)}
+
+    def _vcpu(self, index: int):
+        vcpu = self.vcpus.get(index)
+        if vcpu is None:
+            raise KernelError(EPERM, f"vCPU {index} is not attached to this connection (present its token)")
+        if vcpu.kvm.destroyed:
+            raise KernelError("ESRCH", f"vCPU {index}: its VM was destroyed")
+        return vcpu
+
     def _hello(self, a: dict) -> dict:
         if self.role is not None:
             raise KernelError(EPERM, "hello: already introduced")
         if self.hv.secret is not None and not hmac.compare_digest(a["secret"] or "", self.hv.secret):
             raise KernelError(EPERM, "hello: wrong or missing secret")
-        if a["role"] == "host":
-            self.role = "host"
-            return {"role": "host"}
+        if a["role"] in ("host", "vcpu"):
+            self.role = a["role"]
+            return {"role": a["role"]}
         if a["attach"] is not None:
             task = next((t for t in self.k.tasks.values() if t.fork_token == a["attach"] and not t.attached), None)
             if task is None:
@@ -221,6 +249,10 @@ class _Connection:
         return {"booted": True}
 
     async def cleanup(self) -> None:
+        for vcpu in self.vcpus.values():
+            if vcpu.attached is self:
+                vcpu.attached = None
+        self.vcpus.clear()
         if self.task is not None:
             task, self.task = self.task, None
             # children forked but never attached die with their parent's connection

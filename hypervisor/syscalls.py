@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from hypervisor.access import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
+from hypervisor.copy_tags import kvm_vm_ioctl_mte_copy_tags
+from hypervisor.guest_access import guest_memory_access
+from hypervisor.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.errors import KernelError
 from hypervisor.mm import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
@@ -89,11 +92,56 @@ async def sys_poke(k, t, a):
     return await mte_ptrace_copy_tags(k, t, k.task(a["target"]), a["addr"], 0, a["tags"])
 
 
+# ---- KVM ioctls of the VMM (a process) ---------------------------------------
+
+async def kvm_create_vm(k, t, a):
+    return k.kvm.kvm_dev_ioctl_create_vm(t, a["ipa_bits"]).handle
+
+
+async def kvm_check_extension(k, t, a):
+    kvm = None if a["vm"] is None else k.kvm.vm(t, a["vm"])
+    return k.kvm.kvm_vm_ioctl_check_extension(kvm, a["cap"])
+
+
+async def kvm_enable_cap(k, t, a):
+    await k.kvm.kvm_vm_ioctl_enable_cap(k.kvm.vm(t, a["vm"]), a["cap"], a["flags"])
+
+
+async def kvm_create_vcpu(k, t, a):
+    vcpu = await k.kvm.kvm_vm_ioctl_create_vcpu(k.kvm.vm(t, a["vm"]), a["aarch32"])
+    return {"index": vcpu.index, "token": vcpu.token}
+
+
+async def kvm_set_memory_region_op(k, t, a):
+    await kvm_set_memory_region(k, k.kvm.vm(t, a["vm"]), a["slot"], a["ipa"], a["size"], a["addr"], a["flags"])
+
+
+async def kvm_get_dirty_log(k, t, a):
+    return await kvm_vm_ioctl_get_dirty_log(k, k.kvm.vm(t, a["vm"]), a["slot"])
+
+
+async def kvm_clear_dirty_log(k, t, a):
+    await kvm_vm_ioctl_clear_dirty_log(k, k.kvm.vm(t, a["vm"]), a["slot"], a["first"], a["num"])
+
+
+async def kvm_copy_tags(k, t, a):
+    return await kvm_vm_ioctl_mte_copy_tags(k, k.kvm.vm(t, a["vm"]), a["guest_ipa"], a["length"], a["flags"],
+                                            a["reserved"], a["tags"])
+
+
+async def kvm_destroy_vm(k, t, a):
+    await k.kvm.kvm_destroy_vm(k.kvm.vm(t, a["vm"]))
+
+
 PROCESS_OPS: dict[str, Callable[..., Awaitable]] = {
     "mmap": sys_mmap, "mprotect": sys_mprotect, "munmap": sys_munmap, "madvise": sys_madvise,
     "prctl": sys_prctl, "prctl-get": sys_prctl_get, "tco": sys_tco, "store": sys_store, "load": sys_load,
     "stg": sys_stg, "ldg": sys_ldg, "irg": sys_irg, "fork": sys_fork, "ptrace-peek-tags": sys_peek,
     "ptrace-poke-tags": sys_poke, "getpid": sys_getpid,
+    "kvm-create-vm": kvm_create_vm, "kvm-check-extension": kvm_check_extension, "kvm-enable-cap": kvm_enable_cap,
+    "kvm-create-vcpu": kvm_create_vcpu, "kvm-set-memory-region": kvm_set_memory_region_op,
+    "kvm-get-dirty-log": kvm_get_dirty_log, "kvm-clear-dirty-log": kvm_clear_dirty_log,
+    "kvm-copy-tags": kvm_copy_tags, "kvm-destroy-vm": kvm_destroy_vm,
 }
 
 
@@ -156,3 +204,29 @@ HOST_OPS = {
     "swap-out": host_swap_out, "ksm-merge": host_ksm, "migrate-pages": host_migrate,
     "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
 }
+
+
+# ---- a guest's vCPUs ------------------------------------------------------------
+
+async def vcpu_access(k, vcpu, a):
+    return await guest_memory_access(k, vcpu, a["kind"], a["segs"], a["tag"], a["data"], a["check"], a["ata"])
+
+
+async def vcpu_batch(k, vcpu, a):
+    """Run vcpu-access ops in order; each result is ``[ok, value or errno, fault]`` (as ``batch``)."""
+    out = []
+    for op, args in a["ops"]:
+        if op != "vcpu-access":
+            out.append([False, 38, f"{op!r} cannot be batched on a vCPU"])
+            continue
+        try:
+            args = dict(args, vcpu=vcpu.index)
+            r = await vcpu_access(k, vcpu, validate_args(op, args))
+        except (KernelError, AbiError) as exc:
+            out.append([False, exc.errno, exc.message])
+            continue
+        out.append([True, r.value, r.fault])
+    return out
+
+
+VCPU_OPS = {"vcpu-access": vcpu_access, "vcpu-batch": vcpu_batch}

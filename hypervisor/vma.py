@@ -80,6 +80,7 @@ class Vma:
     backing: str
     obj: MemObject | None = None
     pgoff: int = 0  # offset of ``start`` in the object, in pages
+    freed: bool = False  # vm_area_free() ran: any later read is a use-after-free
 
     def __repr__(self) -> str:
         return f"<vma {self.start:#x}-{self.end:#x} {flag_names(self.flags)} {self.backing}>"

@@ -282,6 +282,8 @@ _OPS = [
           "SCTLR_EL1.TCF as it applies (none when PSTATE.TCO is set)"),
         F("ata", _bool, False, "SCTLR_EL1.ATA: allocation tag access enabled"),
     ), "One guest memory access after stage-1 translation (KVM_RUN until it retires or exits)."),
+    OpDef("vcpu-batch", "vcpu", (F("vcpu", _u64), F("ops", _batch)),
+          "Run several vcpu-access ops on one vCPU in one round trip; each result is [ok, value or errno, fault]."),
     # ---- the host kernel itself ------------------------------------------
     OpDef("boot", "host", (
         F("mte", _bool, True), F("ram", _u64, 256 << 20), F("swap", _u64, 64 << 20),

@@ -17,7 +17,7 @@ class Bug:
     name: str
     reintroduces: str
     fixed_by: str
-    issue: int  # the issue that models it (2: host kernel, 3: KVM)
+    issue: int  # the issue that modelled it (2: host kernel, 3: KVM)
 
 
 BUGS: dict[str, Bug] = {
@@ -47,6 +47,13 @@ BUGS: dict[str, Bug] = {
             "copy-tags-during-dirty-log",
             "KVM_ARM_MTE_COPY_TAGS TO_GUEST allowed while dirty logging",
             "EBUSY check (v6.13)",
+            3,
+        ),
+        Bug(
+            "kvm-tags-zero-page",
+            "sanitise_mte_tags() initialises the shared zero page when a stage-2 "
+            "read fault maps it: ZERO_PAGE gets PG_mte_tagged",
+            "2986a6257400 (2026)",
             3,
         ),
     )

@@ -375,7 +375,7 @@ class TestValidateArgs:
     def test_every_op_has_a_role_and_unique_fields(self):
         """Every op of the table has a known role and no duplicated argument names."""
         for name, d in OPS.items():
-            assert d.name == name and d.role in ("any", "process", "host")
+            assert d.name == name and d.role in ("any", "process", "host", "vcpu")
             names = [f.name for f in d.fields]
             assert len(names) == len(set(names)), name
 

@@ -1,0 +1,158 @@
+"""Guest memory accesses: stage-2 translation and the MTE tag check, as the hardware does them.
+
+A guest access arrives already through the guest's stage 1 (the guest process
+owns its page tables): a list of segments ``(ipa, length, attr)``, each within
+one 4 KiB page, where ``attr`` is the stage-1 memory type: ``tagged``
+(MAIR Normal-Tagged), ``normal`` or ``device``. Here the access takes stage-2
+faults until every page is mapped with the permission it needs (KVM_RUN's
+:func:`~hypervisor.kvm_mmu.kvm_handle_guest_abort`), then is checked and
+performed with no scheduling point in between, as hardware checks tags where
+they live, atomically with the access. No single Linux function does this; it
+stands for the CPU plus the KVM_RUN loop.
+
+Architecture rules modelled:
+    * Allocation tags are reachable only when the VM has MTE (HCR_EL2.ATA),
+      stage 1 is Normal-Tagged and stage 2 is Normal cacheable. Elsewhere tag
+      reads are zero and tag writes ignored (RAZ/WI), and nothing is checked.
+    * LDG/STG need SCTLR_EL1.ATA as well (``ata``), else RAZ/WI.
+    * Loads and stores are checked when ``check`` (SCTLR_EL1.TCF, or none
+      under PSTATE.TCO) is not none: every granule touched against the
+      pointer tag. sync (and asymm loads): not performed, the fault is
+      returned; async (and asymm stores): performed, the fault returned beside
+      it. ``offset`` is the byte offset in the access of the first byte in the
+      first mismatching granule.
+    * A tag store is a write for stage-2 permission, so dirty logging sees it.
+    * An access wholly outside every memslot (or a write to a read-only slot)
+      exits to the VMM as KVM_EXIT_MMIO; one that mixes RAM and MMIO is EFAULT.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.access import AccessResult
+from hypervisor.errors import KernelError
+from hypervisor.kvm import Vcpu, kvm_has_mte
+from hypervisor.kvm_mmu import MMIO, RETRY, kvm_handle_guest_abort, note_guest_write
+from hypervisor.tags import read_tags, write_tags
+from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+MAX_RETRIES = 64
+
+
+def _is_mmio(kvm, ipa: int, write: bool) -> bool:
+    slot = kvm.slot_of(ipa >> PAGE_SHIFT)
+    return slot is None or (write and slot.readonly)
+
+
+async def _fault_in(k: "Kernel", vcpu: Vcpu, segs, write: bool) -> list:
+    """Take stage-2 faults until every segment's page is mapped as needed; the entries, at one instant."""
+    kvm = vcpu.kvm
+    for _ in range(MAX_RETRIES):
+        for ipa, _n, _attr in segs:
+            gfn = ipa >> PAGE_SHIFT
+            e = kvm.s2.get(gfn)
+            if e is None or (write and not e.writable):
+                r = await kvm_handle_guest_abort(k, kvm, vcpu, gfn, write)
+                if r is MMIO:
+                    raise KernelError("EFAULT", f"guest access at IPA {ipa:#x} mixes RAM and MMIO")
+                if r is RETRY:
+                    await k.sched.point("kvm_run:retry")
+        await k.sched.point("guest_access")
+        if kvm.destroyed:
+            raise KernelError("ESRCH", "the VM was destroyed under this vCPU")
+        entries = [kvm.s2.get(ipa >> PAGE_SHIFT) for ipa, _n, _a in segs]
+        if all(e is not None and (e.writable or not write) for e in entries):
+            return entries
+    raise KernelError("EFAULT", f"guest access at IPA {segs[0][0]:#x} kept losing its stage-2 mapping")
+
+
+def _tags_reachable(k: "Kernel", vcpu: Vcpu, attr: str, entry) -> bool:
+    return attr == "tagged" and entry.cacheable and entry.page.zone in ("normal", "zero") \
+        and kvm_has_mte(k, vcpu.kvm)
+
+
+def _check(k, vcpu, segs, entries, tag: int, write: bool, check: str) -> dict | None:
+    if check == "none":
+        return None
+    pos = 0
+    for (ipa, n, attr), e in zip(segs, entries):
+        if _tags_reachable(k, vcpu, attr, e):
+            off = ipa & (PAGE_SIZE - 1)
+            g0, g1 = off // MTE_GRANULE_SIZE, (off + n - 1) // MTE_GRANULE_SIZE + 1
+            span = bytes(e.page.tags[g0:g1])
+            if span != bytes([tag]) * (g1 - g0):
+                bad = next(i for i, t in enumerate(span) if t != tag)
+                first = max((g0 + bad) * MTE_GRANULE_SIZE, off)
+                sync = check == "sync" or (check == "asymm" and not write)
+                return {"kind": "tag-check-fault" if sync else "async-tag-check-fault",
+                        "offset": pos + first - off, "pointer_tag": tag, "memory_tag": span[bad]}
+        pos += n
+    return None
+
+
+async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int, data: bytes, check: str,
+                              ata: bool) -> AccessResult:
+    """One guest load, store, STG or LDG after stage 1 (see the module docstring).
+
+    Returns:
+        An :class:`AccessResult`: load -> bytes, ldg -> one tag per granule (bytes),
+        with a ``fault`` dict for a tag check fault; or, for MMIO, the value
+        ``{"exit": "mmio", "ipa", "size", "write", "data"}``.
+
+    Raises:
+        KernelError: EFAULT (KVM_RUN failed, or RAM/MMIO mixed), EINVAL (bad
+            data length, unaligned STG), ESRCH (the VM is gone).
+    """
+    write = kind in ("store", "stg")
+    total = sum(n for _i, n, _a in segs)
+    if kind == "store" and len(data) != total:
+        raise KernelError("EINVAL", f"store of {len(data)} bytes over segments of {total}")
+    if kind in ("stg", "ldg") and any(ipa % MTE_GRANULE_SIZE or n % MTE_GRANULE_SIZE for ipa, n, _a in segs):
+        raise KernelError("EINVAL", f"{kind}: segments must be whole 16-byte granules")
+    kvm = vcpu.kvm
+    mmio = [_is_mmio(kvm, ipa, write) for ipa, _n, _a in segs]
+    if all(mmio):
+        if kind in ("stg", "ldg"):
+            raise KernelError("EFAULT", f"{kind} at IPA {segs[0][0]:#x}: no memory there (tag access to MMIO)")
+        await k.sched.point("kvm_run:exit_mmio")
+        return AccessResult({"exit": "mmio", "ipa": segs[0][0], "size": total, "write": write,
+                             "data": data if write else b""})
+    if any(mmio):
+        raise KernelError("EFAULT", f"guest access at IPA {segs[0][0]:#x} mixes RAM and MMIO")
+    entries = await _fault_in(k, vcpu, segs, write)
+    if kind == "load":
+        fault = _check(k, vcpu, segs, entries, tag, False, check)
+        if fault and fault["kind"] == "tag-check-fault":
+            return AccessResult(None, fault)
+        out = b"".join(e.page.read(ipa & (PAGE_SIZE - 1), n) for (ipa, n, _a), e in zip(segs, entries))
+        return AccessResult(out, fault)
+    if kind == "store":
+        fault = _check(k, vcpu, segs, entries, tag, True, check)
+        if fault and fault["kind"] == "tag-check-fault":
+            return AccessResult(None, fault)
+        pos = 0
+        for (ipa, n, _a), e in zip(segs, entries):
+            e.page.write(ipa & (PAGE_SIZE - 1), data[pos:pos + n])
+            note_guest_write(kvm, ipa >> PAGE_SHIFT)
+            pos += n
+        return AccessResult(None, fault)
+    if kind == "stg":
+        for (ipa, n, attr), e in zip(segs, entries):
+            if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
+                write_tags(k, e.page, (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE,
+                           bytes([tag]) * (n // MTE_GRANULE_SIZE))
+                note_guest_write(kvm, ipa >> PAGE_SHIFT)
+        return AccessResult(None)
+    out = bytearray()
+    for (ipa, n, attr), e in zip(segs, entries):
+        g = n // MTE_GRANULE_SIZE
+        if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
+            out += read_tags(k, e.page, (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, g,
+                             f"guest ldg on vCPU {vcpu.index}")
+        else:
+            out += bytes(g)
+    return AccessResult(bytes(out))

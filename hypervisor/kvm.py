@@ -1,0 +1,235 @@
+"""KVM: VMs, their capabilities and vCPUs (virt/kvm/kvm_main.c, arch/arm64/kvm/arm.c).
+
+A :class:`Kvm` is ``struct kvm``: created by a process (the VMM) with
+KVM_CREATE_VM, it belongs to that process and uses its address space (guest RAM
+is the VMM's memory, reached through memslots). The VMM enables
+``KVM_CAP_ARM_MTE`` before creating vCPUs, registers memslots
+(:mod:`hypervisor.memslot`), and hands each vCPU's token to the guest process,
+whose accesses fault stage 2 in (:mod:`hypervisor.kvm_mmu`) and are checked
+against the allocation tags (:mod:`hypervisor.guest_access`).
+
+Handles: a VM is named by a small integer handle, private to the process that
+created it (as a file descriptor is); another process naming it gets EBADF.
+A vCPU is reached only through the unguessable token that KVM_CREATE_VCPU
+returned to the VMM.
+
+Rules (reference section 4.1):
+    * KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) is ``system_supports_mte()``.
+    * KVM_ENABLE_CAP: ``flags != 0`` -> EINVAL; ARM_MTE on a host without MTE,
+      or once any vCPU was created (``created_vcpus``) -> EINVAL; enabling
+      twice before vCPUs is harmless; there is no way to disable it.
+    * KVM_ARM_VCPU_INIT with EL1_32BIT on an MTE VM -> EINVAL
+      ("MTE is incompatible with AArch32"). The vCPU was already created (and
+      counted) by KVM_CREATE_VCPU; it stays uninitialised and cannot run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from typing import TYPE_CHECKING
+
+import attrs
+
+from hypervisor.errors import KernelError
+from hypervisor.locks import ModelMutex
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.memslot import Memslot
+    from hypervisor.mm import MM
+    from hypervisor.process import Task
+
+KVM_MAX_VCPUS = 512
+#: Smallest and largest IPA sizes arm64 KVM accepts (KVM_VM_TYPE_ARM_IPA_SIZE; 32..52 bits on the model's CPU).
+IPA_BITS_MIN, IPA_BITS_MAX = 32, 52
+#: Capabilities KVM_CHECK_EXTENSION knows, with the value it returns (others return 0).
+CAPS = ("arm-mte", "manual-dirty-log-protect2")
+
+
+@attrs.define(eq=False)
+class S2Entry:
+    """A stage-2 leaf: the frame mapped at a gfn, its permission, its memory type.
+
+    ``cacheable`` is Normal (Write-Back) memory, the only type through which the
+    guest can reach allocation tags; device memory is Device-nGnRE.
+    """
+
+    page: object
+    writable: bool
+    cacheable: bool
+
+
+@attrs.define(eq=False)
+class Vcpu:
+    """struct kvm_vcpu: its index, the token that reaches it, whether VCPU_INIT succeeded."""
+
+    kvm: "Kvm"
+    index: int
+    token: str
+    aarch32: bool = False
+    initialised: bool = True
+    attached: object = None  # the guest connection running it
+
+
+@attrs.define(eq=False)
+class Kvm:
+    """struct kvm (plus the arm64 ``kvm->arch``)."""
+
+    handle: int
+    owner: "Task"
+    ipa_bits: int
+    lock: ModelMutex  # kvm->lock
+    slots_lock: ModelMutex  # kvm->slots_lock
+    mte_enabled: bool = False  # KVM_ARCH_FLAG_MTE_ENABLED
+    created_vcpus: int = 0
+    vcpus: list = attrs.Factory(list)
+    memslots: dict = attrs.Factory(dict)  # slot id -> Memslot
+    s2: dict = attrs.Factory(dict)  # gfn -> S2Entry
+    mmu_invalidate_seq: int = 0
+    nr_memslots_dirty_logging: int = 0
+    destroyed: bool = False
+    notifier: object = None
+    ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
+
+    @property
+    def mm(self) -> "MM":
+        """The VMM's address space, where guest RAM lives (kvm->mm)."""
+        return self.owner.mm
+
+    @property
+    def phys_size(self) -> int:
+        """kvm_phys_size(): bytes of IPA space."""
+        return 1 << self.ipa_bits
+
+    def slot_of(self, gfn: int) -> "Memslot | None":
+        """gfn_to_memslot()."""
+        for slot in self.memslots.values():
+            if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+                return slot
+        return None
+
+
+def kvm_has_mte(k: "Kernel", kvm: Kvm) -> bool:
+    """kvm_has_mte(): system_supports_mte() && KVM_ARCH_FLAG_MTE_ENABLED."""
+    return k.mte and kvm.mte_enabled
+
+
+class KvmState:
+    """The host's KVM module state: VMs by handle, vCPUs by token."""
+
+    def __init__(self, k: "Kernel"):
+        self.k = k
+        self.vms: dict[int, Kvm] = {}
+        self.tokens: dict[str, Vcpu] = {}
+        self._handles = itertools.count(3)  # fds 0-2 are taken, as in a process
+
+    def vm(self, task: "Task", handle: int) -> Kvm:
+        """The VM ``handle`` names for ``task`` (fdget()).
+
+        Raises:
+            KernelError: EBADF when the task has no VM by that handle.
+        """
+        kvm = self.vms.get(handle)
+        if kvm is None or kvm.owner is not task or kvm.destroyed:
+            raise KernelError("EBADF", f"no VM with handle {handle} in pid {task.pid}")
+        return kvm
+
+    def kvm_dev_ioctl_create_vm(self, task: "Task", ipa_bits: int) -> Kvm:
+        """KVM_CREATE_VM (kvm_dev_ioctl_create_vm + kvm_arm_setup_stage2).
+
+        Raises:
+            KernelError: EINVAL for an IPA size outside 32..52 bits.
+        """
+        if not IPA_BITS_MIN <= ipa_bits <= IPA_BITS_MAX:
+            raise KernelError("EINVAL", f"KVM_CREATE_VM: IPA size {ipa_bits} bits is outside "
+                                        f"{IPA_BITS_MIN}..{IPA_BITS_MAX}")
+        from hypervisor.kvm_mmu import kvm_init_mmu_notifier
+
+        h = next(self._handles)
+        sched = self.k.sched
+        kvm = Kvm(h, task, ipa_bits, ModelMutex(sched, f"kvm{h}.lock"), ModelMutex(sched, f"kvm{h}.slots_lock"))
+        self.vms[h] = kvm
+        kvm_init_mmu_notifier(self.k, kvm)
+        return kvm
+
+    def kvm_vm_ioctl_check_extension(self, kvm: Kvm | None, cap: str) -> int:
+        """KVM_CHECK_EXTENSION: 1/0 for a capability (0 for unknown ones, as KVM does)."""
+        if cap == "arm-mte":
+            return int(self.k.mte)  # system_supports_mte()
+        if cap == "manual-dirty-log-protect2":
+            return 1  # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE (the model's dirty log always behaves so)
+        return 0
+
+    async def kvm_vm_ioctl_enable_cap(self, kvm: Kvm, cap: str, flags: int) -> None:
+        """KVM_ENABLE_CAP (arch/arm64/kvm/arm.c).
+
+        Raises:
+            KernelError: EINVAL for non-zero flags, an unknown capability, ARM_MTE
+                on a host without MTE or after a vCPU was created.
+        """
+        if flags:
+            raise KernelError("EINVAL", f"KVM_ENABLE_CAP: flags must be 0 (got {flags:#x})")
+        if cap != "arm-mte":
+            raise KernelError("EINVAL", f"KVM_ENABLE_CAP: capability {cap!r} cannot be enabled")
+        async with kvm.lock.held():
+            await self.k.sched.point("kvm_vm_ioctl_enable_cap:check")
+            if not self.k.mte:
+                raise KernelError("EINVAL", "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): the host CPUs lack MTE")
+            if kvm.created_vcpus:
+                raise KernelError("EINVAL", f"KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): {kvm.created_vcpus} vCPU(s) already "
+                                            "created; enable it before KVM_CREATE_VCPU")
+            kvm.mte_enabled = True
+
+    async def kvm_vm_ioctl_create_vcpu(self, kvm: Kvm, aarch32: bool) -> Vcpu:
+        """KVM_CREATE_VCPU, then KVM_ARM_VCPU_INIT (kvm_vcpu_init_check_features).
+
+        Raises:
+            KernelError: EINVAL past KVM_MAX_VCPUS, or for an AArch32 vCPU on an
+                MTE VM (the vCPU stays created but uninitialised).
+        """
+        async with kvm.lock.held():
+            await self.k.sched.point("kvm_vm_ioctl_create_vcpu")
+            if kvm.created_vcpus >= KVM_MAX_VCPUS:
+                raise KernelError("EINVAL", f"KVM_CREATE_VCPU: {KVM_MAX_VCPUS} vCPUs already")
+            kvm.created_vcpus += 1
+        vcpu = Vcpu(kvm, len(kvm.vcpus), secrets.token_hex(16), aarch32)
+        kvm.vcpus.append(vcpu)
+        if aarch32 and kvm_has_mte(self.k, kvm):
+            vcpu.initialised = False
+            raise KernelError("EINVAL", "KVM_ARM_VCPU_INIT: MTE is incompatible with AArch32 "
+                                        "(KVM_ARM_VCPU_EL1_32BIT on an MTE VM)")
+        self.tokens[vcpu.token] = vcpu
+        return vcpu
+
+    def vcpu_by_token(self, token: str) -> Vcpu:
+        """The vCPU a guest's token names.
+
+        Raises:
+            KernelError: ESRCH for an unknown token or a VM that is gone.
+        """
+        vcpu = self.tokens.get(token)
+        if vcpu is None or vcpu.kvm.destroyed:
+            raise KernelError("ESRCH", "no vCPU holds that token (wrong token, or its VM was destroyed)")
+        return vcpu
+
+    async def kvm_destroy_vm(self, kvm: Kvm) -> None:
+        """kvm_destroy_vm(): unmap stage 2, drop memslots and vCPUs, unregister the notifier."""
+        from hypervisor.kvm_mmu import kvm_uninit_mmu_notifier
+
+        if kvm.destroyed:
+            return
+        kvm.destroyed = True
+        kvm_uninit_mmu_notifier(self.k, kvm)
+        kvm.s2.clear()
+        kvm.memslots.clear()
+        kvm.nr_memslots_dirty_logging = 0
+        for v in kvm.vcpus:
+            self.tokens.pop(v.token, None)
+        self.vms.pop(kvm.handle, None)
+        self.k.sched.wake()
+
+    async def release_task(self, task: "Task") -> None:
+        """The process exited: its VM fds close, its VMs are destroyed."""
+        for kvm in [v for v in self.vms.values() if v.owner is task]:
+            await self.kvm_destroy_vm(kvm)

@@ -1,0 +1,282 @@
+"""Stage 2: guest faults, tag sanitising, MMU notifiers, write protection (arch/arm64/kvm/mmu.c).
+
+A VM's stage-2 table (``kvm.s2``) maps guest frame numbers to the VMM's frames
+with a permission and a memory type. It is filled on demand by
+:func:`kvm_handle_guest_abort` -> :func:`user_mem_abort` and emptied by the MMU
+notifier whenever the VMM's host PTEs change (munmap, MAP_FIXED, swap-out,
+migration, copy-on-write, mprotect, exit).
+
+``user_mem_abort`` follows the v6.17-era code step by step (reference 4.3):
+look the VMA up under ``mmap_read_lock`` and sample ``VM_MTE_ALLOWED``, the
+flags and the cacheability there; read ``mmu_invalidate_seq``; unlock; fault
+the page in through GUP; for non-struct-page PFNMAP memory force a
+non-cacheable mapping; take the MMU lock and retry if an invalidation ran
+meanwhile; then, for non-permission faults of cacheable mappings of an MTE VM,
+``sanitise_mte_tags`` (or EFAULT when the VMA lacked VM_MTE_ALLOWED); map.
+
+Model notes:
+    * The MMU notifier runs synchronously where the host PTE changes, while
+      Linux's ``invalidate_range_start`` waits for ``mmu_lock``. Since
+      sanitising has scheduling points, the fault checks
+      ``mmu_invalidate_retry`` again right before installing, with no point in
+      between: the same exclusion, expressed as a retry.
+    * Stage 2 keeps no page reference (as KVM): it relies on the notifier.
+      The STAGE-2 COHERENT oracle checks that every entry still maps the frame
+      the VMM's PTE maps.
+    * The zero page: a read fault on untouched anonymous memory maps the
+      shared zero page read-only. ``sanitise_mte_tags`` skips it
+      (2986a6257400, "KVM: arm64: Omit tag sync on stage-2 mappings of the
+      zero page"); bug-zoo ``kvm-tags-zero-page`` brings the old code back.
+
+Bug zoo here: ``mte-allowed-outside-lock`` samples ``VM_MTE_ALLOWED`` through
+the VMA pointer after ``mmap_read_unlock`` (before 8c2e8ac8ad4b). If the VMM
+unmapped or replaced that VMA meanwhile, that is a use-after-free of the VMA,
+which the VMA-USE-AFTER-FREE oracle reports as KASAN would.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hypervisor.errors import KernelError
+from hypervisor.kvm import Kvm, S2Entry, Vcpu, kvm_has_mte
+from hypervisor.memory import get_page, handle_mm_fault, put_page
+from hypervisor.memslot import Memslot, ghost_kvm_write, mark_page_dirty
+from hypervisor.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
+from hypervisor.mte_lock import (
+    folio_set_hugetlb_mte_tagged,
+    folio_try_hugetlb_mte_tagging,
+    set_page_mte_tagged,
+    try_page_mte_tagging,
+)
+from hypervisor.page import Page
+from hypervisor.tags import mte_clear_page_tags
+from hypervisor.vma import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
+from shared.mte import PAGE_SHIFT, PAGES_PER_HPAGE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+
+#: user_mem_abort() asks its caller to re-enter the guest (the fault is taken again).
+RETRY = object()
+#: kvm_handle_guest_abort() found no memslot: KVM_EXIT_MMIO to the VMM.
+MMIO = object()
+
+
+# ---- MMU notifiers -------------------------------------------------------------
+
+def kvm_init_mmu_notifier(k: "Kernel", kvm: Kvm) -> None:
+    """kvm_init_mmu_notifier(): hear every change of the VMM's host PTEs."""
+
+    def invalidate(r: MmuNotifierRange) -> None:
+        kvm_mmu_notifier_invalidate_range_start(k, kvm, r)
+
+    kvm.notifier = invalidate
+    mmu_notifier_register(kvm.mm, invalidate)
+
+
+def kvm_uninit_mmu_notifier(k: "Kernel", kvm: Kvm) -> None:
+    """mmu_notifier_unregister() at VM destruction."""
+    if kvm.notifier is not None:
+        mmu_notifier_unregister(kvm.mm, kvm.notifier)
+        kvm.notifier = None
+
+
+def kvm_mmu_notifier_invalidate_range_start(k: "Kernel", kvm: Kvm, r: MmuNotifierRange) -> None:
+    """kvm_mmu_notifier_invalidate_range_start() -> kvm_unmap_gfn_range() for every slot hit."""
+    kvm.mmu_invalidate_seq += 1  # mmu_invalidate_begin/end: a fault that sampled the old value retries
+    for slot in kvm.memslots.values():
+        s_start, s_end = slot.userspace_addr, slot.userspace_addr + (slot.npages << PAGE_SHIFT)
+        lo, hi = max(r.start, s_start), min(r.end, s_end)
+        if lo >= hi:
+            continue
+        first = slot.base_gfn + ((lo - s_start) >> PAGE_SHIFT)
+        last = slot.base_gfn + ((hi - 1 - s_start) >> PAGE_SHIFT)
+        if last - first + 1 > len(kvm.s2):
+            for gfn in [g for g in kvm.s2 if first <= g <= last]:
+                del kvm.s2[gfn]
+        else:
+            for gfn in range(first, last + 1):
+                kvm.s2.pop(gfn, None)
+    k.sched.wake()
+
+
+def kvm_arch_flush_shadow_memslot(k: "Kernel", kvm: Kvm, slot: Memslot) -> None:
+    """kvm_arch_flush_shadow_memslot(): unmap a deleted or moved slot from stage 2."""
+    for gfn in range(slot.base_gfn, slot.base_gfn + slot.npages):
+        kvm.s2.pop(gfn, None)
+    kvm.mmu_invalidate_seq += 1
+
+
+def kvm_mmu_wp_memory_region(k: "Kernel", kvm: Kvm, slot: Memslot) -> None:
+    """kvm_mmu_wp_memory_region(): write-protect a slot's stage 2 when dirty logging starts."""
+    kvm_arch_mmu_enable_log_dirty_pt_masked(k, kvm, slot, range(slot.npages))
+
+
+def kvm_arch_mmu_enable_log_dirty_pt_masked(k: "Kernel", kvm: Kvm, slot: Memslot, indexes) -> None:
+    """kvm_arch_mmu_enable_log_dirty_pt_masked(): write-protect these pages of the slot again."""
+    for i in indexes:
+        e = kvm.s2.get(slot.base_gfn + i)
+        if e is not None:
+            e.writable = False
+
+
+# ---- the fault -----------------------------------------------------------------
+
+def fault_supports_stage2_huge_mapping(slot: Memslot, hva: int) -> bool:
+    """fault_supports_stage2_huge_mapping(): IPA and hva congruent mod 2 MiB, block inside the slot."""
+    gpa_start = slot.base_gfn << PAGE_SHIFT
+    uaddr_start = slot.userspace_addr
+    uaddr_end = uaddr_start + (slot.npages << PAGE_SHIFT)
+    size = PAGES_PER_HPAGE << PAGE_SHIFT
+    if (gpa_start & (size - 1)) != (uaddr_start & (size - 1)):
+        return False
+    block = hva & ~(size - 1)
+    return block >= uaddr_start and block + size <= uaddr_end
+
+
+async def __kvm_faultin_pfn(k: "Kernel", kvm: Kvm, hva: int, write: bool) -> tuple[Page, bool]:
+    """__kvm_faultin_pfn() -> GUP in the VMM's mm: the page (referenced) and whether it may be written.
+
+    Raises:
+        KernelError: EFAULT when GUP fails (kvm_handle_guest_abort returns it to KVM_RUN).
+    """
+    try:
+        pte = await handle_mm_fault(k, kvm.mm, hva, write)
+    except KernelError as exc:
+        raise KernelError("EFAULT", f"user_mem_abort: no page at hva {hva:#x} ({exc.message})") from None
+    page = pte.page
+    if not pte.special:
+        get_page(page)
+    return page, pte.write
+
+
+def _release(k: "Kernel", page: Page) -> None:
+    if page.zone == "normal" and page is not k.alloc.zero_page:
+        put_page(k, page)
+
+
+async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslot, hva: int, write: bool,
+                         fault_is_perm: bool):
+    """user_mem_abort() (arch/arm64/kvm/mmu.c, v6.17-era), MTE steps line for line.
+
+    Returns:
+        None when the stage-2 entry is installed, :data:`RETRY` when an MMU
+        invalidation raced with the fault (the guest takes it again).
+
+    Raises:
+        KernelError: EFAULT: no VMA at the hva, GUP failure, a cacheable PFNMAP,
+            or an MTE VM whose VMA has lost VM_MTE_ALLOWED.
+    """
+    mm = kvm.mm
+    logging_active = slot.logging
+    force_pte = logging_active
+    bug = "mte-allowed-outside-lock" in k.bugs
+    await mm.mmap_lock.read_lock()
+    try:
+        vma = mm.find_vma(hva)  # vma_lookup()
+        if vma is None:
+            raise KernelError("EFAULT", f"user_mem_abort: no VMA at hva {hva:#x} for IPA {gfn << PAGE_SHIFT:#x}")
+        huge = bool(vma.flags & VM_HUGETLB) and not force_pte and fault_supports_stage2_huge_mapping(slot, hva)
+        nr_pages = PAGES_PER_HPAGE if huge else 1
+        if not bug:
+            mte_allowed = bool(vma.flags & VM_MTE_ALLOWED)  # kvm_vma_mte_allowed(vma), under the lock
+        vm_flags = vma.flags
+        is_vma_cacheable = not vm_flags & VM_IO  # kvm_vma_is_cacheable(): device pgprot is not
+        stale_vma = vma
+        mmu_seq = kvm.mmu_invalidate_seq
+        await k.sched.point("user_mem_abort:mmap_read_unlock")
+    finally:
+        mm.mmap_lock.read_unlock()
+    page, host_writable = await __kvm_faultin_pfn(k, kvm, hva, write)
+    got = page
+    try:
+        s2_force_noncacheable = False
+        if vm_flags & VM_PFNMAP and page.zone == "device":  # !pfn_is_map_memory(pfn)
+            if is_vma_cacheable:
+                raise KernelError("EFAULT", "user_mem_abort: cacheable PFNMAP without FWB and DIC")
+            s2_force_noncacheable = True
+        if bug:
+            await k.sched.point("user_mem_abort:kvm_vma_mte_allowed")
+            k.oracle.on_vma_read(stale_vma, "user_mem_abort: kvm_vma_mte_allowed(vma) after mmap_read_unlock")
+            mte_allowed = bool(stale_vma.flags & VM_MTE_ALLOWED)
+        await k.sched.point("user_mem_abort:kvm_fault_lock")
+        if kvm.mmu_invalidate_seq != mmu_seq or kvm.destroyed:  # mmu_invalidate_retry()
+            return RETRY
+        if huge:
+            gfn &= ~(PAGES_PER_HPAGE - 1)
+            page = page.folio  # pfn &= ~(PTRS_PER_PMD - 1)
+        if not fault_is_perm and not s2_force_noncacheable and kvm_has_mte(k, kvm):
+            # Check the VMM hasn't introduced a new disallowed VMA
+            if mte_allowed:
+                await sanitise_mte_tags(k, kvm, page, nr_pages)
+            else:
+                raise KernelError("EFAULT", f"user_mem_abort: the VMA at hva {hva:#x} has no VM_MTE_ALLOWED "
+                                            "(the VMM replaced guest RAM after creating the memslot)")
+        if kvm.mmu_invalidate_seq != mmu_seq or kvm.destroyed:  # see "Model notes"
+            return RETRY
+        writable = host_writable and not slot.readonly
+        if logging_active and not write:
+            writable = False  # only map writable on a write fault while logging
+        for i in range(nr_pages):
+            sub = page if nr_pages == 1 else page.subpages[i]
+            kvm.s2[gfn + i] = S2Entry(sub, writable, not s2_force_noncacheable)
+        if writable:
+            mark_page_dirty(kvm, gfn)
+        k.sched.wake()
+        return None
+    finally:
+        _release(k, got)  # kvm_release_faultin_page(): stage 2 holds no reference
+
+
+async def sanitise_mte_tags(k: "Kernel", kvm: Kvm, page: Page, nr_pages: int) -> None:
+    """sanitise_mte_tags() (arch/arm64/kvm/mmu.c, v6.13+ with 2986a6257400).
+
+    Hugetlb: the flags live on the folio head; the tags of the ``nr_pages``
+    pages this fault maps are cleared (one page when dirty logging forces PTE
+    mappings). Other pages: each one initialised under the two-bit lock.
+    """
+    if not kvm_has_mte(k, kvm):
+        return
+    if page is k.alloc.zero_page and "kvm-tags-zero-page" not in k.bugs:
+        if nr_pages != 1:
+            k.warn_once("sanitise_mte_tags: zero page with nr_pages != 1")
+        return
+    if page.is_hugetlb:
+        folio = page.folio
+        if await folio_try_hugetlb_mte_tagging(k, folio):
+            first = page.pfn - folio.pfn
+            for i in range(nr_pages):
+                mte_clear_page_tags(k, folio.subpages[first + i])
+            await k.sched.point("sanitise_mte_tags:clear")
+            folio_set_hugetlb_mte_tagged(k, folio)
+        return
+    for i in range(nr_pages):
+        p = page if i == 0 else k.alloc.frames[page.pfn + i]
+        if await try_page_mte_tagging(k, p):
+            await k.sched.point("sanitise_mte_tags:clear")
+            mte_clear_page_tags(k, p)
+            set_page_mte_tagged(k, p)
+
+
+async def kvm_handle_guest_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, write: bool):
+    """kvm_handle_guest_abort(): a stage-2 fault on ``gfn``.
+
+    Returns:
+        None (mapped), :data:`RETRY`, or :data:`MMIO` when no memslot covers the
+        gfn or a write hits a read-only slot (io_mem_abort: KVM_EXIT_MMIO).
+
+    Raises:
+        KernelError: EFAULT from user_mem_abort (KVM_RUN fails with it).
+    """
+    slot = kvm.slot_of(gfn)
+    if slot is None or (write and slot.readonly):
+        return MMIO
+    entry = kvm.s2.get(gfn)
+    fault_is_perm = entry is not None and write and not entry.writable
+    return await user_mem_abort(k, kvm, vcpu, gfn, slot, slot.hva(gfn), write, fault_is_perm)
+
+
+def note_guest_write(kvm: Kvm, gfn: int) -> None:
+    """A guest store or tag store retired on ``gfn`` (ghost state for DIRTY-LOG-COMPLETE)."""
+    ghost_kvm_write(kvm, gfn)
