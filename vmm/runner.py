@@ -26,8 +26,12 @@ import trio
 from hypervisor.kernel import Kernel
 from hypervisor.sched import make_scheduler
 from shared.wire import Client, RemoteError
-from vmm.hostlink import InProcessHost, ProcessHost
+from vmm.hostlink import InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
 from vmm.scenario import Expect, Parallel, Scenario, SchedulerSpec, Step
+
+#: Ops a VMM runs on its own address space, exactly as a host process does.
+HOST_PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load",
+                    "stg", "ldg", "irg", "fork", "ptrace-peek-tags", "ptrace-poke-tags")
 
 
 class RunError(Exception):
@@ -124,15 +128,12 @@ class _Run:
         self.procs: dict[str, Client] = {}
         self.pids: dict[str, int] = {}
         self.proc_host: dict[str, str] = {n: p.host for n, p in scn.processes.items()}
+        self.proc_host.update({f"vmm:{n}": v.host for n, v in scn.vms.items()})
+        self.vmm_links: dict[str, Any] = {}
+        self.vmms: dict[str, Client] = {}  # VM name -> the VMM's control channel
         self.session = f"scenario:{id(self)}"
 
     async def setup(self) -> None:
-        if self.scn.vms or any(
-            s.actor_kind in ("vmm", "guest") for st in self.scn.steps
-            for s in (st.steps if isinstance(st, Parallel) else (st,))
-        ):
-            raise RunError("VMs, VMM and guest actors are not modelled yet (KVM arrives with the next issue); "
-                           "this build runs host-process scenarios")
         if self.opts.host is not None and (self.controlled or len(self.scn.hosts) > 1):
             raise RunError("--host runs one host under the free scheduler; controlled schedulers and several "
                            "hosts need the embedded hypervisor")
@@ -157,10 +158,40 @@ class _Run:
             client, hello = await self.hosts[spec.host].connect("process", name=name, session=self.session)
             self.procs[name] = client
             self.pids[name] = hello["pid"]
+        for name, vm in self.scn.vms.items():
+            await self._start_vmm(name, vm)
 
+    async def _start_vmm(self, name: str, vm) -> None:
+        """Start the VM's VMM process (in-process under a controlled scheduler) and build the VM."""
+        host = self.hosts[vm.host]
+        if isinstance(host, InProcessHost):
+            link = InProcessVmm(self.nursery, host, name=name, session=self.session)
+        else:
+            link = ProcessVmm(self.nursery, host.address, host.secret, name=name, session=self.session)
+        self.vmm_links[name] = link
+        await link.start()
+        client = await link.connect()
+        self.vmms[name] = client
+        ctx = f"vmm:{name}/setup"
+        if vm.setup == "manual":
+            await client.call("vm-create", {"name": name, "ipa_bits": vm.ipa_bits}, ctx=ctx)
+        else:
+            memory = [{"ipa": m.ipa, "size": m.size, "backing": m.backing, "object": m.object,
+                       "prot_mte": m.prot_mte} for m in vm.memory]
+            try:
+                await client.call("vm-setup", {"name": name, "ipa_bits": vm.ipa_bits, "mte": vm.mte,
+                                               "vcpus": vm.vcpus, "memory": memory}, ctx=ctx)
+            except RemoteError as exc:
+                raise RunError(f"VM {name!r} could not be built: {exc} (use setup = \"manual\" to expect "
+                               "the failure in a step)") from None
+        self.pids[f"vmm:{name}"] = (await client.call("status")).value["pid"]
     def _request(self, step: Step) -> tuple[str, dict]:
         a = dict(step.args)
         op = step.op
+        if step.actor_kind == "guest":
+            return "guest-op", {"vcpu": step.vcpu or 0, "op": op, "args": _plain(a)}
+        if step.actor_kind == "vmm" and op not in HOST_PROCESS_OPS:
+            return "vmm-op", {"op": op, "args": _plain(a)}
         if op == "mmap":
             a["prot"] = list(a["prot"])
         elif op == "mprotect":
@@ -172,21 +203,33 @@ class _Run:
         elif op == "fork":
             a = {"child": a["child"]}
         elif step.actor_kind == "host":
-            if a.get("vm") is not None:
-                raise RunError("host ops on VMs arrive with KVM")
-            b = {"pid": self.pids[a["process"]], "addr": a["addr"]}
+            b = {"pid": self.pids.get(a["process"]), "addr": a["addr"]}
             if op != "page-flags":
                 b["size"] = a["size"]
             a = b
+        if step.actor_kind == "vmm":
+            return "vmm-op", {"op": op, "args": a}
         return op, a
+
+    async def _resolve_vm(self, step: Step, args: dict) -> dict:
+        """A host op on ``vm`` + ``ipa``: the VMM's pid and the address it maps the IPA at."""
+        hva = (await self.vmms[step.args["vm"]].call("ipa-to-hva", {"ipa": step.args["addr"]})).value
+        return dict(args, pid=hva["pid"], addr=hva["hva"])
 
     async def run_step(self, step: Step, results: list) -> None:
         index = str(step.number) if step.path_in_parallel is None else f"{step.number}.{step.path_in_parallel}"
         ctx = f"{step.actor}/{index}"
-        client = self.host_clients[step.actor_target] if step.actor_kind == "host" else self.procs[step.actor_target]
-        op, args = self._request(step)
+        if step.actor_kind == "host":
+            client = self.host_clients[step.actor_target]
+        elif step.actor_kind in ("vmm", "guest"):
+            client = self.vmms[step.actor_target]
+        else:
+            client = self.procs[step.actor_target]
         message = ""
         try:
+            op, args = self._request(step)
+            if step.actor_kind == "host" and step.args.get("vm") is not None:
+                args = await self._resolve_vm(step, args)
             reply = await client.call(op, args, ctx=ctx)
         except RemoteError as exc:
             outcome, value, message = exc.name, None, exc.message
@@ -199,19 +242,21 @@ class _Run:
                     value = reply.fault["addr"]
                     message = (f"pointer tag {reply.fault.get('pointer_tag')} != memory tag "
                                f"{reply.fault.get('memory_tag')} at {reply.fault['addr']:#x}")
-            if op == "load" and isinstance(value, (bytes, bytearray)):
+            op = step.op
+            if op in ("load", "dma-read") and isinstance(value, (bytes, bytearray)):
                 value = bytes(value).hex()
             elif op == "fork":
                 await self._attach_child(step, value)
                 value = None
             elif op == "ptrace-peek-tags" and isinstance(value, (bytes, bytearray)):
                 value = list(value)
+        op = step.op
         passed = judge(step.expect, outcome, value, op)
         results.append(StepResult(index, step.actor, op, describe_expect(step.expect), outcome, value, passed, message))
 
     async def _attach_child(self, step: Step, value: dict) -> None:
         child = step.args["child"]
-        host = self.proc_host[step.actor_target]
+        host = self.proc_host[step.actor if step.actor_kind == "vmm" else step.actor_target]
         client, hello = await self.hosts[host].connect("process", attach=value["token"])
         self.procs[child] = client
         self.pids[child] = hello["pid"]
@@ -238,6 +283,15 @@ class _Run:
         return ""
 
     async def teardown(self) -> None:
+        for name, c in self.vmms.items():
+            with trio.move_on_after(30), trio.CancelScope(shield=True):
+                try:
+                    await c.call("shutdown")
+                except Exception:  # noqa: BLE001 - a VMM that died is torn down anyway
+                    pass
+        for link in self.vmm_links.values():
+            with trio.move_on_after(30), trio.CancelScope(shield=True):
+                await link.stop()
         for c in list(self.procs.values()) + list(self.host_clients.values()):
             with trio.CancelScope(shield=True):
                 await c.aclose()
@@ -248,6 +302,11 @@ class _Run:
             if isinstance(link, ProcessHost):
                 with trio.CancelScope(shield=True):
                     await link.stop()
+
+
+def _plain(args: dict) -> dict:
+    """Scenario args as msgpack carries them (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
 
 
 def _scheduler_text(spec: SchedulerSpec) -> str:

@@ -38,6 +38,8 @@ Decisions where the contract is silent:
   ``flags`` is ``None`` unless given raw (the runner derives it from ``direction``).
 - ``store`` and ``dma-write`` take ``data`` or ``fill`` + ``size``; both end up as ``data``.
 - A ``parallel`` step needs at least one sub-step and may not nest another ``parallel``.
+- ``guest:VM:N`` needs ``N < vcpus``; a ``setup = "manual"`` VM creates its vCPUs in steps, so
+  any index up to 511 parses (a vCPU that was never created is ENODEV when the step runs).
 - Memslots: ``backing`` defaults to ``anon``; ``ipa`` and ``size`` are page aligned (2 MiB for
   ``hugetlb``), ``size > 0``, slots do not overlap and fit in ``ipa_bits``. ``object`` is only
   for ``memfd``, ``shmem`` and ``file``, and one object keeps one backing everywhere.
@@ -603,7 +605,8 @@ def _parse_actor(actor: Any, st: _State, w: _Where) -> tuple[str, str, int | Non
     if head == "vmm" and len(parts) == 2 and parts[1] in st.vms:
         return "vmm", parts[1], None
     if head == "guest" and len(parts) in (2, 3) and parts[1] in st.vms:
-        vcpus = st.vms[parts[1]].vcpus
+        spec = st.vms[parts[1]]
+        vcpus = spec.vcpus if spec.setup != "manual" else 512  # manual VMs create vCPUs in steps
         if len(parts) == 2:
             return "guest", parts[1], 0
         if parts[2].isdigit() and parts[2].isascii() and int(parts[2]) < vcpus:
