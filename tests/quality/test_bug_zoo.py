@@ -9,6 +9,12 @@ Measured detection (200 seeds, this scenario shape): flag-before-init 6/200
 tags actually lost. PCT (depth 3) on the same scenarios: flag-before-init
 5/200 (first at seed 32), no-tag-lock 21/200 (first at seed 6). Budgets below
 leave room above the first hit.
+
+KVM paths (random walk, 100 seeds, in-process VMM and guest, about 40 ms a
+run): no-tag-lock in its KVM form (sanitise_mte_tags racing the VMM's
+set_pte_at) 61/100, 4 of the first 10 losing tags; mte-allowed-outside-lock
+44/100 (the VMA read after munmap freed it); copy-tags-during-dirty-log 23/50;
+kvm-tags-zero-page is deterministic (every run). The fixed model: 0 of each.
 """
 
 from __future__ import annotations
@@ -90,6 +96,87 @@ class TestNoTagLock:
     async def test_fixed_model_clean(self):
         """The same seeds run clean with the two-bit lock."""
         _, failures = await hunt("race-shared-init.toml", (), range(BUDGET))
+        assert failures == []
+
+
+KVM_BUDGET = 60  # seeds per KVM hunt (each run starts a VMM and a guest in-process)
+
+
+class TestKvmNoTagLock:
+    """d77e59a8fccd, KVM form: sanitise_mte_tags() racing the VMM's set_pte_at() on a MAP_SHARED page."""
+
+    async def test_found_within_budget(self):
+        """A second initialiser of a shared guest page is found, and some run loses the VMM's tags."""
+        _, failures = await hunt("race-kvm-sanitise-vs-vmm.toml", ("no-tag-lock",), range(KVM_BUDGET))
+        assert failures, f"no-tag-lock (KVM) not found in {KVM_BUDGET} seeds"
+        assert "EXCLUSIVE-INIT" in invariants(failures[0][1])
+        lost = [r for _s, r in failures if "PRESERVE-ON-MAP" in invariants(r)]
+        assert lost, "no run lost tags"
+        assert any(not s.passed and s.op == "ldg" and s.actor == "guest:vm0" for s in lost[0].steps)
+        assert any(v["actor"].startswith("guest:vm0") for v in lost[0].violations
+                   if v["invariant"] == "PRESERVE-ON-MAP"), "the guest's sanitise is the late initialiser"
+
+    async def test_fixed_model_clean(self):
+        """The same seeds run clean with the two-bit lock."""
+        _, failures = await hunt("race-kvm-sanitise-vs-vmm.toml", (), range(KVM_BUDGET))
+        assert failures == []
+
+
+class TestMteAllowedOutsideLock:
+    """8c2e8ac8ad4b: user_mem_abort sampled VM_MTE_ALLOWED through a VMA pointer after mmap_read_unlock."""
+
+    async def test_found_within_budget(self):
+        """A VMM MAP_FIXED during the fault makes the old code read a freed VMA; the file page is never mapped."""
+        _, failures = await hunt("race-memslot-map-fixed.toml", ("mte-allowed-outside-lock",), range(KVM_BUDGET))
+        assert failures, f"mte-allowed-outside-lock not found in {KVM_BUDGET} seeds"
+        for _s, r in failures:
+            assert invariants(r) == {"VMA-USE-AFTER-FREE"}, r.violations  # never MTE-VM-MEMORY-IS-TAG-CAPABLE
+
+    async def test_failure_replays(self):
+        """The failing schedule replays to the same use-after-free."""
+        scn, failures = await hunt("race-memslot-map-fixed.toml", ("mte-allowed-outside-lock",), range(KVM_BUDGET))
+        again = await run_scenario(scn, RunOptions(bugs=("mte-allowed-outside-lock",),
+                                                   scheduler=SchedulerSpec("replay", None, failures[0][1].schedule)))
+        assert invariants(again) == {"VMA-USE-AFTER-FREE"}
+
+    async def test_fixed_model_clean(self):
+        """The same seeds run clean when the flag is sampled under the lock."""
+        _, failures = await hunt("race-memslot-map-fixed.toml", (), range(KVM_BUDGET))
+        assert failures == []
+
+
+class TestCopyTagsDuringDirtyLog:
+    """The v6.13 EBUSY check: TO_GUEST tag writes escape the dirty log."""
+
+    async def test_found_within_budget(self):
+        """A restore that lands after logging started is missing from the dirty log."""
+        _, failures = await hunt("race-copy-tags-vs-dirty-log.toml", ("copy-tags-during-dirty-log",),
+                                 range(KVM_BUDGET))
+        assert failures, f"copy-tags-during-dirty-log not found in {KVM_BUDGET} seeds"
+        assert invariants(failures[0][1]) == {"DIRTY-LOG-COMPLETE"}
+
+    async def test_fixed_model_clean(self):
+        """The same seeds run clean: the restore is refused with EBUSY or runs before logging."""
+        scn, failures = await hunt("race-copy-tags-vs-dirty-log.toml", (), range(KVM_BUDGET))
+        assert failures == []
+        outcomes = set()
+        for seed in range(KVM_BUDGET):
+            r = await run_scenario(scn, RunOptions(scheduler=SchedulerSpec("random", seed)))
+            outcomes.add(next(s.outcome for s in r.steps if s.op == "copy-tags"))
+        assert outcomes == {"ok", "EBUSY"}, "both orders should occur"
+
+
+class TestKvmTagsZeroPage:
+    """2986a6257400: sanitise_mte_tags() flagged the shared zero page mapped by a stage-2 read fault."""
+
+    async def test_found(self):
+        """A guest read of untouched anonymous RAM flags ZERO_PAGE under the old code."""
+        _, failures = await hunt("vm-guest-reads-untouched-memory.toml", ("kvm-tags-zero-page",), range(1))
+        assert failures and invariants(failures[0][1]) == {"ZERO-PAGE-NEVER-FLAGGED"}
+
+    async def test_fixed_model_clean(self):
+        """The fixed code leaves the zero page untagged."""
+        _, failures = await hunt("vm-guest-reads-untouched-memory.toml", (), range(3))
         assert failures == []
 
 
