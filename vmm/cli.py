@@ -42,6 +42,10 @@ def _fmt(v) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+#: Violations printed per invariant in the table (the JSON has all of them).
+VIOLATIONS_SHOWN = 5
+
+
 def print_result(r: ScenarioResult, out=sys.stdout) -> None:
     """The human table for one scenario."""
     print(f"\n== {r.name}  ({r.path}, scheduler {r.scheduler})", file=out)
@@ -56,9 +60,15 @@ def print_result(r: ScenarioResult, out=sys.stdout) -> None:
     for s in r.steps:
         if not s.passed and s.message:
             print(f"  step {s.index}: {s.message}", file=out)
+    shown: dict[str, int] = {}
     for v in r.violations:
-        print(f"  VIOLATION {v['invariant']}: {v['message']}" + (f" [{v['actor']}]" if v.get("actor") else ""),
-              file=out)
+        n = shown[v["invariant"]] = shown.get(v["invariant"], 0) + 1
+        if n <= VIOLATIONS_SHOWN:
+            print(f"  VIOLATION {v['invariant']}: {v['message']}" + (f" [{v['actor']}]" if v.get("actor") else ""),
+                  file=out)
+    for inv, n in shown.items():
+        if n > VIOLATIONS_SHOWN:
+            print(f"  ... and {n - VIOLATIONS_SHOWN} more {inv} (all of them in --json)", file=out)
     if r.replay_command:
         print(f"  schedule: {r.schedule or '(default order)'}", file=out)
         print(f"  replay:   {r.replay_command}", file=out)
@@ -86,10 +96,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def list_bugs(out=sys.stdout) -> None:
-    """The bug zoo as a table: name, modelled or not yet, the fix, what it reintroduces."""
+    """The bug zoo as a table: name, where it lives (host kernel or KVM), the fix, what it reintroduces."""
     for b in BUGS.values():
-        state = "modelled" if b.issue <= 2 else "with KVM"
-        print(f"{b.name:28} {state:9} fixed by {b.fixed_by}", file=out)
+        where = "host mm" if b.issue <= 2 else "KVM"
+        print(f"{b.name:28} {where:8} fixed by {b.fixed_by}", file=out)
         print(f"{'':28} {b.reintroduces}", file=out)
 
 

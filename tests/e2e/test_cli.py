@@ -438,18 +438,26 @@ class TestHunt:
 
 class TestBugsCommand:
     def test_lists_every_bug_with_its_fix(self):
-        """``mtekvm bugs`` names every bug-zoo entry, whether it is modelled yet, and the commit that fixed it."""
+        """``mtekvm bugs`` names every bug-zoo entry, where it lives, and the commit that fixed it."""
         r = run_cli("bugs")
         assert r.returncode == 0
         for name, fix in [("flag-before-init", "e059853d14ca"), ("no-tag-lock", "d77e59a8fccd"),
-                          ("mte-allowed-outside-lock", "8c2e8ac8ad4b")]:
+                          ("mte-allowed-outside-lock", "8c2e8ac8ad4b"), ("kvm-tags-zero-page", "2986a6257400")]:
             line = next(ln for ln in r.stdout.splitlines() if ln.startswith(name))
             assert fix in line
-        assert "modelled" in next(ln for ln in r.stdout.splitlines() if ln.startswith("no-tag-lock"))
-        assert "with KVM" in next(ln for ln in r.stdout.splitlines() if ln.startswith("copy-tags-during"))
+        assert "host mm" in next(ln for ln in r.stdout.splitlines() if ln.startswith("no-tag-lock"))
+        assert "KVM" in next(ln for ln in r.stdout.splitlines() if ln.startswith("copy-tags-during"))
 
-    def test_unmodelled_bug_is_refused(self):
-        """Switching on a KVM bug before KVM is modelled is exit 2 with a message, not a silent no-op."""
-        r = run_cli("run", str(ROOT / "scenarios/race-shared-init.toml"), "--bug", "mte-allowed-outside-lock")
-        assert r.returncode == 2
-        assert "not model" in r.stderr and "mte-allowed-outside-lock" in r.stderr
+    def test_kvm_bug_is_switched_on(self):
+        """A KVM bug named with --bug is switched on and found by the hunt (exit 1, a replay command)."""
+        r = run_cli("run", str(ROOT / "scenarios/race-memslot-map-fixed.toml"), "--bug", "mte-allowed-outside-lock",
+                    "--scheduler", "random", "--seeds", "20")
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "VMA-USE-AFTER-FREE" in r.stdout and "replay:" in r.stdout
+
+    def test_many_violations_are_summarised(self):
+        """A run with hundreds of violations prints a few per invariant and says how many more there are."""
+        r = run_cli("run", str(ROOT / "scenarios/findings/hugetlb-dirty-log-stale-tags.toml"))
+        assert r.returncode == 1
+        assert r.stdout.count("VIOLATION LAST-TAG-WRITTEN") == 5
+        assert "more LAST-TAG-WRITTEN" in r.stdout
