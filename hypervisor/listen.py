@@ -50,7 +50,7 @@ async def open_listener(text: str) -> trio.SocketListener:
             except OSError:
                 os.unlink(path)  # a stale socket from a previous run
             else:
-                raise OSError(98, f"{path}: another hypervisor is listening there (EADDRINUSE)")
+                raise OSError(98, f"{path}: another server is listening there (EADDRINUSE)")
             finally:
                 probe.close()
         sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)

@@ -61,7 +61,7 @@ _VMM_CONTROL = [
     OpDef("vmm-op", "any", (F("op", _str), F("args", _args, {})),
           "Run one VMM op of the scenario contract (its own address space, or a KVM ioctl)."),
     OpDef("guest-op", "any", (F("vcpu", _u64, 0), F("op", _str), F("args", _args, {})),
-          "Run one guest op on a vCPU (the guest is started if it is not running yet)."),
+          "Run one guest op on a vCPU (ENODEV until the VM has a vCPU, ESRCH once the guest died)."),
     OpDef("ipa-to-hva", "any", (F("ipa", _u64),), "The VMM's pid and the address it maps ``ipa`` at."),
     OpDef("status", "any", (), "{pid, vm, guest: {state, detail}, exits: [...]}."),
     OpDef("kill-guest", "any", (), "SIGKILL the guest process (supervision tests)."),

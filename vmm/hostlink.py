@@ -180,3 +180,186 @@ class ProcessHost(HostLink):
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+# ---- VMMs: one per VM, driven through VMM_CONTROL ----------------------------------------
+
+from vmm.guestlink import InProcessGuests  # noqa: E402 - the VMM side, after the host side
+from vmm.machine import Vmm  # noqa: E402
+
+
+class VmmLink:
+    """A VMM the orchestrator drives through its control channel (:data:`shared.control.VMM_CONTROL`).
+
+    Args:
+        nursery: where the link's background tasks run.
+        name: the VM's name (the VMM is the host process ``vmm:NAME``).
+        session: the scenario's session.
+    """
+
+    def __init__(self, nursery: trio.Nursery, name: str, session: str | None):
+        self.nursery = nursery
+        self.name = name
+        self.session = session
+
+    async def start(self) -> None:
+        """Start the VMM (it connects to the hypervisor).
+
+        Raises:
+            HostStartError: the VMM could not be started or reach the hypervisor.
+        """
+        raise NotImplementedError
+
+    async def connect(self) -> Client:
+        """Open a control connection; returns a client with its receive loop running."""
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        """Shut the VMM down (VM destroyed, guest stopped); idempotent."""
+        raise NotImplementedError
+
+
+class InProcessVmm(VmmLink):
+    """A :class:`vmm.machine.Vmm` in this trio run, with an in-process guest.
+
+    Args:
+        nursery: where the VMM runs.
+        host: the hypervisor (its ``connect`` gives the VMM's and the guest's connections).
+        name: the VM's name.
+        session: the scenario's session.
+        copy_chunk: passed to :class:`~vmm.machine.Vmm` when given.
+    """
+
+    def __init__(self, nursery: trio.Nursery, host: HostLink, name: str, session: str | None, *,
+                 copy_chunk: int | None = None):
+        super().__init__(nursery, name, session)
+        self.host = host
+        self.copy_chunk = copy_chunk
+        self.vmm: Vmm | None = None
+        self._inner: trio.Nursery | None = None
+
+    async def start(self) -> None:
+        """Start the VMM's tasks and connect it to the hypervisor.
+
+        Raises:
+            vmm.machine.VmmError: the hypervisor could not be reached.
+            shared.wire.RemoteError: the hypervisor refused the VMM's hello.
+        """
+        await self.nursery.start(self._run)
+
+    async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as inner:
+            self._inner = inner
+            extra = {} if self.copy_chunk is None else {"copy_chunk": self.copy_chunk}
+            self.vmm = Vmm(self.host.connect, InProcessGuests(inner, self.host.connect), name=self.name,
+                           session=self.session, **extra)
+            await self.vmm.start()
+            task_status.started()
+            await trio.sleep_forever()  # stop() cancels
+
+    async def connect(self) -> Client:
+        """A control connection over an in-memory stream."""
+        client_end, server_end = trio.testing.memory_stream_pair()
+        self._inner.start_soon(self.vmm.serve, server_end)
+        client = Client(client_end)
+        await self._inner.start(client.run)
+        return client
+
+    async def stop(self) -> None:
+        """Shut the VMM down, then cancel its tasks (control clients see their connection close)."""
+        if self.vmm is not None:
+            await self.vmm.shutdown()
+        if self._inner is not None:
+            self._inner.cancel_scope.cancel()
+            self._inner = None
+
+
+class ProcessVmm(VmmLink):
+    """A ``python -m vmm`` process on a private Unix socket.
+
+    Args:
+        nursery: where control clients' receive loops run.
+        address: the hypervisor's address.
+        secret: the hypervisor's secret (passed in ``MTEKVM_SECRET``), or ``None``.
+        name: the VM's name.
+        session: the scenario's session.
+    """
+
+    def __init__(self, nursery: trio.Nursery, address: str, secret: str | None, name: str,
+                 session: str | None):
+        super().__init__(nursery, name, session)
+        self.hv_address = address
+        self.secret = secret
+        self.address: str | None = None
+        self.process: trio.Process | None = None
+        self.log_path: str | None = None
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    async def start(self) -> None:
+        """Start the VMM process and wait until it listens.
+
+        Raises:
+            HostStartError: it exited (e.g. could not reach the hypervisor) or never said it was listening.
+        """
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtekvm-vmm-")
+        path = os.path.join(self._tmp.name, "vmm.sock")
+        self.log_path = os.path.join(self._tmp.name, "vmm.log")
+        cmd = [sys.executable, "-m", "vmm", "--hypervisor", self.hv_address, "--listen", f"unix:{path}",
+               "--name", self.name]
+        if self.session is not None:
+            cmd += ["--session", self.session]
+        env = {k: v for k, v in os.environ.items() if k != "MTEKVM_SECRET"}
+        if self.secret is not None:
+            env["MTEKVM_SECRET"] = self.secret
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            self.process, self.address = await start_listening_process(cmd, env, log_path=self.log_path)
+        except HostStartError:
+            self._tmp.cleanup()
+            self._tmp = None
+            raise
+
+    def log(self) -> str:
+        """What the VMM process (and its guest) wrote to stderr so far."""
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except (OSError, TypeError):
+            return ""
+
+    async def connect(self) -> Client:
+        """A control connection to the VMM's socket.
+
+        Raises:
+            HostStartError: the VMM is not listening (it exited).
+        """
+        try:
+            stream = await open_connection(self.address)
+        except OSError as exc:
+            raise HostStartError(f"cannot reach the VMM at {self.address}: {exc}") from None
+        client = Client(stream)
+        await self.nursery.start(client.run)
+        return client
+
+    async def stop(self) -> None:
+        """Ask for a shutdown, wait for the process to exit (SIGTERM, then SIGKILL if it does not)."""
+        from shared.wire import RemoteError, WireError
+
+        if self.process is not None:
+            if self.process.returncode is None:
+                with trio.move_on_after(15):
+                    try:
+                        client = await self.connect()
+                        try:
+                            await client.call("shutdown")
+                        finally:
+                            await client.aclose()
+                    except (HostStartError, RemoteError, WireError, OSError):
+                        pass
+                    await self.process.wait()
+            await stop_process(self.process)
+            self.process = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

@@ -1,0 +1,512 @@
+"""The VMM core: one VM, in the role QEMU or crosvm play.
+
+:class:`Vmm` serves :data:`shared.control.VMM_CONTROL` (the orchestrator's
+channel) and :data:`shared.control.EXIT_CHANNEL` (its guest's vCPU exits). It
+is a host process of the hypervisor (one ``process`` connection, hello
+``{role: "process", name: "vmm:NAME", session}``): it maps guest RAM in its
+own address space, issues the KVM ioctls (``kvm-*`` ops) on the VM it
+created, starts the guest through a launcher (:mod:`vmm.guestlink`) and hands
+it the vCPU tokens, emulates the DMA device (:mod:`vmm.dma`) and supervises
+the guest: when the guest dies the exit is recorded, the VM destroyed and
+guest RAM unmapped, and later guest ops get ESRCH.
+
+Every hypervisor call made for a request carries that request's ``ctx``, so
+the hypervisor's controlled scheduler names the kernel context after the
+scenario step.
+
+The same class runs in a ``python -m vmm`` process and in-process (over
+``trio.testing.memory_stream_pair``); only the launchers differ.
+
+Errors (as :class:`VmmError` or passed through from the hypervisor/guest):
+    ENODEV: no VM yet / no such vCPU / the VMM has shut down.
+    EEXIST: a second VM for this VMM.
+    ESRCH: the guest is gone (the message says how it died).
+    EFAULT: an IPA outside every memslot (DMA, ipa-to-hva).
+    EINVAL: bad arguments; dirty-log on an unknown slot.
+    ENOSYS: unknown VMM op.
+    EIO: the hypervisor connection was lost, or the guest could not be started.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from shared.abi import (MAX_IO, F, OpDef, _bool, _enum, _memslot_flags, _opt, _size, _str, _u64,
+                        _u64_pair, validate_args)
+from shared.control import EXIT_CHANNEL, VMM_CONTROL
+from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name, errno_number
+from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
+from shared.rpc import serve_requests
+from shared.wire import Client, ConnectionClosed, RemoteError, Reply
+
+log = logging.getLogger("mtekvm.vmm")
+
+
+class VmmError(Exception):
+    """A VMM request failed with a Linux errno (the root of the vmm package's errors).
+
+    Args:
+        errno: the errno number, or its name (``"ESRCH"``).
+        message: what went wrong.
+    """
+
+    def __init__(self, errno: int | str, message: str):
+        self.errno = errno_number(errno) if isinstance(errno, str) else errno
+        self.name = errno_name(self.errno)
+        self.message = message
+        super().__init__(f"{self.name}: {message}")
+
+
+from vmm import dma  # noqa: E402 - dma refers to VmmError above
+
+#: Host-process ops a VMM runs on its own address space, forwarded unchanged.
+HOST_PROCESS_OPS = frozenset({
+    "mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load", "stg",
+    "ldg", "irg", "fork", "ptrace-peek-tags", "ptrace-poke-tags",
+})
+#: KVM_ARM_MTE_COPY_TAGS refuses lengths over INT_MAX.
+INT_MAX = (1 << 31) - 1
+#: Exits kept for ``status`` (the oldest are dropped).
+MAX_EXITS = 1024
+
+
+def _tag_buffer(v):
+    """A to-guest tag buffer: a list of byte values, or one int for every granule."""
+    if isinstance(v, bool):
+        raise ValueError("must be a list of tags or one tag")
+    if isinstance(v, int):
+        if not 0 <= v <= 255:
+            raise ValueError("must be a tag (0..255, the low nibble is used)")
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 255 for t in v):
+        return bytes(v)
+    raise ValueError("must be a list of tags (0..255) or one tag")
+
+
+def _data(v):
+    """DMA data: bytes, or a string of hex digits."""
+    if isinstance(v, str):
+        try:
+            v = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("must be bytes or hex digits") from None
+    if not isinstance(v, (bytes, bytearray)):
+        raise ValueError("must be bytes or hex digits")
+    if len(v) > MAX_IO:
+        raise OverflowError(f"{len(v)} bytes is more than the {MAX_IO} a request may carry")
+    return bytes(v)
+
+
+def _byte(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
+        raise ValueError("must be a byte 0..255")
+    return v
+
+
+#: The KVM and device ops of a ``vmm:VM`` actor, with their arguments in the scenario's form.
+KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
+    OpDef("check-extension", "any", (F("cap", _str),), "KVM_CHECK_EXTENSION."),
+    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0)), "KVM_ENABLE_CAP."),
+    OpDef("create-vcpu", "any", (F("aarch32", _bool, False),), "KVM_CREATE_VCPU; returns the index."),
+    OpDef("set-memory-region", "any", (
+        F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64), F("flags", _memslot_flags, ()),
+    ), "KVM_SET_USER_MEMORY_REGION."),
+    OpDef("copy-tags", "any", (
+        F("ipa", _u64), F("length", _u64), F("direction", _enum("from-guest", "to-guest")),
+        F("tags", _opt(_tag_buffer), None), F("flags", _opt(_u64), None), F("reserved", _u64_pair, (0, 0)),
+    ), "KVM_ARM_MTE_COPY_TAGS."),
+    OpDef("dirty-log", "any", (F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear"))),
+          "Dirty logging of one memslot."),
+    OpDef("dma-write", "any", (
+        F("ipa", _u64), F("data", _opt(_data), None), F("fill", _opt(_byte), None), F("size", _opt(_size), None),
+    ), "Device DMA write through the VMM's mapping."),
+    OpDef("dma-read", "any", (F("ipa", _u64), F("size", _size)), "Device DMA read through the VMM's mapping."),
+]}
+
+Connect = Callable[..., Awaitable[tuple[Client, dict]]]
+
+
+class Vmm:
+    """One VMM: a VM, its memslots and vCPUs, its guest, its devices.
+
+    Args:
+        connect: ``await connect(role, **hello)`` -> ``(Client, hello_reply)``
+            to the hypervisor (:meth:`vmm.hostlink.HostLink.connect` fits).
+        guests: the guest launcher (:mod:`vmm.guestlink`).
+        name: the VM's name (the VMM says hello as ``vmm:NAME``).
+        session: the scenario's session (named memory objects are shared per session).
+        copy_chunk: guest bytes per KVM_ARM_MTE_COPY_TAGS call when a copy is
+            split (a page multiple; default: the most one reply may carry).
+    """
+
+    def __init__(self, connect: Connect, guests, *, name: str, session: str | None,
+                 copy_chunk: int = MAX_IO * MTE_GRANULE_SIZE):
+        if copy_chunk <= 0 or copy_chunk % PAGE_SIZE:
+            raise ValueError("copy_chunk must be a positive multiple of the page size")
+        self.connect = connect
+        self.guests = guests
+        self.name = name
+        self.session = session
+        self.copy_chunk = copy_chunk
+        self.hv: Client | None = None
+        self.pid: int | None = None
+        self.vm: int | None = None
+        self.slots: dict[int, dma.Memslot] = {}
+        self.ram: list[tuple[int, int]] = []  # guest RAM the VMM mapped itself (vm-setup)
+        self.vcpus: list[int] = []
+        self.guest = None  # a vmm.guestlink.GuestHandle once started
+        self.guest_state = "not-started"
+        self.guest_detail = ""
+        self.exits: collections.deque = collections.deque(maxlen=MAX_EXITS)
+        self.device = dma.DmaDevice(self._device_fill)
+        self.closing = False
+        self.done = trio.Event()  # set once shut down
+        self._start_lock = trio.Lock()
+        self._guest_lock = trio.Lock()
+        self._reaped = trio.Event()  # the current guest's death has been handled
+        self._serving = 0
+        self._no_clients = trio.Event()
+        self._no_clients.set()
+
+    # ---- connections ---------------------------------------------------------------
+    async def start(self) -> None:
+        """Connect to the hypervisor as the process ``vmm:NAME`` (idempotent).
+
+        Raises:
+            VmmError: ENODEV after shutdown; EIO when the hypervisor cannot be reached.
+            RemoteError: the hypervisor refused the hello (EPERM: wrong secret).
+        """
+        async with self._start_lock:
+            if self.closing:
+                raise VmmError(ENODEV, "the VMM has shut down")
+            if self.hv is not None:
+                return
+            try:
+                client, hello = await self.connect("process", name=f"vmm:{self.name}", session=self.session)
+            except RemoteError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - HostStartError, OSError: report, don't crash
+                raise VmmError(EIO, f"cannot reach the hypervisor: {exc}") from exc
+            self.hv, self.pid = client, hello["pid"]
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        """Serve one control connection (VMM_CONTROL) until it closes."""
+        if self._serving == 0:
+            self._no_clients = trio.Event()
+        self._serving += 1
+        try:
+            await serve_requests(stream, VMM_CONTROL, self._handle, name=f"vmm:{self.name}")
+        finally:
+            self._serving -= 1
+            if self._serving == 0:
+                self._no_clients.set()
+
+    async def wait_clients_gone(self) -> None:
+        """Wait until no control connection is being served."""
+        await self._no_clients.wait()
+
+    async def serve_exits(self, stream: trio.abc.Stream) -> None:
+        """Serve the guest's EXIT_CHANNEL (vCPU exits) until it closes."""
+        await serve_requests(stream, EXIT_CHANNEL, self._handle_exit, name=f"vmm:{self.name}:exits")
+
+    async def _call(self, op: str, args: dict, ctx: str | None) -> Reply:
+        try:
+            return await self.hv.call(op, args, ctx=ctx)
+        except ConnectionClosed as exc:
+            raise VmmError(EIO, f"lost the hypervisor connection: {exc}") from None
+
+    async def _handle(self, op: str, a: dict, ctx: str | None) -> Any:
+        if op == "status" and (self.closing or self.hv is not None):
+            return await self._op_status(a, ctx)
+        if self.closing:
+            raise VmmError(ENODEV, "the VMM has shut down")
+        await self.start()
+        handler = getattr(self, "_op_" + op.replace("-", "_"))
+        return await handler(a, ctx)
+
+    # ---- building the VM -----------------------------------------------------------
+    def _need_vm(self) -> int:
+        if self.vm is None:
+            raise VmmError(ENODEV, "no VM (vm-create or vm-setup first)")
+        return self.vm
+
+    async def _op_vm_create(self, a: dict, ctx: str | None) -> int:
+        if self.vm is not None:
+            raise VmmError(EEXIST, f"this VMM already runs VM {self.vm}")
+        if self.guest_state == "exited":
+            raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail}); start a new VMM")
+        self.vm = (await self._call("kvm-create-vm", {"ipa_bits": a["ipa_bits"]}, ctx)).value
+        return self.vm
+
+    async def _op_vm_setup(self, a: dict, ctx: str | None) -> dict:
+        vm = await self._op_vm_create(a, ctx)
+        try:
+            if a["mte"]:
+                await self._call("kvm-enable-cap", {"vm": vm, "cap": "arm-mte", "flags": 0}, ctx)
+            for i, m in enumerate(a["memory"]):
+                prot = ["read", "write"] + (["mte"] if m["prot_mte"] else [])
+                share = "private" if m["backing"] in ("anon", "hugetlb") else "shared"
+                hva = (await self._call("mmap", {"size": m["size"], "prot": prot, "share": share,
+                                                 "backing": m["backing"], "object": m["object"]}, ctx)).value
+                self.ram.append((hva, m["size"]))
+                await self._call("kvm-set-memory-region", {"vm": vm, "slot": i, "ipa": m["ipa"],
+                                                           "size": m["size"], "addr": hva}, ctx)
+                self.slots[i] = dma.Memslot(i, m["ipa"], m["size"], hva)
+            created = []
+            for _ in range(a["vcpus"]):
+                created.append((await self._call("kvm-create-vcpu", {"vm": vm, "aarch32": False}, ctx)).value)
+            for vcpu in created:
+                await self._give_vcpu(vcpu, ctx)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._teardown(ctx)
+                if self.guest is not None and self.guest_state == "running":
+                    await self.guest.stop()
+            raise
+        return {"vm": vm, "pid": self.pid, "vcpus": list(self.vcpus),
+                "memory": [{"slot": s.slot, "ipa": s.ipa, "size": s.size, "hva": s.addr}
+                           for s in self.slots.values()]}
+
+    async def _give_vcpu(self, vcpu: dict, ctx: str | None) -> None:
+        """Record a created vCPU and hand its token to the guest (starting the guest first)."""
+        index = vcpu["index"]
+        self.vcpus.append(index)
+        async with self._guest_lock:
+            if self.guest_state == "exited":
+                raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail})")
+            if self.guest is None:
+                self._reaped = trio.Event()
+                try:
+                    self.guest = await self.guests.start(self.name, self.serve_exits, self._on_guest_exit)
+                except VmmError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a launcher failure is a reply, not a crash
+                    log.exception("vmm:%s: starting the guest failed", self.name)
+                    raise VmmError(EIO, f"cannot start the guest: {exc}") from exc
+                self.guest_state = "running"
+        await self._guest_call("vcpu-add", {"index": index, "token": vcpu["token"]}, ctx)
+
+    async def _teardown(self, ctx: str | None) -> None:
+        """Destroy the VM and unmap guest RAM; errors are logged, not raised."""
+        vm, self.vm = self.vm, None
+        ranges = list(dict.fromkeys(self.ram + [(s.addr, s.size) for s in self.slots.values()]))
+        self.ram.clear()
+        self.slots.clear()
+        self.vcpus.clear()
+        if self.hv is None:
+            return
+        calls = ([("kvm-destroy-vm", {"vm": vm})] if vm is not None else []) + \
+            [("munmap", {"addr": addr, "size": size}) for addr, size in ranges]
+        for op, args in calls:
+            try:
+                await self.hv.call(op, args, ctx=ctx)
+            except (RemoteError, ConnectionClosed) as exc:
+                log.info("vmm:%s: teardown %s failed: %s", self.name, op, exc)
+
+    # ---- the guest -----------------------------------------------------------------
+    async def _guest_call(self, op: str, args: dict, ctx: str | None) -> Reply:
+        guest = self.guest
+        try:
+            return await guest.client.call(op, args, ctx=ctx)
+        except ConnectionClosed:
+            with trio.move_on_after(10):
+                await self._reaped.wait()
+            raise VmmError(ESRCH, f"the guest is gone ({guest.detail or 'its channel closed'})") from None
+
+    async def _on_guest_exit(self, guest) -> None:
+        """Supervision: the guest died (launcher callback)."""
+        if guest is not self.guest:
+            return
+        self.guest_state = "exited"
+        self.guest_detail = guest.detail or ""
+        try:
+            if not self.closing:
+                self.exits.append({"kind": "guest-exit", "detail": self.guest_detail})
+                log.info("vmm:%s: guest %s; destroying the VM", self.name, self.guest_detail)
+                await self._teardown(None)
+        finally:
+            self._reaped.set()
+
+    async def _op_guest_op(self, a: dict, ctx: str | None) -> Reply:
+        if self.guest_state == "exited":
+            raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail})")
+        if self.guest is None or not self.vcpus:
+            raise VmmError(ENODEV, "the VM has no vCPU yet")
+        if a["vcpu"] not in self.vcpus:
+            raise VmmError(ENODEV, f"no vCPU {a['vcpu']} (vCPUs: {self.vcpus})")
+        return await self._guest_call("guest-op", a, ctx)
+
+    async def _op_kill_guest(self, a: dict, ctx: str | None) -> dict:
+        if self.guest is None or self.guest_state != "running":
+            raise VmmError(ESRCH, "no guest is running")
+        await self.guest.kill()
+        await self._reaped.wait()
+        return {"detail": self.guest_detail}
+
+    # ---- VMM ops -------------------------------------------------------------------
+    async def _op_vmm_op(self, a: dict, ctx: str | None) -> Any:
+        op, args = a["op"], a["args"]
+        if op in HOST_PROCESS_OPS:
+            return await self._call(op, args, ctx)
+        if op not in KVM_OPS:
+            raise VmmError(ENOSYS, f"unknown VMM op {op!r}")
+        v = validate_args(op, args, KVM_OPS)
+        return await getattr(self, "_kvm_" + op.replace("-", "_"))(v, ctx)
+
+    async def _kvm_check_extension(self, a: dict, ctx: str | None) -> int:
+        return (await self._call("kvm-check-extension", {"vm": self.vm, "cap": a["cap"]}, ctx)).value
+
+    async def _kvm_enable_cap(self, a: dict, ctx: str | None) -> None:
+        await self._call("kvm-enable-cap", {"vm": self._need_vm(), "cap": a["cap"], "flags": a["flags"]}, ctx)
+
+    async def _kvm_create_vcpu(self, a: dict, ctx: str | None) -> int:
+        vm = self._need_vm()
+        vcpu = (await self._call("kvm-create-vcpu", {"vm": vm, "aarch32": a["aarch32"]}, ctx)).value
+        await self._give_vcpu(vcpu, ctx)
+        return vcpu["index"]
+
+    async def _kvm_set_memory_region(self, a: dict, ctx: str | None) -> None:
+        vm = self._need_vm()
+        await self._call("kvm-set-memory-region", {"vm": vm, "slot": a["slot"], "ipa": a["ipa"], "size": a["size"],
+                                                   "addr": a["addr"], "flags": list(a["flags"])}, ctx)
+        if a["size"] == 0:
+            self.slots.pop(a["slot"], None)
+        else:
+            self.slots[a["slot"]] = dma.Memslot(a["slot"], a["ipa"], a["size"], a["addr"], tuple(a["flags"]))
+
+    async def _kvm_copy_tags(self, a: dict, ctx: str | None) -> dict:
+        vm = self._need_vm()
+        from_guest = a["direction"] == "from-guest"
+        flags = a["flags"] if a["flags"] is not None else int(from_guest)
+        ipa, length, tags = a["ipa"], a["length"], a["tags"]
+
+        def buffer(lo: int, hi: int) -> bytes:
+            """Granules [lo, hi) of the to-guest buffer (one int: made on demand, never whole)."""
+            if isinstance(tags, int):
+                return bytes([tags]) * (min(hi, length // MTE_GRANULE_SIZE) - lo)
+            return (tags or b"")[lo:hi]
+
+        base = {"vm": vm, "flags": flags, "reserved": list(a["reserved"])}
+        chunked = (flags in (0, 1) and a["reserved"] == (0, 0) and 0 < length <= INT_MAX
+                   and not (ipa | length) % PAGE_SIZE)
+        if not chunked:  # the kernel refuses it (or it is empty): one call, so its errno is the answer
+            r = (await self._call("kvm-copy-tags", {**base, "guest_ipa": ipa, "length": length,
+                                                    "tags": buffer(0, MAX_IO)}, ctx)).value
+            return self._copy_result(from_guest, r["length"], [r.get("tags") or b""])
+        done, dumped = 0, []
+        while done < length:
+            n = min(self.copy_chunk, length - done)
+            buf = buffer(done // MTE_GRANULE_SIZE, (done + n) // MTE_GRANULE_SIZE) if flags == 0 else b""
+            try:
+                r = (await self._call("kvm-copy-tags", {**base, "guest_ipa": ipa + done, "length": n,
+                                                        "tags": buf}, ctx)).value
+            except RemoteError:
+                if done == 0:
+                    raise
+                break  # partial success wins over a later chunk's error, as in the kernel
+            got = r["length"]
+            dumped.append(bytes(r.get("tags") or b"")[:got // MTE_GRANULE_SIZE])
+            done += got
+            if got < n:
+                break
+        return self._copy_result(from_guest, done, dumped)
+
+    @staticmethod
+    def _copy_result(from_guest: bool, length: int, dumped: list[bytes]) -> dict:
+        if from_guest:
+            return {"length": length, "tags": list(b"".join(dumped)[:length // MTE_GRANULE_SIZE])}
+        return {"length": length}
+
+    async def _kvm_dirty_log(self, a: dict, ctx: str | None) -> Any:
+        vm, n, action = self._need_vm(), a["slot"], a["action"]
+        if action == "get":
+            return list((await self._call("kvm-get-dirty-log", {"vm": vm, "slot": n}, ctx)).value)
+        if action == "clear":
+            return (await self._call("kvm-clear-dirty-log", {"vm": vm, "slot": n}, ctx)).value
+        slot = self.slots.get(n)
+        if slot is None:
+            raise VmmError(EINVAL, f"dirty-log {action}: no memslot {n}")
+        flags = tuple(f for f in slot.flags if f != "log-dirty-pages")
+        if action == "enable":
+            flags += ("log-dirty-pages",)
+        await self._call("kvm-set-memory-region", {"vm": vm, "slot": n, "ipa": slot.ipa, "size": slot.size,
+                                                   "addr": slot.addr, "flags": list(flags)}, ctx)
+        slot.flags = flags
+        return None
+
+    async def _kvm_dma_write(self, a: dict, ctx: str | None) -> Reply:
+        if a["data"] is None and (a["fill"] is None or a["size"] is None):
+            raise VmmError(EINVAL, "dma-write: give data, or fill and size")
+        fault = await dma.write_guest(self.hv, self.slots.values(), a["ipa"], a["data"],
+                                      fill=a["fill"] or 0, size=a["size"] or 0, ctx=ctx)
+        return Reply(None, fault)
+
+    async def _kvm_dma_read(self, a: dict, ctx: str | None) -> Reply:
+        data, fault = await dma.read_guest(self.hv, self.slots.values(), a["ipa"], a["size"], ctx=ctx)
+        return Reply(data, fault)
+
+    async def _device_fill(self, ipa: int, length: int, byte: int, ctx: str | None) -> dict | None:
+        return await dma.write_guest(self.hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
+
+    # ---- exits, status, shutdown ---------------------------------------------------
+    async def _handle_exit(self, op: str, a: dict, ctx: str | None) -> Any:
+        if op == "exit-error":
+            self.exits.append({"kind": "error", "vcpu": a["vcpu"], "errno": errno_name(a["errno"]),
+                               "message": a["message"]})
+            return None
+        rec = {"kind": "mmio", "vcpu": a["vcpu"], "ipa": a["ipa"], "size": a["size"], "write": a["write"]}
+        if a["write"]:
+            rec["data"] = a["data"].hex()
+        self.exits.append(rec)
+        try:
+            value = await self.device.access(a["ipa"], a["size"], a["write"], a["data"], ctx)
+        except (VmmError, RemoteError) as exc:
+            rec["error"] = f"{exc.name}: {exc.message}"
+            raise
+        except ConnectionClosed as exc:
+            rec["error"] = "EIO: lost the hypervisor connection"
+            raise VmmError(EIO, f"lost the hypervisor connection: {exc}") from None
+        if value is not None:
+            rec["data"] = value.hex()
+        return value
+
+    async def _op_ipa_to_hva(self, a: dict, ctx: str | None) -> dict:
+        (hva, _), = dma.translate(self.slots.values(), a["ipa"], 1)
+        return {"pid": self.pid, "hva": hva}
+
+    async def _op_status(self, a: dict, ctx: str | None) -> dict:
+        return {"pid": self.pid, "vm": self.vm,
+                "guest": {"state": self.guest_state, "detail": self.guest_detail},
+                "exits": list(self.exits)}
+
+    async def _op_shutdown(self, a: dict, ctx: str | None) -> None:
+        await self.shutdown(ctx)
+
+    async def shutdown(self, ctx: str | None = None) -> None:
+        """Destroy the VM, stop the guest, close the hypervisor connection; sets :attr:`done`."""
+        if self.closing:
+            await self.done.wait()
+            return
+        self.closing = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(15):
+                if self.hv is not None and self.vm is not None:
+                    try:
+                        await self.hv.call("kvm-destroy-vm", {"vm": self.vm}, ctx=ctx)
+                    except (RemoteError, ConnectionClosed) as exc:
+                        log.info("vmm:%s: kvm-destroy-vm at shutdown: %s", self.name, exc)
+                    self.vm = None
+                if self.guest is not None and self.guest_state == "running":
+                    await self.guest.stop()
+            if self.hv is not None:
+                try:
+                    await self.hv.aclose()
+                except Exception:  # noqa: BLE001 - already broken
+                    pass
+        self.done.set()
