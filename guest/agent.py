@@ -35,11 +35,11 @@ from typing import Any
 
 import trio
 
-from guest.cpu import TCF_MODES, VcpuRegs
-from guest.stage1 import ATTRS, Stage1, Stage1Error
+from guest.cpu import VcpuRegs
+from guest.stage1 import Stage1, Stage1Error
 from shared import wire
-from shared.abi import OPS, AbiError, F, OpDef, _enum, _u64, validate_args
-from shared.control import GUEST_CHANNEL
+from shared.abi import AbiError, validate_args
+from shared.control import GUEST_CHANNEL, GUEST_OPS
 from shared.errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from shared.mte import MTE_GRANULE_SIZE, pointer_tag, untagged_addr
 from shared.rpc import serve_requests
@@ -64,27 +64,6 @@ class GuestError(Exception):
         super().__init__(message)
 
 
-def _mask16(v):
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF:
-        raise ValueError("must be a 16-bit mask")
-    return v
-
-
-def _process_op(name: str) -> OpDef:
-    """A guest op with the same arguments as the host-process op of that name."""
-    return OpDef(name, "any", OPS[name].fields, OPS[name].doc)
-
-
-#: The guest ops of SCENARIOS.md and their arguments, as the runner normalises them.
-GUEST_OPS: dict[str, OpDef] = {d.name: d for d in [
-    OpDef("enable-mte", "any", (F("tcf", _enum(*TCF_MODES)), F("include", _mask16, 0xFFFF)),
-          "SCTLR_EL1.ATA=1, SCTLR_EL1.TCF, GCR_EL1.Exclude = ~include."),
-    OpDef("map", "any", (F("va", _u64), F("ipa", _u64), F("size", _u64), F("attr", _enum(*ATTRS))),
-          "Map a VA range to an IPA range at stage 1."),
-    *(_process_op(n) for n in ("store", "load", "stg", "ldg", "irg", "tco")),
-    OpDef("read-tfsr", "any", (), "TFSR_EL1 as an integer."),
-    OpDef("clear-tfsr", "any", (), "Clear TFSR_EL1."),
-]}
 
 
 class GuestAgent:

@@ -13,6 +13,9 @@ host kernel. This module defines, the same way and with the same
   the guest a vCPU token, run one guest op on one vCPU.
 * :data:`EXIT_CHANNEL` (the VMM serves it; the guest calls it): what comes back
   from KVM_RUN to the VMM's vCPU thread: an MMIO exit to emulate, or an error.
+* :data:`KVM_OPS` and :data:`GUEST_OPS`: the arguments of the scenario's VMM and
+  guest ops inside ``vmm-op`` and ``guest-op`` (the VMM and the guest validate
+  them with these tables).
 
 Each link is a :class:`shared.wire.Client` over a stream, one direction per
 stream; the guest process gets its two streams as inherited socket pairs.
@@ -24,7 +27,9 @@ exist yet.
 
 from __future__ import annotations
 
-from shared.abi import BACKINGS, MAX_IO, F, OpDef, _bool, _bytes, _enum, _opt, _str, _u64
+from shared.abi import (BACKINGS, MAX_IO, OPS, SEG_ATTRS, F, OpDef, _bool, _bytes, _enum, _memslot_flags, _opt,
+                        _size, _str, _u64, _u64_pair)
+from shared.mte import TCF_MODES
 
 
 def _memory(v):
@@ -87,4 +92,84 @@ VMM_CONTROL: dict[str, OpDef] = {d.name: d for d in _VMM_CONTROL}
 GUEST_CHANNEL: dict[str, OpDef] = {d.name: d for d in _GUEST_CHANNEL}
 EXIT_CHANNEL: dict[str, OpDef] = {d.name: d for d in _EXIT_CHANNEL}
 
-__all__ = ["VMM_CONTROL", "GUEST_CHANNEL", "EXIT_CHANNEL", "MAX_IO"]
+
+
+# ---- the arguments of the scenario's VMM and guest ops, as the runner sends them ----------
+
+def _tag_buffer(v):
+    """A to-guest tag buffer: a list of byte values, or one int for every granule."""
+    if isinstance(v, bool):
+        raise ValueError("must be a list of tags or one tag")
+    if isinstance(v, int):
+        if not 0 <= v <= 255:
+            raise ValueError("must be a tag (0..255, the low nibble is used)")
+        return v
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v)
+    if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 255 for t in v):
+        return bytes(v)
+    raise ValueError("must be a list of tags (0..255) or one tag")
+
+
+def _data(v):
+    """DMA data: bytes, or a string of hex digits."""
+    if isinstance(v, str):
+        try:
+            v = bytes.fromhex(v)
+        except ValueError:
+            raise ValueError("must be bytes or hex digits") from None
+    if not isinstance(v, (bytes, bytearray)):
+        raise ValueError("must be bytes or hex digits")
+    if len(v) > MAX_IO:
+        raise OverflowError(f"{len(v)} bytes is more than the {MAX_IO} a request may carry")
+    return bytes(v)
+
+
+def _byte(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
+        raise ValueError("must be a byte 0..255")
+    return v
+
+
+#: The KVM and device ops of a ``vmm:VM`` actor, with their arguments in the scenario's form.
+KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
+    OpDef("check-extension", "any", (F("cap", _str),), "KVM_CHECK_EXTENSION."),
+    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0)), "KVM_ENABLE_CAP."),
+    OpDef("create-vcpu", "any", (F("aarch32", _bool, False),), "KVM_CREATE_VCPU; returns the index."),
+    OpDef("set-memory-region", "any", (
+        F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64), F("flags", _memslot_flags, ()),
+    ), "KVM_SET_USER_MEMORY_REGION."),
+    OpDef("copy-tags", "any", (
+        F("ipa", _u64), F("length", _u64), F("direction", _enum("from-guest", "to-guest")),
+        F("tags", _opt(_tag_buffer), None), F("flags", _opt(_u64), None), F("reserved", _u64_pair, (0, 0)),
+    ), "KVM_ARM_MTE_COPY_TAGS."),
+    OpDef("dirty-log", "any", (F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear"))),
+          "Dirty logging of one memslot."),
+    OpDef("dma-write", "any", (
+        F("ipa", _u64), F("data", _opt(_data), None), F("fill", _opt(_byte), None), F("size", _opt(_size), None),
+    ), "Device DMA write through the VMM's mapping."),
+    OpDef("dma-read", "any", (F("ipa", _u64), F("size", _size)), "Device DMA read through the VMM's mapping."),
+]}
+
+
+def _mask16(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF:
+        raise ValueError("must be a 16-bit mask")
+    return v
+
+
+def _process_op(name: str) -> OpDef:
+    """A guest op with the same arguments as the host-process op of that name."""
+    return OpDef(name, "any", OPS[name].fields, OPS[name].doc)
+
+
+#: The guest ops of SCENARIOS.md and their arguments, as the runner normalises them.
+GUEST_OPS: dict[str, OpDef] = {d.name: d for d in [
+    OpDef("enable-mte", "any", (F("tcf", _enum(*TCF_MODES)), F("include", _mask16, 0xFFFF)),
+          "SCTLR_EL1.ATA=1, SCTLR_EL1.TCF, GCR_EL1.Exclude = ~include."),
+    OpDef("map", "any", (F("va", _u64), F("ipa", _u64), F("size", _u64), F("attr", _enum(*SEG_ATTRS))),
+          "Map a VA range to an IPA range at stage 1."),
+    *(_process_op(n) for n in ("store", "load", "stg", "ldg", "irg", "tco")),
+    OpDef("read-tfsr", "any", (), "TFSR_EL1 as an integer."),
+    OpDef("clear-tfsr", "any", (), "Clear TFSR_EL1."),
+]}

@@ -35,9 +35,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from shared.abi import (MAX_IO, F, OpDef, _bool, _enum, _memslot_flags, _opt, _size, _str, _u64,
-                        _u64_pair, validate_args)
-from shared.control import EXIT_CHANNEL, VMM_CONTROL
+from shared.abi import MAX_IO, validate_args
+from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
 from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name, errno_number
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
 from shared.rpc import serve_requests
@@ -74,60 +73,6 @@ INT_MAX = (1 << 31) - 1
 MAX_EXITS = 1024
 
 
-def _tag_buffer(v):
-    """A to-guest tag buffer: a list of byte values, or one int for every granule."""
-    if isinstance(v, bool):
-        raise ValueError("must be a list of tags or one tag")
-    if isinstance(v, int):
-        if not 0 <= v <= 255:
-            raise ValueError("must be a tag (0..255, the low nibble is used)")
-        return v
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v)
-    if isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= 255 for t in v):
-        return bytes(v)
-    raise ValueError("must be a list of tags (0..255) or one tag")
-
-
-def _data(v):
-    """DMA data: bytes, or a string of hex digits."""
-    if isinstance(v, str):
-        try:
-            v = bytes.fromhex(v)
-        except ValueError:
-            raise ValueError("must be bytes or hex digits") from None
-    if not isinstance(v, (bytes, bytearray)):
-        raise ValueError("must be bytes or hex digits")
-    if len(v) > MAX_IO:
-        raise OverflowError(f"{len(v)} bytes is more than the {MAX_IO} a request may carry")
-    return bytes(v)
-
-
-def _byte(v):
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
-        raise ValueError("must be a byte 0..255")
-    return v
-
-
-#: The KVM and device ops of a ``vmm:VM`` actor, with their arguments in the scenario's form.
-KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
-    OpDef("check-extension", "any", (F("cap", _str),), "KVM_CHECK_EXTENSION."),
-    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0)), "KVM_ENABLE_CAP."),
-    OpDef("create-vcpu", "any", (F("aarch32", _bool, False),), "KVM_CREATE_VCPU; returns the index."),
-    OpDef("set-memory-region", "any", (
-        F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64), F("flags", _memslot_flags, ()),
-    ), "KVM_SET_USER_MEMORY_REGION."),
-    OpDef("copy-tags", "any", (
-        F("ipa", _u64), F("length", _u64), F("direction", _enum("from-guest", "to-guest")),
-        F("tags", _opt(_tag_buffer), None), F("flags", _opt(_u64), None), F("reserved", _u64_pair, (0, 0)),
-    ), "KVM_ARM_MTE_COPY_TAGS."),
-    OpDef("dirty-log", "any", (F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear"))),
-          "Dirty logging of one memslot."),
-    OpDef("dma-write", "any", (
-        F("ipa", _u64), F("data", _opt(_data), None), F("fill", _opt(_byte), None), F("size", _opt(_size), None),
-    ), "Device DMA write through the VMM's mapping."),
-    OpDef("dma-read", "any", (F("ipa", _u64), F("size", _size)), "Device DMA read through the VMM's mapping."),
-]}
 
 Connect = Callable[..., Awaitable[tuple[Client, dict]]]
 
