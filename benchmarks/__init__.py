@@ -67,6 +67,58 @@ The figures (columns: figure, unit, value, baseline, baseline value, ratio)
    tags, data left unallocated), and pages only read (they map the shared
    zero page, so this should be close to 0).
 
+4. **Guest tagged access throughput** (``kvm``), in granules checked per
+   second, on the shared hypervisor. A VMM-like ``process`` connection does
+   KVM_CREATE_VM, KVM_ENABLE_CAP(ARM_MTE), mmaps 16 MiB of shared memfd,
+   registers it as memslot 0 at IPA 0x40000000 and creates a vCPU; a ``vcpu``
+   connection attaches to it with the token and STGs all of guest RAM with
+   tag 5 (SCTLR_EL1.ATA set). Accesses arrive after the guest's stage 1, one
+   segment per 4 KiB page, tagged (Normal-Tagged) and with ``ata`` true.
+
+   * ``vcpu-batch`` of 1024 64-byte tagged loads (4 granules each, check
+     sync) against the same 1024 loads sent as one ``vcpu-access`` each.
+     Ratio > 1 is the gain from batching, as in figure 2.
+   * the same batch against a host process's ``batch`` of the same 1024
+     loads (TCF sync, a VM_MTE mapping tagged 5): ratio = guest path /
+     host-process path for small accesses.
+   * a 1 MiB tagged guest load (256 segments of 4 KiB, 65536 granules) with
+     check sync against check none: ratio = cost of tag checking on the guest
+     path (near 1.0: the check is a ``bytes`` comparison per segment).
+   * the same against a host process's 1 MiB load with TCF sync (figure 2's
+     process): ratio = guest path / host-process path for bulk accesses.
+
+   The setup also asserts that a load with a wrong pointer tag takes a
+   synchronous tag check fault, so a figure cannot come from a path that
+   checks nothing.
+
+5. **KVM_ARM_MTE_COPY_TAGS FROM_GUEST dump** (``kvm-dump``), in GB (10^9
+   bytes) of guest RAM covered per second. A separate hypervisor booted with
+   ``ram`` = max(4 GiB, 2 x guest); the VMM maps ``--dump-mib`` (1 GiB) of
+   private anonymous memory as the guest's RAM; the guest STGs one 4 KiB page
+   every 16 MiB (64 pages in 1 GiB) and touches nothing else. The VMM then
+   dumps all of it with ``kvm-copy-tags {flags: 1}`` in 256 MiB chunks
+   (16 MiB of tags per reply = ``shared.abi.MAX_IO``), checking every reply's
+   length and the number of non-zero tags. Each dump is timed once (it takes
+   seconds): the 1st one GUPs every untouched page for the first time, which
+   maps the shared zero page in the VMM (Linux does the same for a read GUP of
+   untouched anonymous memory); the 2nd one finds every PTE present.
+   Baseline: the same number of tag bytes (1/16 of guest RAM: 64 MiB) fetched
+   in the same chunk sizes from the echo server over the same kind of socket,
+   timed before, between and after the dumps (the median), and expressed in
+   the GB of guest RAM those tags stand for. Ratio = fraction of the socket's
+   bulk rate the dump reaches; what is left is the per-page cost of the
+   kernel model (about 3 or 4 scheduling points, each a trio checkpoint, and
+   a fault-path walk per 4 KiB page).
+   The RSS rows: the hypervisor's VmRSS after each dump minus before the
+   first, per MiB of guest RAM (the label gives the MiB). The ideal is the
+   VMM's zero-page PTEs, about 164 bytes per page (0.04 MiB per MiB, as the
+   "read only" row of figure 3); the rest is the allocator keeping the freed
+   16 MiB reply buffers (tags, their ``bytes`` copy, the packed message),
+   which is why the 2nd dump, which creates no kernel object, still adds some.
+
 Options: ``--seconds S`` (time per figure/baseline pair, default 2), ``--touch MiB``
-(default 64), ``--json PATH`` (write the table as JSON too).
+(default 64), ``--dump-mib MiB`` (guest RAM dumped by figure 5, default 1024; 0
+skips figure 5; a quick run can use 256), ``--json PATH`` (write the table as
+JSON too). Figures run in the order 1, 2, 4, 5, 3 (4 and 5 need the echo
+server); the table lists them by number.
 """

@@ -305,6 +305,186 @@ async def bench_memory(touch_mib: int) -> list[Row]:
     return rows
 
 
+# ---- figures 4 and 5: KVM -----------------------------------------------------------------
+
+PAGE = 4096
+GUEST_IPA = 0x4000_0000  # where guest RAM starts (the arm "virt" machine's RAM base)
+GUEST_TAG = 5
+DUMP_CHUNK = 256 * MiB  # guest bytes per KVM_ARM_MTE_COPY_TAGS call: 16 MiB of tags = shared.abi.MAX_IO
+
+
+@attrs.define
+class BenchGuest:
+    """A VM set up by a VMM-like process, with one vCPU run from a guest connection."""
+
+    vmm: LeanClient  # hello role "process": issues the kvm-* ioctls
+    guest: LeanClient  # hello role "vcpu": runs vCPU ``vcpu``
+    vm: int
+    vcpu: int
+
+    async def access(self, kind: str, segs: list, *, tag: int = GUEST_TAG, check: str = "none") -> dict:
+        return await self.guest.call("vcpu-access", {"vcpu": self.vcpu, "kind": kind, "segs": segs, "tag": tag,
+                                                     "check": check, "ata": True})
+
+    async def aclose(self) -> None:
+        await self.guest.aclose()
+        await self.vmm.aclose()
+
+
+def _segs(ipa: int, length: int, attr: str = "tagged") -> list:
+    """``length`` bytes at ``ipa`` as the guest's stage 1 hands them over: one segment per 4 KiB page."""
+    out = []
+    while length:
+        n = min(length, PAGE - (ipa & (PAGE - 1)))
+        out.append([ipa, n, attr])
+        ipa += n
+        length -= n
+    return out
+
+
+async def _kvm_guest(hv: ProcessHost, size: int, *, backing: str, share: str, name: str) -> BenchGuest:
+    """KVM_CREATE_VM, ENABLE_CAP(ARM_MTE), mmap ``size`` of guest RAM, one memslot at GUEST_IPA, one vCPU."""
+    vmm = await _process(hv, name)
+    vm = (await vmm.call("kvm-create-vm"))["value"]
+    await vmm.call("kvm-enable-cap", {"vm": vm, "cap": "arm-mte"})
+    hva = (await vmm.call("mmap", {"size": size, "prot": ["read", "write"], "share": share,
+                                   "backing": backing}))["value"]
+    await vmm.call("kvm-set-memory-region", {"vm": vm, "slot": 0, "ipa": GUEST_IPA, "size": size, "addr": hva})
+    vcpu = (await vmm.call("kvm-create-vcpu", {"vm": vm}))["value"]
+    guest = await LeanClient.open(hv.address, {"role": "vcpu", "name": f"{name}-guest", "secret": hv.secret})
+    attached = (await guest.call("vcpu-attach", {"token": vcpu["token"]}))["value"]
+    assert attached["mte"], attached
+    return BenchGuest(vmm, guest, vm, vcpu["index"])
+
+
+async def bench_kvm_access(hv: ProcessHost, seconds: float) -> list[Row]:
+    size = 16 * MiB
+    g = await _kvm_guest(hv, size, backing="memfd", share="shared", name="bench-kvm-vmm")
+    for at in range(0, size, 4 * MiB):  # the guest tags all of its RAM (STG with SCTLR_EL1.ATA)
+        await g.access("stg", _segs(GUEST_IPA + at, 4 * MiB))
+    # the check is really made: a wrong pointer tag faults, synchronously
+    bad = await g.access("load", _segs(GUEST_IPA, 64), tag=GUEST_TAG + 1, check="sync")
+    assert bad["fault"] and bad["fault"]["kind"] == "tag-check-fault", bad
+    host_p, host_addr = await _tagged_process(hv, "sync", GUEST_TAG)
+
+    n, small = 1024, 64
+    base = GUEST_IPA + 2 * MiB
+    loads = [{"kind": "load", "segs": [[base + i * small, small, "tagged"]], "tag": GUEST_TAG, "check": "sync",
+              "ata": True} for i in range(n)]
+    batch_ops = [["vcpu-access", a] for a in loads]
+    host_ops = [["load", {"addr": host_addr + 2 * MiB + i * small, "tag": GUEST_TAG, "size": small}]
+                for i in range(n)]
+
+    async def guest_batch():
+        out = (await g.guest.call("vcpu-batch", {"vcpu": g.vcpu, "ops": batch_ops}))["value"]
+        assert len(out) == n and all(r[0] and r[2] is None and len(r[1]) == small for r in out), out[:3]
+
+    async def guest_one_by_one():
+        for a in loads:
+            r = await g.guest.call("vcpu-access", {"vcpu": g.vcpu, **a})
+            assert r["fault"] is None and len(r["value"]) == small
+
+    async def host_batch():
+        out = (await host_p.call("batch", {"ops": host_ops}))["value"]
+        assert len(out) == n and all(r[0] and r[2] is None and len(r[1]) == small for r in out), out[:3]
+
+    big = _segs(GUEST_IPA + 4 * MiB, MiB)  # 256 segments of 4 KiB
+
+    def guest_big(check):
+        async def run():
+            r = await g.access("load", big, check=check)
+            assert r["fault"] is None and len(r["value"]) == MiB
+        return run
+
+    async def host_big():
+        r = await host_p.call("load", {"addr": host_addr, "tag": GUEST_TAG, "size": MiB})
+        assert r["fault"] is None and len(r["value"]) == MiB
+
+    small_granules = n * small // GRANULE
+    big_granules = MiB // GRANULE
+    batched, single = await compare(guest_batch, small_granules, guest_one_by_one, small_granules, seconds)
+    batched2, host_batched = await compare(guest_batch, small_granules, host_batch, small_granules, seconds)
+    checked, unchecked = await compare(guest_big("sync"), big_granules, guest_big("none"), big_granules, seconds)
+    checked2, host_checked = await compare(guest_big("sync"), big_granules, host_big, big_granules, seconds)
+    await g.aclose()
+    await host_p.aclose()
+    return [
+        Row("kvm", "vcpu-batch of 1024 x 64B guest loads, sync", "granules/s", batched,
+            "1 vcpu-access per load", single),
+        Row("kvm", "vcpu-batch of 1024 x 64B guest loads, sync", "granules/s", batched2,
+            "host process batch, same loads", host_batched),
+        Row("kvm", "1MiB guest load (256 segs), check sync", "granules/s", checked, "same, check none", unchecked),
+        Row("kvm", "1MiB guest load (256 segs), check sync", "granules/s", checked2,
+            "host process 1MiB load, tcf sync", host_checked),
+    ]
+
+
+async def bench_copy_tags(echo: EchoServer, guest_mib: int) -> list[Row]:
+    """KVM_ARM_MTE_COPY_TAGS FROM_GUEST over all of a ``guest_mib`` guest, against a raw bulk of as many tag bytes."""
+    size = guest_mib * MiB
+    tags_per_dump = size // GRANULE
+    gb = size / 1e9
+    async with trio.open_nursery() as nursery:
+        hv = ProcessHost(nursery, ram=max(4 << 30, 2 * size))
+        await hv.start()
+        try:
+            g = await _kvm_guest(hv, size, backing="anon", share="private", name="bench-dump-vmm")
+            # the guest tags a few pages (one every 16 MiB); the rest it never touched
+            tagged = range(GUEST_IPA, GUEST_IPA + size, 16 * MiB)
+            for ipa in tagged:
+                await g.access("stg", _segs(ipa, PAGE))
+            raw = await echo.connect()
+
+            async def dump() -> float:
+                t0 = time.perf_counter()
+                nonzero = 0
+                for at in range(0, size, DUMP_CHUNK):
+                    n = min(DUMP_CHUNK, size - at)
+                    v = (await g.vmm.call("kvm-copy-tags", {"vm": g.vm, "guest_ipa": GUEST_IPA + at, "length": n,
+                                                            "flags": 1}))["value"]
+                    assert v["length"] == n and len(v["tags"]) == n // GRANULE, (v["length"], len(v["tags"]))
+                    nonzero += len(v["tags"]) - v["tags"].count(0)
+                elapsed = time.perf_counter() - t0
+                assert nonzero == len(tagged) * PAGE // GRANULE, nonzero
+                return gb / elapsed
+
+            async def bulk() -> float:
+                t0 = time.perf_counter()
+                for at in range(0, size, DUMP_CHUNK):
+                    want = min(DUMP_CHUNK, size - at) // GRANULE
+                    r = await raw.call("load", {"size": want})
+                    assert len(r["value"]) == want
+                return gb / (time.perf_counter() - t0)  # in GB of guest RAM those tags cover
+
+            await bulk()  # warm up the baseline peer
+            bulks = [await bulk()]
+            rss0 = vm_rss_mib(hv.process.pid)
+            cold = await dump()
+            rss1 = vm_rss_mib(hv.process.pid)
+            bulks.append(await bulk())
+            warm = await dump()
+            rss2 = vm_rss_mib(hv.process.pid)
+            bulks.append(await bulk())
+            await raw.aclose()
+            await g.aclose()
+        finally:
+            await hv.stop()
+            nursery.cancel_scope.cancel()
+    baseline = statistics.median(bulks)
+    tag_mib = tags_per_dump // MiB
+    what = f"{guest_mib // 1024} GiB" if guest_mib % 1024 == 0 else f"{guest_mib} MiB"
+    return [
+        Row("kvm-dump", f"COPY_TAGS FROM_GUEST of {what}, 1st", "guest GB/s", cold,
+            f"raw bulk {tag_mib}MiB of tag bytes", baseline),
+        Row("kvm-dump", f"COPY_TAGS FROM_GUEST of {what}, 2nd", "guest GB/s", warm,
+            f"raw bulk {tag_mib}MiB of tag bytes", baseline),
+        Row("kvm-dump", f"RSS after 1st dump (+{rss1 - rss0:.0f} MiB)", "RSS MiB/MiB", (rss1 - rss0) / guest_mib,
+            "raw bytes", 1.0),
+        Row("kvm-dump", f"RSS after 2nd dump (+{rss2 - rss0:.0f} MiB)", "RSS MiB/MiB", (rss2 - rss0) / guest_mib,
+            "raw bytes", 1.0),
+    ]
+
+
 # ---- driver ------------------------------------------------------------------------------
 
 def _fmt(v: float) -> str:
@@ -319,10 +499,16 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
+def _fmt_ratio(v: float) -> str:
+    if v != v:
+        return "-"
+    return f"{v:.2f}x" if abs(v) >= 0.1 else f"{v:.2g}x"  # two significant digits for small ratios
+
+
 def print_table(rows: list[Row], out=sys.stdout) -> None:
     head = ("figure", "unit", "value", "baseline", "baseline value", "ratio")
     body = [(f"[{r.group}] {r.figure}", r.unit, _fmt(r.value), r.baseline, _fmt(r.baseline_value),
-             f"{r.ratio:.2f}x") for r in rows]
+             _fmt_ratio(r.ratio)) for r in rows]
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)), file=out)
@@ -334,6 +520,7 @@ def print_table(rows: list[Row], out=sys.stdout) -> None:
 
 async def run(args) -> list[Row]:
     rows: list[Row] = []
+    kvm_rows: list[Row] = []
     async with trio.open_nursery() as nursery:
         hv = ProcessHost(nursery)
         echo = EchoServer(nursery)
@@ -344,21 +531,31 @@ async def run(args) -> list[Row]:
             rows += await bench_rpc(hv, echo, args.seconds)
             print("figure 2: tagged access throughput ...", file=sys.stderr, flush=True)
             rows += await bench_access(hv, echo, args.seconds)
+            print("figure 4: KVM guest tagged access throughput ...", file=sys.stderr, flush=True)
+            kvm_rows += await bench_kvm_access(hv, args.seconds)
+            if args.dump_mib:
+                print(f"figure 5: KVM_ARM_MTE_COPY_TAGS dump of a {args.dump_mib} MiB guest ...", file=sys.stderr,
+                      flush=True)
+                kvm_rows += await bench_copy_tags(echo, args.dump_mib)
         finally:
             await hv.stop()
             await echo.stop()
             nursery.cancel_scope.cancel()
     print("figure 3: hypervisor memory per MiB touched ...", file=sys.stderr, flush=True)
     rows += await bench_memory(args.touch)
-    return rows
+    return rows + kvm_rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--seconds", type=float, default=2.0, help="time per figure/baseline pair (default 2)")
     p.add_argument("--touch", type=int, default=64, help="MiB touched by the memory figure (default 64)")
+    p.add_argument("--dump-mib", type=int, default=1024,
+                   help="guest RAM dumped by the COPY_TAGS figure, in MiB (default 1024; 0 skips it)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
+    if args.dump_mib < 0:
+        p.error("--dump-mib must be 0 or more")
     t0 = time.perf_counter()
     rows = trio.run(run, args)
     print()
