@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.memory import get_page, put_page
+from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import memcmp_pages
 from hypervisor.mte_lock import page_mte_tagged
 from hypervisor.vma import VM_MERGEABLE
+from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -46,7 +48,8 @@ async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
                 stable = k.ksm_stable.get(key)
                 if stable is not None and not stable.free and stable is not page \
                         and memcmp_pages(k, page, stable) == 0:
-                    # replace_page(): map the stable page read-only instead
+                    # replace_page(): map the stable page read-only instead (secondary MMUs drop theirs)
+                    mmu_notifier_invalidate_range(mm, vpn << PAGE_SHIFT, (vpn + 1) << PAGE_SHIFT, "clear")
                     page.rmap.discard((mm, vpn))
                     page.mapcount -= 1
                     pte.page = stable
@@ -59,9 +62,10 @@ async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
                     k.oracle.check_ksm_merge(stable)
                 elif stable is None or stable.free:
                     if not page_mte_tagged(k, page) and page.mapping is None:
-                        # becomes a stable-tree page: write-protected everywhere
+                        # becomes a stable-tree page: write_protect_page() everywhere, stage 2 included
                         page.ksm = True
                         for m2, v2 in page.rmap:
+                            mmu_notifier_invalidate_range(m2, v2 << PAGE_SHIFT, (v2 + 1) << PAGE_SHIFT, "clear")
                             m2.pt[v2].write = False
                         k.ksm_stable[key] = page
     return merged
