@@ -306,3 +306,165 @@ def phases(*plan: tuple[str, str | None]):
 
     started: set = set()
     return policy
+
+
+# ---- KVM: a VMM process with one VM --------------------------------------------
+
+
+def guest_segs(ipa: int, size: int, attr: str = "tagged") -> list:
+    """Split a guest range into ``[ipa, length, attr]`` segments, one per 4 KiB page (as stage 1 hands them on)."""
+    out, end = [], ipa + size
+    while ipa < end:
+        n = min(4096 - (ipa & 0xFFF), end - ipa)
+        out.append([ipa, n, attr])
+        ipa += n
+    return out
+
+
+class Vm:
+    """A VMM :class:`Proc` with one VM: KVM ioctls on its handle, guest accesses on its vCPUs.
+
+    ``await vm("kvm-...", **args)`` is a VM ioctl (the handle is filled in);
+    :meth:`access` and its shorthands run one guest access after stage 1 on a
+    vCPU (``vcpu-access``, exactly as the server does for a ``vcpu`` connection).
+    """
+
+    def __init__(self, vmm: Proc, handle: int):
+        self.vmm = vmm
+        self.k = vmm.k
+        self.handle = handle
+        self.vcpus: list = []  # hypervisor.kvm.Vcpu, in creation order
+
+    @classmethod
+    async def create(cls, k: Kernel, *, mte: bool = True, ipa_bits: int = 40, vcpu: bool = True,
+                     name: str = "vmm", session: str | None = None) -> "Vm":
+        """KVM_CREATE_VM in a new process (of ``session``: it shares named objects with that session),
+        KVM_ENABLE_CAP(ARM_MTE) if ``mte``, one AArch64 vCPU if ``vcpu``."""
+        vmm = Proc.new(k, name, session)
+        vm = cls(vmm, await vmm("kvm-create-vm", ipa_bits=ipa_bits))
+        if mte:
+            await vm("kvm-enable-cap", cap="arm-mte")
+        if vcpu:
+            await vm.add_vcpu()
+        return vm
+
+    @property
+    def kvm(self):
+        """The model's ``struct kvm``."""
+        return self.k.kvm.vms[self.handle]
+
+    async def __call__(self, op: str, **args):
+        return await self.vmm(op, vm=self.handle, **args)
+
+    async def add_vcpu(self, aarch32: bool = False):
+        """KVM_CREATE_VCPU (+ VCPU_INIT); returns the model's Vcpu."""
+        r = await self("kvm-create-vcpu", aarch32=aarch32)
+        vcpu = self.k.kvm.vcpu_by_token(r["token"])
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    async def map(self, size: int, *, backing: str = "anon", prot=None, share: str | None = None,
+                  object: str | None = None, addr: int | None = None) -> int:
+        """mmap(2) in the VMM (MAP_SHARED for everything but private anon and files unless told)."""
+        if share is None:
+            share = "private" if backing == "anon" else "shared"
+        return await self.vmm("mmap", addr=addr, size=size, prot=list(prot or RW), share=share, backing=backing,
+                              object=object)
+
+    async def slot(self, slot: int, ipa: int, size: int, addr: int, flags=()) -> None:
+        """KVM_SET_USER_MEMORY_REGION."""
+        await self("kvm-set-memory-region", slot=slot, ipa=ipa, size=size, addr=addr, flags=list(flags))
+
+    async def ram(self, slot: int, ipa: int, size: int, *, flags=(), **mmap) -> int:
+        """mmap guest RAM in the VMM and register it as a memslot; returns the VMM address."""
+        hva = await self.map(size, **mmap)
+        await self.slot(slot, ipa, size, hva, flags)
+        return hva
+
+    async def access(self, kind: str, ipa: int, size: int, *, data: bytes = b"", tag: int = 0,
+                     attr: str = "tagged", check: str = "none", ata: bool = True, vcpu: int = 0):
+        """One guest access (vcpu-access) on vCPU ``vcpu``; returns the AccessResult."""
+        from hypervisor.syscalls import VCPU_OPS
+
+        v = self.vcpus[vcpu]
+        args = {"vcpu": v.index, "kind": kind, "segs": guest_segs(ipa, size, attr), "tag": tag, "data": data,
+                "check": check, "ata": ata}
+        return await VCPU_OPS["vcpu-access"](self.k, v, validate_args("vcpu-access", args))
+
+    async def ldg(self, ipa: int, size: int, **kw) -> list[int]:
+        """Guest LDG over a range: one tag per granule."""
+        return list((await self.access("ldg", ipa, size, **kw)).value)
+
+    async def stg(self, ipa: int, size: int, tag: int, **kw) -> None:
+        """Guest STG over a range."""
+        await self.access("stg", ipa, size, tag=tag, **kw)
+
+    async def load(self, ipa: int, size: int, **kw):
+        """Guest load; returns the AccessResult."""
+        return await self.access("load", ipa, size, **kw)
+
+    async def store(self, ipa: int, data: bytes, **kw):
+        """Guest store; returns the AccessResult."""
+        return await self.access("store", ipa, len(data), data=data, **kw)
+
+    async def copy_tags(self, ipa: int, length: int, *, from_guest: bool, tags=b"", flags: int | None = None,
+                        reserved=(0, 0)) -> dict:
+        """KVM_ARM_MTE_COPY_TAGS (``flags`` overrides the direction bit)."""
+        return await self("kvm-copy-tags", guest_ipa=ipa, length=length,
+                          flags=int(from_guest) if flags is None else flags, reserved=list(reserved),
+                          tags=bytes(tags))
+
+    def s2(self, ipa: int):
+        """The stage-2 entry mapping ``ipa`` (None if none)."""
+        return self.kvm.s2.get(ipa >> PAGE_SHIFT)
+
+    def page(self, ipa: int):
+        """The frame stage 2 maps at ``ipa`` (asserts there is one)."""
+        e = self.s2(ipa)
+        assert e is not None, f"IPA {ipa:#x} is not mapped at stage 2"
+        return e.page
+
+
+async def explore_bounded(setup, *, preemptions: int = 2, bugs=(), until=None, limit: int = 20_000) -> list[Run]:
+    """Every interleaving of ``setup``'s scenario with at most ``preemptions`` preemptions (CHESS's bound).
+
+    A *preemption* is switching away from the context that ran last while it is
+    still runnable; choosing among contexts when it blocked or ended is free.
+    Races of depth ``preemptions`` or less are all covered, and the walk stays
+    polynomial where :func:`explore`'s full tree would not fit (two KVM paths of
+    ten scheduling points each). ``until`` as in :func:`explore`.
+    """
+    runs: list[Run] = []
+    prefix: list[int] = []
+    while True:
+        log: list[tuple[int, int]] = []
+        last: list[str | None] = [None]
+        used = [0]
+
+        def policy(runnable):
+            names = [a.name for a in runnable]
+            if last[0] in names:  # still runnable: anything else is a preemption
+                options = [last[0]] + ([n for n in names if n != last[0]] if used[0] < preemptions else [])
+                costly = True
+            else:
+                options, costly = names, False
+            i = len(log)
+            c = prefix[i] if i < len(prefix) else 0
+            assert c < len(options), "the model ran differently on replay of the same choices (non-determinism)"
+            log.append((c, len(options)))
+            if c and costly:
+                used[0] += 1
+            last[0] = options[c]
+            return runnable[names.index(options[c])]
+
+        run, _ = await run_once(setup, policy=policy, bugs=bugs)
+        runs.append(run)
+        if until is not None and until(run):
+            return runs
+        assert len(runs) <= limit, "state space larger than expected"
+        i = len(log) - 1
+        while i >= 0 and log[i][0] + 1 >= log[i][1]:
+            i -= 1
+        if i < 0:
+            return runs
+        prefix = [c for c, _ in log[:i]] + [log[i][0] + 1]
