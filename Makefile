@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/mtekvm run scenarios/shared-memfd-two-processes.toml
+	$(BIN)/mtekvm run scenarios/vm-shared-memfd.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
