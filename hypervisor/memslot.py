@@ -196,6 +196,16 @@ def ghost_kvm_write(kvm: Kvm, gfn: int) -> None:
         kvm.ghost_written[slot.id].add(gfn - slot.base_gfn)
 
 
+def _logging_slot(kvm: Kvm, slot_id: int, ioctl: str) -> Memslot:
+    """The memslot a dirty-log ioctl names: EINVAL if it does not exist, ENOENT if it does not log."""
+    slot = kvm.memslots.get(slot_id)
+    if slot is None:
+        raise KernelError("EINVAL", f"{ioctl}: no memslot {slot_id}")
+    if not slot.logging:
+        raise KernelError("ENOENT", f"{ioctl}: memslot {slot_id} does not log dirty pages")
+    return slot
+
+
 async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> list[int]:
     """KVM_GET_DIRTY_LOG with manual protect: the slot's dirty page indexes (not cleared).
 
@@ -203,11 +213,7 @@ async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> lis
         KernelError: EINVAL for an unknown slot, ENOENT when the slot does not log.
     """
     async with kvm.slots_lock.held():
-        slot = kvm.memslots.get(slot_id)
-        if slot is None:
-            raise KernelError("EINVAL", f"KVM_GET_DIRTY_LOG: no memslot {slot_id}")
-        if not slot.logging:
-            raise KernelError("ENOENT", f"KVM_GET_DIRTY_LOG: memslot {slot_id} does not log dirty pages")
+        slot = _logging_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
         k.oracle.check_dirty_log(kvm, slot)
         return sorted(slot.dirty)
 
@@ -222,11 +228,7 @@ async def kvm_vm_ioctl_clear_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int, firs
     from hypervisor.kvm_mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
 
     async with kvm.slots_lock.held():
-        slot = kvm.memslots.get(slot_id)
-        if slot is None:
-            raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: no memslot {slot_id}")
-        if not slot.logging:
-            raise KernelError("ENOENT", f"KVM_CLEAR_DIRTY_LOG: memslot {slot_id} does not log dirty pages")
+        slot = _logging_slot(kvm, slot_id, "KVM_CLEAR_DIRTY_LOG")
         num = slot.npages - first if num is None else num
         if first > slot.npages or first + num > slot.npages:
             raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: pages {first}..{first + num} exceed the slot's "

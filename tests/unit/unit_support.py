@@ -194,6 +194,16 @@ def run_until_then(first: str, label: str, other: str):
     return policy
 
 
+def next_prefix(log: list[tuple[int, int]]) -> list[int] | None:
+    """Depth-first backtracking: the choice prefix of the next unexplored run, or None when all are done."""
+    i = len(log) - 1
+    while i >= 0 and log[i][0] + 1 >= log[i][1]:
+        i -= 1
+    if i < 0:
+        return None
+    return [c for c, _ in log[:i]] + [log[i][0] + 1]
+
+
 async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 20_000) -> list[Run]:
     """Every interleaving of the scenario built by ``setup`` (see :func:`run_once`).
 
@@ -209,12 +219,9 @@ async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 
         if until is not None and until(run):
             return runs
         assert len(runs) <= limit, "state space larger than expected"
-        i = len(log) - 1
-        while i >= 0 and log[i][0] + 1 >= log[i][1]:
-            i -= 1
-        if i < 0:
+        prefix = next_prefix(log)
+        if prefix is None:
             return runs
-        prefix = [c for c, _ in log[:i]] + [log[i][0] + 1]
 
 
 def frame_problems(k: Kernel) -> list[str]:
@@ -462,9 +469,6 @@ async def explore_bounded(setup, *, preemptions: int = 2, bugs=(), until=None, l
         if until is not None and until(run):
             return runs
         assert len(runs) <= limit, "state space larger than expected"
-        i = len(log) - 1
-        while i >= 0 and log[i][0] + 1 >= log[i][1]:
-            i -= 1
-        if i < 0:
+        prefix = next_prefix(log)
+        if prefix is None:
             return runs
-        prefix = [c for c, _ in log[:i]] + [log[i][0] + 1]
