@@ -68,3 +68,34 @@ def check_bug_names(names) -> tuple[str, ...]:
             raise ValueError(f"unknown bug {n!r}; known: {', '.join(sorted(BUGS))}")
         out.append(n)
     return tuple(out)
+
+
+@attrs.frozen
+class KernelFix:
+    """A proposed kernel fix a host can apply (``kernel-fixes`` in a scenario's host table)."""
+
+    name: str
+    fixes: str
+
+
+KERNEL_FIXES: dict[str, KernelFix] = {
+    f.name: f
+    for f in (
+        KernelFix(
+            "sanitise-whole-hugetlb-folio",
+            "sanitise_mte_tags() and COPY_TAGS TO_GUEST clear every page of a hugetlb folio "
+            "when they win its tag lock, not only the pages they were asked for "
+            "(docs/findings.md, finding 3)",
+        ),
+    )
+}
+
+
+def check_kernel_fix_names(names) -> tuple[str, ...]:
+    """Return ``names`` as a tuple, or raise ValueError naming the unknown one."""
+    out = []
+    for n in names:
+        if n not in KERNEL_FIXES:
+            raise ValueError(f"unknown kernel fix {n!r}; known: {', '.join(sorted(KERNEL_FIXES))}")
+        out.append(n)
+    return tuple(out)
