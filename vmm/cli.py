@@ -1,96 +1,93 @@
 """The ``mtekvm`` command.
 
-``mtekvm run FILE...`` runs scenarios (see shared/SCENARIOS.md) and prints a
-table per scenario: step, actor, op, expected, got. Exit status: 0 when every
-expectation held and no invariant broke, 1 otherwise, 2 for a file that is not
-a valid scenario or options that cannot work together.
+``mtekvm run FILE...`` runs scenarios (docs/scenarios.md) and prints a table per scenario: step,
+actor, op, expected, got. Every file is validated before any runs; the valid ones run even when
+others are not. ``--json``, ``--junit`` and ``--tap`` give the results in forms other programs
+read. ``--seeds N`` with the random or pct scheduler runs each scenario under N seeds and stops at
+the first failure, printing its schedule and the command that replays it. ``mtekvm bugs`` lists
+the bug zoo; ``mtekvm --version`` prints the version.
 
-``--seeds N`` with ``--scheduler random`` (or ``pct``) runs each scenario under
-N seeds (from ``--seed``) and stops at the first failure, printing its
-schedule and the command that replays it.
+Every failure is one line on stderr, never a traceback (``MTEKVM_DEBUG=1`` re-raises, for
+developers). Exit status, one meaning each (see :mod:`vmm.report`):
 
-``mtekvm bugs`` lists the bug zoo.
+- 0: every scenario ran and held (its expectations, and exactly its ``expect-violations``);
+- 1: a scenario ran and an expectation or an invariant failed;
+- 2: bad input or usage: a file that is not a valid scenario, options that do not apply or
+  cannot work together, a replayed schedule that does not fit, a report path that cannot be
+  written, a secret file that cannot be read;
+- 3: the infrastructure failed: a hypervisor or VMM could not be started or reached, was busy,
+  or died mid-run (or mtekvm itself failed);
+- 130: interrupted (Ctrl-C); the scenarios that finished are summarised and reported.
+
+When several apply, the higher in this order wins: 130, 3, 2, 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
+import os
 import sys
 import time
 
 import trio
 
 from hypervisor.errors import KernelError
+from hypervisor.sched import parse_schedule
 from shared.bugs import BUGS
 from shared.wire import RemoteError
+from vmm import report
 from vmm.hostlink import HostStartError
-from vmm.runner import RunError, RunOptions, ScenarioResult, run_scenario
-from vmm.scenario import ScenarioError, SchedulerSpec, load_scenario
+from vmm.report import Problem
+from vmm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error, run_scenario
+from vmm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()) + "}"
-    if isinstance(v, int) and not isinstance(v, bool) and v > 0xFFFF:
-        return hex(v)
-    if isinstance(v, list) and len(v) > 8:
-        return "[" + ", ".join(map(str, v[:8])) + f", ... ({len(v)})]"
-    s = str(v)
-    return s if len(s) <= 40 else s[:37] + "..."
+def version() -> str:
+    """The installed mtekvm version."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        return dist_version("mtekvm")
+    except (ImportError, PackageNotFoundError):  # running from a source tree
+        return "0.2.0+source"
 
 
-#: Violations printed per invariant in the table (the JSON has all of them).
-VIOLATIONS_SHOWN = 5
+class UsageError(Exception):
+    """Options that do not apply or cannot work together (exit 2)."""
 
 
-def print_result(r: ScenarioResult, out=sys.stdout) -> None:
-    """The human table for one scenario."""
-    print(f"\n== {r.name}  ({r.path}, scheduler {r.scheduler})", file=out)
-    rows = [("step", "actor", "op", "expected", "got", "")]
-    for s in r.steps:
-        got = s.outcome if s.value is None else f"{s.outcome} {_fmt(s.value)}"
-        rows.append((s.index, s.actor, s.op, _fmt(s.expect) if s.expect is not None else "-", got,
-                     "ok" if s.passed else "FAIL"))
-    widths = [max(len(str(row[i])) for row in rows) for i in range(6)]
-    for row in rows:
-        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
-    for s in r.steps:
-        if not s.passed and s.message:
-            print(f"  step {s.index}: {s.message}", file=out)
-    shown: dict[str, int] = {}
-    for v in r.violations:
-        n = shown[v["invariant"]] = shown.get(v["invariant"], 0) + 1
-        if n <= VIOLATIONS_SHOWN:
-            print(f"  VIOLATION {v['invariant']}: {v['message']}" + (f" [{v['actor']}]" if v.get("actor") else ""),
-                  file=out)
-    for inv, n in shown.items():
-        if n > VIOLATIONS_SHOWN:
-            print(f"  ... and {n - VIOLATIONS_SHOWN} more {inv} (all of them in --json)", file=out)
-    if r.replay_command:
-        print(f"  schedule: {r.schedule or '(default order)'}", file=out)
-        print(f"  replay:   {r.replay_command}", file=out)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2)."""
+
+    def error(self, message: str):
+        print(f"mtekvm: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(report.EXIT_USAGE)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtekvm", description="An executable model of arm64 MTE under KVM.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run scenario files")
+    p = _Parser(prog="mtekvm", description="An executable model of arm64 MTE under KVM.")
+    p.add_argument("--version", action="version", version=f"mtekvm {version()}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    r = sub.add_parser("run", help="run scenario files",
+                       description="Run scenario files. Exit status: 0 all held, 1 an expectation or "
+                                   "invariant failed, 2 bad input or usage, 3 the infrastructure failed, "
+                                   "130 interrupted.")
     r.add_argument("files", nargs="+", metavar="FILE")
-    r.add_argument("--json", metavar="PATH", help="also write results as JSON")
+    r.add_argument("--json", metavar="PATH", help="also write the results as JSON (docs/scenarios.md)")
+    r.add_argument("--junit", metavar="PATH", help="also write the results as JUnit XML")
+    r.add_argument("--tap", action="store_true", help="print TAP version 13 instead of tables")
     r.add_argument("--host", metavar="ADDR", help="use a running hypervisor (unix:PATH or tcp:HOST:PORT)")
-    r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret")
+    r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret (with --host)")
     r.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
                    help=f"switch on a bug-zoo race ({', '.join(sorted(BUGS))})")
     r.add_argument("--scheduler", choices=("free", "random", "pct", "replay"),
-                   help="override the scenario's scheduler")
+                   help="override the scenarios' scheduler")
     r.add_argument("--seed", type=int, help="seed for --scheduler random or pct")
-    r.add_argument("--depth", type=int, default=3, help="bug depth for --scheduler pct (default 3)")
-    r.add_argument("--seeds", type=int, default=1, metavar="N",
-                   help="with random or pct: try N seeds, stop at the first failure")
-    r.add_argument("--schedule", help="schedule for --scheduler replay")
+    r.add_argument("--depth", type=int, help="bug depth for --scheduler pct (default 3)")
+    r.add_argument("--seeds", type=int, metavar="N",
+                   help="with the random or pct scheduler: try N seeds, stop at the first failure")
+    r.add_argument("--schedule", help="the schedule for --scheduler replay")
+    r.add_argument("-v", "--verbose", action="store_true", help="show the model's log messages (one line each)")
     sub.add_parser("bugs", help="list the bug zoo: historical races that --bug switches back on")
     return p
 
@@ -126,21 +123,112 @@ class Progress:
             print(file=self.out)
 
 
-async def _run_file(path, args, secret) -> list[ScenarioResult]:
-    scn = load_scenario(path)
-    spec = None
-    if args.scheduler:
-        spec = SchedulerSpec(args.scheduler, args.seed if args.scheduler in ("random", "pct") else None,
-                             args.schedule if args.scheduler == "replay" else None, args.depth)
-        if args.scheduler == "replay" and args.schedule is None:
-            raise RunError("--scheduler replay needs --schedule")
-    base = spec or scn.scheduler
-    results = []
-    seeds = [None]
-    if base.kind in ("random", "pct") and args.seeds > 1:
+class _OneLine(logging.Formatter):
+    """Log records as one line: an exception is its type and message, never a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"mtekvm: {record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            line += f": {type(exc).__name__}: {exc}"
+        return line.replace("\n", " ")
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The in-process model logs through ``mtekvm.*``: silent unless --verbose, one line each."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    logger = logging.getLogger("mtekvm")
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO if verbose else logging.CRITICAL + 1)
+
+
+def check_options(args) -> None:
+    """Refuse options that do not apply to what was asked, before anything runs.
+
+    Raises:
+        UsageError: with the one-line reason.
+    """
+    kind = args.scheduler
+    if args.schedule is not None and kind != "replay":
+        raise UsageError("--schedule applies only with --scheduler replay")
+    if kind == "replay":
+        if args.schedule is None:
+            raise UsageError("--scheduler replay needs --schedule (the 'schedule:' line of a failed run)")
+        try:
+            parse_schedule(args.schedule)
+        except ValueError as exc:
+            raise UsageError(f"--schedule: {exc}") from None
+    if args.seed is not None and kind not in ("random", "pct"):
+        raise UsageError("--seed applies only with --scheduler random or pct")
+    if args.depth is not None:
+        if kind != "pct":
+            raise UsageError("--depth applies only with --scheduler pct")
+        if not 1 <= args.depth <= 16:
+            raise UsageError(f"--depth must be 1..16 (got {args.depth})")
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UsageError(f"--seeds must be at least 1 (got {args.seeds})")
+        if kind in ("free", "replay"):
+            raise UsageError(f"--seeds applies only to the random and pct schedulers, not {kind}")
+    if args.secret_file is not None and args.host is None:
+        raise UsageError("--secret-file applies only with --host (a private hypervisor makes its own secret)")
+    if args.host is not None and kind in ("random", "pct", "replay"):
+        raise UsageError("--host runs the free scheduler only: controlled schedulers need the embedded "
+                         "hypervisor (drop --host)")
+    for opt, path in (("--json", args.json), ("--junit", args.junit)):
+        if path is not None:
+            _check_writable(opt, path)
+
+
+def _check_writable(opt: str, path: str) -> None:
+    """Can ``path`` be written? Tried up front, so that a bad path is not found after a long run."""
+    existed = os.path.exists(path)
+    if os.path.isdir(path):
+        raise UsageError(f"{opt} {path}: is a directory")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{opt} {path}: cannot write: {exc.strerror or exc}") from None
+    if not existed:
+        os.unlink(path)
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+    except OSError as exc:
+        raise UsageError(f"--secret-file {path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--secret-file {path}: not a text file") from None
+    if not secret:
+        raise UsageError(f"--secret-file {path}: is empty")
+    return secret
+
+
+def _spec(args) -> SchedulerSpec | None:
+    if not args.scheduler:
+        return None
+    return SchedulerSpec(args.scheduler, args.seed if args.scheduler in ("random", "pct") else None,
+                         args.schedule if args.scheduler == "replay" else None,
+                         args.depth if args.depth is not None else 3)
+
+
+async def _run_one(scn: Scenario, args, secret) -> ScenarioResult:
+    """Run one scenario, under N seeds when asked (a hunt stops at the first failing seed)."""
+    base = _spec(args) or scn.scheduler
+    seeds: list[int | None] = [None]
+    if args.seeds is not None and base.kind in ("random", "pct"):
         first = base.seed or 0
         seeds = list(range(first, first + args.seeds))
+    elif args.seeds is not None and args.seeds > 1:
+        print(f"mtekvm: {scn.path}: note: --seeds applies to the random and pct schedulers; this "
+              f"scenario's is {base.kind}, so it ran once", file=sys.stderr)
     progress = Progress(scn.name, len(seeds)) if len(seeds) > 1 else None
+    res = None
     try:
         for done, seed in enumerate(seeds, 1):
             s = base if seed is None else SchedulerSpec(base.kind, seed, None, base.depth)
@@ -148,65 +236,146 @@ async def _run_file(path, args, secret) -> list[ScenarioResult]:
             res = await run_scenario(scn, opts)
             if progress and res.passed:
                 progress.update(done)
-            if len(seeds) > 1 and res.passed and seed != seeds[-1]:
-                continue
-            results.append(res)
-            break
+            if not res.passed:
+                break
     finally:
         if progress:
             progress.close()
     if progress:
-        r = results[0]
-        print(f"{scn.name}: " + (f"no failure in {len(seeds)} seeds" if r.passed else
+        print(f"{scn.name}: " + (f"no failure in {len(seeds)} seeds" if res.passed else
                                  f"failure at seed {seed} ({done} of {len(seeds)} seeds run)"),
               file=sys.stderr)
-    return results
+    return res
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_interrupt(e) for e in exc.exceptions)
+    return False
+
+
+def _problem(scn: Scenario, exc: BaseException) -> Problem:
+    """The one-line account of a scenario that did not run to a result."""
+    exc = classify_error(exc)
+    if isinstance(exc, (InfraError, HostStartError)):
+        return Problem(scn.path, "infrastructure", f"{scn.path}: {exc}", scn.name)
+    if isinstance(exc, (RunError, ValueError)):
+        return Problem(scn.path, "invalid", f"{scn.path}: {exc}", scn.name)
+    if isinstance(exc, (RemoteError, KernelError)):
+        return Problem(scn.path, "invalid", f"{scn.path}: the host refused set-up: {exc}", scn.name)
+    return Problem(scn.path, "infrastructure",
+                   f"{scn.path}: internal error: {type(exc).__name__}: {exc} (MTEKVM_DEBUG=1 shows where)",
+                   scn.name)
+
+
+class _Out:
+    """Where results go: tables (default) or TAP on stdout; problems on stderr."""
+
+    def __init__(self, tap: bool, total: int):
+        self.tap, self.n = tap, 0
+        if tap:
+            print("TAP version 13")
+            print(f"1..{total}", flush=True)
+
+    def result(self, r: ScenarioResult) -> None:
+        self.n += 1
+        lines = report.tap_lines(self.n, r) if self.tap else [""] + report.result_lines(r)
+        print("\n".join(lines), flush=True)
+
+    def problem(self, p: Problem) -> None:
+        print(f"mtekvm: {p.message}", file=sys.stderr, flush=True)
+        if self.tap and p.kind != "interrupted":
+            self.n += 1
+            print("\n".join(report.tap_lines(self.n, problem=p)), flush=True)
+
+    def summary(self, line: str, interrupted: bool) -> None:
+        if self.tap:
+            if interrupted:
+                print("Bail out! interrupted")
+            print(f"# {line}", flush=True)
+        else:
+            print(f"\n{line}", flush=True)
+
+
+def run_command(args, argv: list[str]) -> int:
+    """``mtekvm run``: validate options and every file, run the valid ones, report, return the status."""
+    started = time.monotonic()
+    check_options(args)
+    secret = _read_secret(args.secret_file) if args.secret_file else None
+    out = _Out(args.tap, len(args.files))
+    results: list[ScenarioResult] = []
+    problems: list[Problem] = []
+    scenarios: list[Scenario] = []
+    for path in args.files:
+        try:
+            scenarios.append(load_scenario(path))
+        except ScenarioError as exc:
+            problems.append(Problem(path, "invalid", str(exc)))
+            out.problem(problems[-1])
+    try:
+        for scn in scenarios:
+            try:
+                results.append(trio.run(_run_one, scn, args, secret))
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes one line
+                if _is_interrupt(exc):
+                    problems.append(Problem(scn.path, "interrupted", f"{scn.path}: interrupted", scn.name))
+                    out.problem(problems[-1])
+                    break
+                if os.environ.get("MTEKVM_DEBUG") or isinstance(exc, SystemExit):
+                    raise
+                problems.append(_problem(scn, exc))
+                out.problem(problems[-1])
+                continue
+            out.result(results[-1])
+    except KeyboardInterrupt:  # between scenarios, or while printing
+        problems.append(Problem("", "interrupted", "interrupted"))
+    duration = time.monotonic() - started
+    status = report.exit_status(results, problems)
+    out.summary(report.summary_line(results, problems, duration), status == report.EXIT_INTERRUPTED)
+    status = _write_reports(args, argv, results, problems, status, duration)
+    return status
+
+
+def _write_reports(args, argv, results, problems, status, duration) -> int:
+    try:
+        if args.json:
+            doc = report.json_report(results, problems, version=version(), argv=argv, status=status,
+                                     duration=duration)
+            with open(args.json, "w") as f:
+                report.dump_json(doc, f)
+        if args.junit:
+            report.junit_xml(results, problems, duration).write(args.junit, encoding="utf-8",
+                                                                 xml_declaration=True)
+    except OSError as exc:
+        print(f"mtekvm: cannot write the report: {exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return max(status, report.EXIT_USAGE) if status != report.EXIT_INTERRUPTED else status
+    return status
 
 
 def main(argv=None) -> int:
     """Entry point of the ``mtekvm`` console command; returns the exit status."""
-    args = _parser().parse_args(argv)
-    if args.cmd == "bugs":
-        list_bugs()
-        return 0
-    secret = None
-    if args.secret_file:
-        with open(args.secret_file) as f:
-            secret = f.read().strip()
-    all_results: list[ScenarioResult] = []
-    status = 0
-    for path in args.files:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+        if args.cmd == "bugs":
+            list_bugs()
+            return report.EXIT_OK
+        _setup_logging(args.verbose)
+        return run_command(args, argv)
+    except UsageError as exc:
+        print(f"mtekvm: {exc}", file=sys.stderr)
+        return report.EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mtekvm: interrupted", file=sys.stderr)
+        return report.EXIT_INTERRUPTED
+    except BrokenPipeError:  # `mtekvm run ... | head`: the reader left
         try:
-            res = trio.run(_run_file, path, args, secret)
-        except ScenarioError as exc:
-            print(f"mtekvm: {exc}", file=sys.stderr)
-            return 2
-        except (RunError, HostStartError, ValueError) as exc:
-            print(f"mtekvm: {path}: {exc}", file=sys.stderr)
-            return 2
-        except (RemoteError, KernelError) as exc:
-            print(f"mtekvm: {path}: the host refused set-up: {exc}", file=sys.stderr)
-            return 2
-        for r in res:
-            print_result(r)
-            all_results.append(r)
-            if not r.passed:
-                status = 1
-    passed = sum(r.passed for r in all_results)
-    steps = sum(len(r.steps) for r in all_results)
-    print(f"\n{passed} passed, {len(all_results) - passed} failed ({len(all_results)} scenarios, {steps} steps)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"scenarios": [r.to_json() for r in all_results]}, f, indent=2, default=_json_default)
-    return status
-
-
-def _json_default(o):
-    if isinstance(o, (bytes, bytearray)):
-        return o.hex()
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(type(o).__name__)
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return report.EXIT_INFRA
 
 
 if __name__ == "__main__":

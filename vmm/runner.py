@@ -9,6 +9,18 @@ runs the oracles (after every step of a controlled run, and at the end of
 every run). A failing controlled run carries its schedule and the command
 that replays it.
 
+A scenario passes when every step's expectation held, every invariant its
+``expect-violations`` lists broke at least once and no other invariant broke.
+An ``expect`` table is compared on the keys it lists (nested tables the same
+way); an integer where a tag list is returned means that tag for every granule.
+
+Errors are of three kinds, which the CLI maps to exit statuses: a scenario
+that ran and failed is a :class:`ScenarioResult` with ``passed = False`` (1);
+:class:`RunError` means the run cannot be done as asked (2), including a
+replayed schedule that does not fit the run (:class:`ReplayError`);
+:class:`InfraError` means the machinery under the scenario failed: a host or
+VMM that cannot be started or reached, is busy, or died mid-run (3).
+
 This is the Python API the CLI uses; tests and users can call it directly::
 
     scenario = load_scenario("scenarios/x.toml")
@@ -18,16 +30,19 @@ This is the Python API the CLI uses; tests and users can call it directly::
 from __future__ import annotations
 
 import shlex
+import time
 from typing import Any
 
 import attrs
 import trio
 
+from hypervisor.errors import ScheduleDivergence
 from hypervisor.kernel import Kernel
-from hypervisor.sched import make_scheduler
-from shared.wire import Client, RemoteError
-from vmm.hostlink import InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
-from vmm.scenario import Expect, Parallel, Scenario, SchedulerSpec, Step
+from hypervisor.sched import ControlledScheduler, make_scheduler
+from shared.invariants import canonical
+from shared.wire import Client, RemoteError, WireError
+from vmm.hostlink import HostStartError, InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
+from vmm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 
 #: Ops a VMM runs on its own address space, exactly as a host process does.
 HOST_PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load",
@@ -36,6 +51,42 @@ HOST_PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get
 
 class RunError(Exception):
     """The scenario cannot be run as asked (unsupported feature or option clash)."""
+
+
+class ReplayError(RunError):
+    """A replayed schedule does not fit this run: an entry's target was not runnable, or an entry
+    was never reached (replay is strict). Usually the schedule was recorded with other bugs."""
+
+
+class InfraError(Exception):
+    """The machinery under a scenario failed: a hypervisor or VMM could not be started or
+    reached, was busy, or died mid-run. The message is one line."""
+
+
+#: Exceptions that mean a host or VMM connection broke (wire.ConnectionClosed is a WireError).
+_INFRA = (HostStartError, WireError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The non-group exceptions inside ``exc`` (trio nurseries wrap them in groups)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+def classify_error(exc: BaseException) -> BaseException:
+    """The one exception that explains a failed run: the first RunError or InfraError inside
+    ``exc``, a connection failure turned into :class:`InfraError`, else the first leaf."""
+    leaves = _leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, (RunError, InfraError, KeyboardInterrupt)):
+            return leaf
+    for leaf in leaves:
+        if isinstance(leaf, _INFRA):
+            what = str(leaf) or type(leaf).__name__
+            return InfraError(what if isinstance(leaf, HostStartError)
+                              else f"lost the connection to a host or VMM ({what})")
+    return leaves[0]
 
 
 @attrs.frozen
@@ -59,12 +110,15 @@ class StepResult:
     outcome: str
     value: Any
     passed: bool
-    message: str = ""
+    message: str = ""  # why it failed (a readable diff for long lists), or the fault's details
+    note: str = ""  # what the hardware did that the outcome does not show (e.g. a tag store ignored)
+    duration: float = 0.0  # seconds
 
     def to_json(self) -> dict:
-        """The ``--json`` form of SCENARIOS.md."""
+        """The ``--json`` form of a step (docs/scenarios.md, "JSON report")."""
         return {"index": self.index, "actor": self.actor, "op": self.op, "expect": self.expect,
-                "outcome": self.outcome, "value": self.value, "passed": self.passed}
+                "outcome": self.outcome, "value": self.value, "passed": self.passed,
+                "message": self.message, "note": self.note, "duration": round(self.duration, 6)}
 
 
 @attrs.frozen
@@ -79,12 +133,17 @@ class ScenarioResult:
     scheduler: str
     schedule: str = ""
     replay_command: str | None = None
+    expect_violations: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()  # one line per reason the scenario failed
+    duration: float = 0.0  # seconds, set-up and teardown included
 
     def to_json(self) -> dict:
-        """The ``--json`` form of SCENARIOS.md (plus scheduler facts)."""
-        return {"name": self.name, "passed": self.passed, "steps": [s.to_json() for s in self.steps],
-                "violations": list(self.violations), "scheduler": self.scheduler, "schedule": self.schedule,
-                "replay_command": self.replay_command}
+        """The ``--json`` form of a scenario (docs/scenarios.md, "JSON report")."""
+        return {"name": self.name, "path": self.path, "passed": self.passed,
+                "duration": round(self.duration, 6), "failures": list(self.failures),
+                "steps": [s.to_json() for s in self.steps], "violations": list(self.violations),
+                "expect_violations": list(self.expect_violations), "scheduler": self.scheduler,
+                "schedule": self.schedule, "replay_command": self.replay_command}
 
 
 def describe_expect(e: Expect | None) -> Any:
@@ -96,23 +155,105 @@ def describe_expect(e: Expect | None) -> Any:
     return e.outcome
 
 
-def _value_matches(op: str, want: Any, got: Any) -> bool:
-    if isinstance(got, list) and isinstance(want, int) and not isinstance(want, bool):
-        return all(g == want for g in got)  # "a single integer means this tag for every granule"
+#: Ops whose value is a list of tags (one per granule), and the result keys that hold one.
+TAG_LIST_OPS = ("ldg", "ptrace-peek-tags")
+TAG_LIST_KEYS = ("tags",)
+#: Lists longer than this get a diff in the failure message instead of both lists in full.
+LONG_LIST = 8
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def value_mismatch(want: Any, got: Any, tags: bool = False, where: str = "value") -> str | None:
+    """Why ``got`` does not meet ``want``, or None when it does.
+
+    Tables are compared on the keys ``want`` lists (nested tables the same way); lists whole;
+    an integer against a tag list (``tags``) stands for that tag in every granule; strings
+    case-insensitively (hex data).
+    """
+    if isinstance(want, dict):
+        if not isinstance(got, dict):
+            return f"{where}: expected a table, got {_short(got)}"
+        for k, w in want.items():
+            if k not in got:
+                return f"{where}.{k}: missing from the result (keys: {', '.join(map(str, got)) or 'none'})"
+            why = value_mismatch(w, got[k], k in TAG_LIST_KEYS, f"{where}.{k}")
+            if why:
+                return why
+        return None
+    if tags and _is_int(want) and isinstance(got, (list, tuple)):
+        want = [want] * len(got)  # "a single integer means this tag for every granule"
     if isinstance(want, (list, tuple)) and isinstance(got, (list, tuple)):
-        return list(want) == list(got)
+        return None if list(want) == list(got) else f"{where}: {list_diff(list(want), list(got))}"
     if isinstance(want, str) and isinstance(got, str):
-        return want.lower() == got.lower()
-    return want == got
+        return None if want.lower() == got.lower() else f"{where}: expected {_short(want)}, got {_short(got)}"
+    if want == got and isinstance(want, bool) == isinstance(got, bool):
+        return None
+    return f"{where}: expected {_short(want)}, got {_short(got)}"
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    s = hex(v) if _is_int(v) and v > 0xFFFF else repr(v)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def list_diff(want: list, got: list, shown: int = 4) -> str:
+    """A readable difference of two lists: short ones in full, long ones as runs of differing
+    indexes (``[4..63]: expected 5, got 0``) and the lengths when they differ."""
+    if max(len(want), len(got)) <= LONG_LIST:
+        return f"expected {want}, got {got}"
+    parts = []
+    if len(want) != len(got):
+        parts.append(f"expected {len(want)} items, got {len(got)}")
+    runs: list[list] = []  # [first, last, want, got]
+    for i in range(min(len(want), len(got))):
+        if want[i] != got[i]:
+            if runs and runs[-1][1] == i - 1 and runs[-1][2:] == [want[i], got[i]]:
+                runs[-1][1] = i
+            else:
+                runs.append([i, i, want[i], got[i]])
+    ndiff = sum(r[1] - r[0] + 1 for r in runs)
+    if runs:
+        parts.append(f"{ndiff} of {min(len(want), len(got))} items differ")
+    for first, last, w, g in runs[:shown]:
+        at = f"[{first}]" if first == last else f"[{first}..{last}]"
+        parts.append(f"{at}: expected {w!r}, got {g!r}")
+    if len(runs) > shown:
+        parts.append(f"... {len(runs) - shown} more runs")
+    return "; ".join(parts)
+
+
+def check_expect(e: Expect | None, outcome: str, value: Any, op: str) -> str | None:
+    """Why (outcome, value) does not meet expectation ``e``, or None when it does."""
+    if e is None:
+        return None
+    if e.outcome != outcome:
+        return f"expected outcome {e.outcome}, got {outcome}"
+    if not e.has_value:
+        return None
+    return value_mismatch(e.value, value, op in TAG_LIST_OPS)
 
 
 def judge(e: Expect | None, outcome: str, value: Any, op: str) -> bool:
     """Does (outcome, value) meet expectation ``e``?"""
-    if e is None:
-        return True
-    if e.outcome != outcome:
-        return False
-    return not e.has_value or _value_matches(op, e.value, value)
+    return check_expect(e, outcome, value, op) is None
+
+
+def judge_violations(violations: list[dict], expected: tuple[str, ...]) -> list[str]:
+    """Why the violations found do not match ``expect-violations`` (empty: they do).
+
+    Names are compared through :func:`shared.invariants.canonical`, so old and new spellings
+    both count; every expected invariant must break at least once and no other may break.
+    """
+    found = {canonical(v["invariant"]) for v in violations}
+    want = {canonical(n) for n in expected}
+    out = [f"invariant {n} was expected to break but did not" for n in sorted(want - found)]
+    unexpected = sorted(found - want)
+    if unexpected:
+        out.append(f"invariant{'s' * (len(unexpected) > 1)} broke: {', '.join(unexpected)}")
+    return out
 
 
 class _Run:
@@ -132,6 +273,7 @@ class _Run:
         self.vmm_links: dict[str, Any] = {}
         self.vmms: dict[str, Client] = {}  # VM name -> the VMM's control channel
         self.session = f"scenario:{id(self)}"
+        self.ata: set[tuple[str, int]] = set()  # (VM, vCPU) whose guest enabled MTE (SCTLR_EL1.ATA = 1)
 
     async def setup(self) -> None:
         if self.opts.host is not None and (self.controlled or len(self.scn.hosts) > 1):
@@ -141,7 +283,11 @@ class _Run:
             if self.controlled:
                 sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule,
                                        self.sched_spec.depth)
-                kernel = Kernel(mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, sched=sched)
+                try:
+                    kernel = Kernel(mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, sched=sched,
+                                    **boot_extras(spec))
+                except TypeError as exc:  # a host setting this build's kernel does not take yet
+                    raise RunError(f"host {name!r}: this build cannot boot it as asked ({exc})") from None
                 link = InProcessHost(self.nursery, kernel)
             elif self.opts.host is not None:
                 link = ProcessHost(self.nursery, address=self.opts.host, secret=self.opts.secret)
@@ -151,9 +297,18 @@ class _Run:
             self.hosts[name] = link
             client, _ = await link.connect("host")
             self.host_clients[name] = client
-            if self.opts.host is not None:
-                await client.call("boot", {"mte": spec.mte, "ram": spec.ram, "swap": spec.swap,
-                                           "bugs": list(self.bugs)})
+            extras = boot_extras(spec)
+            if self.opts.host is not None or (extras and not self.controlled):
+                # a running host is rebooted with the scenario's settings; a private one only
+                # when they go beyond what its command line carries
+                try:
+                    await client.call("boot", {"mte": spec.mte, "ram": spec.ram, "swap": spec.swap,
+                                               "bugs": list(self.bugs), **extras})
+                except RemoteError as exc:
+                    if exc.name == "EBUSY":
+                        raise InfraError(f"the host is busy: {exc.message or 'another client is attached'}") \
+                            from None
+                    raise
         for name, spec in self.scn.processes.items():
             client, hello = await self.hosts[spec.host].connect("process", name=name, session=self.session)
             self.procs[name] = client
@@ -177,7 +332,8 @@ class _Run:
             await client.call("vm-create", {"name": name, "ipa_bits": vm.ipa_bits}, ctx=ctx)
         else:
             memory = [{"ipa": m.ipa, "size": m.size, "backing": m.backing, "object": m.object,
-                       "prot_mte": m.prot_mte} for m in vm.memory]
+                       "prot_mte": m.prot_mte, **({"hugepage_size": m.hugepage_size} if m.hugepage_size else {})}
+                      for m in vm.memory]
             try:
                 await client.call("vm-setup", {"name": name, "ipa_bits": vm.ipa_bits, "mte": vm.mte,
                                                "vcpus": vm.vcpus, "memory": memory}, ctx=ctx)
@@ -226,6 +382,7 @@ class _Run:
         else:
             client = self.procs[step.actor_target]
         message = ""
+        started = time.monotonic()
         try:
             op, args = self._request(step)
             if step.actor_kind == "host" and step.args.get("vm") is not None:
@@ -251,8 +408,21 @@ class _Run:
             elif op == "ptrace-peek-tags" and isinstance(value, (bytes, bytearray)):
                 value = list(value)
         op = step.op
-        passed = judge(step.expect, outcome, value, op)
-        results.append(StepResult(index, step.actor, op, describe_expect(step.expect), outcome, value, passed, message))
+        why = check_expect(step.expect, outcome, value, op)
+        results.append(StepResult(index, step.actor, op, describe_expect(step.expect), outcome, value, why is None,
+                                  why or message, self._note(step, outcome), time.monotonic() - started))
+
+    def _note(self, step: Step, outcome: str) -> str:
+        """What the hardware did silently: tag stores on a vCPU whose SCTLR_EL1.ATA is 0 are ignored."""
+        if step.actor_kind != "guest" or outcome != "ok":
+            return ""
+        key = (step.actor_target, step.vcpu or 0)
+        if step.op == "enable-mte":
+            self.ata.add(key)
+        elif step.op == "stg" and key not in self.ata and step.args.get("size"):
+            return (f"ignored: SCTLR_EL1.ATA is 0 on vCPU {key[1]} (no enable-mte there), so the tag store "
+                    "did nothing (RAZ/WI)")
+        return ""
 
     async def _attach_child(self, step: Step, value: dict) -> None:
         child = step.args["child"]
@@ -304,6 +474,19 @@ class _Run:
                     await link.stop()
 
 
+def boot_extras(spec) -> dict:
+    """The ``boot`` arguments beyond mte/ram/swap/bugs, each only when it differs from Linux's
+    default (so a host that does not know the field yet still boots default scenarios)."""
+    out: dict[str, Any] = {}
+    if spec.tcf_preferred != "async":
+        out["tcf_preferred"] = spec.tcf_preferred
+    if spec.kernel_fixes:
+        out["kernel_fixes"] = list(spec.kernel_fixes)
+    if spec.fault_replay_limit != FAULT_REPLAY_LIMIT:
+        out["fault_replay_limit"] = spec.fault_replay_limit
+    return out
+
+
 def _plain(args: dict) -> dict:
     """Scenario args as msgpack carries them (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
@@ -328,22 +511,40 @@ def replay_command(scn: Scenario, schedule: str, bugs: tuple[str, ...]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def _replay_check(run: _Run) -> None:
+    """Replay is strict: a divergence, or an entry the run never reached, is a ReplayError."""
+    for link in run.hosts.values():
+        sched = link.sched if isinstance(link, InProcessHost) else None
+        if not isinstance(sched, ControlledScheduler) or sched.replay is None:
+            continue
+        hint = " (was it recorded with other --bug options, or from another version of the scenario?)"
+        if isinstance(sched.failure, ScheduleDivergence):
+            raise ReplayError(f"the schedule does not fit this run: {sched.failure}{hint}")
+        used = {(a, n) for a, n, _t in sched.preemptions}
+        unused = [f"{a}@{n}>{t}" for (a, n), t in sched.replay.items() if (a, n) not in used]
+        if unused:
+            raise ReplayError(f"schedule entr{'ies' if len(unused) > 1 else 'y'} {', '.join(unused[:3])}"
+                              f"{' ...' if len(unused) > 3 else ''} never reached; replay is strict{hint}")
+
+
 async def run_scenario(scn: Scenario, opts: RunOptions = RunOptions()) -> ScenarioResult:
     """Run one scenario and judge it.
 
     Raises:
-        RunError: the scenario needs something this build or these options cannot give.
-        vmm.hostlink.HostStartError: the hypervisor could not be started or reached.
+        RunError: the scenario needs something this build or these options cannot give, or a
+            replayed schedule does not fit (:class:`ReplayError`).
+        InfraError: a host or VMM could not be started or reached, was busy, or died mid-run.
+        KeyboardInterrupt: interrupted; hosts and VMMs have been torn down.
     """
+    started = time.monotonic()
     results: list[StepResult] = []
     error: BaseException | None = None
+    violations: list[dict] = []
+    schedule = ""
     async with trio.open_nursery() as nursery:
         run = _Run(scn, opts, nursery)
-        violations: list[dict] = []
-        schedule = ""
         try:
             await run.setup()
-            violations: list[dict] = []
             for st in scn.steps:
                 if isinstance(st, Parallel):
                     batch: list[StepResult] = []
@@ -357,15 +558,21 @@ async def run_scenario(scn: Scenario, opts: RunOptions = RunOptions()) -> Scenar
                     await run.check()  # state invariants after every step; the oracle keeps what it finds
             violations = await run.check() + run.failures()
             schedule = run.schedule()
-        except Exception as exc:  # re-raised below, outside the nursery's exception group
+            _replay_check(run)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery's exception group
             error = exc
+            if isinstance(exc, trio.Cancelled):
+                raise
         finally:
             await run.teardown()
             nursery.cancel_scope.cancel()
     if error is not None:
-        raise error
-    passed = all(r.passed for r in results) and not violations
+        raise classify_error(error)
+    failures = [f"step {r.index} ({r.actor} {r.op}): {r.message or 'expectation not met'}"
+                for r in results if not r.passed]
+    failures += judge_violations(violations, scn.expect_violations)
+    passed = not failures
     spec = run.sched_spec
     cmd = replay_command(scn, schedule, run.bugs) if run.controlled and not passed else None
     return ScenarioResult(scn.name, scn.path, passed, tuple(results), tuple(violations), _scheduler_text(spec),
-                          schedule, cmd)
+                          schedule, cmd, scn.expect_violations, tuple(failures), time.monotonic() - started)

@@ -57,7 +57,8 @@ from typing import Any, Callable
 
 import attrs
 
-from shared.bugs import check_bug_names
+from shared.bugs import check_bug_names, check_kernel_fix_names
+from shared.invariants import ALL as INVARIANTS, canonical
 
 PAGE_SIZE = 4096
 HUGE_PAGE_SIZE = 2 << 20
@@ -101,7 +102,7 @@ except ImportError:
 #: Every errno name an ``expect`` may use.
 ERRNO_NAMES: frozenset[str] = frozenset(_ERRNO_BY_NAME)
 #: Outcomes other than errno names.
-OUTCOMES: tuple[str, ...] = ("ok", "tag-check-fault", "async-tag-check-fault")
+OUTCOMES: tuple[str, ...] = ("ok", "tag-check-fault", "async-tag-check-fault", "livelock")
 
 PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store",
                "load", "stg", "ldg", "irg", "fork", "ptrace-peek-tags", "ptrace-poke-tags")
@@ -119,6 +120,14 @@ _OBJECT_BACKINGS = ("memfd", "shmem", "file")
 _PRIVATE_BY_DEFAULT = ("anon", "hugetlb")
 PROTS = ("read", "write", "exec", "mte")
 TCF_MODES = ("none", "sync", "async", "asymm")
+#: The CPUs' ``mte_tcf_preferred`` a host boots with (``tcf-preferred``).
+TCF_PREFERRED = ("async", "sync", "asymm")
+#: arm64 hugetlb page sizes with 4 KiB base pages (64 KiB and 32 MiB are contiguous-bit mappings).
+HUGEPAGE_SIZES = {"64KiB": 64 << 10, "2MiB": 2 << 20, "32MiB": 32 << 20, "1GiB": 1 << 30}
+#: KVM capabilities a VMM step may name.
+KVM_CAPS = ("arm-mte", "manual-dirty-log-protect2")
+#: Default of the host key ``fault-replay-limit``.
+FAULT_REPLAY_LIMIT = 64
 
 
 class ScenarioError(Exception):
@@ -165,6 +174,9 @@ class HostSpec:
     mte: bool = True
     ram: int = 256 << 20
     swap: int = 64 << 20
+    tcf_preferred: str = "async"
+    kernel_fixes: tuple[str, ...] = ()
+    fault_replay_limit: int = FAULT_REPLAY_LIMIT
 
 
 @attrs.frozen
@@ -185,6 +197,7 @@ class MemslotSpec:
     backing: str = "anon"
     object: str | None = None
     prot_mte: bool = False
+    hugepage_size: int | None = None  # bytes; None: the default 2 MiB (hugetlb only)
 
 
 @attrs.frozen
@@ -245,6 +258,7 @@ class Scenario:
     vms: dict[str, VmSpec]
     steps: tuple[Step | Parallel, ...]
     path: str
+    expect_violations: tuple[str, ...] = ()  # canonical invariant names
 
 
 class _Where:
@@ -445,12 +459,10 @@ _SIMPLE_OPS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "load": dict([_ADDR, ("tag", (_tag, 0)), _SIZE]),
     "stg": dict([_ADDR, ("tag", (_tag, 0)), _SIZE]),
     "ldg": dict([_ADDR, _SIZE]),
-    "check-extension": {"cap": (_choice("arm-mte"), _R)},
-    "enable-cap": {"cap": (_choice("arm-mte"), _R), "flags": (_u64, 0)},
+    "check-extension": {"cap": (_choice(*KVM_CAPS), _R)},
     "create-vcpu": {"aarch32": (_bool, False)},
     "set-memory-region": dict([_SLOT, ("ipa", (_size, _R)), _SIZE, _ADDR, (
         "flags", (_list_of(("log-dirty-pages", "readonly")), ()))]),
-    "dirty-log": dict([_SLOT, ("action", (_choice("enable", "disable", "get", "clear"), _R))]),
     "dma-read": dict([("ipa", (_size, _R)), _SIZE]),
     "enable-mte": {"tcf": (_choice(*TCF_MODES), _R), "include": (_int(0, 0xFFFF), 0xFFFF)},
     "map": dict([("va", (_size, _R)), ("ipa", (_size, _R)), _SIZE,
@@ -465,8 +477,46 @@ def _simple(spec: dict[str, tuple[Callable, Any]]) -> Callable[[_Args, _State, s
     return handler
 
 
+def _hugepage_size(v: Any, w: _Where, k: str) -> int:
+    """``hugepage-size``: one of the arm64 hugetlb sizes, as a string or in bytes."""
+    for name, size in HUGEPAGE_SIZES.items():
+        if v == name or (v == size and isinstance(v, int) and not isinstance(v, bool)):
+            return size
+    raise w.error(k, f"must be one of {', '.join(f'{n!r}' for n in HUGEPAGE_SIZES)} (got {v!r})")
+
+
+def _optional(a: _Args, out: dict, key: str, conv: Callable, wire: str | None = None) -> dict:
+    """Add ``key`` to ``out`` (as ``wire``) only when the step gives it: optional wire fields are
+    sent only when asked for, so an older peer that does not know them still works."""
+    if key in a:
+        out[wire or key] = a.get(key, conv)
+    return out
+
+
+def _op_enable_cap(a: _Args, st: _State, who: str) -> dict:
+    a.allow("cap", "flags", "args")
+    out = {"cap": a.get("cap", _choice(*KVM_CAPS)), "flags": a.get("flags", _u64, 0)}
+    if "args" in a:
+        raw = a.raw["args"]
+        if not isinstance(raw, list):
+            raise a.where.error("args", f"must be a list of integers (got {raw!r})")
+        out["args"] = tuple(_u64(x, a.where, "args") for x in raw)
+    return out
+
+
+def _op_dirty_log(a: _Args, st: _State, who: str) -> dict:
+    a.allow("slot", "action", "first", "count")
+    out = {"slot": a.get("slot", _SLOT[1][0]),
+           "action": a.get("action", _choice("enable", "disable", "get", "clear"))}
+    for key in ("first", "count"):
+        if key in a and out["action"] != "clear":
+            raise a.where.error(key, "only for action 'clear'")
+        _optional(a, out, key, _size)
+    return out
+
+
 def _op_mmap(a: _Args, st: _State, who: str) -> dict:
-    a.allow("addr", "size", "prot", "share", "backing", "object", "offset")
+    a.allow("addr", "size", "prot", "share", "backing", "object", "offset", "hugepage-size")
     backing = a.get("backing", _choice(*BACKINGS), "anon")
     share = a.get("share", _choice("private", "shared"),
                   "private" if backing in _PRIVATE_BY_DEFAULT else "shared")
@@ -475,9 +525,12 @@ def _op_mmap(a: _Args, st: _State, who: str) -> dict:
                             "a private anonymous mapping")
     obj = a.get("object", _name, None)
     st.check_object(obj, backing, a.where, "object")
-    return {"addr": a.get("addr", _size, None), "size": a.get("size", _size),
-            "prot": a.get("prot", _list_of(PROTS), ("read", "write")), "share": share,
-            "backing": backing, "object": obj, "offset": a.get("offset", _size, 0)}
+    out = {"addr": a.get("addr", _size, None), "size": a.get("size", _size),
+           "prot": a.get("prot", _list_of(PROTS), ("read", "write")), "share": share,
+           "backing": backing, "object": obj, "offset": a.get("offset", _size, 0)}
+    if "hugepage-size" in a and backing != "hugetlb":
+        raise a.where.error("hugepage-size", f"only for backing 'hugetlb' (got {backing!r})")
+    return _optional(a, out, "hugepage-size", _hugepage_size, "hugepage_size")
 
 
 def _op_prctl(a: _Args, st: _State, who: str) -> dict:
@@ -565,7 +618,8 @@ _HANDLERS: dict[str, Callable[[_Args, _State, str], dict]] = {
     **{op: _simple(spec) for op, spec in _SIMPLE_OPS.items()},
     "mmap": _op_mmap, "prctl": _op_prctl, "store": _op_store, "dma-write": _op_dma_write,
     "fork": _op_fork, "ptrace-peek-tags": _op_ptrace, "ptrace-poke-tags": _op_ptrace,
-    "copy-tags": _op_copy_tags, "swap-out": _op_host, "ksm-merge": _op_host,
+    "copy-tags": _op_copy_tags, "enable-cap": _op_enable_cap, "dirty-log": _op_dirty_log,
+    "swap-out": _op_host, "ksm-merge": _op_host,
     "migrate-pages": _op_host, "page-flags": _op_host,
 }
 assert set(_HANDLERS) == set(VMM_OPS + GUEST_OPS + HOST_OPS)
@@ -697,10 +751,24 @@ def _parse_hosts(data: dict, w: _Where) -> tuple[dict[str, HostSpec], str]:
         where = prefix + name
         _name(name, w, where)
         _table(t, w, where)
-        _check_keys(t, ("mte", "ram", "swap"), w, f"{where}.")
-        hosts[name] = HostSpec(name, mte=_bool(t.get("mte", True), w, f"{where}.mte"),
-                               ram=_size(t.get("ram", 256 << 20), w, f"{where}.ram"),
-                               swap=_size(t.get("swap", 64 << 20), w, f"{where}.swap"))
+        _check_keys(t, ("mte", "ram", "swap", "tcf-preferred", "kernel-fixes", "fault-replay-limit"),
+                    w, f"{where}.")
+        fixes = t.get("kernel-fixes", [])
+        if not isinstance(fixes, list) or not all(isinstance(f, str) for f in fixes):
+            raise w.error(f"{where}.kernel-fixes", f"must be a list of kernel fix names (got {fixes!r})")
+        try:
+            fixes = check_kernel_fix_names(dict.fromkeys(fixes))
+        except ValueError as exc:
+            raise w.error(f"{where}.kernel-fixes", str(exc)) from None
+        hosts[name] = HostSpec(
+            name, mte=_bool(t.get("mte", True), w, f"{where}.mte"),
+            ram=_size(t.get("ram", 256 << 20), w, f"{where}.ram"),
+            swap=_size(t.get("swap", 64 << 20), w, f"{where}.swap"),
+            tcf_preferred=_choice(*TCF_PREFERRED)(t.get("tcf-preferred", "async"), w,
+                                                  f"{where}.tcf-preferred"),
+            kernel_fixes=fixes,
+            fault_replay_limit=_int(1, 1 << 20)(t.get("fault-replay-limit", FAULT_REPLAY_LIMIT), w,
+                                                f"{where}.fault-replay-limit"))
         for key in ("ram", "swap"):
             value = getattr(hosts[name], key)
             if value % PAGE_SIZE or (key == "ram" and not value):
@@ -725,16 +793,21 @@ def _parse_memslots(raw: Any, vm: str, ipa_bits: int, st: _State,
     for i, t in enumerate(raw):
         p = f"vms.{vm}.memory[{i}]"
         _table(t, w, p)
-        _check_keys(t, ("ipa", "size", "backing", "object", "prot_mte"), w, f"{p}.")
+        _check_keys(t, ("ipa", "size", "backing", "object", "prot_mte", "hugepage-size"), w, f"{p}.")
         for k in ("ipa", "size"):
             if k not in t:
                 raise w.error(f"{p}.{k}", "missing")
         backing = _choice(*BACKINGS)(t.get("backing", "anon"), w, f"{p}.backing")
         obj = _name(t["object"], w, f"{p}.object") if "object" in t else None
         st.check_object(obj, backing, w, f"{p}.object")
+        huge = None
+        if "hugepage-size" in t:
+            if backing != "hugetlb":
+                raise w.error(f"{p}.hugepage-size", f"only for backing 'hugetlb' (got {backing!r})")
+            huge = _hugepage_size(t["hugepage-size"], w, f"{p}.hugepage-size")
         slot = MemslotSpec(i, _size(t["ipa"], w, f"{p}.ipa"), _size(t["size"], w, f"{p}.size"),
-                           backing, obj, _bool(t.get("prot_mte", False), w, f"{p}.prot_mte"))
-        align = HUGE_PAGE_SIZE if backing == "hugetlb" else PAGE_SIZE
+                           backing, obj, _bool(t.get("prot_mte", False), w, f"{p}.prot_mte"), huge)
+        align = (huge or HUGE_PAGE_SIZE) if backing == "hugetlb" else PAGE_SIZE
         for k in ("ipa", "size"):
             if getattr(slot, k) % align:
                 raise w.error(f"{p}.{k}", f"must be a multiple of {align:#x} for backing "
@@ -764,8 +837,8 @@ def parse_scenario(data: dict, path: str = "<scenario>") -> Scenario:
         ScenarioError: anything that is not a valid scenario, naming the step and key.
     """
     w = _Where(path)
-    _check_keys(data, ("name", "description", "bugs", "scheduler", "host", "hosts",
-                       "processes", "vms", "steps"), w, "")
+    _check_keys(data, ("name", "description", "bugs", "expect-violations", "scheduler", "host",
+                       "hosts", "processes", "vms", "steps"), w, "")
     if "name" not in data:
         raise w.error("name", "missing; every scenario needs a name")
     name = _str(data["name"], w, "name")
@@ -779,6 +852,8 @@ def parse_scenario(data: dict, path: str = "<scenario>") -> Scenario:
         bugs = check_bug_names(bugs_raw)
     except ValueError as exc:
         raise w.error("bugs", str(exc)) from None
+
+    expect_violations = _expect_violations(data.get("expect-violations", []), w)
 
     sched = _table(data.get("scheduler", {}), w, "scheduler")
     _check_keys(sched, ("kind", "seed", "schedule", "depth"), w, "scheduler.")
@@ -822,7 +897,20 @@ def parse_scenario(data: dict, path: str = "<scenario>") -> Scenario:
 
     steps = _parse_steps(data.get("steps", []), st, path)
     return Scenario(name, description, bugs, scheduler, hosts, processes, dict(st.vms), steps,
-                    path)
+                    path, expect_violations)
+
+
+def _expect_violations(raw: Any, w: _Where) -> tuple[str, ...]:
+    """``expect-violations``: invariant names the model checks, in canonical spelling."""
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise w.error("expect-violations", f"must be a list of invariant names (got {raw!r})")
+    out = []
+    for n in raw:
+        if canonical(n) not in INVARIANTS:
+            raise w.error("expect-violations", f"the model checks no invariant {n!r}; known: "
+                          f"{', '.join(sorted(INVARIANTS))}")
+        out.append(canonical(n))
+    return tuple(dict.fromkeys(out))
 
 
 def load_scenario(path: str | os.PathLike[str]) -> Scenario:
