@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.errors import KernelError
+from hypervisor.ghost import loc_of
 from hypervisor.memory import handle_mm_fault
 from hypervisor.mte import mte_update_sctlr_user
 from hypervisor.tags import read_tags, write_tags
@@ -125,6 +126,10 @@ async def user_load(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) ->
     if fault:
         task.tfsr |= 1
     data = b"".join(pte.page.read(off, n) for pte, off, n, _ in ptes)
+    ghost = k.oracle.ghost
+    for pte, _off, _n, vpn in ptes:
+        if pte.page.zone != "device":
+            ghost.check_read_data(loc_of(k, task.mm, vpn), pte.page, f"load by pid {task.pid}")
     return AccessResult(data, fault)
 
 
@@ -141,8 +146,10 @@ async def user_store(k: "Kernel", task: "Task", ptr: int, tag: int, data: bytes)
     if fault:
         task.tfsr |= 1
     pos = 0
-    for pte, off, n, _ in ptes:
+    for pte, off, n, vpn in ptes:
         pte.page.write(off, data[pos:pos + n])
+        if pte.page.zone != "device":
+            k.oracle.ghost.data_written(loc_of(k, task.mm, vpn), pte.page)
         pos += n
     return AccessResult(None, fault)
 
@@ -163,9 +170,11 @@ async def user_stg(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> 
     if size == 0:
         return AccessResult(None)
     ptes = await _fault_in(k, task, va, size, True)  # a tag store is a write
-    for pte, off, n, _ in ptes:
-        if pte.tagged and pte.page.zone == "normal":
-            write_tags(k, pte.page, off // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE))
+    for pte, off, n, vpn in ptes:
+        if pte.tagged and pte.page.zone == "normal":  # STG to untagged memory writes no tag (RAZ/WI)
+            tags = bytes([tag]) * (n // MTE_GRANULE_SIZE)
+            write_tags(k, pte.page, off // MTE_GRANULE_SIZE, tags)
+            k.oracle.ghost.tags_written(loc_of(k, task.mm, vpn), pte.page, off // MTE_GRANULE_SIZE, tags)
     return AccessResult(None)
 
 
@@ -179,10 +188,13 @@ async def user_ldg(k: "Kernel", task: "Task", ptr: int, size: int) -> AccessResu
         return AccessResult([])
     ptes = await _fault_in(k, task, va, size, False)
     out = bytearray()
-    for pte, off, n, _ in ptes:
+    for pte, off, n, vpn in ptes:
         g = n // MTE_GRANULE_SIZE
         if pte.tagged and not pte.special and pte.page.zone == "normal":
-            out += read_tags(k, pte.page, off // MTE_GRANULE_SIZE, g, f"ldg by pid {task.pid}")
+            got = read_tags(k, pte.page, off // MTE_GRANULE_SIZE, g, f"ldg by pid {task.pid}")
+            k.oracle.ghost.check_read_tags(loc_of(k, task.mm, vpn), pte.page, off // MTE_GRANULE_SIZE, got,
+                                           f"ldg by pid {task.pid}")
+            out += got
         else:
             out += bytes(g)  # zero page tags are zero; untagged memory is RAZ
     return AccessResult(list(out))

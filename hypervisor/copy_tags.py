@@ -31,6 +31,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
+from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Kvm, kvm_has_mte
 from hypervisor.memory import get_page, handle_mm_fault, put_page
 from hypervisor.memslot import ghost_kvm_write
@@ -129,9 +130,12 @@ async def kvm_vm_ioctl_mte_copy_tags(k: "Kernel", kvm: Kvm, guest_ipa: int, leng
                 if not write:
                     before = page.folio.flags
                     if _is_tagged(k, page):
-                        out += read_tags(k, page, 0, MTE_GRANULES_PER_PAGE, "KVM_ARM_MTE_COPY_TAGS FROM_GUEST")
+                        got = read_tags(k, page, 0, MTE_GRANULES_PER_PAGE, "KVM_ARM_MTE_COPY_TAGS FROM_GUEST")
                     else:
-                        out += ZERO_TAGS  # clear_user(): untagged pages read as zeros
+                        got = ZERO_TAGS  # clear_user(): untagged pages read as zeros
+                    k.oracle.ghost.check_read_tags(loc_of_ipa(kvm, gfn), page, 0, got,
+                                                   "KVM_ARM_MTE_COPY_TAGS FROM_GUEST")
+                    out += got
                     num = MTE_GRANULES_PER_PAGE
                     k.oracle.check_copy_tags_read(page, before)
                 else:
@@ -144,9 +148,11 @@ async def kvm_vm_ioctl_mte_copy_tags(k: "Kernel", kvm: Kvm, guest_ipa: int, leng
                     num = len(chunk)
                     await k.sched.point("kvm_vm_ioctl_mte_copy_tags:copy")
                     if num == MTE_GRANULES_PER_PAGE:
-                        write_tags(k, page, 0, bytes(b & 0xF for b in chunk))  # mte_copy_tags_from_user()
+                        written = bytes(b & 0xF for b in chunk)  # mte_copy_tags_from_user()
                     else:
-                        write_tags(k, page, 0, ZERO_TAGS)  # mte_clear_page_tags(): no stale or partial tags
+                        written = ZERO_TAGS  # mte_clear_page_tags(): no stale or partial tags
+                    write_tags(k, page, 0, written)
+                    k.oracle.ghost.tags_written(loc_of_ipa(kvm, gfn), page, 0, written)
                     if hugetlb:
                         folio_set_hugetlb_mte_tagged(k, page.folio)
                     else:

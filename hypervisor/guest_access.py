@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.access import AccessResult
 from hypervisor.errors import KernelError
+from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Vcpu, kvm_has_mte
 from hypervisor.kvm_mmu import MMIO, RETRY, kvm_handle_guest_abort, note_guest_write
 from hypervisor.tags import read_tags, write_tags
@@ -129,6 +130,10 @@ async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int
         if fault and fault["kind"] == "tag-check-fault":
             return AccessResult(None, fault)
         out = b"".join(e.page.read(ipa & (PAGE_SIZE - 1), n) for (ipa, n, _a), e in zip(segs, entries))
+        for (ipa, _n, _a), e in zip(segs, entries):
+            if e.page.zone == "normal":
+                k.oracle.ghost.check_read_data(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page,
+                                               f"guest load on vCPU {vcpu.index}")
         return AccessResult(out, fault)
     if kind == "store":
         fault = _check(k, vcpu, segs, entries, tag, True, check)
@@ -137,22 +142,28 @@ async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int
         pos = 0
         for (ipa, n, _a), e in zip(segs, entries):
             e.page.write(ipa & (PAGE_SIZE - 1), data[pos:pos + n])
+            if e.page.zone == "normal":
+                k.oracle.ghost.data_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page)
             note_guest_write(kvm, ipa >> PAGE_SHIFT)
             pos += n
         return AccessResult(None, fault)
     if kind == "stg":
         for (ipa, n, attr), e in zip(segs, entries):
             if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
-                write_tags(k, e.page, (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE,
-                           bytes([tag]) * (n // MTE_GRANULE_SIZE))
+                first, tags = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE)
+                write_tags(k, e.page, first, tags)
+                k.oracle.ghost.tags_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, tags)
                 note_guest_write(kvm, ipa >> PAGE_SHIFT)
         return AccessResult(None)
     out = bytearray()
     for (ipa, n, attr), e in zip(segs, entries):
         g = n // MTE_GRANULE_SIZE
         if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
-            out += read_tags(k, e.page, (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, g,
-                             f"guest ldg on vCPU {vcpu.index}")
+            first = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE
+            got = read_tags(k, e.page, first, g, f"guest ldg on vCPU {vcpu.index}")
+            k.oracle.ghost.check_read_tags(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, got,
+                                           f"guest ldg on vCPU {vcpu.index}")
+            out += got
         else:
             out += bytes(g)
     return AccessResult(bytes(out))

@@ -131,6 +131,7 @@ def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int, event: str = "unm
         pte = mm.pt.pop(vpn, None)
         if pte is not None:
             _release_pte(k, mm, vpn, pte)
+    k.oracle.ghost.drop_range(mm, start >> PAGE_SHIFT, end >> PAGE_SHIFT)  # the private pages read fresh
     k.sched.wake()
 
 
@@ -326,6 +327,7 @@ async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> N
 
 def copy_page_range(k: "Kernel", dst: "MM", src: "MM") -> None:
     """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both."""
+    k.oracle.ghost.fork(src, dst)  # the child's private pages hold what the parent's did
     for vpn, pte in src.pt.items():
         vma = src.find_vma(vpn << PAGE_SHIFT)
         if pte.swap is not None:

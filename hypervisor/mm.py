@@ -256,6 +256,7 @@ def _drop_object_ref(k: "Kernel", v: Vma) -> None:
             else:
                 k.swap.swap_free(k, cur)
         obj.pages.clear()
+        k.oracle.ghost.drop_object(obj)
 
 
 async def do_munmap(k: "Kernel", mm: MM, addr: int, size: int) -> None:

@@ -11,12 +11,16 @@ Two kinds of checks:
 * *State checks* (:meth:`Oracle.check_state`), run after every step of a
   controlled run and at the end of every scenario: LAST-TAG-WRITTEN (every
   tagged page holds exactly the tags its actors last wrote, or zeros from its
-  one initialisation), USER-VISIBLE => TAGGED, VM_MTE => VM_MTE_ALLOWED,
+  one initialisation), USER-VISIBLE-IMPLIES-TAGGED, VM_MTE-IMPLIES-VM_MTE_ALLOWED,
   ZERO PAGE NEVER FLAGGED, LOCK-LIVENESS (at rest, no page is locked but
-  untagged), and for every VM: GUEST-VISIBLE => TAGGED, MTE-VM MEMORY IS
+  untagged), and for every VM: GUEST-VISIBLE-IMPLIES-TAGGED, MTE-VM MEMORY IS
   TAG-CAPABLE (checked on what stage 2 maps), STAGE-2 COHERENT (stage 2 maps
   the frame the VMM's PTE maps: the MMU notifier did its job) and CAP BEFORE
   VCPUS (no AArch32 vCPU runs in an MTE VM).
+* The end-to-end ghost, TAGS-AS-WRITTEN (hypervisor/ghost.py): what every
+  user location last had written, keyed by what the user sees, checked on
+  every user-visible read and in every state check; reported only when no
+  more specific invariant named the same frame.
 
 KVM event checks: COPY_TAGS WRITE => TAGGED and COPY_TAGS READ OF UNTAGGED =
 ZEROS (a read changes no page state), DIRTY-LOG-COMPLETE (when the VMM reads or
@@ -35,6 +39,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from hypervisor.ghost import Ghost
 from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
@@ -72,6 +77,9 @@ class Oracle:
         self.k = k
         self.violations: list[Violation] = []
         self._seen: set[tuple[str, int | None]] = set()
+        self.ghost = Ghost(k)
+        self._ghost_pending: list[tuple[str, Page | None, tuple, str]] = []
+        self._ghost_seen: set[tuple] = set()
 
     def report(self, invariant: str, message: str, page: Page | None = None) -> None:
         """Record a violation once per (invariant, page)."""
@@ -80,6 +88,35 @@ class Oracle:
             return
         self._seen.add(key)
         self.violations.append(Violation(invariant, message, current_actor.get(), None if page is None else page.pfn))
+
+    def report_ghost(self, message: str, page: Page | None, key: tuple) -> None:
+        """The ghost saw a location differ from what was last written there (TAGS-AS-WRITTEN, deferred).
+
+        Reported at the next state check, and only if no more specific invariant
+        named the same frame (folio) by then: TAGS-AS-WRITTEN is the end-to-end
+        record, reported when nothing else explains the loss.
+        """
+        if key in self._ghost_seen:
+            return
+        self._ghost_seen.add(key)
+        self._ghost_pending.append((message, page, key, current_actor.get()))
+
+    def _flush_ghost(self) -> None:
+        pending, self._ghost_pending = self._ghost_pending, []
+        if not pending:
+            return
+        named = set()
+        for v in self.violations:
+            if v.pfn is not None and v.invariant != "TAGS-AS-WRITTEN":
+                named.add(v.pfn)
+                frame = self.k.alloc.frames.get(v.pfn)
+                if frame is not None:
+                    named.add(frame.folio.pfn)
+        for message, page, key, actor in pending:
+            if page is not None and (page.pfn in named or page.folio.pfn in named):
+                continue  # a specific invariant already names this loss
+            self.violations.append(Violation("TAGS-AS-WRITTEN", message, actor,
+                                             None if page is None else page.pfn))
 
     # ---- event checks ----------------------------------------------------------
 
@@ -115,13 +152,13 @@ class Oracle:
     def check_copy_tags_write(self, page: Page) -> None:
         """COPY_TAGS WRITE => TAGGED: a page TO_GUEST touched is PG_mte_tagged."""
         if not page.folio.flags & PG_mte_tagged:
-            self.report("COPY_TAGS-WRITE=>TAGGED", f"KVM_ARM_MTE_COPY_TAGS TO_GUEST left pfn {page.pfn:#x} "
+            self.report("COPY_TAGS-WRITE-IMPLIES-TAGGED", f"KVM_ARM_MTE_COPY_TAGS TO_GUEST left pfn {page.pfn:#x} "
                                                    "without PG_mte_tagged", page)
 
     def check_copy_tags_read(self, page: Page, flags_before: int) -> None:
         """COPY_TAGS READ changes no page state."""
         if page.folio.flags != flags_before:
-            self.report("COPY_TAGS-READ-IS-PURE", f"KVM_ARM_MTE_COPY_TAGS FROM_GUEST changed the flags of pfn "
+            self.report("COPY_TAGS-READ-OF-UNTAGGED-=-ZEROS", f"KVM_ARM_MTE_COPY_TAGS FROM_GUEST changed the flags of pfn "
                                                   f"{page.pfn:#x}", page)
 
     def check_dirty_log(self, kvm, slot) -> None:
@@ -141,7 +178,7 @@ class Oracle:
     def check_ksm_merge(self, stable: Page) -> None:
         """NO KSM MERGE OF TAGGED PAGES."""
         if stable.flags & PG_mte_tagged:
-            self.report("NO-KSM-MERGE-OF-TAGGED", f"KSM merged into tagged pfn {stable.pfn:#x}", stable)
+            self.report("NO-KSM-MERGE-OF-TAGGED-PAGES", f"KSM merged into tagged pfn {stable.pfn:#x}", stable)
 
     # ---- state checks ------------------------------------------------------------
 
@@ -164,17 +201,19 @@ class Oracle:
             mm = task.mm
             for v in mm.vmas:
                 if not arch_validate_flags(v.flags):
-                    self.report("VM_MTE=>VM_MTE_ALLOWED", f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
+                    self.report("VM_MTE-IMPLIES-VM_MTE_ALLOWED", f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
             for vpn, pte in mm.pt.items():
                 if not pte.present or not pte.tagged or pte.special or pte.page.zone != "normal":
                     continue
                 v = mm.find_vma(vpn << 12)
                 if v is not None and v.flags & VM_READ and not pte.page.folio.flags & PG_mte_tagged:
-                    self.report("USER-VISIBLE=>TAGGED",
+                    self.report("USER-VISIBLE-IMPLIES-TAGGED",
                                 f"pid {task.pid} maps untagged pfn {pte.page.pfn:#x} at {vpn << 12:#x} "
                                 f"through a tagged PTE ({flag_names(v.flags & VM_MTE)})", pte.page)
         for kvm in list(k.kvm.vms.values()):
             self._check_vm(kvm)
+        self.ghost.check()
+        self._flush_ghost()
         return list(self.violations)
 
     def _check_vm(self, kvm) -> None:
@@ -204,5 +243,5 @@ class Oracle:
                             f"VM {kvm.handle} gfn {gfn:#x} is mapped Normal cacheable from {vma!r}, "
                             "which lacks VM_MTE_ALLOWED", e.page)
             if e.page is not k.alloc.zero_page and not e.page.folio.flags & PG_mte_tagged:
-                self.report("GUEST-VISIBLE=>TAGGED", f"VM {kvm.handle} maps untagged pfn {e.page.pfn:#x} at gfn "
+                self.report("GUEST-VISIBLE-IMPLIES-TAGGED", f"VM {kvm.handle} maps untagged pfn {e.page.pfn:#x} at gfn "
                                                      f"{gfn:#x} as Normal cacheable", e.page)

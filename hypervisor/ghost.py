@@ -1,0 +1,295 @@
+"""TAGS-AS-WRITTEN: the end-to-end ghost of what every user location last had written.
+
+LAST-TAG-WRITTEN keeps its shadow on the frame (``page.shadow``), so a tag lost
+while content moves between frames (swap, migration, CoW, KSM) moves with the
+frame and is never seen. This ghost is keyed by what the *user* sees instead,
+so every view of one piece of memory meets in one entry:
+
+* a MAP_SHARED mapping of an object (memfd, shmem, anon-shared, hugetlbfs,
+  file) -> ``(object, 4 KiB page offset in the object)``;
+* a private mapping -> ``(mm, virtual page number)``; a private mapping of an
+  object that was never written privately reads the object's entry;
+* a VM's IPA -> its memslot -> the VMM's hva -> one of the above, so a guest
+  write, a VMM write, a DMA write and a COPY_TAGS write to the same memory
+  meet in one entry (a VM's destruction changes nothing: the VMM's memory
+  still holds what was written).
+
+Each entry holds the granule tags last written (``None``: never written, reads
+zero) and a hash of the page's data after its last write (``None``: zeros).
+Tags cost 256 bytes per written page; data costs a 16-byte digest, so the
+ghost does not double the memory of a run.
+
+What is recorded: a tag store the hardware performs (host STG through a
+Normal-Tagged PTE, guest STG with SCTLR_EL1.ATA through stage-1 Tagged and
+cacheable stage 2 in an MTE VM, PTRACE_POKEMTETAGS, COPY_TAGS TO_GUEST,
+including its zero fill); a data store (host or guest store). A tag store to
+untagged memory writes no tag (RAZ/WI) and is not recorded.
+
+What may change an entry besides a write (the documented rules):
+
+* a fresh page reads zero data and zero tags (no entry);
+* MADV_DONTNEED / MADV_FREE, munmap, MAP_FIXED over a range and exit drop the
+  private entries of the range (``zap_pte_range``); entries of an object stay
+  while the object exists, and go when its last mapping of an unnamed object
+  truncates it;
+* fork copies the parent's private entries to the child;
+* CoW break, KSM merge, swap and migration keep content (no change);
+* mprotect(PROT_MTE) on a page whose tags were never written: tags read zero;
+* a page read through an untagged mapping reads tags as 0 (nothing checked).
+
+Checks: every user-visible read (host load and LDG, guest load and LDG,
+PTRACE_PEEKMTETAGS, COPY_TAGS FROM_GUEST) compares what it returns, and
+:meth:`Ghost.check` (from ``Oracle.check_state``) looks every entry up through
+the current page tables, page cache and swap entries and compares the frame
+(or the saved tags and data of a swap slot). A mismatch is handed to the
+oracle, which reports ``TAGS-AS-WRITTEN`` only if no more specific invariant
+named the same frame (see ``Oracle._flush_ghost``).
+
+A tag write that lands in a frame the location no longer maps (a GUP holder
+writing after reclaim or migration moved the content on) is still recorded
+when the location still holds content (a swap or migration entry, another
+frame): that write is lost, which is the point. When the location was
+dropped by a documented rule (MADV_DONTNEED, munmap), the write went to an
+orphaned frame and is not recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING
+
+from hypervisor.mte_lock import PG_mte_tagged
+from hypervisor.page import Page
+from hypervisor.vma import VM_SHARED, MemObject
+from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGES_PER_HPAGE, unpack_tags
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.mm import MM
+
+ZERO_TAGS = bytes(MTE_GRANULES_PER_PAGE)
+
+
+def data_hash(data) -> bytes | None:
+    """The ghost's digest of a page's data (None for an all-zero page)."""
+    if data is None or not any(data):
+        return None
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class Entry:
+    """What was last written at one user location."""
+
+    __slots__ = ("tags", "data")
+
+    def __init__(self, tags: bytearray | None = None, data: bytes | None = None):
+        self.tags = tags
+        self.data = data
+
+    def copy(self) -> "Entry":
+        """A private copy (fork, first private write over an object)."""
+        return Entry(None if self.tags is None else bytearray(self.tags), self.data)
+
+    def expected_tags(self) -> bytes:
+        """The 256 tags a read must see."""
+        return ZERO_TAGS if self.tags is None else bytes(self.tags)
+
+
+class Ghost:
+    """The TAGS-AS-WRITTEN record of one kernel (owned by its :class:`~hypervisor.oracles.Oracle`)."""
+
+    def __init__(self, k: "Kernel"):
+        self.k = k
+        self.spaces: dict[object, dict[int, Entry]] = {}  # MM or MemObject -> page index -> entry
+
+    # ---- locations ---------------------------------------------------------------
+
+    @staticmethod
+    def locate(mm: "MM", vpn: int):
+        """``(space, index, fallback)`` for the user page ``vpn`` of ``mm``, or None (no VMA, device)."""
+        vma = mm.find_vma(vpn << PAGE_SHIFT)
+        if vma is None:
+            return None
+        obj = vma.obj
+        if obj is None:
+            return mm, vpn, None
+        if obj.kind == "device":
+            return None
+        index = vma.index_of(vpn << PAGE_SHIFT)
+        if vma.flags & VM_SHARED:
+            return obj, index, None
+        return mm, vpn, (obj, index)
+
+    @staticmethod
+    def locate_ipa(kvm, gfn: int, slot=None):
+        """The location behind a guest frame: its memslot's hva in the VMM's mm."""
+        slot = slot if slot is not None else kvm.slot_of(gfn)
+        if slot is None:
+            return None
+        return kvm.mm, slot.hva(gfn) >> PAGE_SHIFT
+
+    def lookup(self, loc) -> Entry | None:
+        """The entry a read at ``loc`` must match (None: a fresh page)."""
+        space, index, fallback = loc
+        e = self.spaces.get(space, {}).get(index)
+        if e is None and fallback is not None:
+            e = self.spaces.get(fallback[0], {}).get(fallback[1])
+        return e
+
+    def _entry(self, loc) -> Entry:
+        space, index, fallback = loc
+        pages = self.spaces.setdefault(space, {})
+        e = pages.get(index)
+        if e is None:
+            base = self.lookup(loc) if fallback is not None else None
+            e = base.copy() if base is not None else Entry()
+            pages[index] = e
+        return e
+
+    @staticmethod
+    def _backing(loc) -> tuple[str, object]:
+        """What holds the location's content now: ("page", Page), ("swap", entry) or ("none", None)."""
+        space, index, fallback = loc
+        if isinstance(space, MemObject):
+            return Ghost._object_backing(space, index)
+        pte = space.pt.get(index)
+        if pte is None:
+            if fallback is not None:
+                return Ghost._object_backing(*fallback)
+            return "none", None
+        if pte.swap is not None:
+            return "swap", pte.swap
+        return "page", pte.page
+
+    @staticmethod
+    def _object_backing(obj: MemObject, index: int) -> tuple[str, object]:
+        nr = getattr(obj, "hpage_pages", PAGES_PER_HPAGE) if obj.kind == "hugetlbfs" else 1
+        cur = obj.pages.get(index // nr)
+        if cur is None:
+            return "none", None
+        if isinstance(cur, int):
+            return "swap", cur
+        if cur.subpages is not None:
+            return "page", cur.subpages[index % len(cur.subpages)]
+        return "page", cur
+
+    # ---- writes ------------------------------------------------------------------
+
+    def tags_written(self, loc, page: Page, first: int, tags: bytes) -> None:
+        """A tag store the hardware (or the kernel for the user) performed into ``page`` for ``loc``."""
+        if loc is None:
+            return
+        kind, cur = self._backing(loc)
+        if kind == "none" or (kind == "page" and cur is not page and cur.zone != "normal"):
+            return  # the location was dropped (MADV_DONTNEED, munmap): the write went to an orphan
+        e = self._entry(loc)
+        if e.tags is None:
+            e.tags = bytearray(ZERO_TAGS)
+        e.tags[first:first + len(tags)] = tags
+
+    def data_written(self, loc, page: Page) -> None:
+        """A data store into ``page`` (which ``loc`` maps at this instant) retired."""
+        if loc is None:
+            return
+        self._entry(loc).data = data_hash(page.data)
+
+    # ---- documented changes ----------------------------------------------------------
+
+    def drop_range(self, mm: "MM", start_vpn: int, end_vpn: int) -> None:
+        """MADV_DONTNEED, MADV_FREE, munmap, MAP_FIXED, exit: the private pages of the range read fresh."""
+        pages = self.spaces.get(mm)
+        if not pages:
+            return
+        for vpn in [v for v in pages if start_vpn <= v < end_vpn]:
+            del pages[vpn]
+        if not pages:
+            del self.spaces[mm]
+
+    def drop_object(self, obj: MemObject) -> None:
+        """An unnamed object's last mapping went: its page cache was truncated."""
+        self.spaces.pop(obj, None)
+
+    def fork(self, parent: "MM", child: "MM") -> None:
+        """fork: the child's private pages hold what the parent's did."""
+        pages = self.spaces.get(parent)
+        if pages:
+            self.spaces[child] = {vpn: e.copy() for vpn, e in pages.items()}
+
+    # ---- checks ------------------------------------------------------------------
+
+    def check_read_tags(self, loc, page: Page, first: int, got: bytes, who: str) -> None:
+        """A user-visible tag read at ``loc`` returned ``got`` (granules ``first``...)."""
+        if loc is None:
+            return
+        e = self.lookup(loc)
+        want = ZERO_TAGS[first:first + len(got)] if e is None or e.tags is None else bytes(e.tags[first:first + len(got)])
+        if bytes(got) != want:
+            self._mismatch(loc, page, f"{who} read tags {_diff(got, want, first)}")
+
+    def check_read_data(self, loc, page: Page, who: str) -> None:
+        """A user-visible load at ``loc`` read from ``page``."""
+        if loc is None:
+            return
+        e = self.lookup(loc)
+        want = None if e is None else e.data
+        if data_hash(page.data) != want:
+            self._mismatch(loc, page, f"{who} read data that differs from what was last written there")
+
+    def check(self) -> None:
+        """Walk every entry, look it up through what maps it now, and compare."""
+        zero_page = self.k.alloc.zero_page
+        for space, pages in list(self.spaces.items()):
+            for index, e in list(pages.items()):
+                loc = (space, index, None)
+                kind, cur = self._backing(loc)
+                want = e.expected_tags()
+                if kind == "page":
+                    if cur.zone == "device":
+                        continue
+                    if cur is zero_page:
+                        tags = ZERO_TAGS
+                    elif cur.folio.flags & PG_mte_tagged:
+                        tags = bytes(cur.tags)
+                    else:
+                        tags = ZERO_TAGS  # untagged: zeroed when first mapped tagged
+                    data = data_hash(cur.data)
+                    page = cur
+                elif kind == "swap":
+                    saved = self.k.swap.tags.store.get(cur)
+                    tags = ZERO_TAGS if saved is None else unpack_tags(saved[0])
+                    slot = self.k.swap.slots.get(cur)
+                    data = data_hash(None if slot is None else slot.data)
+                    page = None
+                else:
+                    tags, data, page = ZERO_TAGS, None, None
+                if tags != want:
+                    self._mismatch(loc, page, f"now holds tags {_diff(tags, want, 0)}"
+                                   + (f" (swap entry {cur})" if kind == "swap" else "")
+                                   + (" (nothing maps it any more)" if kind == "none" else ""))
+                elif data != e.data:
+                    self._mismatch(loc, page, "now holds data that differs from what was last written there"
+                                   + (" (nothing maps it any more)" if kind == "none" else ""))
+
+    def _mismatch(self, loc, page: Page | None, what: str) -> None:
+        space, index, _ = loc
+        where = (f"{space!r} page {index:#x} (vaddr {index << PAGE_SHIFT:#x})" if not isinstance(space, MemObject)
+                 else f"object {space.name!r} page offset {index:#x}")
+        pfn = "" if page is None else f" (pfn {page.pfn:#x})"
+        self.k.oracle.report_ghost(f"{where}{pfn}: {what}", page, (id(space), index))
+
+
+def _diff(got: bytes, want: bytes, first: int) -> str:
+    bad = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
+    show = ", ".join(f"g{first + i}: {got[i]} (last written {want[i]})" for i in bad[:4])
+    return f"{len(bad)} granule(s) differ from what was last written: {show}{', ...' if len(bad) > 4 else ''}"
+
+
+def loc_of(k: "Kernel", mm: "MM", vpn: int):
+    """The ghost location of ``mm``'s page ``vpn`` (a shorthand for the hooks)."""
+    return Ghost.locate(mm, vpn)
+
+
+def loc_of_ipa(kvm, gfn: int, slot=None):
+    """The ghost location behind a guest frame (through its memslot to the VMM's mapping)."""
+    at = Ghost.locate_ipa(kvm, gfn, slot)
+    return None if at is None else Ghost.locate(*at)
