@@ -4,8 +4,11 @@
 slot, ``arch_prepare_to_swap`` saves the tags (a failure keeps the folio in
 memory), ``try_to_unmap`` turns every PTE mapping the page into a swap entry
 (anonymous) or removes it (shmem, whose page cache then holds the entry), the
-data is written to the slot and the frame freed. Swap-in reads the data into a
-new frame and calls ``arch_swap_restore`` before the page is mapped.
+data is written to the slot and the frame freed. The tags are saved only once
+no PTE maps the page, with no scheduling point between the unmap and the save,
+as Linux saves them after the PTE is cleared: a tag store cannot slip in
+between. Swap-in reads the data into a new frame; every faulter, not only the
+one that read it, calls ``arch_swap_restore`` before it maps the page.
 
 Hugetlb, zero-page, device and KSM pages are never reclaimed here.
 """
@@ -26,6 +29,14 @@ from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
+    from hypervisor.mm import MM
+
+#: Test-only: the old orderings, so tests/unit/test_lost_tag_races.py can show the ghost
+#: catches what they lose: tags saved before the unmap with a scheduling point between
+#: (``_OLD_ORDERING``), and tags restored only by the context that read the page from swap
+#: (``_OLD_SWAPIN``).
+_OLD_ORDERING = False
+_OLD_SWAPIN = False
 
 
 @attrs.define
@@ -99,9 +110,13 @@ class SwapDevice:
             self.cache[entry] = page
             page.refcount += 1  # the swap cache's reference
             await k.sched.point("swap_read_folio")
-            await arch_swap_restore(k, entry, page)
         else:
             page.refcount += 1
+            if _OLD_SWAPIN:
+                return page
+        # do_swap_page() / shmem_swapin_folio(): every faulter restores before it maps (the
+        # first wins the tag lock, the others wait for PG_mte_tagged), not only the reader
+        await arch_swap_restore(k, entry, page)
         return page
 
     async def shmem_swapin_folio(self, k: "Kernel", obj: MemObject, index: int, entry: int) -> Page:
@@ -155,19 +170,23 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
     if page.mapcount == 0 and page.mapping is None:
         return 0  # unmapped while we slept: nothing left to reclaim
     entry = k.swap.get_swap_page()
-    try:
-        arch_prepare_to_swap(k, page, entry)
-    except KernelError:
-        del k.swap.slots[entry]
-        raise
-    await k.sched.point("arch_prepare_to_swap:saved")
+    if _OLD_ORDERING:  # test-only: tags saved before the unmap, a scheduling point between
+        try:
+            arch_prepare_to_swap(k, page, entry)
+        except KernelError:
+            del k.swap.slots[entry]
+            raise
+    await k.sched.point("add_to_swap")
     if page.busy() or (page.mapcount == 0 and page.mapping is None):
         # someone holds a reference (a fault about to map it): keep it (folio_ref_freeze fails)
         del k.swap.slots[entry]
         k.swap.tags.mte_invalidate_tags(entry)
         return 0
-    # try_to_unmap(): every mapping now holds the swap entry (anon) or nothing (shmem)
+    # try_to_unmap(): every mapping now holds the swap entry (anon) or nothing (shmem). No
+    # scheduling point from here to pageout: nobody can store data or tags into the page once
+    # its PTEs (and, through the MMU notifier, stage 2) are gone.
     obj = page.mapping
+    unmapped: list[tuple["MM", int, Pte]] = []
     for mm, vpn in list(page.rmap):
         pte = mm.pt.get(vpn)
         if pte is None or pte.page is not page:
@@ -176,11 +195,20 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
         page.rmap.discard((mm, vpn))
         page.mapcount -= 1
         page.refcount -= 1
+        unmapped.append((mm, vpn, pte))
         if obj is None:
             mm.pt[vpn] = Pte(swap=entry, tagged=pte.tagged)
             k.swap.slots[entry].count += 1
         else:
             del mm.pt[vpn]
+    if not _OLD_ORDERING:
+        # the tags are saved once no PTE maps the page (as arch_unmap_one() does after the PTE is
+        # cleared); if that fails, the PTEs come back and the folio stays (SWAP-OUT FAILS CLOSED)
+        try:
+            arch_prepare_to_swap(k, page, entry)
+        except KernelError:
+            _remap(k, page, entry, unmapped)
+            raise
     k.swap.slots[entry].data = None if page.data is None else bytes(page.data)  # pageout()
     if obj is not None:
         obj.pages[page.index] = entry
@@ -191,3 +219,14 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
         k.swap.swap_free(k, entry)
     k.sched.wake()
     return 1  # the isolation reference, dropped by the caller, frees the frame
+
+
+def _remap(k: "Kernel", page: Page, entry: int, unmapped) -> None:
+    """Undo try_to_unmap() after the tags could not be saved: the old PTEs back, the slot freed."""
+    for mm, vpn, pte in unmapped:
+        mm.pt[vpn] = pte
+        page.rmap.add((mm, vpn))
+        page.mapcount += 1
+        page.refcount += 1
+    del k.swap.slots[entry]
+    k.sched.wake()

@@ -553,7 +553,7 @@ class TestConcurrentMigrationAndReclaim:
     async def test_swap_out_during_migration(self):
         """Swap-out that picked the page before migration unmapped it: data and tags survive, nothing leaks."""
         run, _ = await run_once(two_contexts(migrate_p, swap_p),
-                                policy=phases(("y", "arch_prepare_to_swap:saved"), ("x", "copy_highpage:test"),
+                                policy=phases(("y", "add_to_swap"), ("x", "copy_highpage:test"),
                                               ("y", None), ("x", None)))
         assert_host_consistent(run)
         await assert_private_page_intact(run.state)
