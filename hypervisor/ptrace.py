@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
-from hypervisor.memory import handle_mm_fault
+from hypervisor.ghost import loc_of
+from hypervisor.memory import get_page, handle_mm_fault, put_page
 from hypervisor.tags import read_tags, write_tags
 from hypervisor.vma import VM_MTE
 from shared.mte import MTE_GRANULE_MASK, MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
@@ -27,6 +28,10 @@ from shared.mte import MTE_GRANULE_MASK, MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.process import Task
+
+#: Test-only: the old ordering (no page reference across the scheduling point), so
+#: tests/unit/test_lost_tag_races.py can show the ghost catches the lost poke.
+_OLD_ORDERING = False
 
 
 async def mte_ptrace_copy_tags(k: "Kernel", tracer: "Task", target: "Task", addr: int, count: int,
@@ -63,20 +68,32 @@ async def mte_ptrace_copy_tags(k: "Kernel", tracer: "Task", target: "Task", addr
             except KernelError:
                 err = "EIO"
                 break
-            await k.sched.point("access_remote_tags")
             page = pte.page
-            offset = addr & (PAGE_SIZE - 1)
-            n = min(want - done, (PAGE_SIZE - offset) // MTE_GRANULE_SIZE)
-            first = offset // MTE_GRANULE_SIZE
-            if pte.special:  # the zero page: its tags are zero, never written
-                if poke is not None:
-                    err = "EIO"
-                    break
-                out += bytes(n)
-            elif poke is None:
-                out += read_tags(k, page, first, n, f"ptrace-peek by pid {tracer.pid}")
-            else:
-                write_tags(k, page, first, bytes(t & 0xF for t in poke[done:done + n]))
+            hold = not pte.special and not _OLD_ORDERING
+            if hold:
+                get_page(page)  # GUP's FOLL_GET reference: reclaim and migration leave the page alone
+            try:
+                await k.sched.point("access_remote_tags")
+                offset = addr & (PAGE_SIZE - 1)
+                n = min(want - done, (PAGE_SIZE - offset) // MTE_GRANULE_SIZE)
+                first = offset // MTE_GRANULE_SIZE
+                loc = loc_of(k, mm, addr >> PAGE_SHIFT)
+                if pte.special:  # the zero page: its tags are zero, never written
+                    if poke is not None:
+                        err = "EIO"
+                        break
+                    out += bytes(n)
+                elif poke is None:
+                    got = read_tags(k, page, first, n, f"ptrace-peek by pid {tracer.pid}")
+                    k.oracle.ghost.check_read_tags(loc, page, first, got, f"ptrace-peek by pid {tracer.pid}")
+                    out += got
+                else:
+                    tags = bytes(t & 0xF for t in poke[done:done + n])
+                    write_tags(k, page, first, tags)
+                    k.oracle.ghost.tags_written(loc, page, first, tags)
+            finally:
+                if hold:
+                    put_page(k, page)
             done += n
             addr = ((addr >> PAGE_SHIFT) + 1) << PAGE_SHIFT
     if done == 0 and want > 0:
