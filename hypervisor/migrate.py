@@ -1,9 +1,11 @@
 """Page migration (mm/migrate.c): move pages to new frames through copy_highpage.
 
 ``migrate_pages`` isolates each folio (one migrator or reclaimer at a time),
-turns every PTE mapping it into a migration entry (faults on it wait), copies
-data and tags with ``folio_copy`` -> ``copy_highpage`` (PRESERVE ON COPY), then
-freezes the old folio's references: if anyone else still holds one (a fault
+turns every PTE mapping it into a migration entry (faults on it wait), checks
+that nobody else holds a reference (as ``__migrate_folio`` does before it does
+more work: a GUP holder may still write the old frame), copies data and tags
+with ``folio_copy`` -> ``copy_highpage`` (PRESERVE ON COPY), then freezes the
+old folio's references: if anyone else still holds one (a fault
 that found it in the page cache), the migration is undone, as
 ``folio_ref_freeze`` failing makes Linux retry. Otherwise the page cache points
 at the new frame and ``remove_migration_ptes`` maps it, with ``set_pte_at``,
@@ -25,6 +27,10 @@ from hypervisor.vma import Pte
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.mm import MM
+
+#: Test-only: the old ordering (copy first, check references only at the freeze), so
+#: tests/unit/test_lost_tag_races.py can show the ghost catches the COPY_TAGS write it loses.
+_OLD_ORDERING = False
 
 
 async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
@@ -59,7 +65,7 @@ async def migrate_folio(k: "Kernel", old: Page) -> int:
 async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     huge = old.is_hugetlb
     olds = old.subpages if huge else [old]
-    new_head = k.alloc.alloc_hugetlb_folio() if huge else k.alloc.alloc_page()
+    new_head = k.alloc.alloc_hugetlb_folio(len(olds)) if huge else k.alloc.alloc_page()
     news = new_head.subpages if huge else [new_head]
     await k.sched.point("migrate:unmap")
     # try_to_migrate(): each PTE becomes a migration entry of its own; the mapping's reference goes
@@ -76,6 +82,14 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
             o.mapcount -= 1
             o.refcount -= 1
             entries.append((mm, vpn, entry, i))
+    # __migrate_folio(): "check whether src does not have extra refs before we do more work". A
+    # GUP holder (COPY_TAGS, ptrace) that took its reference before the unmap may still write the
+    # old frame: give up now, before copying, or a write that finishes between the copy and the
+    # freeze below would be lost with the old frame.
+    if not huge and old.busy() and not _OLD_ORDERING:
+        _undo(k, olds, entries)
+        put_page(k, new_head)
+        return 0
     # move_to_new_folio() -> folio_copy() -> copy_highpage() (hugetlb: once, from the head)
     if huge:
         for n, o in zip(news, olds):
