@@ -1,0 +1,289 @@
+"""Five lost-tag races, each driven deterministically: the fixed model keeps the tag, and the
+old ordering (a private test-only switch in the module that had it) loses it and fires
+TAGS-AS-WRITTEN, which no other invariant reports for these losses (the frame's shadow moves
+with the frame, so LAST-TAG-WRITTEN and SWAP-ROUND-TRIP see nothing wrong).
+
+1. host STG racing swap-out (tags saved before the unmap, a scheduling point between);
+2. a second faulter taking the page from the swap cache before the reader restored its tags;
+3. PTRACE_POKEMTETAGS holding no page reference across its scheduling point, racing reclaim;
+4. migration copying before it checks for extra references, racing COPY_TAGS TO_GUEST;
+5. guest STG (through KVM) racing swap-out of the VMM's page.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import hypervisor.migrate
+import hypervisor.ptrace
+import hypervisor.swap
+from hypervisor.kernel import Kernel
+
+from unit_support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
+
+PAGE = 4096
+RAM = 0x4000_0000
+OLD, NEW = 5, 9
+
+
+@pytest.fixture
+def old_order(monkeypatch):
+    """Switch one module back to its old ordering for one test."""
+
+    def switch(module, name: str = "_OLD_ORDERING") -> None:
+        monkeypatch.setattr(module, name, True)
+
+    return switch
+
+
+def violated(run) -> list[str]:
+    """The invariants the run broke (state checked now)."""
+    assert run.failure is None, run.failure
+    return invariants(run.k)
+
+
+async def tagged_page(k: Kernel, name: str = "P", session: str | None = None):
+    """A process with one private PROT_MTE page holding data and tag OLD."""
+    p = Proc.new(k, name, session)
+    addr = await p("mmap", size=PAGE, prot=RWM)
+    await p("store", addr=addr, data=b"payload")
+    await p("stg", addr=addr, tag=OLD, size=PAGE)
+    return p, addr
+
+
+# ---- 1. host STG vs swap-out ---------------------------------------------------------
+
+def stg_vs_swap_out():
+    async def setup(k):
+        p, addr = await tagged_page(k)
+
+        async def writer(k, st):
+            await p("stg", addr=addr, tag=NEW, size=PAGE)
+
+        async def reclaim(k, st):
+            await k.swap_out(p.pid, addr, PAGE)
+
+        return {"p": p, "addr": addr}, {"r": reclaim, "w": writer}
+
+    return setup
+
+
+class TestStgVsSwapOut:
+    """Race 1: a tag store between reclaim's tag save and its unmap."""
+
+    async def test_fixed_model_keeps_the_tag(self):
+        """With the tags saved after the unmap, a store that lands before the unmap is saved with the page."""
+        run, _ = await run_once(stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("w", None), ("r", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        st = run.state
+        assert st["p"].pte(st["addr"]).swap is not None  # it really was swapped out
+        assert await st["p"].tags(st["addr"], PAGE) == [NEW] * 256
+        assert invariants(run.k) == []
+
+    async def test_fixed_model_every_interleaving(self):
+        """Under every interleaving with up to two preemptions the page ends with the stored tag, nothing broken."""
+        runs = await explore_bounded(stg_vs_swap_out(), preemptions=2)
+        assert len(runs) > 3
+        for run in runs:
+            assert violated(run) == []
+            assert await run.state["p"].tags(run.state["addr"], PAGE) == [NEW] * 256
+
+    async def test_old_ordering_fires_tags_as_written(self, old_order):
+        """Saving before the unmap loses the store, and only TAGS-AS-WRITTEN says so."""
+        old_order(hypervisor.swap)
+        run, _ = await run_once(stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("w", None), ("r", None)))
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        st = run.state
+        assert await st["p"].tags(st["addr"], PAGE) == [OLD] * 256  # the store is gone
+
+
+# ---- 2. a second faulter takes the page from the swap cache ---------------------------
+
+def two_faulters():
+    async def setup(k):
+        p, addr = await tagged_page(k)
+        c = await p.fork("C")
+        assert await k.swap_out(p.pid, addr, PAGE) == 1
+        assert p.pte(addr).swap is not None and c.pte(addr).swap == p.pte(addr).swap
+        st = {"p": p, "c": c, "addr": addr}
+
+        async def reader(k, st):
+            st["a"] = await p.tags(addr, 16)
+
+        async def second(k, st):
+            st["b"] = await c.tags(addr, 16)
+
+        return st, {"a": reader, "b": second}
+
+    return setup
+
+
+class TestSwapInSecondFaulter:
+    """Race 2: the faulter that finds the page in the swap cache maps it before its tags are restored."""
+
+    async def test_fixed_model_restores_for_every_faulter(self):
+        """The second faulter restores the tags itself before mapping: both processes read OLD."""
+        run, _ = await run_once(two_faulters(), policy=phases(("a", "swap_read_folio"), ("b", None), ("a", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["a"] == run.state["b"] == [OLD]
+
+    async def test_fixed_model_every_interleaving(self):
+        """Under every interleaving with up to two preemptions both faulters read the swapped-out tags."""
+        runs = await explore_bounded(two_faulters(), preemptions=2)
+        assert len(runs) > 3
+        for run in runs:
+            assert violated(run) == []
+            assert run.state["a"] == run.state["b"] == [OLD]
+
+    async def test_old_ordering_fires_tags_as_written(self, old_order):
+        """Restoring only in the reader lets the second faulter publish zero tags: TAGS-AS-WRITTEN."""
+        old_order(hypervisor.swap, "_OLD_SWAPIN")
+        run, _ = await run_once(two_faulters(), policy=phases(("a", "swap_read_folio"), ("b", None), ("a", None)))
+        assert run.state["b"] == [0]  # the child read zeros where it had OLD
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+
+
+# ---- 3. PTRACE_POKEMTETAGS vs reclaim --------------------------------------------------
+
+def poke_vs_reclaim():
+    async def setup(k):
+        p, addr = await tagged_page(k)
+        t = Proc.new(k, "T", session=p.task.session)
+
+        async def tracer(k, st):
+            st["poked"] = await t("ptrace-poke-tags", target=p.pid, addr=addr, tags=[NEW] * 256)
+
+        async def reclaim(k, st):
+            st["swapped"] = await k.swap_out(p.pid, addr, PAGE)
+
+        return {"p": p, "addr": addr}, {"r": reclaim, "t": tracer}
+
+    return setup
+
+
+class TestPokeVsReclaim:
+    """Race 3: reclaim frees the frame ptrace found, before the poke lands."""
+
+    async def test_fixed_model_holds_the_page(self):
+        """GUP's reference makes reclaim give up on the page; the poke lands where the process sees it."""
+        run, _ = await run_once(poke_vs_reclaim(), policy=phases(("t", "access_remote_tags"), ("r", None),
+                                                                  ("t", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["swapped"] == 0 and run.state["poked"] == 256
+        assert await run.state["p"].tags(run.state["addr"], PAGE) == [NEW] * 256
+
+    async def test_fixed_model_every_interleaving(self):
+        """Under every interleaving with up to two preemptions the poked tags are what the process reads."""
+        runs = await explore_bounded(poke_vs_reclaim(), preemptions=2)
+        assert len(runs) > 3
+        for run in runs:
+            assert violated(run) == []
+            assert await run.state["p"].tags(run.state["addr"], PAGE) == [NEW] * 256
+
+    async def test_old_ordering_fires_tags_as_written(self, old_order):
+        """Without the reference the poke lands in a freed frame: the process reads OLD, TAGS-AS-WRITTEN fires."""
+        old_order(hypervisor.ptrace)
+        run, _ = await run_once(poke_vs_reclaim(), policy=phases(("t", "access_remote_tags"), ("r", None),
+                                                                  ("t", None)))
+        assert run.state["swapped"] == 1 and run.state["poked"] == 256
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        assert await run.state["p"].tags(run.state["addr"], PAGE) == [OLD] * 256
+
+
+# ---- 4. migration vs COPY_TAGS TO_GUEST -------------------------------------------------
+
+def copy_tags_vs_migration():
+    async def setup(k):
+        vm = await Vm.create(k)
+        hva = await vm.ram(0, RAM, PAGE)
+        await vm.store(RAM, b"guest data")
+        await vm.stg(RAM, PAGE, OLD)
+
+        async def vmm(k, st):
+            st["copied"] = await vm.copy_tags(RAM, PAGE, from_guest=False, tags=bytes([NEW]) * 256)
+
+        async def migrate(k, st):
+            st["moved"] = await k.migrate_pages(vm.vmm.pid, hva, PAGE)
+
+        return {"vm": vm, "hva": hva}, {"c": vmm, "m": migrate}
+
+    return setup
+
+
+PLAN4 = (("c", "kvm_vm_ioctl_mte_copy_tags:copy"), ("m", "migrate:copied"), ("c", None), ("m", None))
+
+
+class TestCopyTagsVsMigration:
+    """Race 4: COPY_TAGS TO_GUEST finishes between migration's copy and its reference freeze."""
+
+    async def test_fixed_model_gives_up_before_copying(self):
+        """Migration sees COPY_TAGS' reference before it copies and backs off; the guest reads the new tags."""
+        run, _ = await run_once(copy_tags_vs_migration(), policy=phases(*PLAN4))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["moved"] == 0 and run.state["copied"]["length"] == PAGE
+        assert await run.state["vm"].ldg(RAM, PAGE) == [NEW] * 256
+
+    async def test_fixed_model_every_interleaving(self):
+        """Under every interleaving with up to two preemptions the guest reads what COPY_TAGS wrote."""
+        runs = await explore_bounded(copy_tags_vs_migration(), preemptions=2)
+        assert len(runs) > 3
+        for run in runs:
+            assert violated(run) == []
+            assert await run.state["vm"].ldg(RAM, PAGE) == [NEW] * 256
+
+    async def test_old_ordering_fires_tags_as_written(self, old_order):
+        """Copying before the reference check moves the old tags to the new frame: TAGS-AS-WRITTEN."""
+        old_order(hypervisor.migrate)
+        run, _ = await run_once(copy_tags_vs_migration(), policy=phases(*PLAN4))
+        assert run.state["moved"] == 1 and run.state["copied"]["length"] == PAGE
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        assert await run.state["vm"].ldg(RAM, PAGE) == [OLD] * 256
+
+
+# ---- 5. guest STG vs swap-out of the VMM's page -------------------------------------------
+
+def guest_stg_vs_swap_out():
+    async def setup(k):
+        vm = await Vm.create(k)
+        hva = await vm.ram(0, RAM, PAGE)
+        await vm.store(RAM, b"guest data")
+        await vm.stg(RAM, PAGE, OLD)
+
+        async def guest(k, st):
+            await vm.stg(RAM, PAGE, NEW)
+
+        async def reclaim(k, st):
+            st["swapped"] = await k.swap_out(vm.vmm.pid, hva, PAGE)
+
+        return {"vm": vm, "hva": hva}, {"g": guest, "r": reclaim}
+
+    return setup
+
+
+class TestGuestStgVsSwapOut:
+    """Race 5: the same reclaim ordering, the store coming from a vCPU through stage 2."""
+
+    async def test_fixed_model_keeps_the_guest_tag(self):
+        """The guest's store before the unmap (and its MMU notifier) is saved with the page."""
+        run, _ = await run_once(guest_stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("g", None),
+                                                                        ("r", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["swapped"] == 1
+        assert await run.state["vm"].ldg(RAM, PAGE) == [NEW] * 256
+
+    async def test_fixed_model_every_interleaving(self):
+        """Under every interleaving with up to two preemptions the guest reads the tag it stored."""
+        runs = await explore_bounded(guest_stg_vs_swap_out(), preemptions=2)
+        assert len(runs) > 3
+        for run in runs:
+            assert violated(run) == []
+            assert await run.state["vm"].ldg(RAM, PAGE) == [NEW] * 256
+
+    async def test_old_ordering_fires_tags_as_written(self, old_order):
+        """Saving before the unmap loses the guest's store: TAGS-AS-WRITTEN, keyed through the memslot."""
+        old_order(hypervisor.swap)
+        run, _ = await run_once(guest_stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("g", None),
+                                                                        ("r", None)))
+        assert run.state["swapped"] == 1
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        assert await run.state["vm"].ldg(RAM, PAGE) == [OLD] * 256
