@@ -17,7 +17,10 @@ every memslot, a read-only slot for TO_GUEST, a GUP failure or ZONE_DEVICE
 memory ends the copy with EFAULT. FROM_GUEST reads the tags of a tagged page
 and zeros for an untagged one, changing nothing. TO_GUEST takes the tag lock
 (result ignored), copies, zeroes the page's tags if the user buffer ran short,
-and always sets PG_mte_tagged. The return is the guest bytes done when at least
+and always sets PG_mte_tagged (for a hugetlb page, on the whole folio: the
+folio's other pages keep whatever tags they had, finding 3 of
+docs/findings.md, unless the host applies ``sanitise-whole-hugetlb-folio``,
+which clears them when the lock is won). The return is the guest bytes done when at least
 one page was, else the error: partial success wins over the error.
 
 Model notes: the user buffer is the request's ``tags`` (TO_GUEST); a shorter
@@ -44,7 +47,7 @@ from hypervisor.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import read_tags, write_tags
+from hypervisor.tags import mte_clear_page_tags, read_tags, write_tags
 from shared.abi import MAX_IO
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE
 
@@ -141,7 +144,13 @@ async def kvm_vm_ioctl_mte_copy_tags(k: "Kernel", kvm: Kvm, guest_ipa: int, leng
                 else:
                     hugetlb = page.is_hugetlb
                     if hugetlb:
-                        await folio_try_hugetlb_mte_tagging(k, page.folio)
+                        won = await folio_try_hugetlb_mte_tagging(k, page.folio)
+                        if won and "sanitise-whole-hugetlb-folio" in k.fixes:
+                            # the proposed fix: the folio is about to be flagged whole, so no page of it
+                            # may keep stale tags (docs/findings.md, finding 3)
+                            for sub in page.folio.subpages:
+                                if sub is not page:
+                                    mte_clear_page_tags(k, sub)
                     else:
                         await try_page_mte_tagging(k, page)  # the result is ignored, as in the kernel
                     chunk = tags[pos:pos + MTE_GRANULES_PER_PAGE]

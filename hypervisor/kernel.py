@@ -28,7 +28,7 @@ from hypervisor.page import PageAllocator
 from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
 from hypervisor.swap import SwapDevice, shrink_folio_list
-from shared.bugs import check_bug_names
+from shared.bugs import check_bug_names, check_kernel_fix_names
 from shared.mte import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 
 
@@ -41,16 +41,22 @@ class Kernel:
         swap: bytes of swap.
         bugs: bug-zoo names to switch on.
         sched: the scheduler for this kernel's contexts (free by default).
-        tcf_preferred: the per-CPU ``mte_tcf_preferred`` (async, as Linux boots).
+        tcf_preferred: the per-CPU ``mte_tcf_preferred`` (async, as Linux boots;
+            ``sync``, ``async`` or ``asymm``, the values its sysfs file accepts).
+        kernel_fixes: proposed kernel fixes this host applies (names from
+            :data:`shared.bugs.KERNEL_FIXES`).
 
     Raises:
-        ValueError: an unknown bug name.
+        ValueError: an unknown bug or kernel-fix name, or a bad ``tcf_preferred``.
     """
 
     def __init__(self, *, mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=(),
-                 sched: Scheduler | None = None, tcf_preferred: str = "async"):
+                 sched: Scheduler | None = None, tcf_preferred: str = "async", kernel_fixes=()):
+        if tcf_preferred not in ("sync", "async", "asymm"):
+            raise ValueError(f"mte_tcf_preferred {tcf_preferred!r} is not sync, async or asymm")
         self.mte = mte
         self.bugs = frozenset(check_bug_names(bugs))
+        self.fixes = frozenset(check_kernel_fix_names(kernel_fixes))
         self.sched = sched or FreeScheduler()
         self.tcf_preferred = tcf_preferred
         self.alloc = PageAllocator(ram)

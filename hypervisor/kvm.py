@@ -15,6 +15,9 @@ returned to the VMM.
 
 Rules (reference section 4.1):
     * KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) is ``system_supports_mte()``.
+    * KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) is 3
+      (KVM_DIRTY_LOG_MANUAL_CAPS); enabling it takes ``args[0]`` in {0, 1, 3}
+      (else EINVAL) at any time (see :mod:`hypervisor.memslot`).
     * KVM_ENABLE_CAP: ``flags != 0`` -> EINVAL; ARM_MTE on a host without MTE,
       or once any vCPU was created (``created_vcpus``) -> EINVAL; enabling
       twice before vCPUs is harmless; there is no way to disable it.
@@ -88,6 +91,7 @@ class Kvm:
     s2: dict = attrs.Factory(dict)  # gfn -> S2Entry
     mmu_invalidate_seq: int = 0
     nr_memslots_dirty_logging: int = 0
+    manual_dirty_log_protect: int = 0  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0]
     destroyed: bool = False
     notifier: object = None
     ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
@@ -158,18 +162,35 @@ class KvmState:
         if cap == "arm-mte":
             return int(self.k.mte)  # system_supports_mte()
         if cap == "manual-dirty-log-protect2":
-            return 1  # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE (the model's dirty log always behaves so)
+            from hypervisor.memslot import KVM_DIRTY_LOG_MANUAL_CAPS
+
+            return KVM_DIRTY_LOG_MANUAL_CAPS  # ENABLE | INITIALLY_SET = 3
         return 0
 
-    async def kvm_vm_ioctl_enable_cap(self, kvm: Kvm, cap: str, flags: int) -> None:
-        """KVM_ENABLE_CAP (arch/arm64/kvm/arm.c).
+    async def kvm_vm_ioctl_enable_cap(self, kvm: Kvm, cap: str, flags: int, args=(0,)) -> None:
+        """KVM_ENABLE_CAP: kvm_vm_ioctl_enable_cap_generic() (virt/kvm/kvm_main.c), then arch/arm64/kvm/arm.c.
+
+        ``manual-dirty-log-protect2`` takes ``args[0]`` in {0, ENABLE, ENABLE |
+        INITIALLY_SET} and may be changed at any time; ``arm-mte`` ignores args.
 
         Raises:
-            KernelError: EINVAL for non-zero flags, an unknown capability, ARM_MTE
-                on a host without MTE or after a vCPU was created.
+            KernelError: EINVAL for non-zero flags, an unknown capability, other
+                MANUAL_DIRTY_LOG_PROTECT2 options, ARM_MTE on a host without MTE
+                or after a vCPU was created.
         """
         if flags:
             raise KernelError("EINVAL", f"KVM_ENABLE_CAP: flags must be 0 (got {flags:#x})")
+        if cap == "manual-dirty-log-protect2":
+            from hypervisor.memslot import KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+
+            arg0 = args[0] if args else 0
+            allowed = KVM_DIRTY_LOG_MANUAL_CAPS if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE \
+                else KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if arg0 & ~allowed:
+                raise KernelError("EINVAL", f"KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): args[0] {arg0:#x} "
+                                            "is not 0, ENABLE (1) or ENABLE|INITIALLY_SET (3)")
+            kvm.manual_dirty_log_protect = arg0
+            return
         if cap != "arm-mte":
             raise KernelError("EINVAL", f"KVM_ENABLE_CAP: capability {cap!r} cannot be enabled")
         async with kvm.lock.held():

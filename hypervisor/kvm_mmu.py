@@ -52,7 +52,7 @@ from hypervisor.mte_lock import (
 from hypervisor.page import Page
 from hypervisor.tags import mte_clear_page_tags
 from hypervisor.vma import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
-from shared.mte import PAGE_SHIFT, PAGES_PER_HPAGE
+from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -123,16 +123,52 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(k: "Kernel", kvm: Kvm, slot: Memslot
 
 # ---- the fault -----------------------------------------------------------------
 
-def fault_supports_stage2_huge_mapping(slot: Memslot, hva: int) -> bool:
-    """fault_supports_stage2_huge_mapping(): IPA and hva congruent mod 2 MiB, block inside the slot."""
+PMD_SHIFT, PUD_SHIFT = 21, 30
+CONT_PTE_SHIFT, CONT_PMD_SHIFT = PAGE_SHIFT + 4, PMD_SHIFT + 4  # 16 contiguous entries (4 KiB granule)
+
+
+def get_vma_page_shift(vma, hva: int) -> int:
+    """get_vma_page_shift(): huge_page_shift(hstate_vma(vma)) for hugetlb, else PAGE_SHIFT.
+
+    The model has no PUD/PMD-mapped VM_PFNMAP or THP here: other VMAs map 4 KiB.
+    """
+    if vma.flags & VM_HUGETLB and vma.obj is not None:
+        return PAGE_SHIFT + vma.obj.hpage_pages.bit_length() - 1
+    return PAGE_SHIFT
+
+
+def fault_supports_stage2_huge_mapping(slot: Memslot, hva: int, map_size: int) -> bool:
+    """fault_supports_stage2_huge_mapping(): IPA and hva congruent mod ``map_size``, block inside the slot."""
     gpa_start = slot.base_gfn << PAGE_SHIFT
     uaddr_start = slot.userspace_addr
     uaddr_end = uaddr_start + (slot.npages << PAGE_SHIFT)
-    size = PAGES_PER_HPAGE << PAGE_SHIFT
-    if (gpa_start & (size - 1)) != (uaddr_start & (size - 1)):
+    if (gpa_start & (map_size - 1)) != (uaddr_start & (map_size - 1)):
         return False
-    block = hva & ~(size - 1)
-    return block >= uaddr_start and block + size <= uaddr_end
+    block = hva & ~(map_size - 1)
+    return block >= uaddr_start and block + map_size <= uaddr_end
+
+
+def stage2_mapping_shift(vma, slot: Memslot, hva: int, logging_active: bool) -> int:
+    """The vma_shift switch of user_mem_abort() (kvm_s2_resolve_vma_size() in 2026 sources).
+
+    PUD (1 GiB) if the slot allows it, else fall back to PMD; CONT_PMD (32 MiB)
+    maps as PMD (2 MiB) blocks; PMD if the slot allows it, else PTE; CONT_PTE
+    (64 KiB) maps as PTEs (force_pte). Dirty logging forces PTEs.
+    """
+    shift = PAGE_SHIFT if logging_active else get_vma_page_shift(vma, hva)
+    if shift == PUD_SHIFT:
+        if fault_supports_stage2_huge_mapping(slot, hva, 1 << PUD_SHIFT):
+            return PUD_SHIFT
+        shift = CONT_PMD_SHIFT  # fallthrough
+    if shift == CONT_PMD_SHIFT:
+        shift = PMD_SHIFT
+    if shift == PMD_SHIFT:
+        if fault_supports_stage2_huge_mapping(slot, hva, 1 << PMD_SHIFT):
+            return PMD_SHIFT
+        shift = CONT_PTE_SHIFT
+    if shift == CONT_PTE_SHIFT:
+        return PAGE_SHIFT
+    return shift
 
 
 async def __kvm_faultin_pfn(k: "Kernel", kvm: Kvm, hva: int, write: bool) -> tuple[Page, bool]:
@@ -177,8 +213,8 @@ async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Mems
         vma = mm.find_vma(hva)  # vma_lookup()
         if vma is None:
             raise KernelError("EFAULT", f"user_mem_abort: no VMA at hva {hva:#x} for IPA {gfn << PAGE_SHIFT:#x}")
-        huge = bool(vma.flags & VM_HUGETLB) and not force_pte and fault_supports_stage2_huge_mapping(slot, hva)
-        nr_pages = PAGES_PER_HPAGE if huge else 1
+        vma_shift = stage2_mapping_shift(vma, slot, hva, force_pte)
+        nr_pages = 1 << (vma_shift - PAGE_SHIFT)  # vma_pagesize >> PAGE_SHIFT
         if not bug:
             mte_allowed = bool(vma.flags & VM_MTE_ALLOWED)  # kvm_vma_mte_allowed(vma), under the lock
         vm_flags = vma.flags
@@ -203,9 +239,9 @@ async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Mems
         await k.sched.point("user_mem_abort:kvm_fault_lock")
         if kvm.mmu_invalidate_seq != mmu_seq or kvm.destroyed:  # mmu_invalidate_retry()
             return RETRY
-        if huge:
-            gfn &= ~(PAGES_PER_HPAGE - 1)
-            page = page.folio  # pfn &= ~(PTRS_PER_PMD - 1)
+        if nr_pages > 1:  # PMD or PUD block: ipa &= ~(vma_pagesize - 1), so the pfn is the block's first
+            gfn &= ~(nr_pages - 1)
+            page = page.folio.subpages[(page.pfn - page.folio.pfn) & ~(nr_pages - 1)]
         if not fault_is_perm and not s2_force_noncacheable and kvm_has_mte(k, kvm):
             # Check the VMM hasn't introduced a new disallowed VMA
             if mte_allowed:
@@ -233,8 +269,11 @@ async def sanitise_mte_tags(k: "Kernel", kvm: Kvm, page: Page, nr_pages: int) ->
     """sanitise_mte_tags() (arch/arm64/kvm/mmu.c, v6.13+ with 2986a6257400).
 
     Hugetlb: the flags live on the folio head; the tags of the ``nr_pages``
-    pages this fault maps are cleared (one page when dirty logging forces PTE
-    mappings). Other pages: each one initialised under the two-bit lock.
+    pages this fault maps are cleared (one page of a 64 KiB folio, or with dirty
+    logging; 2 MiB of a 32 MiB or PMD-mapped 1 GiB folio), then the whole folio
+    is flagged: finding 3 of docs/findings.md. With the host's kernel fix
+    ``sanitise-whole-hugetlb-folio`` every page of the folio is cleared instead.
+    Other pages: each one initialised under the two-bit lock.
     """
     if not kvm_has_mte(k, kvm):
         return
@@ -245,10 +284,14 @@ async def sanitise_mte_tags(k: "Kernel", kvm: Kvm, page: Page, nr_pages: int) ->
     if page.is_hugetlb:
         folio = page.folio
         if await folio_try_hugetlb_mte_tagging(k, folio):
-            first = page.pfn - folio.pfn
-            for i in range(nr_pages):
-                mte_clear_page_tags(k, folio.subpages[first + i])
             await k.sched.point("sanitise_mte_tags:clear")
+            if "sanitise-whole-hugetlb-folio" in k.fixes:
+                pages = folio.subpages
+            else:
+                first = page.pfn - folio.pfn
+                pages = folio.subpages[first:first + nr_pages]
+            for p in pages:
+                mte_clear_page_tags(k, p)
             folio_set_hugetlb_mte_tagged(k, folio)
         return
     for i in range(nr_pages):

@@ -27,8 +27,8 @@ from hypervisor.errors import KernelError
 from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.page import Page
-from hypervisor.vma import VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
-from shared.mte import PAGE_SHIFT, PAGES_PER_HPAGE
+from hypervisor.vma import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
+from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -192,6 +192,8 @@ async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool, force: bo
         elif forced and not pte.special and pte.page.mapping is None and pte.page.mapcount == 1 \
                 and not pte.page.ksm:
             return pte  # the private copy exists: FOLL_FORCE writes it through the kernel mapping
+        elif write and not pte.write and vma.flags & VM_HUGETLB:
+            await hugetlb_wp(k, mm, vma, vpn, pte)
         elif write and not pte.write:
             await do_wp_page(k, mm, vma, vpn, pte)
             if forced and mm.pt.get(vpn) is not None:
@@ -240,7 +242,7 @@ async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
         get_page(page)
         return page
     if obj.kind == "hugetlbfs":
-        page = k.alloc.alloc_hugetlb_folio()
+        page = k.alloc.alloc_hugetlb_folio(obj.hpage_pages)
         for sub in page.subpages:
             sub.mapping, sub.index = obj, index
     else:
@@ -256,12 +258,15 @@ async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> No
     obj = vma.obj
     index = vma.index_of(vpn << PAGE_SHIFT)
     if obj.kind == "hugetlbfs":
-        # hugetlb_fault(): map the whole 2 MiB folio (set_huge_pte_at, nr = 512)
-        hindex, sub = divmod(index, PAGES_PER_HPAGE)
+        # hugetlb_fault() -> hugetlb_no_page(): map the whole folio (set_huge_pte_at, nr = its pages).
+        # A private mapping of a named hugetlbfs file maps the page-cache folio read-only (a write
+        # then copies it in hugetlb_wp); the folio of a MAP_PRIVATE|MAP_HUGETLB mapping is its own.
+        nr = obj.hpage_pages
+        hindex, sub = divmod(index, nr)
         head = await shmem_get_folio(k, obj, hindex)
         first = vpn - sub
-        writable = bool(vma.flags & VM_WRITE)
-        await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=PAGES_PER_HPAGE, expect=mm.pt.get(first))
+        writable = bool(vma.flags & VM_WRITE) and (bool(vma.flags & VM_SHARED) or not obj.named)
+        await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=nr, expect=mm.pt.get(first))
         put_page(k, head)
         return
     page = await shmem_get_folio(k, obj, index)
@@ -303,6 +308,49 @@ async def do_wp_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> Non
         pte.write = True  # wp_can_reuse_anon_folio()
         return
     await wp_page_copy(k, mm, vma, vpn, pte)
+
+
+def _hugetlb_exclusive(mm: "MM", vma: Vma, folio: Page) -> bool:
+    """The folio is this private mapping's own: anonymous and mapped by no other mm (hugetlb_wp's reuse test).
+
+    A hugetlb folio is always mapped whole, so its head's rmap names every mm mapping it.
+    """
+    anon = folio.mapping is None or (vma.obj is not None and not vma.obj.named)
+    return anon and all(m is mm for m, _vpn in folio.rmap)
+
+
+async def hugetlb_wp(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+    """hugetlb_wp() (mm/hugetlb.c): reuse an exclusive anonymous folio, else copy the whole folio.
+
+    The copy goes through copy_user_large_folio() -> copy_user_highpage() for
+    every subpage, so the data of each and, from the head, the tags of the
+    whole folio (copy_highpage's hugetlb branch) reach the new folio, which is
+    then mapped writable in place of the old one. A shared mapping only gets
+    its write bit back.
+    """
+    old = pte.page.folio
+    nr = len(old.subpages)
+    first = vpn - (pte.page.pfn - old.pfn)
+    if vma.flags & VM_SHARED or _hugetlb_exclusive(mm, vma, old):
+        for v in range(first, first + nr):
+            e = mm.pt.get(v)
+            if e is not None and e.present and e.page.folio is old:
+                e.write = True
+        return
+    head_pte = mm.pt.get(first)
+    new = k.alloc.alloc_hugetlb_folio(nr)
+    get_page(old)  # the fault's reference on the source while it copies
+    try:
+        for i in range(nr):  # copy_user_large_folio()
+            await copy_user_highpage(k, new.subpages[i], old.subpages[i])
+    finally:
+        put_page(k, old)
+    await k.sched.point("hugetlb_wp:map")
+    installed = await set_pte_at(k, mm, first, _pte_for(vma, new, True), nr=nr, expect=head_pte)
+    for p in new.subpages:  # the allocation's references (the PTEs hold theirs now)
+        p.refcount -= 1
+    if not installed or all(p.refcount <= 0 for p in new.subpages):
+        k.alloc.free_page(new)  # the PTE changed meanwhile: the fault retries
 
 
 async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:

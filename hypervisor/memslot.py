@@ -12,19 +12,29 @@ arm64's veto, where MTE lives (reference section 4.2):
    tag-capable); VM_PFNMAP with KVM_MEM_LOG_DIRTY_PAGES -> EINVAL.
    Only VMA flags are checked: the VMM's own mapping need not be PROT_MTE.
 
-Dirty logging follows KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (what QEMU enables):
-turning KVM_MEM_LOG_DIRTY_PAGES on write-protects the slot's stage-2 entries;
-a stage-2 write fault then marks the page dirty and maps it writable (4 KiB at
-a time: logging forces PTE mappings); KVM_GET_DIRTY_LOG reports the bitmap
-without clearing it; KVM_CLEAR_DIRTY_LOG clears bits and write-protects those
-pages again.
+Dirty logging (kvm_main.c): a slot with KVM_MEM_LOG_DIRTY_PAGES has a dirty
+bitmap and counts in ``nr_memslots_dirty_logging`` whatever KVM_MEM_READONLY
+says (``kvm_commit_memory_region`` counts the flag alone), although stage 2
+treats only a writable logging slot as logging (``memslot_is_logging``: 4 KiB
+mappings). Turning logging on write-protects the slot's stage-2 entries
+(unless KVM_DIRTY_LOG_INITIALLY_SET: then the bitmap starts all ones and
+KVM_CLEAR_DIRTY_LOG write-protects lazily); a stage-2 write fault marks the page
+dirty and maps it writable. Moving a logging slot keeps its bitmap.
+KVM_GET_DIRTY_LOG without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 returns the bitmap,
+clears it and write-protects those pages again (``kvm_get_dirty_log_protect``);
+with it, GET only reports and KVM_CLEAR_DIRTY_LOG clears and write-protects.
 
 Errors (kvm_main.c ``__kvm_set_memory_region`` / ``check_memory_region_flags``):
-    EINVAL: slot id >= 512, unaligned size/ipa/addr, overflow, delete of a slot
-        that does not exist, changing addr/size/readonly of an existing slot, and
+    EINVAL: slot id >= KVM_USER_MEM_SLOTS (32767, KVM_MEM_SLOTS_NUM = SHRT_MAX
+        since v5.13), unaligned size/ipa/addr, overflow, delete of a slot that
+        does not exist, changing addr/size/readonly of an existing slot, and
         the arm64 vetoes above.
     EEXIST: the range overlaps another slot.
     EFAULT: beyond the VM's IPA size.
+GET/CLEAR_DIRTY_LOG: EINVAL for a slot id >= KVM_USER_MEM_SLOTS, a CLEAR whose
+``first_page`` is not a multiple of 64, a range past the slot, or a
+``num_pages`` not a multiple of 64 that stops short of the slot's end; ENOENT
+for a slot that does not exist or has no dirty bitmap.
 """
 
 from __future__ import annotations
@@ -41,9 +51,13 @@ from shared.mte import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
 
-KVM_USER_MEM_SLOTS = 512
+KVM_USER_MEM_SLOTS = 32767  # KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (0 on arm64)
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
+#: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options (args[0] of KVM_ENABLE_CAP).
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 FLAG_BITS = {"log-dirty-pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}
 
 
@@ -62,6 +76,11 @@ class Memslot:
     def logging(self) -> bool:
         """kvm_slot_dirty_track_enabled() && !READONLY (memslot_is_logging)."""
         return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES) and not self.flags & KVM_MEM_READONLY
+
+    @property
+    def dirty_tracked(self) -> bool:
+        """kvm_slot_dirty_track_enabled(): KVM_MEM_LOG_DIRTY_PAGES, so the slot has a dirty bitmap."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
 
     @property
     def readonly(self) -> bool:
@@ -152,29 +171,35 @@ async def kvm_set_memory_region(k: "Kernel", kvm: Kvm, slot_id: int, ipa: int, s
         if change == "create":
             slot = Memslot(slot_id, base_gfn, npages, hva, flags)
             kvm.memslots[slot_id] = slot
-            _set_logging(kvm, slot, slot.logging)
+            _set_logging(kvm, slot, slot.dirty_tracked)
             return
         if change == "move":
-            _set_logging(kvm, old, False)
+            # kvm_prepare_memory_region(): a slot that keeps logging keeps old->dirty_bitmap
             kvm_arch_flush_shadow_memslot(k, kvm, old)
             old.base_gfn = base_gfn
             old.flags = flags
-            _set_logging(kvm, old, old.logging)
+            _set_logging(kvm, old, old.dirty_tracked)
             return
         # KVM_MR_FLAGS_ONLY: kvm_arch_commit_memory_region -> kvm_mmu_wp_memory_region when logging starts
-        was = old.logging
+        was = old.dirty_tracked
         old.flags = flags
-        _set_logging(kvm, old, old.logging)
-        if old.logging and not was:
+        _set_logging(kvm, old, old.dirty_tracked)
+        if old.dirty_tracked and not was and not kvm_dirty_log_manual_protect_and_init_set(kvm):
             kvm_mmu_wp_memory_region(k, kvm, old)
 
 
+def kvm_dirty_log_manual_protect_and_init_set(kvm: Kvm) -> bool:
+    """kvm_dirty_log_manual_protect_and_init_set(): KVM_DIRTY_LOG_INITIALLY_SET was enabled."""
+    return bool(kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+
+
 def _set_logging(kvm: Kvm, slot: Memslot, on: bool) -> None:
-    """kvm_{create,destroy}_dirty_bitmap + nr_memslots_dirty_logging accounting."""
+    """kvm_{create,destroy}_dirty_bitmap + nr_memslots_dirty_logging accounting (kvm_commit_memory_region)."""
     active = slot.id in kvm.ghost_written
     if on and not active:
         kvm.nr_memslots_dirty_logging += 1
-        slot.dirty = set()
+        # kvm_prepare_memory_region(): INITIALLY_SET starts the new bitmap all ones
+        slot.dirty = set(range(slot.npages)) if kvm_dirty_log_manual_protect_and_init_set(kvm) else set()
         kvm.ghost_written[slot.id] = set()
     elif not on and active:
         kvm.nr_memslots_dirty_logging -= 1
@@ -185,7 +210,7 @@ def _set_logging(kvm: Kvm, slot: Memslot, on: bool) -> None:
 def mark_page_dirty(kvm: Kvm, gfn: int) -> None:
     """mark_page_dirty_in_slot(): set the gfn's bit when its slot logs dirty pages."""
     slot = kvm.slot_of(gfn)
-    if slot is not None and slot.logging:
+    if slot is not None and slot.dirty_tracked:
         slot.dirty.add(gfn - slot.base_gfn)
 
 
@@ -197,42 +222,71 @@ def ghost_kvm_write(kvm: Kvm, gfn: int) -> None:
 
 
 def _logging_slot(kvm: Kvm, slot_id: int, ioctl: str) -> Memslot:
-    """The memslot a dirty-log ioctl names: EINVAL if it does not exist, ENOENT if it does not log."""
+    """The memslot a dirty-log ioctl names: EINVAL past KVM_USER_MEM_SLOTS, ENOENT if missing or not logging."""
+    if slot_id >= KVM_USER_MEM_SLOTS:
+        raise KernelError("EINVAL", f"{ioctl}: slot id {slot_id} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
     slot = kvm.memslots.get(slot_id)
     if slot is None:
-        raise KernelError("EINVAL", f"{ioctl}: no memslot {slot_id}")
-    if not slot.logging:
-        raise KernelError("ENOENT", f"{ioctl}: memslot {slot_id} does not log dirty pages")
+        raise KernelError("ENOENT", f"{ioctl}: no memslot {slot_id}")
+    if not slot.dirty_tracked:
+        raise KernelError("ENOENT", f"{ioctl}: memslot {slot_id} does not log dirty pages (no dirty bitmap)")
     return slot
 
 
 async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> list[int]:
-    """KVM_GET_DIRTY_LOG with manual protect: the slot's dirty page indexes (not cleared).
+    """KVM_GET_DIRTY_LOG: kvm_get_dirty_log_protect() (virt/kvm/kvm_main.c).
+
+    Without manual protect the bitmap is returned, cleared and its pages
+    write-protected again (``xchg`` per word); with it, only returned.
 
     Raises:
-        KernelError: EINVAL for an unknown slot, ENOENT when the slot does not log.
-    """
-    async with kvm.slots_lock.held():
-        slot = _logging_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
-        k.oracle.check_dirty_log(kvm, slot)
-        return sorted(slot.dirty)
-
-
-async def kvm_vm_ioctl_clear_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int, first: int, num: int | None) -> None:
-    """KVM_CLEAR_DIRTY_LOG: clear pages [first, first+num) and write-protect them again.
-
-    Raises:
-        KernelError: EINVAL for an unknown slot or a range outside it, ENOENT when
-            the slot does not log.
+        KernelError: EINVAL for a slot id past KVM_USER_MEM_SLOTS; ENOENT when
+            the slot does not exist or has no dirty bitmap.
     """
     from hypervisor.kvm_mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
 
     async with kvm.slots_lock.held():
+        slot = _logging_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
+        k.oracle.check_dirty_log(kvm, slot)
+        out = sorted(slot.dirty)
+        if not kvm.manual_dirty_log_protect:
+            slot.dirty = set()
+            ghost = kvm.ghost_written.get(slot.id)
+            if ghost is not None:
+                ghost.clear()
+            kvm_arch_mmu_enable_log_dirty_pt_masked(k, kvm, slot, out)
+        return out
+
+
+async def kvm_vm_ioctl_clear_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int, first: int, num: int | None) -> None:
+    """KVM_CLEAR_DIRTY_LOG: kvm_clear_dirty_log_protect(): clear pages [first, first+num), write-protect them.
+
+    ``num`` None stands for "to the slot's end" (the scenario's default).
+
+    Raises:
+        KernelError: EINVAL for a slot id past KVM_USER_MEM_SLOTS, ``first`` not a
+            multiple of 64, a range outside the slot, or ``num`` not a multiple
+            of 64 short of the slot's end; ENOENT when the slot does not exist
+            or has no dirty bitmap.
+    """
+    from hypervisor.kvm_mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
+
+    async with kvm.slots_lock.held():
+        if slot_id >= KVM_USER_MEM_SLOTS:
+            raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: slot id {slot_id} >= KVM_USER_MEM_SLOTS")
+        if first & 63:
+            raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: first_page {first} is not a multiple of 64")
         slot = _logging_slot(kvm, slot_id, "KVM_CLEAR_DIRTY_LOG")
+        if first > slot.npages:
+            raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: first_page {first} is past the slot's "
+                                        f"{slot.npages} pages")
         num = slot.npages - first if num is None else num
-        if first > slot.npages or first + num > slot.npages:
+        if num > slot.npages - first:
             raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: pages {first}..{first + num} exceed the slot's "
                                         f"{slot.npages}")
+        if num < slot.npages - first and num & 63:
+            raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: num_pages {num} is not a multiple of 64 and stops "
+                                        "short of the slot's end")
         await k.sched.point("kvm_clear_dirty_log")
         k.oracle.check_dirty_log(kvm, slot)
         cleared = [i for i in slot.dirty if first <= i < first + num]

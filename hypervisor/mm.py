@@ -13,7 +13,8 @@ rules of arch/arm64/include/asm/mman.h:
 
 Errors (Linux errno):
     EINVAL: zero length, unaligned address or offset, PROT_MTE where tags are not
-        allowed, a hugetlb length or address not 2 MiB aligned, MAP_PRIVATE of
+        allowed, a hugetlb size not in 64 KiB/2 MiB/32 MiB/1 GiB or a length or
+        address not aligned to it, MAP_PRIVATE of
         anon-shared.
     ENOMEM: no room in the address space, or mprotect/madvise over a hole.
 """
@@ -46,6 +47,7 @@ from hypervisor.vma import (
     arch_validate_flags,
     flag_names,
 )
+from shared.abi import HUGEPAGE_SIZES
 from shared.mte import HPAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 
 if TYPE_CHECKING:
@@ -158,12 +160,16 @@ def get_object(k: "Kernel", backing: str, name: str | None, session: str = "") -
 
 
 async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share: str, backing: str,
-                  obj_name: str | None, offset: int) -> int:
+                  obj_name: str | None, offset: int, *, hugepage_size: int = HPAGE_SIZE) -> int:
     """do_mmap() + mmap_region(): create a mapping and return its address.
+
+    ``hugepage_size`` (hugetlb only) is the MAP_HUGE_* size: 64 KiB, 2 MiB,
+    32 MiB or 1 GiB; a named hugetlb object keeps the size it was created with.
 
     Raises:
         KernelError: EINVAL (zero length, unaligned addr/offset, PROT_MTE without
-            VM_MTE_ALLOWED, bad hugetlb alignment, private anon-shared), ENOMEM (no room).
+            VM_MTE_ALLOWED, bad hugetlb size or alignment, a named hugetlb object
+            of another size, private anon-shared), ENOMEM (no room).
     """
     if size == 0:
         raise KernelError("EINVAL", "mmap: length is 0")
@@ -177,13 +183,23 @@ async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share:
         backing = "anon-shared"
     align = PAGE_SIZE
     if backing == "hugetlb":
-        if size % HPAGE_SIZE or (addr is not None and addr % HPAGE_SIZE) or offset % HPAGE_SIZE:
-            raise KernelError("EINVAL", "mmap: hugetlb length, address and offset must be 2 MiB multiples")
-        align = HPAGE_SIZE
+        if hugepage_size not in HUGEPAGE_SIZES:
+            raise KernelError("EINVAL", f"mmap: no hugetlb pool of {hugepage_size:#x} bytes (arm64 with 4 KiB pages: "
+                                        "64 KiB, 2 MiB, 32 MiB, 1 GiB)")
+        hs = hugepage_size
+        if size % hs or (addr is not None and addr % hs) or offset % hs:
+            raise KernelError("EINVAL", f"mmap: hugetlb length, address and offset must be multiples of the "
+                                        f"{hs >> 10} KiB huge page size")
+        align = hs
     size = page_align_up(size)
     if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
         raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
     obj = None if backing == "anon" else get_object(k, backing, obj_name, mm.session)
+    if backing == "hugetlb":
+        if obj.named and (obj.pages or obj.mappings) and obj.hpage_pages != hugepage_size >> PAGE_SHIFT:
+            raise KernelError("EINVAL", f"mmap: hugetlb object {obj_name!r} has {obj.hpage_pages * PAGE_SIZE >> 10} "
+                                        "KiB pages")
+        obj.hpage_pages = hugepage_size >> PAGE_SHIFT
     flags = _prot_flags(prot)
     if "mte" in prot and k.mte:  # arch_calc_vm_prot_bits(): dropped without MTE
         flags |= VM_MTE

@@ -7,8 +7,10 @@ refcount/mapcount and a reverse map of the PTEs that map it.
 
 Tag memory is never cleared by the allocator: a freshly allocated frame holds
 whatever tags its previous owner left (at boot, a fixed nonzero pattern), which
-is what makes stale-tag bugs observable. Hugetlb folios are 512 frames whose
-tag state lives in the head page's flags (asm/mte.h ``folio_*_hugetlb_*``).
+is what makes stale-tag bugs observable. Hugetlb folios are 16 (64 KiB), 512
+(2 MiB), 8192 (32 MiB) or 262144 (1 GiB) naturally aligned frames whose tag
+state lives in the head page's flags (asm/mte.h ``folio_*_hugetlb_*``); each
+size has its own pool (hstate).
 
 Ghost state (``shadow``, ``inits``) is not kernel state: the oracles use it to
 know which tags a correct kernel would hold (see hypervisor/oracles.py).
@@ -121,7 +123,7 @@ class PageAllocator:
     def __init__(self, ram: int):
         self.nr_frames = ram // PAGE_SIZE
         self._free: list[Page] = []
-        self._free_huge: list[Page] = []  # freed hugetlb folio heads (the hugetlb pool)
+        self._free_huge: dict[int, list[Page]] = {}  # freed hugetlb folio heads, per folio size (hstate pools)
         self._next_pfn = 0x80000  # DRAM starts at 2 GiB on the model's board
         self.allocated = 0
         self.frames: dict[int, Page] = {}  # every frame ever handed out, by pfn
@@ -153,27 +155,28 @@ class PageAllocator:
         page.data = None
         return page
 
-    def alloc_hugetlb_folio(self) -> Page:
-        """alloc_hugetlb_folio(): 512 contiguous frames; returns the head.
+    def alloc_hugetlb_folio(self, nr_pages: int = PAGES_PER_HPAGE) -> Page:
+        """alloc_hugetlb_folio(): ``nr_pages`` naturally aligned frames (one hstate); returns the head.
 
         Raises:
-            KernelError: ENOMEM when RAM cannot hold another 2 MiB.
+            KernelError: ENOMEM when RAM cannot hold another folio of that size.
         """
-        if self.allocated + PAGES_PER_HPAGE > self.nr_frames:
-            raise KernelError("ENOMEM", "out of memory for a 2 MiB hugetlb folio")
-        if self._free_huge:
-            pages = self._free_huge.pop().subpages
+        if self.allocated + nr_pages > self.nr_frames:
+            raise KernelError("ENOMEM", f"out of memory for a {nr_pages * PAGE_SIZE >> 10} KiB hugetlb folio")
+        pool = self._free_huge.get(nr_pages)
+        if pool:
+            pages = pool.pop().subpages
         else:
-            # align the head to 512 frames, as a PMD-sized folio is
-            self._next_pfn = (self._next_pfn + PAGES_PER_HPAGE - 1) & ~(PAGES_PER_HPAGE - 1)
-            pages = [self._new_frame() for _ in range(PAGES_PER_HPAGE)]
+            # align the head to the folio size, as a huge page is
+            self._next_pfn = (self._next_pfn + nr_pages - 1) & ~(nr_pages - 1)
+            pages = [self._new_frame() for _ in range(nr_pages)]
         head = pages[0]
         for p in pages:
             p.head = head
             p.free = False
             p.refcount = 1
         head.subpages = pages
-        self.allocated += PAGES_PER_HPAGE
+        self.allocated += nr_pages
         return head
 
     def free_page(self, page: Page) -> None:
@@ -185,8 +188,8 @@ class PageAllocator:
             for p in head.subpages:
                 self._reset(p)
             # arch_clear_hugetlb_flags(): PG_mte_tagged and PG_mte_lock cleared on the head
-            self.allocated -= PAGES_PER_HPAGE
-            self._free_huge.append(head)
+            self.allocated -= len(head.subpages)
+            self._free_huge.setdefault(len(head.subpages), []).append(head)
             return
         self._reset(page)
         self.allocated -= 1

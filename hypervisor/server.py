@@ -243,7 +243,8 @@ class _Connection:
             raise KernelError("EBUSY", "boot: processes are still attached to this host")
         try:
             self.hv.kernel = Kernel(mte=a["mte"], ram=a["ram"], swap=a["swap"], bugs=a["bugs"],
-                                    sched=self.k.sched, tcf_preferred=a["tcf_preferred"])
+                                    sched=self.k.sched, tcf_preferred=a["tcf_preferred"],
+                                    kernel_fixes=a["kernel_fixes"])
         except ValueError as exc:
             raise KernelError("EINVAL", f"boot: {exc}") from None
         return {"booted": True}

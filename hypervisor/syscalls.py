@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 async def sys_mmap(k, t, a):
-    return await do_mmap(k, t.mm, a["addr"], a["size"], a["prot"], a["share"], a["backing"], a["object"], a["offset"])
+    return await do_mmap(k, t.mm, a["addr"], a["size"], a["prot"], a["share"], a["backing"], a["object"], a["offset"],
+                         hugepage_size=a["hugepage_size"])
 
 
 async def sys_mprotect(k, t, a):
@@ -104,7 +105,7 @@ async def kvm_check_extension(k, t, a):
 
 
 async def kvm_enable_cap(k, t, a):
-    await k.kvm.kvm_vm_ioctl_enable_cap(k.kvm.vm(t, a["vm"]), a["cap"], a["flags"])
+    await k.kvm.kvm_vm_ioctl_enable_cap(k.kvm.vm(t, a["vm"]), a["cap"], a["flags"], a["args"])
 
 
 async def kvm_create_vcpu(k, t, a):

@@ -54,7 +54,7 @@ def flag_names(flags: int) -> str:
 class MemObject:
     """An inode whose pages can be mapped by several processes.
 
-    ``pages`` maps a page index (a 2 MiB folio index for hugetlbfs) to the
+    ``pages`` maps a page index (a huge-page index for hugetlbfs) to the
     resident frame, or to an ``int`` swap entry while the page is swapped out.
     """
 
@@ -63,6 +63,7 @@ class MemObject:
     pages: dict = attrs.Factory(dict)
     mappings: int = 0
     named: bool = False  # named objects live as long as the host (a tmpfs file)
+    hpage_pages: int = 512  # hugetlbfs: frames per huge page (the mount's hstate: 16, 512, 8192 or 262144)
 
     @property
     def is_shmem(self) -> bool:

@@ -123,6 +123,25 @@ def _strlist(v):
     return tuple(v)
 
 
+def _u64list(v):
+    """A short list of unsigned 64-bit integers (KVM_ENABLE_CAP's ``args[4]``)."""
+    if not isinstance(v, list) or len(v) > 4:
+        raise ValueError("must be a list of at most 4 integers")
+    return tuple(_u64(x) for x in v)
+
+
+#: arm64 hugetlb page sizes with 4 KiB base pages: contiguous PTEs, PMD, contiguous PMDs, PUD.
+HUGEPAGE_SIZES = (64 << 10, 2 << 20, 32 << 20, 1 << 30)
+
+
+def _hugepage_size(v):
+    """One of the arm64 hugetlb sizes (bytes)."""
+    v = _u64(v)
+    if v not in HUGEPAGE_SIZES:
+        raise ValueError("must be one of 64KiB, 2MiB, 32MiB, 1GiB (in bytes)")
+    return v
+
+
 def _size(v):
     v = _u64(v)
     if v > MAX_IO:
@@ -226,6 +245,7 @@ _OPS = [
         F("backing", _enum(*BACKINGS), "anon"),
         F("object", lambda v: None if v is None else _str(v), None),
         F("offset", _u64, 0),
+        F("hugepage_size", _hugepage_size, 2 << 20, "hugetlb backing only: the huge page size (MAP_HUGE_*)"),
     ), "mmap(2); returns the address."),
     OpDef("mprotect", "process", (F("addr", _u64), F("size", _u64), F("prot", _prot)), "mprotect(2)."),
     OpDef("munmap", "process", (F("addr", _u64), F("size", _u64)), "munmap(2)."),
@@ -253,7 +273,8 @@ _OPS = [
           "KVM_CREATE_VM (type KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits)); returns the VM's handle."),
     OpDef("kvm-check-extension", "process", (F("vm", _opt(_u64), None), F("cap", _str)),
           "KVM_CHECK_EXTENSION on /dev/kvm (vm nil) or a VM; returns an integer (0: unsupported)."),
-    OpDef("kvm-enable-cap", "process", (F("vm", _u64), F("cap", _str), F("flags", _u64, 0)),
+    OpDef("kvm-enable-cap", "process", (F("vm", _u64), F("cap", _str), F("flags", _u64, 0),
+                                        F("args", _u64list, (0,), "cap->args (up to 4)")),
           "KVM_ENABLE_CAP on a VM."),
     OpDef("kvm-create-vcpu", "process", (F("vm", _u64), F("aarch32", _bool, False)),
           "KVM_CREATE_VCPU + KVM_ARM_VCPU_INIT (EL1_32BIT if aarch32); returns {index, token}."),
@@ -288,6 +309,7 @@ _OPS = [
     OpDef("boot", "host", (
         F("mte", _bool, True), F("ram", _u64, 256 << 20), F("swap", _u64, 64 << 20),
         F("bugs", _strlist, ()), F("tcf_preferred", _enum("async", "sync", "asymm"), "async"),
+        F("kernel_fixes", _strlist, (), "proposed kernel fixes to apply (shared.bugs.KERNEL_FIXES)"),
     ), "Replace the host kernel with a freshly booted one (no process may be attached)."),
     OpDef("swap-out", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "Reclaim pages to swap."),
     OpDef("ksm-merge", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "One KSM scan of a range."),

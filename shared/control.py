@@ -27,8 +27,8 @@ exist yet.
 
 from __future__ import annotations
 
-from shared.abi import (BACKINGS, MAX_IO, OPS, SEG_ATTRS, F, OpDef, _bool, _bytes, _enum, _memslot_flags, _opt,
-                        _size, _str, _u64, _u64_pair)
+from shared.abi import (BACKINGS, MAX_IO, OPS, SEG_ATTRS, F, OpDef, _bool, _bytes, _enum, _hugepage_size,
+                        _memslot_flags, _opt, _size, _str, _u64, _u64_pair, _u64list)
 from shared.mte import TCF_MODES
 
 
@@ -39,13 +39,14 @@ def _memory(v):
     for m in v:
         if not isinstance(m, dict):
             raise ValueError("each memslot must be a map")
-        extra = set(m) - {"ipa", "size", "backing", "object", "prot_mte"}
+        extra = set(m) - {"ipa", "size", "backing", "object", "prot_mte", "hugepage_size"}
         if extra:
             raise ValueError(f"memslot has unknown key {sorted(extra)[0]!r}")
         out.append({
             "ipa": _u64(m.get("ipa")), "size": _u64(m.get("size")),
             "backing": _enum(*BACKINGS)(m.get("backing", "anon")),
             "object": _opt(_str)(m.get("object")), "prot_mte": _bool(m.get("prot_mte", False)),
+            "hugepage_size": _hugepage_size(m.get("hugepage_size", 2 << 20)),
         })
     return out
 
@@ -134,7 +135,8 @@ def _byte(v):
 #: The KVM and device ops of a ``vmm:VM`` actor, with their arguments in the scenario's form.
 KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
     OpDef("check-extension", "any", (F("cap", _str),), "KVM_CHECK_EXTENSION."),
-    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0)), "KVM_ENABLE_CAP."),
+    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0), F("args", _u64list, (0,))),
+          "KVM_ENABLE_CAP (args: cap->args; manual-dirty-log-protect2 reads args[0])."),
     OpDef("create-vcpu", "any", (F("aarch32", _bool, False),), "KVM_CREATE_VCPU; returns the index."),
     OpDef("set-memory-region", "any", (
         F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64), F("flags", _memslot_flags, ()),
@@ -143,8 +145,10 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
         F("ipa", _u64), F("length", _u64), F("direction", _enum("from-guest", "to-guest")),
         F("tags", _opt(_tag_buffer), None), F("flags", _opt(_u64), None), F("reserved", _u64_pair, (0, 0)),
     ), "KVM_ARM_MTE_COPY_TAGS."),
-    OpDef("dirty-log", "any", (F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear"))),
-          "Dirty logging of one memslot."),
+    OpDef("dirty-log", "any", (
+        F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear")),
+        F("first", _u64, 0, "clear: first page"), F("count", _opt(_u64), None, "clear: pages (default: to the end)"),
+    ), "Dirty logging of one memslot."),
     OpDef("dma-write", "any", (
         F("ipa", _u64), F("data", _opt(_data), None), F("fill", _opt(_byte), None), F("size", _opt(_size), None),
     ), "Device DMA write through the VMM's mapping."),

@@ -194,11 +194,18 @@ class Vmm:
         try:
             if a["mte"]:
                 await self._call("kvm-enable-cap", {"vm": vm, "cap": "arm-mte", "flags": 0}, ctx)
+            # as QEMU does, when the kernel offers it; without INITIALLY_SET (QEMU asks for it too), so a
+            # slot starts logging with an empty bitmap and write-protected, and GET never clears
+            await self._call("kvm-enable-cap", {"vm": vm, "cap": "manual-dirty-log-protect2", "flags": 0,
+                                                "args": [1]}, ctx)
             for i, m in enumerate(a["memory"]):
                 prot = ["read", "write"] + (["mte"] if m["prot_mte"] else [])
                 share = "private" if m["backing"] in ("anon", "hugetlb") else "shared"
-                hva = (await self._call("mmap", {"size": m["size"], "prot": prot, "share": share,
-                                                 "backing": m["backing"], "object": m["object"]}, ctx)).value
+                mmap = {"size": m["size"], "prot": prot, "share": share, "backing": m["backing"],
+                        "object": m["object"]}
+                if m["backing"] == "hugetlb":
+                    mmap["hugepage_size"] = m["hugepage_size"]
+                hva = (await self._call("mmap", mmap, ctx)).value
                 self.ram.append((hva, m["size"]))
                 await self._call("kvm-set-memory-region", {"vm": vm, "slot": i, "ipa": m["ipa"],
                                                            "size": m["size"], "addr": hva}, ctx)
@@ -308,7 +315,8 @@ class Vmm:
         return (await self._call("kvm-check-extension", {"vm": self.vm, "cap": a["cap"]}, ctx)).value
 
     async def _kvm_enable_cap(self, a: dict, ctx: str | None) -> None:
-        await self._call("kvm-enable-cap", {"vm": self._need_vm(), "cap": a["cap"], "flags": a["flags"]}, ctx)
+        await self._call("kvm-enable-cap", {"vm": self._need_vm(), "cap": a["cap"], "flags": a["flags"],
+                                            "args": list(a["args"])}, ctx)
 
     async def _kvm_create_vcpu(self, a: dict, ctx: str | None) -> int:
         vm = self._need_vm()
@@ -373,7 +381,8 @@ class Vmm:
         if action == "get":
             return list((await self._call("kvm-get-dirty-log", {"vm": vm, "slot": n}, ctx)).value)
         if action == "clear":
-            return (await self._call("kvm-clear-dirty-log", {"vm": vm, "slot": n}, ctx)).value
+            return (await self._call("kvm-clear-dirty-log", {"vm": vm, "slot": n, "first": a["first"],
+                                                             "num": a["count"]}, ctx)).value
         slot = self.slots.get(n)
         if slot is None:
             raise VmmError(EINVAL, f"dirty-log {action}: no memslot {n}")

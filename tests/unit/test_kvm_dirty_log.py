@@ -22,9 +22,12 @@ RAM = 0x4000_0000
 PATTERN = bytes(i % 16 for i in range(256))
 
 
-async def logging_vm(k: Kernel, size: int = 8 * PAGE, **ram) -> tuple[Vm, int]:
-    """An MTE VM whose slot 0 logs dirty pages from its creation."""
+async def logging_vm(k: Kernel, size: int = 8 * PAGE, manual: int | None = 1, **ram) -> tuple[Vm, int]:
+    """An MTE VM (with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0] = ``manual`` unless None) whose slot 0 logs
+    dirty pages from its creation."""
     vm = await Vm.create(k)
+    if manual is not None:
+        await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[manual])
     return vm, await vm.ram(0, RAM, size, flags=["log-dirty-pages"], **ram)
 
 
@@ -84,13 +87,15 @@ class TestEnableDisable:
         assert await dirty(vm) == [] and not vm.s2(RAM).writable
 
     async def test_get_on_a_slot_that_does_not_log_is_enoent(self):
-        """KVM_GET_DIRTY_LOG on a slot without logging is ENOENT; on a slot id with no slot it is EINVAL."""
+        """GET/CLEAR on a slot without logging or on a missing slot is ENOENT; on an id >= 32767 it is EINVAL."""
         k = Kernel()
         vm = await Vm.create(k)
         await vm.ram(0, RAM, PAGE)
         await expect_errno("ENOENT", dirty(vm, 0))
-        await expect_errno("EINVAL", dirty(vm, 7))
-        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=7))
+        await expect_errno("ENOENT", dirty(vm, 7))
+        await expect_errno("ENOENT", vm("kvm-clear-dirty-log", slot=7))
+        await expect_errno("EINVAL", dirty(vm, 32767))
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=32767))
 
 
 class TestWhatIsDirty:
@@ -193,23 +198,39 @@ class TestGetAndClear:
         assert await dirty(vm) == [0] and vm.s2(RAM).writable
 
     async def test_clear_of_a_range_leaves_the_rest(self):
-        """CLEAR of pages [2, 4) leaves pages outside the range dirty and writable."""
+        """CLEAR of pages [64, 128) leaves pages outside the range dirty and writable."""
         k = Kernel()
-        vm, _ = await logging_vm(k)
-        for i in (1, 2, 3, 5):
+        vm, _ = await logging_vm(k, 200 * PAGE)
+        for i in (1, 64, 127, 128, 199):
             await vm.store(RAM + i * PAGE, b"x")
-        await vm("kvm-clear-dirty-log", slot=0, first=2, num=2)
-        assert await dirty(vm) == [1, 5]
-        assert vm.s2(RAM + PAGE).writable and not vm.s2(RAM + 2 * PAGE).writable
-        assert not vm.s2(RAM + 3 * PAGE).writable and vm.s2(RAM + 5 * PAGE).writable
+        await vm("kvm-clear-dirty-log", slot=0, first=64, num=64)
+        assert await dirty(vm) == [1, 128, 199]
+        assert vm.s2(RAM + PAGE).writable and not vm.s2(RAM + 64 * PAGE).writable
+        assert not vm.s2(RAM + 127 * PAGE).writable and vm.s2(RAM + 128 * PAGE).writable
+
+    async def test_clear_alignment(self):
+        """CLEAR's first page must be a multiple of 64, and its count too unless it reaches the slot's end."""
+        k = Kernel()
+        vm, _ = await logging_vm(k, 200 * PAGE)
+        for i in (0, 70, 199):
+            await vm.store(RAM + i * PAGE, b"x")
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=2, num=62))
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=64, num=10))
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=128, num=73))
+        assert await dirty(vm) == [0, 70, 199]
+        await vm("kvm-clear-dirty-log", slot=0, first=128, num=72)  # 200 - 128: reaches the end
+        await vm("kvm-clear-dirty-log", slot=0, first=0, num=0)
+        assert await dirty(vm) == [0, 70]
+        await vm("kvm-clear-dirty-log", slot=0, first=64)  # the rest of the slot
+        assert await dirty(vm) == [0]
 
     async def test_clear_beyond_the_slot_is_einval(self):
         """A CLEAR range past the slot's last page is EINVAL and clears nothing."""
         k = Kernel()
         vm, _ = await logging_vm(k)
         await vm.store(RAM, b"x")
-        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=6, num=3))
-        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=9, num=0))
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=0, num=9))
+        await expect_errno("EINVAL", vm("kvm-clear-dirty-log", slot=0, first=64, num=0))
         assert await dirty(vm) == [0]
 
     async def test_oracle_is_silent_on_a_complete_log(self):
@@ -311,3 +332,97 @@ class TestLiveMigration:
             assert (await dst.load(RAM + i * PAGE, 16)).value == (await src.load(RAM + i * PAGE, 16)).value
         assert await dst.ldg(RAM + PAGE + 128, 16) == [15]
         assert invariants(k) == [] and k.oracle.violations == []
+
+
+class TestManualProtectCap:
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (kvm_main.c: check_extension, enable_cap_generic, get_dirty_log_protect)."""
+
+    async def test_check_extension_is_3(self):
+        """CHECK_EXTENSION returns KVM_DIRTY_LOG_MANUAL_CAPS, ENABLE | INITIALLY_SET = 3."""
+        k = Kernel()
+        vm = await Vm.create(k)
+        assert await vm("kvm-check-extension", cap="manual-dirty-log-protect2") == 3
+
+    async def test_enable_takes_0_1_3_and_refuses_the_rest(self):
+        """ENABLE_CAP accepts args[0] 0, 1 and 3 at any time; 2, 4 and non-zero flags are EINVAL and change nothing."""
+        k = Kernel()
+        vm, _ = await logging_vm(k, manual=None)
+        for arg in (1, 3, 0, 1):
+            await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[arg])
+            assert vm.kvm.manual_dirty_log_protect == arg
+        for arg in (2, 4, 5, 7):
+            await expect_errno("EINVAL", vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[arg]))
+        await expect_errno("EINVAL", vm("kvm-enable-cap", cap="manual-dirty-log-protect2", flags=1, args=[1]))
+        assert vm.kvm.manual_dirty_log_protect == 1
+
+    async def test_without_it_get_clears_and_write_protects(self):
+        """Without manual protect, GET returns the log, clears it and write-protects the pages again."""
+        k = Kernel()
+        vm, _ = await logging_vm(k, manual=None)
+        await vm.store(RAM, b"a")
+        await vm.stg(RAM + 3 * PAGE, 16, 4)
+        assert vm.s2(RAM).writable
+        assert await dirty(vm) == [0, 3]
+        assert not vm.s2(RAM).writable and not vm.s2(RAM + 3 * PAGE).writable
+        assert await dirty(vm) == []
+        await vm.store(RAM, b"b")
+        assert await dirty(vm) == [0]
+        assert k.oracle.violations == []
+
+    async def test_switching_manual_mode_off_later(self):
+        """The mode may change at any time: GET stops clearing once manual protect is enabled, clears again after 0."""
+        k = Kernel()
+        vm, _ = await logging_vm(k, manual=None)
+        await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[1])
+        await vm.store(RAM + PAGE, b"a")
+        assert await dirty(vm) == [1] and await dirty(vm) == [1]
+        await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[0])
+        assert await dirty(vm) == [1] and await dirty(vm) == []
+
+    async def test_initially_set_starts_all_ones_without_write_protecting(self):
+        """With INITIALLY_SET a slot starts logging with every page dirty and its stage 2 left writable;
+        CLEAR write-protects what it clears."""
+        k = Kernel()
+        vm = await Vm.create(k)
+        await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[3])
+        hva = await vm.ram(0, RAM, 4 * PAGE)
+        await vm.store(RAM, b"a")
+        await vm.slot(0, RAM, 4 * PAGE, hva, flags=["log-dirty-pages"])
+        assert await dirty(vm) == [0, 1, 2, 3]
+        assert vm.s2(RAM).writable
+        await vm("kvm-clear-dirty-log", slot=0)
+        assert await dirty(vm) == [] and not vm.s2(RAM).writable
+        await vm.store(RAM + 2 * PAGE, b"b")
+        assert await dirty(vm) == [2]
+
+
+class TestReadonlyAndMove:
+    """What counts as dirty logging, and what a move keeps."""
+
+    async def test_readonly_slot_with_logging_counts(self):
+        """A read-only slot with log-dirty-pages counts as logging: TO_GUEST is EBUSY, GET and CLEAR succeed,
+        while stage 2 still maps it read-only without forcing 4 KiB pages."""
+        k = Kernel()
+        vm = await Vm.create(k)
+        await vm("kvm-enable-cap", cap="manual-dirty-log-protect2", args=[1])
+        await vm.ram(0, RAM, 4 * PAGE)
+        await vm.ram(1, RAM + 0x10_0000, 4 * PAGE, flags=["readonly", "log-dirty-pages"])
+        assert vm.kvm.nr_memslots_dirty_logging == 1
+        await expect_errno("EBUSY", vm.copy_tags(RAM, PAGE, from_guest=False, tags=PATTERN))
+        await vm.load(RAM + 0x10_0000, 8)
+        assert await dirty(vm, 1) == []
+        await vm("kvm-clear-dirty-log", slot=1)
+        assert not vm.s2(RAM + 0x10_0000).writable
+        assert not vm.kvm.memslots[1].logging  # memslot_is_logging() excludes read-only slots
+
+    async def test_moving_a_logging_slot_keeps_its_bitmap(self):
+        """KVM_MR_MOVE of a logging slot keeps the dirty bitmap (relative to the slot) and keeps logging."""
+        k = Kernel()
+        vm, hva = await logging_vm(k)
+        await vm.store(RAM + 2 * PAGE, b"x")
+        await vm.slot(0, RAM + 0x100_0000, 8 * PAGE, hva, flags=["log-dirty-pages"])
+        assert await dirty(vm) == [2]
+        assert vm.kvm.nr_memslots_dirty_logging == 1
+        await vm.store(RAM + 0x100_0000 + 5 * PAGE, b"y")
+        assert await dirty(vm) == [2, 5]
+        assert k.oracle.violations == []

@@ -232,13 +232,15 @@ class TestGenericChecks:
         await expect_errno("EINVAL", vm("kvm-set-memory-region", **args))
         assert vm.kvm.memslots == {}
 
-    async def test_slot_id_beyond_512_is_einval(self):
-        """Slot ids are below KVM_USER_MEM_SLOTS (512); 511 is fine."""
+    async def test_slot_id_beyond_32766_is_einval(self):
+        """Slot ids are below KVM_USER_MEM_SLOTS (32767 since v5.13); 512 and 32766 are fine."""
         k = Kernel()
         vm = await Vm.create(k)
         hva = await vm.map(2 * PAGE)
-        await expect_errno("EINVAL", vm.slot(512, RAM, PAGE, hva))
-        await vm.slot(511, RAM, PAGE, hva)
+        await expect_errno("EINVAL", vm.slot(32767, RAM, PAGE, hva))
+        await vm.slot(512, RAM, PAGE, hva)
+        await vm.slot(32766, RAM + PAGE, PAGE, hva + PAGE)
+        assert sorted(vm.kvm.memslots) == [512, 32766]
 
     @pytest.mark.parametrize("ipa", [RAM, RAM + PAGE, RAM - PAGE])
     async def test_overlap_is_eexist(self, ipa):

@@ -395,12 +395,12 @@ class TestVmmChangesGuestRam:
         assert "STAGE-2-COHERENT" in invariants(k)
 
     async def test_oracle_catches_an_untagged_guest_visible_page(self):
-        """GUEST-VISIBLE=>TAGGED catches a Normal-cacheable stage-2 page of an MTE VM without PG_mte_tagged."""
+        """GUEST-VISIBLE-IMPLIES-TAGGED catches a Normal-cacheable stage-2 page of an MTE VM without PG_mte_tagged."""
         k = Kernel()
         vm, _ = await mte_vm(k)
         await vm.store(RAM, b"a")
         vm.page(RAM).flags &= ~PG_mte_tagged  # what a skipped sanitise_mte_tags would leave
-        assert "GUEST-VISIBLE=>TAGGED" in invariants(k)
+        assert "GUEST-VISIBLE-IMPLIES-TAGGED" in invariants(k)
 
 
 class TestHugetlb:
