@@ -49,6 +49,7 @@ async def mte_sync_tags(k: "Kernel", page: Page, nr_pages: int = 1) -> None:
     if page.is_hugetlb:
         folio = page.folio
         if await folio_try_hugetlb_mte_tagging(k, folio):
+            await k.sched.point("mte_sync_tags:hugetlb_won")  # between the folio tag lock and the clear
             for sub in folio.subpages:
                 mte_clear_page_tags(k, sub)
             await k.sched.point("mte_sync_tags:clear")
