@@ -86,7 +86,7 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     # GUP holder (COPY_TAGS, ptrace) that took its reference before the unmap may still write the
     # old frame: give up now, before copying, or a write that finishes between the copy and the
     # freeze below would be lost with the old frame.
-    if not huge and old.busy() and not _OLD_ORDERING:
+    if not huge and _refs_unexpected(old) and not _OLD_ORDERING:
         _undo(k, olds, entries)
         put_page(k, new_head)
         return 0
@@ -97,7 +97,7 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     await copy_highpage(k, new_head, old)
     await k.sched.point("migrate:copied")
     # folio_ref_freeze(): only our isolation reference and the page cache's may remain
-    if not huge and old.busy():
+    if not huge and _refs_unexpected(old):
         _undo(k, olds, entries)
         put_page(k, new_head)
         return 0
@@ -120,6 +120,18 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     elif old.mapping is None and all(o.mapcount == 0 for o in olds):
         k.alloc.free_page(old)
     return 1
+
+
+def _refs_unexpected(old: Page) -> bool:
+    """folio_ref_count() != folio_expected_refs(): a reference beyond the isolation and the page cache.
+
+    Every PTE was turned into a migration entry, so a mapping the folio has now
+    was made since (a fault that found it in the page cache: in Linux it would
+    wait for the folio lock migration holds; the model has no folio lock, so the
+    migration gives up instead). Its reference counts as unexpected too, or the
+    new PTE would keep mapping the old frame after the page cache moved on.
+    """
+    return old.busy() or old.mapcount > 0
 
 
 def _undo(k: "Kernel", olds: list[Page], entries) -> None:
