@@ -18,6 +18,7 @@ import hypervisor.migrate
 import hypervisor.ptrace
 import hypervisor.swap
 from hypervisor.kernel import Kernel
+from shared.mte import HPAGE_SIZE
 
 from unit_support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
@@ -287,3 +288,89 @@ class TestGuestStgVsSwapOut:
         assert run.state["swapped"] == 1
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
         assert await run.state["vm"].ldg(RAM, PAGE) == [OLD] * 256
+
+
+# ---- hugetlb: a scheduling point between the folio tag lock and the clear ----------------
+
+def two_hugetlb_faulters():
+    async def setup(k):
+        a = Proc.new(k, "A")
+        b = Proc.new(k, "B", session=a.task.session)
+        am = await a("mmap", size=HPAGE_SIZE, prot=RWM, share="shared", backing="hugetlb", object="h")
+        bm = await b("mmap", size=HPAGE_SIZE, prot=RWM, share="shared", backing="hugetlb", object="h")
+        st = {}
+
+        async def first(k, st):
+            st["a"] = await a.tags(am, 16)
+
+        async def second(k, st):
+            st["b"] = await b.tags(bm + PAGE, 16)
+
+        return st, {"a": first, "b": second}
+
+    return setup
+
+
+PLAN_HUGE = (("a", "mte_sync_tags:hugetlb_won"), ("b", None), ("a", None))
+
+
+class TestHugetlbTagLockPoint:
+    """mte_sync_tags has a scheduling point between winning the hugetlb folio's tag lock and the clear."""
+
+    async def test_flag_before_init_now_shows_on_hugetlb(self):
+        """With flag-before-init, a second faulter maps the folio while the winner has not cleared it yet and reads stale tags."""
+        run, _ = await run_once(two_hugetlb_faulters(), policy=phases(*PLAN_HUGE), bugs=("flag-before-init",))
+        assert run.failure is None
+        assert run.state["b"] != [0]  # the folio's boot garbage
+        assert "NO-PUBLISH-BEFORE-VALID" in violated(run)
+
+    async def test_fixed_model_waits_for_the_winner(self):
+        """The fixed model's second faulter waits for PG_mte_tagged: both read zero, nothing is broken."""
+        run, _ = await run_once(two_hugetlb_faulters(), policy=phases(*PLAN_HUGE))
+        assert violated(run) == []
+        assert run.state["a"] == run.state["b"] == [0]
+
+
+# ---- found by the stress campaign with the ghost on: a fault maps the page during migration ---
+
+def fault_during_migration():
+    async def setup(k):
+        q = Proc.new(k, "Q")
+        a = Proc.new(k, "A", session=q.task.session)
+        qm = await q("mmap", size=PAGE, prot=["read", "write"], share="shared", backing="memfd", object="m")
+        await q("store", addr=qm, data=b"shared")
+        am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
+        st = {"a": a, "q": q, "am": am, "qm": qm}
+
+        async def tagger(k, st):
+            await a("stg", addr=am, tag=NEW, size=PAGE)  # A's first touch: a fault through the page cache
+
+        async def migrate(k, st):
+            st["moved"] = await k.migrate_pages(q.pid, qm, PAGE)
+
+        return st, {"a": tagger, "m": migrate}
+
+    return setup
+
+
+PLAN6 = (("m", "migrate:copied"), ("a", None), ("m", None))
+
+
+class TestFaultDuringMigration:
+    """A process faulting the shared page in from the page cache while migration has it unmapped."""
+
+    async def test_fixed_model_gives_up_on_a_new_mapping(self):
+        """The new PTE's reference makes the freeze fail: migration backs off, A and Q keep one frame with A's tags."""
+        run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        st = run.state
+        assert st["moved"] == 0
+        assert st["a"].page(st["am"]) is st["q"].page(st["qm"])
+        assert await st["a"].tags(st["am"], 16) == [NEW]
+
+    async def test_old_check_fires_tags_as_written(self, monkeypatch):
+        """Counting the new mapping as expected leaves A on the old frame while the page cache moves on: TAGS-AS-WRITTEN."""
+        monkeypatch.setattr(hypervisor.migrate, "_refs_unexpected", lambda old: old.busy())
+        run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
+        assert run.state["moved"] == 1
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
