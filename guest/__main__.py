@@ -8,8 +8,11 @@ The VMM spawns this process for its VM with two inherited stream sockets:
 The guest connects to the hypervisor at ``ADDR`` itself (``unix:PATH`` or
 ``tcp:HOST:PORT``) and introduces itself with hello role ``vcpu``, presenting
 the secret from the environment variable ``MTEKVM_SECRET`` when there is one.
-It serves the channel until the VMM closes it, then exits 0. Exit status 1:
-the hypervisor could not be reached or refused the hello; 2: bad arguments.
+It serves the channel until the VMM closes it, then exits 0. With
+``--lifeline-fd L`` (:mod:`shared.lifeline`; the VMM passes its own) it also
+exits, status 1, when that pipe reaches end-of-file: the VMM died, whatever
+the signal, so no guest outlives its VMM. Exit status 1: the hypervisor could
+not be reached or refused the hello, or the VMM died; 2: bad arguments.
 Logs go to stderr; nothing is written to stdout.
 """
 
@@ -25,7 +28,7 @@ import trio
 
 from guest.agent import GuestAgent
 from hypervisor.listen import AddressError, open_connection
-from shared import wire
+from shared import lifeline, wire
 
 log = logging.getLogger("mtekvm.guest")
 
@@ -40,8 +43,9 @@ def socket_stream(fd: int) -> trio.SocketStream:
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
 
 
-async def run_guest(address: str, channel_fd: int, exit_fd: int, name: str, secret: str | None) -> int:
-    """Connect, say hello, serve the guest channel until it closes.
+async def run_guest(address: str, channel_fd: int, exit_fd: int, name: str, secret: str | None,
+                    lifeline_fd: int | None = None) -> int:
+    """Connect, say hello, serve the guest channel until it closes (or the VMM dies).
 
     Args:
         address: the hypervisor's ``unix:PATH`` / ``tcp:HOST:PORT``.
@@ -49,11 +53,23 @@ async def run_guest(address: str, channel_fd: int, exit_fd: int, name: str, secr
         exit_fd: the EXIT_CHANNEL socket (we call it).
         name: a label for the hypervisor's traces.
         secret: the hypervisor's secret, or None.
+        lifeline_fd: the VMM's lifeline pipe, or None.
 
     Returns:
         The exit status: 0 when the VMM closed the channel, 1 when the hypervisor
-        could not be reached or refused us.
+        could not be reached or refused us, or the VMM died.
     """
+    life = trio.CancelScope()
+    if lifeline_fd is not None:
+        token = trio.lowlevel.current_trio_token()
+        lifeline.watch(lifeline_fd, lambda: token.run_sync_soon(life.cancel))
+    with life:
+        return await _run_guest(address, channel_fd, exit_fd, name, secret)
+    log.info("guest %s: the VMM has gone, exiting", name)
+    return 1
+
+
+async def _run_guest(address: str, channel_fd: int, exit_fd: int, name: str, secret: str | None) -> int:
     try:
         channel = socket_stream(channel_fd)
         exit_stream = socket_stream(exit_fd)
@@ -99,13 +115,20 @@ def main(argv=None) -> int:
     p.add_argument("--channel-fd", type=int, required=True, help="inherited GUEST_CHANNEL socket")
     p.add_argument("--exit-fd", type=int, required=True, help="inherited EXIT_CHANNEL socket")
     p.add_argument("--name", default="guest", help="a label for logs and traces")
+    lifeline.add_argument(p)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.lifeline_fd is not None:
+        try:
+            lifeline.check_fd(args.lifeline_fd)
+        except ValueError as exc:
+            p.error(str(exc))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(name)s: %(message)s")
     secret = os.environ.get("MTEKVM_SECRET") or None
     try:
-        return trio.run(run_guest, args.hypervisor, args.channel_fd, args.exit_fd, args.name, secret)
+        return trio.run(run_guest, args.hypervisor, args.channel_fd, args.exit_fd, args.name, secret,
+                        args.lifeline_fd)
     except KeyboardInterrupt:
         return 0
 

@@ -4,6 +4,12 @@ Prints ``listening on ADDR`` once ready (a launcher waits for that line).
 With TCP a secret is always required: ``--secret-file F`` reads it (or, if F
 does not exist, writes a fresh one there, mode 0600); clients present it in
 ``hello``. Binding a non-loopback address needs ``--allow-remote``.
+
+A launcher passes ``--lifeline-fd N`` (:mod:`shared.lifeline`): the host
+stops when that pipe reaches end-of-file, i.e. when the launcher has died, by
+whatever signal; ``--remove-dir DIR`` names the launcher's private folder
+(the socket's), removed when the host exits, for that reason too. SIGTERM
+stops the host cleanly as well.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import ipaddress
 import logging
 import os
 import secrets
+import shutil
+import signal
 import sys
 
 import trio
@@ -20,6 +28,7 @@ import trio
 from hypervisor.kernel import Kernel
 from hypervisor.listen import AddressError, listener_address, open_listener, parse_address
 from hypervisor.server import Hypervisor
+from shared import lifeline
 from shared.bugs import BUGS
 
 
@@ -52,6 +61,8 @@ def main(argv=None) -> int:
     p.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), help="switch on a bug-zoo race")
     p.add_argument("--secret-file", help="file holding the secret clients must present")
     p.add_argument("--allow-remote", action="store_true", help="allow binding a non-loopback TCP address")
+    p.add_argument("--remove-dir", metavar="DIR", help="remove this folder (the launcher's) when exiting")
+    lifeline.add_argument(p)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -59,6 +70,11 @@ def main(argv=None) -> int:
         kind, where = parse_address(args.listen)
     except AddressError as exc:
         p.error(str(exc))
+    if args.lifeline_fd is not None:
+        try:
+            lifeline.check_fd(args.lifeline_fd)
+        except ValueError as exc:
+            p.error(str(exc))
     secret = None
     if args.secret_file:
         secret = _read_secret(args.secret_file)
@@ -83,20 +99,41 @@ def main(argv=None) -> int:
         p.error(str(exc))
     hv = Hypervisor(kernel, secret=secret)
 
+    def remove_dir() -> None:
+        if args.remove_dir:
+            shutil.rmtree(args.remove_dir, ignore_errors=True)
+
     async def run():
         try:
             listener = await open_listener(args.listen)
         except OSError as exc:
             print(f"python -m hypervisor: cannot listen on {args.listen}: {exc}", file=sys.stderr)
             return 1
-        print(f"listening on {listener_address(listener, args.listen)}", flush=True)
-        await trio.serve_listeners(hv.serve, [listener])
+        async with trio.open_nursery() as nursery:
+            if args.lifeline_fd is not None:
+                token = trio.lowlevel.current_trio_token()
+                lifeline.watch(args.lifeline_fd, lambda: token.run_sync_soon(nursery.cancel_scope.cancel),
+                               cleanup=[remove_dir])
+            await nursery.start(_stop_on_sigterm, nursery.cancel_scope)
+            nursery.start_soon(trio.serve_listeners, hv.serve, [listener])
+            print(f"listening on {listener_address(listener, args.listen)}", flush=True)
         return 0
 
     try:
         return trio.run(run)
     except KeyboardInterrupt:
         return 0
+    finally:
+        remove_dir()
+
+
+async def _stop_on_sigterm(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """SIGTERM ends the host like a lost lifeline: connections are cleaned up, the run returns."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ streams, the same in both forms:
 and makes its own hypervisor connection with hello ``{role: "vcpu"}``.
 
 * :class:`ProcessGuests` spawns ``python -m guest --hypervisor ADDR
-  --channel-fd N --exit-fd M --name NAME`` (secret in ``MTEKVM_SECRET``)
-  with the child ends of two ``socket.socketpair()``\\ s passed down.
+  --channel-fd N --exit-fd M --name NAME --lifeline-fd L`` (secret in
+  ``MTEKVM_SECRET``) with the child ends of two ``socket.socketpair()``\\ s
+  and the VMM's lifeline (:mod:`shared.lifeline`) passed down: the guest
+  exits when its channel closes or when the VMM dies, whatever the signal.
 * :class:`InProcessGuests` runs :class:`guest.agent.GuestAgent` over
   ``trio.testing.memory_stream_pair`` streams, with a hypervisor connection
   from the VMM's ``connect``: what the controlled scheduler needs.
@@ -34,6 +36,7 @@ from typing import Awaitable, Callable
 import trio
 import trio.testing
 
+from shared import lifeline
 from shared.errno import EIO
 from shared.wire import Client
 from vmm import machine
@@ -263,12 +266,13 @@ class ProcessGuests(GuestLauncher):
         """Spawn a guest process (see :meth:`GuestLauncher.start`)."""
         chan_parent, chan_child = socket.socketpair()
         exit_parent, exit_child = socket.socketpair()
+        life = lifeline.child_fd()
         cmd = [self.python, "-m", "guest", "--hypervisor", self.address,
                "--channel-fd", str(chan_child.fileno()), "--exit-fd", str(exit_child.fileno()),
-               "--name", f"guest:{name}"]
+               "--name", f"guest:{name}", "--lifeline-fd", str(life)]
         try:
             process = await trio.lowlevel.open_process(
-                cmd, pass_fds=(chan_child.fileno(), exit_child.fileno()), env=self._env(),
+                cmd, pass_fds=(chan_child.fileno(), exit_child.fileno(), life), env=self._env(),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         except OSError as exc:
             chan_parent.close()

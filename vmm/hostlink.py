@@ -9,15 +9,26 @@ msgpack protocol; only the byte stream differs:
 * :class:`InProcessHost` runs the :class:`~hypervisor.server.Hypervisor` in the
   caller's ``trio.run`` and connects through ``trio.testing.memory_stream_pair``.
   Controlled schedulers need this: one process, one event loop, one driver.
+
+Nothing outlives its run: every process started here (the private
+hypervisor, the VMMs) gets this process's lifeline (:mod:`shared.lifeline`,
+``--lifeline-fd``) and its private folder (``--remove-dir``), so if this
+process dies, by any signal, each child shuts down and removes its folder by
+itself. A hypervisor or VMM that dies mid-run surfaces from the links' calls
+as :class:`HostDied`, with a one-line message saying which process died and
+how.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import trio
 import trio.testing
@@ -26,19 +37,137 @@ from hypervisor.kernel import Kernel
 from hypervisor.listen import open_connection
 from hypervisor.sched import ControlledScheduler, Scheduler
 from hypervisor.server import Hypervisor
-from shared.wire import Client
+from shared import lifeline
+from shared.wire import Client, ConnectionClosed
 
 
 class HostStartError(Exception):
     """The hypervisor process could not be started or reached."""
 
 
+class HostDied(HostStartError, ConnectionClosed):
+    """A hypervisor or VMM process died (or closed its connection) mid-run; the message is one line.
+
+    It is a :class:`HostStartError` (the infrastructure failed) and a
+    :class:`shared.wire.ConnectionClosed` (code that handles a closed
+    connection keeps working).
+    """
+
+
+#: Seconds a link waits for a process whose connection closed to be reaped (to say how it died).
+REAP_WAIT = 2.0
+#: Private hypervisors by address, so a VMM link whose VMM died can tell whether its host died first.
+_PRIVATE_HOSTS: "weakref.WeakValueDictionary[str, ProcessHost]" = weakref.WeakValueDictionary()
+
+
+def describe_status(returncode: int) -> str:
+    """``killed by SIGKILL`` / ``exited with status N``."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+async def _reaped_status(process: trio.Process | None) -> str | None:
+    """How ``process`` ended, waiting up to :data:`REAP_WAIT` for it; ``None`` if it still runs."""
+    if process is None:
+        return None
+    with trio.move_on_after(REAP_WAIT):
+        await process.wait()
+    return None if process.returncode is None else describe_status(process.returncode)
+
+
+async def _unreachable(address: str) -> str | None:
+    """Why a fresh connection to ``address`` fails, or ``None`` when it succeeds."""
+    try:
+        with trio.fail_after(REAP_WAIT):
+            stream = await open_connection(address)
+    except (OSError, trio.TooSlowError) as exc:
+        return getattr(exc, "strerror", None) or type(exc).__name__
+    await stream.aclose()
+    return None
+
+
+class LinkClient(Client):
+    """A :class:`~shared.wire.Client` whose broken connection raises :class:`HostDied`.
+
+    Args:
+        stream: the connected stream.
+        explain: ``await explain()`` -> the one-line reason, asked once the connection is gone.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, explain):
+        super().__init__(stream)
+        self._explain = explain
+        self.closing = False
+
+    async def call_raw(self, op: str, args: dict | None = None, ctx: str | None = None) -> dict:
+        """As :meth:`shared.wire.Client.call_raw`; raises :class:`HostDied` when the peer has gone."""
+        try:
+            return await super().call_raw(op, args, ctx)
+        except HostDied:
+            raise
+        except ConnectionClosed as exc:
+            if self.closing:
+                raise
+            with trio.CancelScope(shield=True):
+                why = await self._explain()
+            raise HostDied(f"{why} (during {op})" if why else f"lost a connection during {op}: {exc}") from None
+
+    async def aclose(self) -> None:
+        """Close the connection (a later call raises plain ``ConnectionClosed``)."""
+        self.closing = True
+        await super().aclose()
+
+
+class ChildLog:
+    """A child's stderr file, readable even after the child has removed its folder (we keep it open)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self._fd: int | None = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self) -> str:
+        """Everything the child wrote so far."""
+        if self._fd is None:
+            return ""
+        chunks, offset = [], 0
+        while True:
+            chunk = os.pread(self._fd, 1 << 16, offset)
+            if not chunk:
+                return b"".join(chunks).decode(errors="replace")
+            chunks.append(chunk)
+            offset += len(chunk)
+
+    def last_line(self) -> str:
+        """The last non-empty line the child wrote, or ``""``."""
+        lines = self.read().strip().splitlines()
+        return lines[-1].strip() if lines else ""
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def with_lifeline(cmd: list[str], folder: str | None = None) -> tuple[list[str], tuple[int, ...]]:
+    """``cmd`` plus ``--lifeline-fd N`` (and ``--remove-dir FOLDER``), and the fds to pass down."""
+    fd = lifeline.child_fd()
+    extra = ["--lifeline-fd", str(fd)] + (["--remove-dir", folder] if folder else [])
+    return cmd + extra, (fd,)
+
+
 async def start_listening_process(cmd: list[str], env: dict, *, timeout: float = 30,
-                                  log_path: str | None = None) -> tuple[trio.Process, str]:
+                                  log_path: str | None = None, log: ChildLog | None = None,
+                                  pass_fds: tuple[int, ...] = ()) -> tuple[trio.Process, str]:
     """Start a server process and wait for its ``listening on ADDR`` line.
 
-    Its stderr goes to ``log_path`` when given (read back to explain a failed
-    start), else to ours.
+    Its stderr goes to ``log`` (or a new :class:`ChildLog` at ``log_path``)
+    when given (read back to explain a failed start), else to ours.
 
     Returns:
         The process and the address it announced.
@@ -46,12 +175,25 @@ async def start_listening_process(cmd: list[str], env: dict, *, timeout: float =
     Raises:
         HostStartError: it exited or did not announce an address in time.
     """
-    log = open(log_path, "wb") if log_path else None
+    own_log = log is None and bool(log_path)
+    if own_log:
+        log = ChildLog(log_path)
     try:
-        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
+        return await _start_listening(cmd, env, timeout, log, pass_fds)
     finally:
-        if log is not None:
-            log.close()  # the child has its own descriptor
+        if own_log:
+            log.close()
+
+
+async def _start_listening(cmd: list[str], env: dict, timeout: float, log: ChildLog | None,
+                           pass_fds: tuple[int, ...]) -> tuple[trio.Process, str]:
+    err = open(log.path, "ab") if log is not None else None
+    try:
+        process = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=err, env=env,
+                                                   pass_fds=pass_fds)
+    finally:
+        if err is not None:
+            err.close()  # the child has its own descriptor
     line = b""
     with trio.move_on_after(timeout):
         while not line.endswith(b"\n"):
@@ -61,10 +203,7 @@ async def start_listening_process(cmd: list[str], env: dict, *, timeout: float =
             line += chunk
     if not line.startswith(b"listening on "):
         await stop_process(process)
-        why = ""
-        if log_path and os.path.exists(log_path):
-            with open(log_path, errors="replace") as f:
-                why = f.read()
+        why = log.read() if log is not None else ""
         last = why.strip().splitlines()[-1:] or [f"said {line!r}"]
         raise HostStartError(f"{' '.join(cmd[1:3])} did not start: {last[0]}")
     return process, line.decode().split(" ", 2)[2].strip()
@@ -98,12 +237,29 @@ class HostLink:
             shared.wire.RemoteError: hello was refused.
         """
         stream = await self._stream()
-        client = Client(stream)
-        await self.nursery.start(client.run)
+        client = LinkClient(stream, self.why_lost)
+        await self.nursery.start(self._run_client, client)
         reply = await client.call("hello", {"role": role, "secret": self.secret, **hello})
         return client, reply.value
 
+    async def _run_client(self, client: LinkClient, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await client.run(task_status=task_status)
+        if not client.closing:
+            self.lost.set()
+
+    @property
+    def lost(self) -> trio.Event:
+        """Set once a connection of this link closed without our closing it (the host went away)."""
+        if self._lost is None:
+            self._lost = trio.Event()
+        return self._lost
+
+    async def why_lost(self) -> str | None:
+        """One line saying why a connection broke, or ``None`` (then the connection error is shown)."""
+        return None
+
     secret: str | None = None
+    _lost: trio.Event | None = None
 
 
 class InProcessHost(HostLink):
@@ -138,10 +294,14 @@ class ProcessHost(HostLink):
         self.secret = secret
         self._args = (mte, ram, swap, tuple(bugs))
         self.process: trio.Process | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.folder: str | None = None  # the private hypervisor's folder (it removes it itself if we die)
+        self.log: ChildLog | None = None
 
     async def start(self) -> None:
         """Start the private hypervisor process (unless an address was given).
+
+        The process gets our lifeline and its folder to remove: if we die, it
+        exits and removes the folder on its own.
 
         Raises:
             HostStartError: it exited or never said it was listening.
@@ -149,22 +309,25 @@ class ProcessHost(HostLink):
         if self.address is not None:
             return
         mte, ram, swap, bugs = self._args
-        self._tmp = tempfile.TemporaryDirectory(prefix="mtekvm-")
-        path = os.path.join(self._tmp.name, "hv.sock")
+        self.folder = tempfile.mkdtemp(prefix="mtekvm-")
+        path = os.path.join(self.folder, "hv.sock")
         self.secret = secrets.token_hex(16)
         cmd = [sys.executable, "-m", "hypervisor", "--listen", f"unix:{path}", "--ram", str(ram), "--swap", str(swap)]
         if not mte:
             cmd.append("--no-mte")
         for b in bugs:
             cmd += ["--bug", b]
+        cmd, fds = with_lifeline(cmd, self.folder)
         env = dict(os.environ, MTEKVM_SECRET=self.secret)
         try:
-            self.process, self.address = await start_listening_process(
-                cmd, env, log_path=os.path.join(self._tmp.name, "hypervisor.log"))
-        except HostStartError:
-            self._tmp.cleanup()
-            self._tmp = None
+            self.log = ChildLog(os.path.join(self.folder, "hypervisor.log"))
+            self.process, self.address = await start_listening_process(cmd, env, log=self.log, pass_fds=fds)
+        except (HostStartError, OSError) as exc:
+            self._cleanup()
+            if isinstance(exc, OSError):
+                raise HostStartError(f"cannot start the hypervisor: {exc}") from None
             raise
+        _PRIVATE_HOSTS[self.address] = self
 
     async def _stream(self) -> trio.abc.Stream:
         try:
@@ -172,14 +335,32 @@ class ProcessHost(HostLink):
         except OSError as exc:
             raise HostStartError(f"cannot reach the hypervisor at {self.address}: {exc}") from None
 
+    async def why_lost(self) -> str:
+        """The private hypervisor's death (how it ended, its last words), or that the host at ADDR went away."""
+        if self.process is not None:
+            how = await _reaped_status(self.process)
+            if how is not None:
+                last = self.log.last_line() if self.log is not None else ""
+                return f"the hypervisor (pid {self.process.pid}) died: {how}" + (f": {last}" if last else "")
+        why = await _unreachable(self.address)
+        if why is not None:
+            return f"the hypervisor at {self.address} is gone ({why})"
+        return f"the hypervisor at {self.address} closed the connection"
+
     async def stop(self) -> None:
-        """Stop the private hypervisor process."""
+        """Stop the private hypervisor process and remove its folder."""
         if self.process is not None:
             await stop_process(self.process)
             self.process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
 
 
 # ---- VMMs: one per VM, driven through VMM_CONTROL ----------------------------------------
@@ -293,43 +474,61 @@ class ProcessVmm(VmmLink):
         self.address: str | None = None
         self.process: trio.Process | None = None
         self.log_path: str | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.folder: str | None = None  # the VMM's folder (it removes it itself if we die)
+        self._log: ChildLog | None = None
+        self._final_log = ""  # what the log held when the link stopped
 
     async def start(self) -> None:
         """Start the VMM process and wait until it listens.
 
+        The VMM gets our lifeline and its folder to remove: if we die, it shuts
+        down (VM destroyed, guest stopped) and removes the folder on its own.
+
         Raises:
             HostStartError: it exited (e.g. could not reach the hypervisor) or never said it was listening.
         """
-        self._tmp = tempfile.TemporaryDirectory(prefix="mtekvm-vmm-")
-        path = os.path.join(self._tmp.name, "vmm.sock")
-        self.log_path = os.path.join(self._tmp.name, "vmm.log")
+        self.folder = tempfile.mkdtemp(prefix="mtekvm-vmm-")
+        path = os.path.join(self.folder, "vmm.sock")
+        self.log_path = os.path.join(self.folder, "vmm.log")
         cmd = [sys.executable, "-m", "vmm", "--hypervisor", self.hv_address, "--listen", f"unix:{path}",
                "--name", self.name]
         if self.session is not None:
             cmd += ["--session", self.session]
+        cmd, fds = with_lifeline(cmd, self.folder)
         env = {k: v for k, v in os.environ.items() if k != "MTEKVM_SECRET"}
         if self.secret is not None:
             env["MTEKVM_SECRET"] = self.secret
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         try:
-            self.process, self.address = await start_listening_process(cmd, env, log_path=self.log_path)
-        except HostStartError:
-            self._tmp.cleanup()
-            self._tmp = None
+            self._log = ChildLog(self.log_path)
+            self.process, self.address = await start_listening_process(cmd, env, log=self._log, pass_fds=fds)
+        except (HostStartError, OSError) as exc:
+            self._cleanup()
+            if isinstance(exc, OSError):
+                raise HostStartError(f"cannot start the VMM of {self.name}: {exc}") from None
             raise
 
     def log(self) -> str:
-        """What the VMM process (and its guest) wrote to stderr so far."""
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except (OSError, TypeError):
-            return ""
+        """What the VMM process (and its guest) wrote to stderr so far (also after it removed its folder)."""
+        return self._log.read() if self._log is not None else self._final_log
+
+    async def why_lost(self) -> str:
+        """Why the control channel broke: the hypervisor under the VMM died, or the VMM itself did."""
+        if await _unreachable(self.hv_address) is not None:
+            host = _PRIVATE_HOSTS.get(self.hv_address)
+            if host is not None:
+                return await host.why_lost()
+            return f"the hypervisor at {self.hv_address} is gone ({await _unreachable(self.hv_address)})"
+        how = await _reaped_status(self.process)
+        pid = self.process.pid if self.process is not None else "?"
+        if how is None:
+            return f"the VMM of {self.name} (pid {pid}) closed its control channel"
+        last = self._log.last_line() if self._log is not None else ""
+        return f"the VMM of {self.name} (pid {pid}) died: {how}" + (f": {last}" if last else "")
 
     async def connect(self) -> Client:
-        """A control connection to the VMM's socket.
+        """A control connection to the VMM's socket (the VMM exits once its last one closes).
 
         Raises:
             HostStartError: the VMM is not listening (it exited).
@@ -338,7 +537,7 @@ class ProcessVmm(VmmLink):
             stream = await open_connection(self.address)
         except OSError as exc:
             raise HostStartError(f"cannot reach the VMM at {self.address}: {exc}") from None
-        client = Client(stream)
+        client = LinkClient(stream, self.why_lost)
         await self.nursery.start(client.run)
         return client
 
@@ -360,6 +559,13 @@ class ProcessVmm(VmmLink):
                     await self.process.wait()
             await stop_process(self.process)
             self.process = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._log is not None:
+            self._final_log = self._log.read()
+            self._log.close()
+            self._log = None
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
