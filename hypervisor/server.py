@@ -14,11 +14,16 @@ Each request runs concurrently in its own kernel context (named by the
 request's ``ctx``), so one connection can carry parallel steps. At most
 :data:`MAX_OUTSTANDING` requests per connection run at once; more get EAGAIN.
 Nothing a client sends can take the hypervisor down: bad requests get errno
-replies, malformed frames close that connection only, and an unexpected error
-inside the model is reported (EIO, recorded in the kernel's warnings).
+replies, malformed frames close that connection only, a message that is not a
+request gets EPROTO and its connection is closed (see :mod:`shared.wire`), and
+an unexpected error inside the model is reported (EIO, recorded in the
+kernel's warnings). Before ``hello`` only ``hello`` is looked at: any other op
+gets EPERM without its arguments being examined.
 
 Errors replied:
     EPERM: no ``hello`` yet, wrong secret, or an op outside the connection's role.
+    EPROTO: a message that is not a request envelope (then the connection is closed).
+    EINVAL: a request id that is not an integer (replied with a nil id), a bad ``ctx``.
     ESRCH: ``attach`` token unknown or already used.
     EBUSY: ``boot`` while processes are attached; ``vcpu-attach`` of a vCPU
         another live guest connection runs.
@@ -42,7 +47,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
 from shared.abi import OPS, AbiError, validate_args
-from shared.errno import EAGAIN, EDEADLK, EIO, EPERM
+from shared.errno import EAGAIN, EDEADLK, EINVAL, EIO, EPERM
 
 log = logging.getLogger("mtekvm.hypervisor")
 
@@ -78,6 +83,8 @@ class Hypervisor:
             self._idle = trio.Event()
         try:
             await conn.run()
+        except Exception:  # noqa: BLE001 - a bug serving one connection must not take the host down
+            log.exception("connection failed; closing it")
         finally:
             with trio.CancelScope(shield=True):
                 await conn.cleanup()
@@ -101,6 +108,8 @@ class _Connection:
         self.seq = 0
         self._pending: list[bytes] = []  # packed responses not yet written
         self._wake = trio.Event()
+        self._writing = False  # the writer is inside send_all
+        self._writer_gone = False  # the writer stopped: the peer has gone
 
     @property
     def k(self) -> Kernel:
@@ -116,25 +125,45 @@ class _Connection:
                     break
                 except wire.WireError as exc:
                     log.info("closing connection: %s", exc)
+                    if exc.rid is not None:  # it decoded far enough to be answered
+                        self._reply(wire.response_err(exc.rid, EINVAL, str(exc)))
                     break
-                if not isinstance(msg, dict) or msg.get("t") != "req":
-                    log.info("closing connection: not a request envelope")
-                    break
-                rid = msg.get("id")
-                if not isinstance(rid, int) or isinstance(rid, bool):
-                    self._reply(wire.response_err(None, 22, "request id must be an integer"))
+                try:
+                    rid, op, args, ctx = wire.parse_request(msg)
+                except wire.EnvelopeError as exc:
+                    self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
+                    if exc.fatal:
+                        log.info("closing connection: %s", exc.message)
+                        break
                     continue
                 if self.outstanding >= MAX_OUTSTANDING:
                     self._reply(wire.response_err(rid, EAGAIN, f"more than {MAX_OUTSTANDING} requests in flight"))
                     continue
                 self.outstanding += 1
-                nursery.start_soon(self._handle, rid, msg.get("op"), msg.get("args", {}), msg.get("ctx"))
+                nursery.start_soon(self._handle, rid, op, args, ctx)
+            await self._flush()
             nursery.cancel_scope.cancel()
 
     def _reply(self, msg: dict) -> None:
-        """Queue a response; the writer sends whatever has queued up in one write."""
-        self._pending.append(self.framed.pack(msg))
+        """Queue a response; the writer sends whatever has queued up in one write.
+
+        A value that cannot be encoded (a model bug) is replied as EIO instead.
+        """
+        try:
+            data = self.framed.pack(msg)
+        except Exception as exc:  # noqa: BLE001 - msgpack refuses the value (type, depth, size)
+            detail = f"{type(exc).__name__}: {exc}"
+            self.k.warn_once(f"internal error: unencodable reply: {detail}")
+            data = self.framed.pack(wire.response_err(msg.get("id"), EIO, f"internal model error: reply "
+                                                                          f"cannot be encoded: {detail}"))
+        self._pending.append(data)
         self._wake.set()
+
+    async def _flush(self) -> None:
+        """Let the writer send what is queued (a final error reply) before the connection closes; 1 s at most."""
+        with trio.move_on_after(1):
+            while (self._pending or self._writing) and not self._writer_gone:
+                await trio.sleep(0.005)
 
     async def _writer(self) -> None:
         """Coalesce responses: one send_all for all that finished since the last one."""
@@ -144,10 +173,14 @@ class _Connection:
             while self._pending:
                 data = b"".join(self._pending)
                 self._pending.clear()
+                self._writing = True
                 try:
                     await self.framed.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    self._writer_gone = True
                     return  # the peer has gone; run() notices on its next receive
+                finally:
+                    self._writing = False
 
     async def _handle(self, rid: int, op, args, ctx) -> None:
         try:
@@ -171,12 +204,12 @@ class _Connection:
         self._reply(reply)
 
     async def _dispatch(self, rid: int, op, args, ctx) -> dict:
+        if self.role is None and op != "hello":  # nothing but hello is examined before it
+            raise KernelError(EPERM, f"{wire.brief(op)}: say hello first")
         a = validate_args(op, args)
         d = OPS[op]
         if op == "hello":
             return wire.response_ok(rid, self._hello(a))
-        if self.role is None:
-            raise KernelError(EPERM, f"{op}: say hello first")
         if d.role != "any" and d.role != self.role:
             raise KernelError(EPERM, f"{op} is a {d.role} op; this connection is a {self.role}")
         if op == "boot":

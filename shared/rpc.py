@@ -9,6 +9,13 @@ modelled ``fault`` beside the value; it raises anything with ``errno`` and
 :class:`shared.abi.AbiError`, the packages' root errors) to reply with an
 errno. Any other exception is a bug in the handler: it is logged and replied
 as EIO, and the server goes on.
+
+Nothing a peer sends stops the process: malformed bytes close that connection
+(:class:`shared.wire.WireError`), a message that is not a request gets EPROTO
+and its connection is closed, a bad id or ``ctx`` gets EINVAL
+(:func:`shared.wire.parse_request`), bad arguments get the table's errno, and a
+reply that cannot be encoded becomes EIO. :func:`serve_requests` never raises
+for a peer's misbehaviour.
 """
 
 from __future__ import annotations
@@ -44,15 +51,21 @@ async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handl
 
     async def reply(msg: dict) -> None:
         try:
-            await framed.send(msg)
+            data = framed.pack(msg)
+        except Exception as exc:  # noqa: BLE001 - a handler's value msgpack refuses (a bug): EIO, not a crash
+            log.error("%s: reply %s cannot be encoded: %s", name, msg.get("id"), exc)
+            data = framed.pack(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: "
+                                                                     f"{type(exc).__name__}: {exc}"))
+        try:
+            await framed.send_packed(data)
         except wire.ConnectionClosed:
             pass
 
-    async def handle(rid: int, op: Any, args: Any, ctx: Any) -> None:
+    async def handle(rid: int, op: Any, args: Any, ctx: str | None) -> None:
         nonlocal outstanding
         try:
             a = validate_args(op, args, table)
-            result = await handler(op, a, ctx if isinstance(ctx, str) else None)
+            result = await handler(op, a, ctx)
             if isinstance(result, wire.Reply):
                 msg = wire.response_ok(rid, result.value, result.fault)
             else:
@@ -65,8 +78,8 @@ async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handl
                 msg = wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
             else:
                 detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                log.exception("%s: internal error in %s", name, op)
-                msg = wire.response_err(rid, EIO, f"internal error in {op}: {detail}")
+                log.exception("%s: internal error in %s", name, wire.brief(op))
+                msg = wire.response_err(rid, EIO, f"internal error in {wire.brief(op)}: {detail}")
         finally:
             outstanding -= 1
         await reply(msg)
@@ -79,20 +92,25 @@ async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handl
                 except wire.WireError as exc:
                     if not isinstance(exc, wire.ConnectionClosed):
                         log.info("%s: closing: %s", name, exc)
+                        if exc.rid is not None:  # it decoded far enough to be answered
+                            await reply(wire.response_err(exc.rid, EINVAL, str(exc)))
                     break
-                if not isinstance(msg, dict) or msg.get("t") != "req":
-                    log.info("%s: closing: not a request envelope", name)
-                    break
-                rid = msg.get("id")
-                if not isinstance(rid, int) or isinstance(rid, bool):
-                    await reply(wire.response_err(None, EINVAL, "request id must be an integer"))
+                try:
+                    rid, op, args, ctx = wire.parse_request(msg)
+                except wire.EnvelopeError as exc:
+                    await reply(wire.response_err(exc.rid, exc.errno, exc.message))
+                    if exc.fatal:
+                        log.info("%s: closing: %s", name, exc.message)
+                        break
                     continue
                 if outstanding >= max_outstanding:
                     await reply(wire.response_err(rid, EAGAIN, f"more than {max_outstanding} requests in flight"))
                     continue
                 outstanding += 1
-                nursery.start_soon(handle, rid, msg.get("op"), msg.get("args", {}), msg.get("ctx"))
+                nursery.start_soon(handle, rid, op, args, ctx)
             nursery.cancel_scope.cancel()
+    except Exception:  # noqa: BLE001 - a bug serving one connection must not stop the process
+        log.exception("%s: connection failed; closing it", name)
     finally:
         with trio.CancelScope(shield=True):
             try:

@@ -17,28 +17,56 @@ Ids let one connection carry concurrent requests; responses may arrive in any
 order. ``ctx`` names the kernel context (the scheduler's actor) a request runs
 as; ``fault`` carries a modelled architectural event (a tag check fault) as
 data, never as an error.
+
+Errors: nothing a peer sends may take a process down; only the offending
+connection suffers. The decoder admits only ``str``/``bytes`` map keys
+(``strict_map_key``: an array or map as a key is malformed, not a
+``TypeError``), at most :data:`MAX_DEPTH` levels of nesting (so decoded
+messages can be re-packed, ``repr``'d and walked without ``RecursionError``),
+and frames up to :data:`MAX_FRAME` bytes; whatever it refuses raises
+:class:`WireError` and the receiver closes that connection (the framing is
+lost, so no reply can be matched to it). A message that decodes but is not a
+request envelope (:func:`parse_request`) gets an error response (EPROTO, with
+its ``id`` when one can be read) and the connection is closed; a request
+envelope with a bad ``id`` (EINVAL, ``id`` nil), ``ctx`` (EINVAL), op (ENOSYS)
+or ``args`` (EINVAL, E2BIG) gets an error response and the connection goes on.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import reprlib
 from typing import Any
 
 import attrs
 import msgpack
 import trio
 
-from shared.errno import errno_name
+from shared.errno import EINVAL, EPROTO, errno_name
 
 #: Largest single frame accepted (a 1 GiB COPY_TAGS dump travels in chunks).
 MAX_FRAME = 64 * 1024 * 1024
+#: Deepest nesting of arrays and maps in one message (the ABI's own messages nest under 10 deep;
+#: msgpack's C decoder stops at 1024, Python's repr at about 1000, msgpack's packer at 512).
+MAX_DEPTH = 64
+#: Longest ``ctx`` (a kernel context name) a request may carry.
+MAX_CTX = 256
 #: Read size for the receive loop (measured sweet spot, concurrency-and-transport.md).
 RECEIVE_SIZE = 256 * 1024
 
 
 class WireError(Exception):
-    """The peer sent bytes that are not a valid frame; the connection is unusable."""
+    """The peer sent bytes that are not a valid frame; the connection is unusable.
+
+    Attributes:
+        rid: the id of the refused message when it decoded far enough to have one
+            (it nests too deep), else None; a server may reply to it before closing.
+    """
+
+    def __init__(self, message: str = "", rid: int | None = None):
+        super().__init__(message)
+        self.rid = rid
 
 
 class ConnectionClosed(WireError):
@@ -92,6 +120,105 @@ def event(kind: str, data: Any) -> dict:
     return {"t": "evt", "kind": kind, "data": data}
 
 
+class EnvelopeError(Exception):
+    """A decoded message that is not a usable request envelope.
+
+    Attributes:
+        errno: the Linux errno to reply with (EPROTO: not a request at all; EINVAL: a bad field).
+        message: what is wrong.
+        rid: the id to reply to (None when the message has no integer id).
+        fatal: the connection must be closed after the reply (the peer does not speak the protocol).
+    """
+
+    def __init__(self, errno: int, message: str, rid: int | None = None, fatal: bool = False):
+        super().__init__(message)
+        self.errno = errno
+        self.message = message
+        self.rid = rid
+        self.fatal = fatal
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_request(msg: Any) -> tuple[int, Any, Any, str | None]:
+    """Check a decoded message is a request envelope; return ``(id, op, args, ctx)``.
+
+    ``op`` and ``args`` are returned as sent (missing ``args`` is an empty map):
+    the op table's :func:`shared.abi.validate_args` judges them (ENOSYS, EINVAL).
+
+    Raises:
+        EnvelopeError: EPROTO (fatal) for anything but a map whose ``t`` is
+            ``"req"``; EINVAL for an ``id`` that is not an integer (``rid`` None)
+            or a ``ctx`` that is not a string of at most :data:`MAX_CTX` characters.
+    """
+    if not isinstance(msg, dict):
+        raise EnvelopeError(EPROTO, f"not a request envelope: {brief(msg)}", None, fatal=True)
+    rid = msg.get("id")
+    rid = rid if _is_int(rid) else None
+    if msg.get("t") != "req":
+        raise EnvelopeError(EPROTO, f"not a request envelope: t is {brief(msg.get('t'))}", rid, fatal=True)
+    if rid is None:
+        raise EnvelopeError(EINVAL, "request id must be an integer")
+    ctx = msg.get("ctx")
+    if ctx is not None and not (isinstance(ctx, str) and len(ctx) <= MAX_CTX):
+        raise EnvelopeError(EINVAL, f"ctx must be a string of at most {MAX_CTX} characters", rid)
+    return rid, msg.get("op"), msg.get("args", {}), ctx
+
+
+class _Brief(reprlib.Repr):
+    """repr bounded in depth and length whatever a peer sent (no RecursionError, no 64 MiB strings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 3
+        self.maxstring = self.maxother = 40
+
+    def repr_bytes(self, x, level):
+        return repr(x[:self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+    def repr_bytearray(self, x, level):
+        return self.repr_bytes(bytes(x[:self.maxstring + 1]), level)
+
+    def repr_str(self, x, level):
+        return reprlib.Repr.repr_str(self, x[:self.maxstring + 1], level)
+
+    def repr_instance(self, x, level):
+        if isinstance(x, msgpack.ExtType):
+            return f"ExtType({x.code}, {self.repr1(x.data, level - 1)})"
+        return reprlib.Repr.repr_instance(self, x, level)
+
+
+_BRIEF = _Brief()
+
+
+def brief(value: Any, limit: int = 80) -> str:
+    """A short ``repr`` of any decoded value, for error text (bounded in depth and length)."""
+    text = _BRIEF.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether ``obj`` nests lists and maps more than ``limit`` levels deep (walked level by level, no recursion)."""
+    level = [obj] if type(obj) is list or type(obj) is dict else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        deeper = []
+        for o in level:
+            items = o if type(o) is list else o.values()
+            if not _CONTAINERS.isdisjoint(map(type, items)):  # C speed for flat lists of scalars
+                deeper.extend(v for v in items if type(v) is list or type(v) is dict)
+        level = deeper
+    return False
+
+
+_CONTAINERS = frozenset((list, dict))
+
+
 # msgpack first byte -> (header size, kind, k): "fixed" = k bytes of payload follow the header;
 # "body"/"ext" = a big-endian length of k bytes at offset 1 (ext's type byte is in the header
 # size); "array"/"map" = k items (fix forms) or a k-byte count. None: no value starts so.
@@ -137,7 +264,7 @@ class _FrameGuard:
     a few steps per message) and keeps its state across chunks.
     """
 
-    MAX_DEPTH = 1024
+    MAX_DEPTH = MAX_DEPTH
 
     def __init__(self, limit: int):
         self.limit = limit
@@ -230,7 +357,7 @@ class FramedStream:
         self._send_lock = trio.Lock()
         self._unpacker = msgpack.Unpacker(
             raw=False,
-            strict_map_key=False,
+            strict_map_key=True,  # keys are str or bytes: an array key must not become a TypeError
             max_buffer_size=max_frame,
             max_bin_len=max_frame,
             max_str_len=max_frame,
@@ -254,7 +381,14 @@ class FramedStream:
         Raises:
             ConnectionClosed: the peer has gone.
         """
-        data = self._packer.pack(msg)
+        await self.send_packed(self._packer.pack(msg))
+
+    async def send_packed(self, data: bytes) -> None:
+        """Send bytes from :meth:`pack` (one or more whole messages).
+
+        Raises:
+            ConnectionClosed: the peer has gone.
+        """
         async with self._send_lock:
             try:
                 await self.stream.send_all(data)
@@ -293,13 +427,19 @@ class FramedStream:
         completed = False
         while True:
             try:
-                self._ready.append(next(self._unpacker))
+                msg = next(self._unpacker)
             except StopIteration:
                 break
-            except (msgpack.UnpackException, ValueError) as exc:
-                raise WireError(f"malformed frame: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - whatever the decoder refuses is a bad frame, never a crash
+                raise WireError(f"malformed frame: {type(exc).__name__}: {brief(str(exc))}") from None
+            end = self._unpacker.tell()  # tell() is a frame boundary only right after a message
+            if end - self._boundary > MAX_DEPTH and _too_deep(msg):  # n bytes cannot nest deeper than n
+                rid = msg.get("id") if isinstance(msg, dict) else None
+                raise WireError(f"message nests lists and maps deeper than {MAX_DEPTH}",
+                                rid if _is_int(rid) else None)
+            self._ready.append(msg)
             completed = True
-            self._boundary = self._unpacker.tell()  # tell() is a frame boundary only right after a message
+            self._boundary = end
         # The guard walks only the frame still incomplete (small messages never reach it).
         pending = self._fed - self._boundary
         if pending == 0:
@@ -340,7 +480,7 @@ class Client:
             while True:
                 msg = await self.framed.receive()
                 kind = msg.get("t") if isinstance(msg, dict) else None
-                if kind == "res":
+                if kind == "res" and _is_int(msg.get("id")):
                     slot = self._waiting.pop(msg.get("id"), None)
                     if slot is not None:
                         slot[1] = msg
