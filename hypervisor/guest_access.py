@@ -23,7 +23,9 @@ Architecture rules modelled:
       first mismatching granule.
     * A tag store is a write for stage-2 permission, so dirty logging sees it.
     * An access wholly outside every memslot (or a write to a read-only slot)
-      exits to the VMM as KVM_EXIT_MMIO; one that mixes RAM and MMIO is EFAULT.
+      exits to the VMM as KVM_EXIT_MMIO when it is one load or store of 1, 2,
+      4 or 8 bytes (a valid syndrome), else KVM_RUN fails with ENOSYS
+      (``io_mem_abort``); one that mixes RAM and MMIO is EFAULT.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from hypervisor.access import AccessResult
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Vcpu, kvm_has_mte
-from hypervisor.kvm_mmu import MMIO, RETRY, kvm_handle_guest_abort, note_guest_write
+from hypervisor.kvm_mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
 from hypervisor.tags import read_tags, write_tags
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 
@@ -117,8 +119,7 @@ async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int
     kvm = vcpu.kvm
     mmio = [_is_mmio(kvm, ipa, write) for ipa, _n, _a in segs]
     if all(mmio):
-        if kind in ("stg", "ldg"):
-            raise KernelError("EFAULT", f"{kind} at IPA {segs[0][0]:#x}: no memory there (tag access to MMIO)")
+        io_mem_abort(kind, segs)  # ENOSYS unless a single load/store of 1, 2, 4 or 8 bytes
         await k.sched.point("kvm_run:exit_mmio")
         return AccessResult({"exit": "mmio", "ipa": segs[0][0], "size": total, "write": write,
                              "data": data if write else b""})

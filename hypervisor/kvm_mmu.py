@@ -254,8 +254,9 @@ async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Mems
         writable = host_writable and not slot.readonly
         if logging_active and not write:
             writable = False  # only map writable on a write fault while logging
+        base = 0 if nr_pages == 1 else page.pfn - page.folio.pfn
         for i in range(nr_pages):
-            sub = page if nr_pages == 1 else page.subpages[i]
+            sub = page if nr_pages == 1 else page.folio.subpages[base + i]
             kvm.s2[gfn + i] = S2Entry(sub, writable, not s2_force_noncacheable)
         if writable:
             mark_page_dirty(kvm, gfn)
@@ -318,6 +319,24 @@ async def kvm_handle_guest_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, wr
     entry = kvm.s2.get(gfn)
     fault_is_perm = entry is not None and write and not entry.writable
     return await user_mem_abort(k, kvm, vcpu, gfn, slot, slot.hva(gfn), write, fault_is_perm)
+
+
+def io_mem_abort(kind: str, segs) -> None:
+    """io_mem_abort() (arch/arm64/kvm/mmio.c): an access outside every memslot needs a valid syndrome.
+
+    Only a single general-purpose-register load or store of 1, 2, 4 or 8 bytes
+    (ESR_EL2.ISV = 1) can be emulated as KVM_EXIT_MMIO. Anything else (LDG/STG
+    and the other tag instructions, pairs, vector or larger accesses) has no
+    valid syndrome: without KVM_CAP_ARM_NISV_TO_USER (which the model does not
+    offer) KVM_RUN fails with ENOSYS.
+
+    Raises:
+        KernelError: ENOSYS when the access has no valid instruction syndrome.
+    """
+    total = sum(n for _ipa, n, _a in segs)
+    if kind not in ("load", "store") or len(segs) != 1 or total not in (1, 2, 4, 8):
+        raise KernelError("ENOSYS", f"{kind} of {total} bytes at IPA {segs[0][0]:#x}: data abort outside memslots "
+                                    "with no valid syndrome (ISV = 0), and no KVM_CAP_ARM_NISV_TO_USER")
 
 
 def note_guest_write(kvm: Kvm, gfn: int) -> None:

@@ -551,6 +551,18 @@ class TestMmioAndErrors:
         r = await vm.store(0x0900_0010, b"\x01\x02", attr="device")
         assert r.value == {"exit": "mmio", "ipa": 0x0900_0010, "size": 2, "write": True, "data": b"\x01\x02"}
 
+    async def test_access_without_a_valid_syndrome_outside_memslots_is_enosys(self):
+        """Outside every memslot, LDG/STG and loads/stores that are not one 1/2/4/8-byte access have no valid
+        syndrome: KVM_RUN fails with ENOSYS (no KVM_CAP_ARM_NISV_TO_USER) and nothing is mapped."""
+        k = Kernel()
+        vm, _ = await mte_vm(k)
+        await expect_errno("ENOSYS", vm.stg(0x0900_0000, 16, 3))
+        await expect_errno("ENOSYS", vm.ldg(0x0900_0000, 16))
+        await expect_errno("ENOSYS", vm.load(0x0900_0000, 16, attr="device"))
+        await expect_errno("ENOSYS", vm.store(0x0900_0000, b"abc", attr="device"))
+        assert (await vm.load(0x0900_0000, 8, attr="device")).value["exit"] == "mmio"
+        assert vm.kvm.s2 == {}
+
     async def test_write_to_readonly_slot_exits_as_mmio_and_reads_work(self):
         """A read-only slot is readable RAM (mapped read-only); a write there exits as MMIO and changes nothing."""
         k = Kernel()
@@ -559,8 +571,8 @@ class TestMmioAndErrors:
         await vm.vmm("store", addr=hva, data=b"rom")
         assert (await vm.load(RAM, 3)).value == b"rom"
         assert not vm.s2(RAM).writable and vm.page(RAM).flags & PG_mte_tagged
-        r = await vm.store(RAM, b"XYZ")
-        assert r.value["exit"] == "mmio" and r.value["write"] and r.value["data"] == b"XYZ"
+        r = await vm.store(RAM, b"XYZW")
+        assert r.value["exit"] == "mmio" and r.value["write"] and r.value["data"] == b"XYZW"
         assert (await vm.load(RAM, 3)).value == b"rom"
 
     async def test_access_mixing_ram_and_mmio_is_efault(self):
