@@ -335,19 +335,22 @@ def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> 
 
     Raises:
         AbiError: ENOSYS for an unknown op, EINVAL for a bad argument, E2BIG
-            for a payload over :data:`MAX_IO`.
+            for a payload over :data:`MAX_IO`. Nothing else, whatever ``op`` and
+            ``args`` are (a checker's TypeError is a wrong shape: EINVAL), and
+            error text quotes what the peer sent only briefly.
     """
     from shared.errno import ENOSYS
+    from shared.wire import brief
 
     d = (OPS if table is None else table).get(op) if isinstance(op, str) else None
     if d is None:
-        raise AbiError(ENOSYS, f"unknown op {op!r}")
+        raise AbiError(ENOSYS, f"unknown op {brief(op)}")
     if not isinstance(args, dict):
         raise AbiError(EINVAL, f"{op}: args must be a map")
     known = {f.name for f in d.fields}
     extra = [k for k in args if k not in known]
     if extra:
-        raise AbiError(EINVAL, f"{op}: unknown argument {extra[0]!r}")
+        raise AbiError(EINVAL, f"{op}: unknown argument {brief(extra[0])}")
     out = {}
     for f in d.fields:
         if f.name in args and args[f.name] is None and f.default is None:
@@ -359,6 +362,8 @@ def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> 
                 raise AbiError(E2BIG, f"{op}: argument {f.name!r}: {exc}") from None
             except ValueError as exc:
                 raise AbiError(EINVAL, f"{op}: argument {f.name!r} {exc}") from None
+            except TypeError as exc:  # a checker met a shape it did not expect
+                raise AbiError(EINVAL, f"{op}: argument {f.name!r} has the wrong shape ({exc})") from None
         elif f.default is _REQUIRED:
             raise AbiError(EINVAL, f"{op}: missing argument {f.name!r}")
         else:

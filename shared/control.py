@@ -41,7 +41,7 @@ def _memory(v):
             raise ValueError("each memslot must be a map")
         extra = set(m) - {"ipa", "size", "backing", "object", "prot_mte", "hugepage_size"}
         if extra:
-            raise ValueError(f"memslot has unknown key {sorted(extra)[0]!r}")
+            raise ValueError(f"memslot has unknown key {min(map(repr, extra))[:40]}")
         out.append({
             "ipa": _u64(m.get("ipa")), "size": _u64(m.get("size")),
             "backing": _enum(*BACKINGS)(m.get("backing", "anon")),

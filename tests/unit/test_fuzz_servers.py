@@ -124,7 +124,7 @@ def _requests(table: dict, plausible: list, exclude: tuple = ()):
         op = draw(st.sampled_from(names) | st.text(max_size=10).filter(lambda s: s not in exclude) | _objects)
         fields = [f.name for f in table[op].fields] if isinstance(op, str) and op in table else []
         keys = (st.sampled_from(fields) | st.text(max_size=6)) if fields else st.text(max_size=6)
-        values = st.sampled_from(plausible) | _objects
+        values = st.sampled_from(plausible) | _arg_values
         args = draw(st.dictionaries(keys, values, max_size=5))
         if "args" in fields and draw(st.booleans()):  # vmm-op / guest-op carry an inner op and args
             inner = KVM_OPS if op == "vmm-op" else GUEST_OPS
@@ -152,6 +152,13 @@ _PLAUSIBLE = [0, 1, 15, 16, 4096, RAM, RAM + 16, RAM | (3 << 56), 2 ** 48, 2 ** 
               ["read", "write", "mte"], "sync", "none", "memfd", "anon", "tagged", "normal", "device",
               "from-guest", "to-guest", "get", "clear", "load", "store", b"\x01" * 16, [1, 2, 3], [RAM, 16, "tagged"],
               [[RAM, 16, "tagged"]], True, False, None, {}, [{"ipa": RAM, "size": MiB, "backing": "memfd"}]]
+
+
+# argument values: plausible ones, anything, and lists of maps shaped like vm-setup's memslots (mixed key types)
+_arg_values = (st.sampled_from(_PLAUSIBLE) | _objects
+               | st.lists(st.dictionaries(st.sampled_from(["ipa", "size", "backing", "object", "prot_mte", "zz"])
+                                          | st.binary(max_size=3), st.sampled_from(_PLAUSIBLE) | _objects, max_size=4),
+                          max_size=3))
 
 
 def _messages(table: dict, exclude: tuple = ()):
@@ -339,17 +346,28 @@ class TestDecoder:
         assert len(wire.brief(_deep(1000, value))) <= 80
         assert len(wire.brief(value)) <= 80
 
+    def test_memslot_with_mixed_key_types_is_einval(self):
+        """A vm-setup memslot with unknown str and bytes keys is EINVAL (sorting them was a TypeError)."""
+        from shared.abi import AbiError
+
+        with pytest.raises(AbiError) as info:
+            validate_args("vm-setup", {"name": "x", "memory": [{"zz": 1, b"yy": 2}]}, VMM_CONTROL)
+        assert info.value.errno == EINVAL and "unknown key" in info.value.message
+
     @FUZZ
-    @given(op=st.sampled_from(sorted(OPS)) | _objects,
-           args=st.dictionaries(st.text(max_size=6), st.sampled_from(_PLAUSIBLE) | _objects, max_size=5) | _objects)
-    def test_validators_raise_only_abi_errors(self, op, args):
+    @given(data=st.data())
+    def test_validators_raise_only_abi_errors(self, data):
         """validate_args over every table, given any op and any args, returns a map or raises AbiError only."""
         from shared.abi import AbiError
 
         for table in (OPS, VMM_CONTROL, GUEST_CHANNEL, EXIT_CHANNEL, KVM_OPS, GUEST_OPS):
-            name = op if not (isinstance(op, str) and op in OPS) or op in table else sorted(table)[0]
+            op = data.draw(st.sampled_from(sorted(table)) | _objects)
+            fields = [f.name for f in table[op].fields] if isinstance(op, str) and op in table else []
+            fields = fields or ["x"]
+            args = data.draw(st.dictionaries(st.sampled_from(fields) | st.text(max_size=4), _arg_values, max_size=5)
+                             | _objects)
             try:
-                out = validate_args(name, args, table)
+                out = validate_args(op, args, table)
             except AbiError as exc:
                 assert exc.errno > 0 and len(exc.message) < 4096
             else:
