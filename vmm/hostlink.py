@@ -101,20 +101,27 @@ class LinkClient(Client):
     def __init__(self, stream: trio.abc.Stream, explain):
         super().__init__(stream)
         self._explain = explain
+        self._why: str | None = None  # the explanation, once asked
         self.closing = False
 
     async def call_raw(self, op: str, args: dict | None = None, ctx: str | None = None) -> dict:
-        """As :meth:`shared.wire.Client.call_raw`; raises :class:`HostDied` when the peer has gone."""
+        """As :meth:`shared.wire.Client.call_raw`; raises :class:`HostDied` when the peer has gone.
+
+        A connection we closed ourselves, or one the link cannot explain (an
+        in-process host), raises the plain ``ConnectionClosed``.
+        """
         try:
             return await super().call_raw(op, args, ctx)
         except HostDied:
             raise
-        except ConnectionClosed as exc:
+        except ConnectionClosed:
             if self.closing:
                 raise
-            with trio.CancelScope(shield=True):
-                why = await self._explain()
-            raise HostDied(f"{why} (during {op})" if why else f"lost a connection during {op}: {exc}") from None
+            if self._why is None:
+                self._why = await self._explain() or ""
+            if not self._why:
+                raise
+        raise HostDied(f"{self._why} (during {op})")
 
     async def aclose(self) -> None:
         """Close the connection (a later call raises plain ``ConnectionClosed``)."""
@@ -344,7 +351,7 @@ class ProcessHost(HostLink):
                 return f"the hypervisor (pid {self.process.pid}) died: {how}" + (f": {last}" if last else "")
         why = await _unreachable(self.address)
         if why is not None:
-            return f"the hypervisor at {self.address} is gone ({why})"
+            return f"the hypervisor at {self.address} is gone: {why}"
         return f"the hypervisor at {self.address} closed the connection"
 
     async def stop(self) -> None:
@@ -398,6 +405,10 @@ class VmmLink:
     async def stop(self) -> None:
         """Shut the VMM down (VM destroyed, guest stopped); idempotent."""
         raise NotImplementedError
+
+    async def check_alive(self) -> None:
+        """Raise :class:`HostDied` if the VMM or the hypervisor under it has died (an error reply
+        may be the first sign of that: a guest that lost its hypervisor answers ESRCH)."""
 
 
 class InProcessVmm(VmmLink):
@@ -519,13 +530,19 @@ class ProcessVmm(VmmLink):
             host = _PRIVATE_HOSTS.get(self.hv_address)
             if host is not None:
                 return await host.why_lost()
-            return f"the hypervisor at {self.hv_address} is gone ({await _unreachable(self.hv_address)})"
+            return f"the hypervisor at {self.hv_address} is gone: {await _unreachable(self.hv_address)}"
         how = await _reaped_status(self.process)
         pid = self.process.pid if self.process is not None else "?"
         if how is None:
             return f"the VMM of {self.name} (pid {pid}) closed its control channel"
         last = self._log.last_line() if self._log is not None else ""
         return f"the VMM of {self.name} (pid {pid}) died: {how}" + (f": {last}" if last else "")
+
+    async def check_alive(self) -> None:
+        """Raise :class:`HostDied` if the hypervisor is unreachable or the VMM process has exited."""
+        if await _unreachable(self.hv_address) is not None or (
+                self.process is not None and self.process.poll() is not None):
+            raise HostDied(await self.why_lost())
 
     async def connect(self) -> Client:
         """A control connection to the VMM's socket (the VMM exits once its last one closes).

@@ -338,6 +338,7 @@ class _Run:
                 await client.call("vm-setup", {"name": name, "ipa_bits": vm.ipa_bits, "mte": vm.mte,
                                                "vcpus": vm.vcpus, "memory": memory}, ctx=ctx)
             except RemoteError as exc:
+                await link.check_alive()  # a dead VMM or hypervisor is an infrastructure failure, not the VM's
                 raise RunError(f"VM {name!r} could not be built: {exc} (use setup = \"manual\" to expect "
                                "the failure in a step)") from None
         self.pids[f"vmm:{name}"] = (await client.call("status")).value["pid"]

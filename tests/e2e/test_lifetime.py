@@ -304,6 +304,23 @@ class TestSigkillInsideTheRun:
         await until(lambda: not run.temp_left(), f"the temp folders are removed (left: {run.temp_left()})")
 
 
+    async def test_killed_shared_host_ends_the_run_with_one_line(self, mtekvm_run, spawn_hypervisor, tmp_path):
+        """SIGKILL of the `--host` hypervisor: the VMM and guest exit, `mtekvm run` says so in one line, exit 3."""
+        hv = spawn_hypervisor()
+        secret_file = tmp_path / "secret"
+        secret_file.write_text(hv.secret + "\n")
+        run = mtekvm_run("--host", hv.address, "--secret-file", str(secret_file))
+        await run.wait_vm_up(WITH_HOST)
+        hv.proc.kill()
+        hv.proc.wait()
+        await until(lambda: not run.left(), f"the VMM and the guest exited (left: {run.left()})")
+        await until(lambda: run.proc.poll() is not None, "mtekvm run exited", WAIT * 2)
+        err = one_line_error(run)
+        assert run.proc.returncode == 3, err
+        assert f"the hypervisor at {hv.address} is gone" in err, err
+        await until(lambda: not run.temp_left(), f"the temp folders are removed (left: {run.temp_left()})")
+
+
 class TestVmmFollowsItsController:
     async def test_vmm_exits_when_its_control_connection_closes(self, nursery, fresh_hypervisor):
         """A VMM whose last control connection closes destroys its VM, stops its guest, exits 0, removes its folder."""
