@@ -563,3 +563,85 @@ class TestPctScheduler:
         """A depth of 0 is refused."""
         e = error('name = "x"\n[scheduler]\nkind = "pct"\ndepth = 0\n')
         assert e.key == "scheduler.depth"
+
+
+class TestContractAdditions:
+    """Keys the contract added: host tcf-preferred/kernel-fixes, hugepage-size, dirty-log protect2,
+    dirty-log clear ranges, expect-violations, the livelock outcome."""
+
+    def test_host_tcf_preferred_and_kernel_fixes(self):
+        """tcf-preferred and kernel-fixes parse into the host spec; defaults are Linux's (async, none)."""
+        s = parse('name = "t"\n[hosts.a]\ntcf-preferred = "sync"\n'
+                  'kernel-fixes = ["sanitise-whole-hugetlb-folio"]\nfault-replay-limit = 8\n[hosts.b]\n')
+        a, b = s.hosts["a"], s.hosts["b"]
+        assert (a.tcf_preferred, a.kernel_fixes, a.fault_replay_limit) == (
+            "sync", ("sanitise-whole-hugetlb-folio",), 8)
+        assert (b.tcf_preferred, b.kernel_fixes, b.fault_replay_limit) == ("async", (), 64)
+
+    @pytest.mark.parametrize("host, key", [
+        ({"tcf-preferred": "none"}, "host.tcf-preferred"),
+        ({"kernel-fixes": ["fix-everything"]}, "host.kernel-fixes"),
+        ({"kernel-fixes": "sanitise-whole-hugetlb-folio"}, "host.kernel-fixes"),
+        ({"fault-replay-limit": 0}, "host.fault-replay-limit")])
+    def test_bad_host_keys(self, host, key):
+        """An unknown preferred mode, an unknown kernel fix or a zero replay limit is an error naming the key."""
+        assert error({"name": "t", "host": host}).key == key
+
+    def test_mmap_hugepage_size_only_when_given(self):
+        """hugepage-size on a hugetlb mmap becomes hugepage_size in bytes; without it the key is absent."""
+        assert one("p", "mmap", size="32MiB", backing="hugetlb",
+                   **{"hugepage-size": "32MiB"}).args["hugepage_size"] == 32 << 20
+        assert "hugepage_size" not in one("p", "mmap", size="2MiB", backing="hugetlb").args
+
+    @pytest.mark.parametrize("args, key", [
+        ({"backing": "hugetlb", "hugepage-size": "4MiB"}, "hugepage-size"),
+        ({"backing": "anon", "hugepage-size": "2MiB"}, "hugepage-size")])
+    def test_bad_mmap_hugepage_size(self, args, key):
+        """A size arm64 hugetlb does not have, or hugepage-size on a non-hugetlb mapping, is an error."""
+        assert step_error("p", "mmap", size="4MiB", **args).key == key
+
+    def test_memslot_hugepage_size_sets_alignment(self):
+        """A hugetlb memslot's hugepage-size is kept in bytes and its ipa/size must be multiples of it."""
+        ok = parse_scenario({"name": "t", "vms": {"v": {"memory": [
+            {"ipa": 0x4000_0000, "size": "64KiB", "backing": "hugetlb", "hugepage-size": "64KiB"}]}}})
+        assert ok.vms["v"].memory[0].hugepage_size == 64 << 10
+        e = error({"name": "t", "vms": {"v": {"memory": [
+            {"ipa": 0x4000_0000, "size": "2MiB", "backing": "hugetlb", "hugepage-size": "32MiB"}]}}})
+        assert e.key == "vms.v.memory[0].size"
+        e = error({"name": "t", "vms": {"v": {"memory": [
+            {"ipa": 0, "size": "2MiB", "backing": "memfd", "hugepage-size": "2MiB"}]}}})
+        assert e.key == "vms.v.memory[0].hugepage-size"
+
+    def test_manual_dirty_log_protect2_and_args(self):
+        """check-extension and enable-cap take manual-dirty-log-protect2; args is a list of ints, absent unless given."""
+        assert one("vmm:vm0", "check-extension", cap="manual-dirty-log-protect2").args == {
+            "cap": "manual-dirty-log-protect2"}
+        assert one("vmm:vm0", "enable-cap", cap="manual-dirty-log-protect2", args=[3]).args == {
+            "cap": "manual-dirty-log-protect2", "flags": 0, "args": (3,)}
+        assert "args" not in one("vmm:vm0", "enable-cap", cap="arm-mte").args
+        assert step_error("vmm:vm0", "enable-cap", cap="arm-mte", args=3).key == "args"
+        assert step_error("vmm:vm0", "enable-cap", cap="dirty-ring").key == "cap"
+
+    def test_dirty_log_clear_range(self):
+        """dirty-log clear takes optional first and count (absent unless given); other actions refuse them."""
+        assert one("vmm:vm0", "dirty-log", slot=0, action="clear", first=64, count=64).args == {
+            "slot": 0, "action": "clear", "first": 64, "count": 64}
+        assert one("vmm:vm0", "dirty-log", slot=0, action="clear").args == {"slot": 0, "action": "clear"}
+        assert step_error("vmm:vm0", "dirty-log", slot=0, action="get", first=1).key == "first"
+
+    def test_expect_violations_canonical(self):
+        """expect-violations keeps canonical names (old spellings are translated), without duplicates."""
+        s = parse_scenario({"name": "t", "expect-violations": [
+            "GUEST-VISIBLE=>TAGGED", "TAGS-AS-WRITTEN", "GUEST-VISIBLE-IMPLIES-TAGGED"]})
+        assert s.expect_violations == ("GUEST-VISIBLE-IMPLIES-TAGGED", "TAGS-AS-WRITTEN")
+        assert parse_scenario({"name": "t"}).expect_violations == ()
+
+    @pytest.mark.parametrize("value", [["NO-SUCH-INVARIANT"], "INIT-ONCE", [1]])
+    def test_bad_expect_violations(self, value):
+        """An invariant the model does not check, or not a list of names, makes the file invalid."""
+        e = error({"name": "t", "expect-violations": value})
+        assert e.key == "expect-violations"
+
+    def test_livelock_outcome(self):
+        """The contract's livelock outcome is a valid expectation."""
+        assert one("p", "load", addr=0, size=1, expect="livelock").expect == Expect("livelock")
