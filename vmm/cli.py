@@ -331,6 +331,7 @@ def run_command(args, argv: list[str]) -> int:
             out.result(results[-1])
     except KeyboardInterrupt:  # between scenarios, or while printing
         problems.append(Problem("", "interrupted", "interrupted"))
+        out.problem(problems[-1])
     duration = time.monotonic() - started
     status = report.exit_status(results, problems)
     out.summary(report.summary_line(results, problems, duration), status == report.EXIT_INTERRUPTED)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import shlex
+import signal
 import subprocess
 import sys
+import time
+import tomllib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import trio
+
+from shared.invariants import ALL as INVARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -222,6 +230,15 @@ def assert_one_line(r: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("mtekvm: "), r.stderr
     return lines[0]
+
+
+FINDING = ROOT / "scenarios/findings/hugetlb-dirty-log-stale-tags.toml"
+
+
+def finding_without_expectations() -> str:
+    """The hugetlb finding's scenario text without any expect-violations line (it then fails)."""
+    return "\n".join(ln for ln in FINDING.read_text().splitlines()
+                     if not ln.strip().startswith("expect-violations"))
 
 
 def untimed(steps: list[dict]) -> list[dict]:
@@ -469,9 +486,338 @@ class TestBugsCommand:
         assert r.returncode == 1, r.stdout + r.stderr
         assert "VMA-USE-AFTER-FREE" in r.stdout and "replay:" in r.stdout
 
-    def test_many_violations_are_summarised(self):
+    def test_many_violations_are_summarised(self, scenario, tmp_path):
         """A run with hundreds of violations prints a few per invariant and says how many more there are."""
-        r = run_cli("run", str(ROOT / "scenarios/findings/hugetlb-dirty-log-stale-tags.toml"))
+        path = scenario(finding_without_expectations(), "finding.toml")
+        out = tmp_path / "f.json"
+        r = run_cli("run", path, "--json", out)
         assert r.returncode == 1
-        assert r.stdout.count("VIOLATION LAST-TAG-WRITTEN") == 5
-        assert "more LAST-TAG-WRITTEN" in r.stdout
+        counts: dict[str, int] = {}
+        for v in json.loads(out.read_text())["scenarios"][0]["violations"]:
+            counts[v["invariant"]] = counts.get(v["invariant"], 0) + 1
+        inv, n = max(counts.items(), key=lambda kv: kv[1])
+        assert n > 5
+        assert r.stdout.count(f"VIOLATION {inv}:") == 5
+        assert f"and {n - 5} more {inv}" in r.stdout
+
+
+VM_NOTES = """
+name = "per-vCPU MTE, fault addresses, scalar tags"
+
+[vms.vm0]
+vcpus = 2
+memory = [ { ipa = 0x4000_0000, size = "1MiB", backing = "memfd" } ]
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "enable-mte"
+tcf = "sync"
+
+[[steps]]
+actor = "guest:vm0"
+op = "map"
+va = 0x4000_0000
+ipa = 0x4000_0000
+size = "64KiB"
+attr = "tagged"
+
+[[steps]]
+actor = "guest:vm0:0"
+op = "stg"
+addr = 0x4000_0000
+size = 64
+tag = 5
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "ldg"
+addr = 0x4000_0000
+size = 64
+expect = { outcome = "ok", value = 0 }
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "stg"
+addr = 0x4000_0000
+size = 4096
+tag = 7
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "store"
+addr = 0x4000_0018
+tag = 3
+data = "00112233445566778899"
+expect = { outcome = "tag-check-fault", value = 0x4000_0018 }
+
+[[steps]]
+actor = "guest:vm0:0"
+op = "store"
+addr = 0x4000_0018
+tag = 3
+data = "00112233445566778899"
+expect = "ok"
+
+[[steps]]
+actor = "vmm:vm0"
+op = "copy-tags"
+ipa = 0x4000_0000
+length = 4096
+direction = "from-guest"
+expect = { outcome = "ok", value = { tags = 7 } }
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "ldg"
+addr = 0x4000_0000
+size = 1024
+expect = { outcome = "ok", value = 7 }
+"""
+
+
+def long_scenario(steps: int) -> str:
+    """A passing scenario of one process doing ``steps`` tag stores (takes seconds to run)."""
+    body = "".join(f'[[steps]]\nactor = "p"\nop = "stg"\naddr = 0x1000_0000\nsize = 16\ntag = {i % 16}\n'
+                   for i in range(steps))
+    return ('name = "long"\n[processes.p]\n[[steps]]\nactor = "p"\nop = "mmap"\naddr = 0x1000_0000\n'
+            'size = 4096\nprot = ["read", "write", "mte"]\n' + body)
+
+
+class TestVersion:
+    def test_version(self):
+        """``mtekvm --version`` prints the installed distribution's version and exits 0."""
+        from importlib.metadata import version
+        r = run_cli("--version")
+        assert r.returncode == 0 and r.stdout.strip() == f"mtekvm {version('mtekvm')}"
+
+
+class TestOneLineMistakes:
+    """Every listed mistake ends with one ``mtekvm:`` line on stderr, exit 2 and no traceback."""
+
+    @pytest.mark.parametrize("extra, needle", [
+        (["--host", "unix:/nonexistent.sock", "--secret-file", "{tmp}/no-such-secret"], "--secret-file"),
+        (["--json", "{tmp}/no-such-dir/r.json"], "--json"),
+        (["--junit", "{tmp}"], "--junit"),
+        (["--schedule", "a/1@1>b/2"], "--schedule"),
+        (["--scheduler", "random", "--depth", "3"], "--depth"),
+        (["--seeds", "0"], "--seeds"),
+        (["--scheduler", "free", "--seeds", "5"], "--seeds"),
+        (["--seed", "4"], "--seed"),
+        (["--secret-file", "{tmp}/s"], "--secret-file"),
+        (["--scheduler", "replay"], "--schedule"),
+        (["--scheduler", "replay", "--schedule", "not a schedule"], "--schedule"),
+        (["--bug", "no-such-bug"], "--bug"),
+        (["--frobnicate"], "--frobnicate"),
+    ])
+    def test_option_mistakes_exit_2(self, scenario, tmp_path, extra, needle):
+        """Options that do not apply, clash, or name unusable paths are refused before anything runs."""
+        (tmp_path / "s").write_text("secret\n")
+        out = tmp_path / "report.json"
+        args = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+        if "--json" not in extra:
+            args += ["--json", str(out)]
+        r = run_cli("run", scenario(PASSING), *args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert needle in assert_one_line(r)
+        assert "passed" not in r.stdout  # refused up front: nothing ran
+        assert not out.exists()
+
+    def test_no_file_and_unknown_command(self):
+        """``mtekvm run`` without files and an unknown command are one-line usage errors."""
+        for args in (["run"], ["frob"], []):
+            r = run_cli(*args)
+            assert r.returncode == 2, args
+            assert_one_line(r)
+
+
+class TestBatch:
+    def test_invalid_file_in_a_batch(self, scenario, tmp_path):
+        """An invalid file among valid ones: the others still run, the summary and JSON are written, exit 2."""
+        bad = scenario(PASSING.replace("tag = 3", "tag = 99", 1), "bad.toml")
+        out = tmp_path / "r.json"
+        r = run_cli("run", scenario(PASSING, "a.toml"), bad, scenario(FAILING, "b.toml"), "--json", out)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert str(bad) in assert_one_line(r)
+        assert "1 passed, 1 failed, 1 invalid (2 scenarios" in r.stdout
+        doc = json.loads(out.read_text())
+        assert [s["name"] for s in doc["scenarios"]] == ["tags round trip", "a wrong expectation"]
+        assert doc["summary"]["invalid"] == 1 and doc["exit_status"] == 2
+        assert doc["problems"][0]["path"] == str(bad) and doc["problems"][0]["kind"] == "invalid"
+
+    def test_infrastructure_failure_exit_3_and_others_reported(self, scenario, tmp_path):
+        """When the host cannot be reached, every file says so in one line and the run exits 3 with a summary."""
+        out = tmp_path / "r.json"
+        r = run_cli("run", scenario(PASSING, "a.toml"), scenario(FAILING, "b.toml"),
+                    "--host", f"unix:{tmp_path / 'none.sock'}", "--json", out)
+        assert r.returncode == 3
+        assert "Traceback" not in r.stderr and r.stderr.count("mtekvm: ") == 2
+        doc = json.loads(out.read_text())
+        assert doc["summary"]["infrastructure_errors"] == 2 and doc["exit_status"] == 3
+
+    async def test_busy_host_exit_3(self, hypervisor, scenario, tmp_path):
+        """A running host with another client's process attached refuses the reboot: infrastructure, exit 3."""
+        secret = tmp_path / "secret"
+        secret.write_text(hypervisor.secret)
+        async with hypervisor.client("process"):
+            r = await trio.to_thread.run_sync(lambda: run_cli(
+                "run", scenario(PASSING), "--host", hypervisor.address, "--secret-file", secret))
+        assert r.returncode == 3, r.stdout + r.stderr
+        assert "busy" in assert_one_line(r)
+
+
+class TestReports:
+    def test_json_schema_fields(self, scenario, tmp_path):
+        """The JSON report carries its schema, a summary, file paths, durations and failure messages."""
+        out = tmp_path / "r.json"
+        p, f = scenario(PASSING, "p.toml"), scenario(FAILING, "f.toml")
+        r = run_cli("run", p, f, "--json", out)
+        assert r.returncode == 1
+        doc = json.loads(out.read_text())
+        assert doc["schema"] == "mtekvm-report/1" and doc["exit_status"] == 1
+        assert {"scenarios": 2, "passed": 1, "failed": 1, "steps": 9}.items() <= doc["summary"].items()
+        ok, bad = doc["scenarios"]
+        assert (ok["path"], bad["path"]) == (str(p), str(f))
+        assert ok["duration"] > 0 and all(st["duration"] >= 0 for st in ok["steps"])
+        assert ok["failures"] == [] and len(bad["failures"]) == 1 and "step 3" in bad["failures"][0]
+        assert bad["steps"][2]["message"] == "value: expected [9, 9], got [3, 3]"
+
+    def test_junit_xml(self, scenario, tmp_path):
+        """--junit writes JUnit XML that xml.etree parses: a testcase per scenario, a failure for the failed one."""
+        out = tmp_path / "junit.xml"
+        r = run_cli("run", scenario(PASSING, "p.toml"), scenario(FAILING, "f.toml"), "--junit", out)
+        assert r.returncode == 1
+        root = ET.parse(out).getroot()
+        assert root.tag == "testsuites" and root.get("tests") == "2" and root.get("failures") == "1"
+        cases = root.iter("testcase")
+        by_name = {c.get("name"): c for c in cases}
+        assert by_name["tags round trip"].find("failure") is None
+        fail = by_name["a wrong expectation"].find("failure")
+        assert fail is not None and "step 3" in fail.get("message")
+
+    def test_tap(self, scenario):
+        """--tap prints TAP version 13: the plan 1..N, then ok / not ok per file, diagnostics as '#' lines."""
+        bad = scenario("name = \n", "broken.toml")
+        r = run_cli("run", scenario(PASSING, "p.toml"), scenario(FAILING, "f.toml"), bad, "--tap")
+        assert r.returncode == 2
+        lines = r.stdout.splitlines()
+        assert lines[:2] == ["TAP version 13", "1..3"]
+        points = [ln for ln in lines if re.match(r"(ok|not ok) \d+ ", ln)]
+        assert [ln.split(" - ")[0] for ln in points] == ["not ok 1", "ok 2", "not ok 3"]
+        assert "broken.toml" in points[0] and "tags round trip" in points[1]
+        assert all(ln.startswith("#") for ln in lines[2:] if ln not in points)
+
+    def test_table_within_100_columns(self, scenario):
+        """Every line of the human output (tables, messages, notes) fits in 100 columns."""
+        r = run_cli("run", scenario(VM_NOTES, "notes.toml"), scenario(FAILING, "f.toml"),
+                    scenario(PASSING, "p.toml"))
+        assert r.returncode == 1
+        assert max(len(ln) for ln in r.stdout.splitlines()) <= 100
+
+
+class TestNotesAndRules:
+    def test_vm_rules(self, scenario, tmp_path):
+        """enable-mte is per vCPU, an ignored tag store is noted, fault addresses and scalar tags hold."""
+        out = tmp_path / "n.json"
+        r = run_cli("run", scenario(VM_NOTES, "notes.toml"), "--json", out)
+        assert r.returncode == 0, r.stdout + r.stderr
+        steps = json.loads(out.read_text())["scenarios"][0]["steps"]
+        assert "SCTLR_EL1.ATA is 0" in steps[2]["note"] and steps[4]["note"] == ""
+        assert "* step 3: ignored" in r.stdout
+
+    def test_long_list_difference_is_readable(self, scenario, tmp_path):
+        """A long expected tag list that differs is reported as the differing runs, not two 64-item lists."""
+        text = VM_NOTES.replace("value = 7 }", "value = [7, 5] }")
+        r = run_cli("run", scenario(text, "diff.toml"))
+        assert r.returncode == 1
+        assert "expected 2 items, got 64" in r.stdout
+        want = ["7"] * 10 + ["5"] * 10 + ["7"] * 43 + ["5"]
+        text = VM_NOTES.replace("value = 7 }", "value = [" + ", ".join(want) + "] }")
+        r = run_cli("run", scenario(text, "diff.toml"))
+        assert r.returncode == 1
+        assert "11 of 64 items differ; [10..19]: expected 5, got 7; [63]: expected 5, got 7" in r.stdout
+        assert "[7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 5" not in r.stdout
+
+
+class TestExpectViolations:
+    def test_finding_passes_with_exactly_its_violations(self, scenario, tmp_path):
+        """A scenario listing exactly the invariants it breaks passes; one too few or one too many fails."""
+        base = finding_without_expectations()
+        out = tmp_path / "v.json"
+        r = run_cli("run", scenario(base, "f0.toml"), "--json", out)
+        assert r.returncode == 1
+        broke = sorted({v["invariant"] for v in json.loads(out.read_text())["scenarios"][0]["violations"]})
+        assert broke
+
+        def with_names(names):
+            return f"expect-violations = {json.dumps(names)}\n" + base
+
+        r = run_cli("run", scenario(with_names(broke), "f1.toml"))
+        assert r.returncode == 0, r.stdout + r.stderr
+        extra = sorted(INVARIANTS - set(broke))[0]
+        r = run_cli("run", scenario(with_names(broke + [extra]), "f2.toml"))
+        assert r.returncode == 1 and f"{extra} was expected to break but did not" in r.stdout
+        if len(broke) > 1:
+            r = run_cli("run", scenario(with_names(broke[1:]), "f3.toml"))
+            assert r.returncode == 1 and f"broke: {broke[0]}" in r.stdout
+
+    def test_unknown_invariant_is_invalid(self, scenario):
+        """An expect-violations name the model does not check makes the file invalid: exit 2, one line."""
+        r = run_cli("run", scenario('expect-violations = ["NO-SUCH-THING"]\n' + PASSING))
+        assert r.returncode == 2 and "expect-violations" in assert_one_line(r)
+
+
+class TestStrictReplay:
+    RECORD = ("run", str(ROOT / "scenarios/race-cow-vs-mprotect.toml"), "--bug", "flag-before-init",
+              "--scheduler", "random", "--seed", "18")
+
+    def _schedule(self) -> str:
+        r = run_cli(*self.RECORD)
+        assert r.returncode == 1, r.stdout + r.stderr
+        return re.search(r"^\s*schedule:\s+(\S+)$", r.stdout, re.M).group(1)
+
+    def test_replay_without_its_bug_and_unreached_entry(self):
+        """Replaying without the recording's --bug, or with an entry never reached, is one line and exit 2."""
+        schedule = self._schedule()
+        path = str(ROOT / "scenarios/race-cow-vs-mprotect.toml")
+        r = run_cli("run", path, "--scheduler", "replay", "--schedule", schedule)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "--bug" in assert_one_line(r) and "EDEADLK" not in r.stdout
+        r = run_cli("run", path, "--scheduler", "replay", "--schedule", schedule + ",nobody/1@1>nobody/2",
+                    "--bug", "flag-before-init")
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "never reached" in assert_one_line(r)
+        r = run_cli("run", path, "--scheduler", "replay", "--schedule", schedule, "--bug", "flag-before-init")
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+
+
+class TestInterrupt:
+    def test_sigint_exits_130_with_partial_summary(self, scenario, tmp_path):
+        """SIGINT during the second scenario: exit 130, the first one summarised and in the JSON, no traceback."""
+        out = tmp_path / "r.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        p = subprocess.Popen([*mtekvm_cmd(), "run", str(scenario(PASSING, "a.toml")),
+                              str(scenario(long_scenario(20000), "long.toml")), "--json", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+        try:
+            seen = ""
+            deadline = time.monotonic() + CLI_TIMEOUT
+            while "tags round trip" not in seen and time.monotonic() < deadline:
+                ready, _, _ = select.select([p.stdout], [], [], 1)
+                if ready:
+                    line = p.stdout.readline()
+                    if not line:
+                        break
+                    seen += line
+            assert "tags round trip" in seen, seen
+            p.send_signal(signal.SIGINT)
+            rest, err = p.communicate(timeout=CLI_TIMEOUT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 130, seen + rest + err
+        assert "Traceback" not in err and "interrupted" in err
+        assert "1 passed, 0 failed, interrupted (1 scenarios" in rest
+        doc = json.loads(out.read_text())
+        assert doc["summary"]["interrupted"] is True and doc["exit_status"] == 130
+        assert [s["name"] for s in doc["scenarios"]] == ["tags round trip"]
