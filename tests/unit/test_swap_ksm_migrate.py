@@ -158,6 +158,24 @@ class TestSwapRoundTrip:
         assert k.swap.slots == {} and k.swap.tags.store == {}
         assert await p.tags(addr, PAGE) == PATTERN
 
+    async def test_failed_save_puts_back_every_mapping(self):
+        """Tags are saved after the unmap: when that fails, both processes' PTEs of a shared page come back intact."""
+        k = Kernel()
+        a = Proc.new(k, "A")
+        b = Proc.new(k, "B", session=a.task.session)
+        am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
+        bm = await b("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
+        await tag_pattern(a, am)
+        await b("store", addr=bm, data=b"both")
+        page = a.page(am)
+        k.swap.tags.capacity = 0
+        await expect_errno("ENOMEM", k.swap_out(a.pid, am, PAGE))
+        assert a.page(am) is b.page(bm) is page and page.mapcount == 2 and not page.free
+        assert a.vma(am).obj.pages[0] is page
+        assert k.swap.slots == {} and k.swap.tags.store == {}
+        assert frame_problems(k) == [] and invariants(k) == []
+        assert await a.tags(am, PAGE) == PATTERN
+
     async def test_partial_swap_out_stops_at_the_first_failure(self):
         """With room for one tag buffer, swapping two tagged pages swaps the first and keeps the second."""
         k = Kernel()
