@@ -48,7 +48,10 @@ named the same frame (see ``Oracle._flush_ghost``).
 A tag write that lands in a frame the location no longer maps (a GUP holder
 writing after reclaim or migration moved the content on) is still recorded
 when the location still holds content (a swap or migration entry, another
-frame): that write is lost, which is the point. When the location was
+frame): that write is lost, which is the point. A write through a GUP
+reference into a page that fork has since shared copy-on-write is seen by
+every private mapping of that frame (the write is ordered before the fork),
+so it is recorded for each. When the location was
 dropped by a documented rule (MADV_DONTNEED, munmap), the write went to an
 orphaned frame and is not recorded.
 """
@@ -189,6 +192,19 @@ class Ghost:
         kind, cur = self._backing(loc)
         if kind == "none" or (kind == "page" and cur is not page and cur.zone != "normal"):
             return  # the location was dropped (MADV_DONTNEED, munmap): the write went to an orphan
+        self._record_tags(loc, first, tags)
+        if len(page.rmap) > 1:
+            # a write through a GUP reference into a page fork left shared copy-on-write: every
+            # private mapping of that frame sees it (the write is ordered before the fork)
+            key = (loc[0], loc[1])
+            for mm, vpn in list(page.rmap):
+                other = self.locate(mm, vpn)
+                if other is not None and (other[0], other[1]) != key:
+                    key2 = self._backing(other)
+                    if key2 == ("page", page):
+                        self._record_tags(other, first, tags)
+
+    def _record_tags(self, loc, first: int, tags: bytes) -> None:
         e = self._entry(loc)
         if e.tags is None:
             e.tags = bytearray(ZERO_TAGS)

@@ -189,3 +189,33 @@ class TestDocumentedChanges:
         await k.exit_task(p.task)
         assert p.task.mm not in k.oracle.ghost.spaces
         assert invariants(k) == []
+
+
+class TestGupWriteAcrossFork:
+    """A write through a GUP reference that lands after fork shared the page copy-on-write."""
+
+    async def test_copy_tags_to_guest_racing_fork_is_seen_by_both(self):
+        """COPY_TAGS TO_GUEST that got its page before the VMM forked writes the frame both now map; the ghost agrees."""
+        from unit_support import phases, run_once
+
+        async def setup(k):
+            vm = await Vm.create(k)
+            hva = await vm.ram(0, RAM, PAGE, prot=RWM)
+            await vm.stg(RAM, PAGE, 3)
+            st = {"vm": vm, "hva": hva}
+
+            async def vmm(k, st):
+                await vm.copy_tags(RAM, PAGE, from_guest=False, tags=bytes([8]) * 256)
+
+            async def forker(k, st):
+                st["child"] = await vm.vmm.fork("child")
+
+            return st, {"f": forker, "v": vmm}
+
+        run, _ = await run_once(setup, policy=phases(("v", "kvm_vm_ioctl_mte_copy_tags:copy"), ("f", None),
+                                                     ("v", None)))
+        assert run.failure is None
+        st = run.state
+        assert st["child"].page(st["hva"]) is st["vm"].vmm.page(st["hva"])  # still shared copy-on-write
+        assert await st["child"].tags(st["hva"], 16) == [8]
+        assert invariants(run.k) == []
