@@ -1,4 +1,4 @@
-"""Scenario files: parse and validate the TOML contract of ``shared/SCENARIOS.md``.
+"""Scenario files: parse and validate them (the format is described in ``docs/scenarios.md``).
 
 A scenario declares hosts, host processes and VMs, then lists steps; each step is an actor, an
 op, the op's arguments and an optional expectation. :func:`load_scenario` reads a file and
@@ -7,7 +7,12 @@ of frozen value classes, normalised so that the runner never looks at a string t
 
 - sizes, addresses, offsets and counts are ints (``"16MiB"`` -> ``16777216``);
 - omitted arguments are filled in with their defaults (``tag = 0``, mmap ``prot``, ``share``
-  and ``backing``, ...), so every op's ``args`` has a fixed set of keys;
+  and ``backing``, ...), so every op's ``args`` has a fixed set of keys, except the optional
+  wire fields that are present only when the step gives them (mmap ``hugepage_size`` in
+  bytes, enable-cap ``args``, dirty-log ``first`` and ``count``), so that a peer that does
+  not know them yet still serves every other step;
+- ``expect-violations`` names are checked against ``shared.invariants`` and kept in their
+  canonical spelling;
 - ``prot``, memslot ``flags`` and tag lists become tuples, ``data``/``fill`` become ``bytes``;
 - actors are split into kind (``process``, ``vmm``, ``guest``, ``host``), target and vCPU;
 - steps are numbered from 1 as the user counts ``[[steps]]``; the sub-steps of a ``parallel``
@@ -40,8 +45,8 @@ Decisions where the contract is silent:
 - A ``parallel`` step needs at least one sub-step and may not nest another ``parallel``.
 - ``guest:VM:N`` needs ``N < vcpus``; a ``setup = "manual"`` VM creates its vCPUs in steps, so
   any index up to 511 parses (a vCPU that was never created is ENODEV when the step runs).
-- Memslots: ``backing`` defaults to ``anon``; ``ipa`` and ``size`` are page aligned (2 MiB for
-  ``hugetlb``), ``size > 0``, slots do not overlap and fit in ``ipa_bits``. ``object`` is only
+- Memslots: ``backing`` defaults to ``anon``; ``ipa`` and ``size`` are page aligned (for
+  ``hugetlb``, aligned to its ``hugepage-size``, 2 MiB by default), ``size > 0``, slots do not overlap and fit in ``ipa_bits``. ``object`` is only
   for ``memfd``, ``shmem`` and ``file``, and one object keeps one backing everywhere.
 - mmap ``share`` defaults to ``private`` for ``anon`` and ``hugetlb``, ``shared`` otherwise.
 - ``expect`` values are kept as written, except that hex strings expected from ``load`` and

@@ -172,3 +172,14 @@ class TestMachineReadable:
         assert bad[0].startswith("not ok 2 - ") and all(ln.startswith("#") for ln in bad[1:])
         prob = report.tap_lines(3, problem=Problem("x.toml", "invalid", "x.toml: broken"))
         assert prob[0].startswith("not ok 3 - x.toml") and prob[1] == "# x.toml: broken"
+
+
+class TestBootExtras:
+    def test_only_non_default_host_settings_are_sent(self):
+        """boot gets tcf_preferred, kernel_fixes and fault_replay_limit only when they differ from Linux's defaults."""
+        from vmm.runner import boot_extras
+        from vmm.scenario import HostSpec
+        assert boot_extras(HostSpec("h")) == {}
+        assert boot_extras(HostSpec("h", tcf_preferred="asymm", kernel_fixes=("sanitise-whole-hugetlb-folio",),
+                                    fault_replay_limit=5)) == {
+            "tcf_preferred": "asymm", "kernel_fixes": ["sanitise-whole-hugetlb-folio"], "fault_replay_limit": 5}
