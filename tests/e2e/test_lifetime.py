@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from hypervisor.listen import open_connection
 from shared import lifeline, wire
 from vmm.hostlink import HostDied, HostStartError, ProcessVmm
 
@@ -366,6 +368,118 @@ class TestVmmFollowsItsController:
         finally:
             with trio.CancelScope(shield=True):
                 await link.stop()
+
+
+def spawn_with_lifeline(args: list[str], env: dict, **kw) -> tuple[subprocess.Popen, int]:
+    """``python -m ARGS --lifeline-fd R`` with a pipe whose write end only the caller holds (returned)."""
+    r, w = os.pipe()
+    env = dict(env, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", *args, "--lifeline-fd", str(r)],
+                            pass_fds=(r, *kw.pop("pass_fds", ())), env=env, cwd=str(ROOT), **kw)
+    os.close(r)
+    return proc, w
+
+
+def read_listening(proc: subprocess.Popen) -> str:
+    """The address from a server's ``listening on ADDR`` line."""
+    line = proc.stdout.readline().decode()
+    assert line.startswith("listening on "), line
+    return line.split(" ", 2)[2].strip()
+
+
+class TestEachProgramWatchesItsLifeline:
+    """Each program exits when only its lifeline closes: its connections and channels are still open."""
+
+    async def test_hypervisor(self, tmp_path):
+        """A hypervisor whose launcher's lifeline closes exits 0 and removes --remove-dir, with a client attached."""
+        folder = tmp_path / "hv"
+        folder.mkdir()
+        env = dict(os.environ, MTEKVM_SECRET="s3cret")
+        proc, w = spawn_with_lifeline(["hypervisor", "--listen", f"unix:{folder}/hv.sock", "--remove-dir",
+                                       str(folder)], env, stdout=subprocess.PIPE)
+        try:
+            address = read_listening(proc)
+            client = wire.Client(await open_connection(address))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                await client.call("hello", {"role": "process", "secret": "s3cret"})
+                os.close(w)
+                w = None
+                await until(lambda: proc.poll() is not None, "the hypervisor exited")
+                nursery.cancel_scope.cancel()
+            assert proc.returncode == 0
+            assert not folder.exists()
+        finally:
+            if w is not None:
+                os.close(w)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+    async def test_vmm(self, fresh_hypervisor, tmp_path):
+        """A VMM whose lifeline closes destroys its VM, ends its guest, exits and removes --remove-dir, while controlled."""
+        hv = fresh_hypervisor
+        folder = tmp_path / "vmm"
+        folder.mkdir()
+        env = dict(os.environ, MTEKVM_SECRET=hv.secret)
+        proc, w = spawn_with_lifeline(["vmm", "--hypervisor", hv.address, "--listen", f"unix:{folder}/vmm.sock",
+                                       "--name", "vm0", "--session", "life", "--remove-dir", str(folder)],
+                                      env, stdout=subprocess.PIPE)
+        try:
+            address = read_listening(proc)
+            client = wire.Client(await open_connection(address))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(client.run)
+                await client.call("vm-setup", {"name": "vm0", "mte": True, "vcpus": 1, "memory": [
+                    {"ipa": 0x4000_0000, "size": 1 << 20, "backing": "memfd"}]})
+                guests = await until(lambda: descendants(proc.pid), "the VMM started its guest")
+                assert (await hv.stats())["vms"] == 1
+                os.close(w)
+                w = None
+                await until(lambda: proc.poll() is not None, "the VMM exited")
+                nursery.cancel_scope.cancel()
+            await until(lambda: not any(alive(p, st) for p, st in guests.items()), "the guest exited")
+            stats = await hv.wait_stats(lambda st: st["vms"] == 0 and st["tasks"] == 0)
+            assert stats["vms"] == 0 and stats["tasks"] == 0, stats
+            assert not folder.exists()
+        finally:
+            if w is not None:
+                os.close(w)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            proc.stdout.close()
+
+    async def test_guest(self, fresh_hypervisor):
+        """A guest whose lifeline closes exits (status 1) although its VMM's channel is still open."""
+        hv = fresh_hypervisor
+        chan, chan_child = socket.socketpair()
+        exits, exits_child = socket.socketpair()
+        env = dict(os.environ, MTEKVM_SECRET=hv.secret)
+        proc, w = spawn_with_lifeline(["guest", "--hypervisor", hv.address, "--channel-fd", str(chan_child.fileno()),
+                                       "--exit-fd", str(exits_child.fileno())], env,
+                                      pass_fds=(chan_child.fileno(), exits_child.fileno()))
+        chan_child.close()
+        exits_child.close()
+        try:
+            framed = wire.FramedStream(trio.SocketStream(trio.socket.from_stdlib_socket(chan)))
+            await framed.send(wire.request(1, "no-such-op", {}))
+            with trio.fail_after(WAIT):
+                reply = await framed.receive()
+            assert reply["id"] == 1 and not reply["ok"]  # the guest serves its channel
+            os.close(w)
+            w = None
+            await until(lambda: proc.poll() is not None, "the guest exited")
+            assert proc.returncode == 1
+        finally:
+            if w is not None:
+                os.close(w)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            chan.close()
+            exits.close()
 
 
 class TestLifeline:
