@@ -24,13 +24,28 @@ When several apply, the higher in this order wins: 130, 3, 2, 1.
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
+import signal
 import sys
-import time
 
-import trio
+
+def _interrupted_while_starting(signum, frame):  # pragma: no cover - timing
+    """Ctrl-C while Python is still importing: one line and 130, not an import traceback."""
+    sys.stderr.write("mtekvm: interrupted\n")
+    sys.stderr.flush()
+    import os
+    os._exit(130)
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and (
+        __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "mtekvm"):  # the command, not an import
+    signal.signal(signal.SIGINT, _interrupted_while_starting)  # main() puts the default back
+
+import argparse  # noqa: E402 - after the start-up SIGINT handler
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import trio  # noqa: E402
 
 from hypervisor.errors import KernelError
 from hypervisor.sched import parse_schedule
@@ -358,6 +373,8 @@ def _write_reports(args, argv, results, problems, status, duration) -> int:
 def main(argv=None) -> int:
     """Entry point of the ``mtekvm`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = _parser().parse_args(argv)
         if args.cmd == "bugs":
