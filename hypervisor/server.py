@@ -18,7 +18,9 @@ replies, malformed frames close that connection only, a message that is not a
 request gets EPROTO and its connection is closed (see :mod:`shared.wire`), and
 an unexpected error inside the model is reported (EIO, recorded in the
 kernel's warnings). Before ``hello`` only ``hello`` is looked at: any other op
-gets EPERM without its arguments being examined.
+gets EPERM without its arguments being examined, and frames over
+:data:`MAX_FRAME_BEFORE_HELLO` close the connection (a client sends larger
+requests only once hello has been answered).
 
 Errors replied:
     EPERM: no ``hello`` yet, wrong secret, or an op outside the connection's role.
@@ -52,6 +54,8 @@ from shared.errno import EAGAIN, EDEADLK, EINVAL, EIO, EPERM
 log = logging.getLogger("mtekvm.hypervisor")
 
 MAX_OUTSTANDING = 256
+#: Largest frame accepted from a connection before its ``hello`` succeeds (a hello is a few hundred bytes).
+MAX_FRAME_BEFORE_HELLO = 64 * 1024
 OBSERVERS = frozenset({"check-invariants", "stats"})
 
 
@@ -101,6 +105,7 @@ class _Connection:
     def __init__(self, hv: Hypervisor, framed: wire.FramedStream):
         self.hv = hv
         self.framed = framed
+        framed.limit_frames(MAX_FRAME_BEFORE_HELLO)  # raised by a successful hello
         self.role: str | None = None
         self.task = None
         self.vcpus: dict = {}  # index -> Vcpu this guest connection attached
@@ -258,6 +263,7 @@ class _Connection:
             raise KernelError(EPERM, "hello: wrong or missing secret")
         if a["role"] in ("host", "vcpu"):
             self.role = a["role"]
+            self.framed.limit_frames(None)
             return {"role": a["role"]}
         if a["attach"] is not None:
             task = next((t for t in self.k.tasks.values() if t.fork_token == a["attach"] and not t.attached), None)
@@ -269,6 +275,7 @@ class _Connection:
         task.fork_token = None
         self.task = task
         self.role = "process"
+        self.framed.limit_frames(None)
         return {"role": "process", "pid": task.pid}
 
     def _boot(self, a: dict) -> dict:

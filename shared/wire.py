@@ -23,7 +23,8 @@ connection suffers. The decoder admits only ``str``/``bytes`` map keys
 (``strict_map_key``: an array or map as a key is malformed, not a
 ``TypeError``), at most :data:`MAX_DEPTH` levels of nesting (so decoded
 messages can be re-packed, ``repr``'d and walked without ``RecursionError``),
-and frames up to :data:`MAX_FRAME` bytes; whatever it refuses raises
+and frames up to :data:`MAX_FRAME` bytes (or the lower bound a server sets
+with :meth:`FramedStream.limit_frames`, e.g. before ``hello``); whatever it refuses raises
 :class:`WireError` and the receiver closes that connection (the framing is
 lost, so no reply can be matched to it). A message that decodes but is not a
 request envelope (:func:`parse_request`) gets an error response (EPROTO, with
@@ -63,6 +64,8 @@ class WireError(Exception):
         rid: the id of the refused message when it decoded far enough to have one
             (it nests too deep), else None; a server may reply to it before closing.
     """
+
+    rid: int | None = None
 
     def __init__(self, message: str = "", rid: int | None = None):
         super().__init__(message)
@@ -365,6 +368,7 @@ class FramedStream:
             max_map_len=1 << 16,
         )
         self._packer = msgpack.Packer(default=_default, use_bin_type=True)
+        self.max_frame = max_frame
         self._guard = _FrameGuard(max_frame)
         self._ready: collections.deque = collections.deque()  # decoded, not yet returned
         self._fed = 0  # bytes fed to the unpacker so far
@@ -374,6 +378,15 @@ class FramedStream:
     def pack(self, msg: Any) -> bytes:
         """The bytes of one message (for callers that batch their own sends)."""
         return self._packer.pack(msg)
+
+    def limit_frames(self, limit: int | None) -> None:
+        """Refuse incoming frames over ``limit`` bytes from now on (None: back to ``max_frame``).
+
+        A server lowers the bound for peers it does not know yet (before ``hello``),
+        so that an unauthenticated peer cannot make it buffer a 64 MiB frame. Bytes
+        already decoded are not re-judged.
+        """
+        self._guard.limit = self.max_frame if limit is None else min(limit, self.max_frame)
 
     async def send(self, msg: Any) -> None:
         """Send one message.
@@ -433,6 +446,8 @@ class FramedStream:
             except Exception as exc:  # noqa: BLE001 - whatever the decoder refuses is a bad frame, never a crash
                 raise WireError(f"malformed frame: {type(exc).__name__}: {brief(str(exc))}") from None
             end = self._unpacker.tell()  # tell() is a frame boundary only right after a message
+            if end - self._boundary > self._guard.limit:  # whole in one read, but over a lowered bound
+                raise WireError(f"frame larger than {self._guard.limit} bytes")
             if end - self._boundary > MAX_DEPTH and _too_deep(msg):  # n bytes cannot nest deeper than n
                 rid = msg.get("id") if isinstance(msg, dict) else None
                 raise WireError(f"message nests lists and maps deeper than {MAX_DEPTH}",

@@ -419,6 +419,22 @@ class TestHypervisorFuzz:
             await f.send(_hello())
             assert (await f.receive())["ok"]
 
+    async def test_large_frames_wait_for_hello(self, hv):
+        """Before hello a 100 KiB request closes the connection unanswered; after hello the same one is answered."""
+        from hypervisor.server import MAX_FRAME_BEFORE_HELLO
+
+        big = wire.request(1, "store", {"addr": RAM, "data": bytes(MAX_FRAME_BEFORE_HELLO + 36 * 1024)})
+        async with connection(hv.serve) as f:
+            await f.send(big)
+            assert await _until_closed(f) == []
+        async with connection(hv.serve) as f:
+            await f.send(_hello())
+            assert (await f.receive())["ok"]
+            await f.send(big)
+            reply = await f.receive()
+            assert reply["id"] == 1 and reply["errno"] > 0  # EFAULT: nothing is mapped there
+        await hv_healthy(hv)
+
     async def test_not_a_request_gets_eproto_then_close(self, hv):
         """A map that is not a request gets EPROTO carrying its id, then the connection is closed."""
         async with connection(hv.serve) as f:
