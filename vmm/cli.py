@@ -59,12 +59,22 @@ from vmm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
 
 
 def version() -> str:
-    """The installed mtekvm version."""
+    """mtekvm's version: the source tree's pyproject.toml when running from one (an editable
+    install's metadata keeps the version it was installed with), else the installed metadata."""
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+    pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
     try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
+        with open(pyproject, "rb") as f:
+            project = tomllib.load(f).get("project", {})
+        if project.get("name") == "mtekvm" and project.get("version"):
+            return str(project["version"])
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    try:
         return dist_version("mtekvm")
-    except (ImportError, PackageNotFoundError):  # running from a source tree
-        return "0.2.0+source"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 class UsageError(Exception):
