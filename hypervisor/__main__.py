@@ -51,6 +51,11 @@ def _read_secret(path: str) -> str:
     return secret
 
 
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is directly inside ``folder`` (what --remove-dir may remove is the socket's own folder)."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(folder)
+
+
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     p = argparse.ArgumentParser(prog="python -m hypervisor", description=__doc__.splitlines()[0])
@@ -75,6 +80,8 @@ def main(argv=None) -> int:
             lifeline.check_fd(args.lifeline_fd)
         except ValueError as exc:
             p.error(str(exc))
+    if args.remove_dir and not (kind == "unix" and _inside(where, args.remove_dir)):
+        p.error("--remove-dir must be the folder holding the unix:PATH socket (it is removed on exit)")
     secret = None
     if args.secret_file:
         secret = _read_secret(args.secret_file)

@@ -482,6 +482,23 @@ class TestEachProgramWatchesItsLifeline:
             exits.close()
 
 
+@pytest.mark.parametrize("program", ["hypervisor", "vmm"])
+def test_remove_dir_must_be_the_socket_folder(program, tmp_path):
+    """--remove-dir naming any folder but the one holding the program's socket is refused (exit 2), nothing removed."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("x")
+    sock = f"unix:{tmp_path / 'elsewhere' / 'x.sock'}"
+    args = {"hypervisor": ["--listen", sock],
+            "vmm": ["--hypervisor", "unix:/nonexistent/hv.sock", "--listen", sock, "--name", "v"]}[program]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MTEKVM_SECRET="s")
+    r = subprocess.run([sys.executable, "-m", program, *args, "--remove-dir", str(precious)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "--remove-dir must be the folder" in r.stderr
+    assert (precious / "keep").exists()
+
+
 class TestLifeline:
     def _child(self, tmp_path: Path, body: str) -> tuple[subprocess.Popen, int, Path]:
         """A Python child watching a lifeline whose write end only this test holds."""
