@@ -189,6 +189,7 @@ class Run:
 
     def cleanup(self) -> None:
         """SIGKILL whatever is left of this run (only the processes it started)."""
+        self.scan()
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
