@@ -301,13 +301,22 @@ async def do_wp_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> Non
     """do_wp_page(): reuse an exclusive anonymous page, else wp_page_copy()."""
     page = pte.page
     if vma.flags & VM_SHARED and not vma.is_anon:
-        pte.write = True  # a shared mapping only needs its write bit back
+        _pte_mkwrite(mm, vpn, pte)  # a shared mapping only needs its write bit back
         return
     if not pte.special and page.mapping is None and page.mapcount == 1 and page.swap_entry is None \
             and not page.ksm and page.zone == "normal":
-        pte.write = True  # wp_can_reuse_anon_folio()
+        _pte_mkwrite(mm, vpn, pte)  # wp_can_reuse_anon_folio()
         return
     await wp_page_copy(k, mm, vma, vpn, pte)
+
+
+def _pte_mkwrite(mm: "MM", vpn: int, pte: Pte) -> None:
+    """set_pte_at(pte_mkwrite(pte)): a new PTE value, so a concurrent faulter's pte_same() fails.
+
+    (Setting the bit on the same object would let a copier that sampled the
+    read-only PTE install its stale copy over this one.)
+    """
+    mm.pt[vpn] = Pte(page=pte.page, write=True, tagged=pte.tagged, special=pte.special)
 
 
 def _hugetlb_exclusive(mm: "MM", vma: Vma, folio: Page) -> bool:
@@ -335,7 +344,7 @@ async def hugetlb_wp(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> Non
         for v in range(first, first + nr):
             e = mm.pt.get(v)
             if e is not None and e.present and e.page.folio is old:
-                e.write = True
+                _pte_mkwrite(mm, v, e)
         return
     head_pte = mm.pt.get(first)
     new = k.alloc.alloc_hugetlb_folio(nr)
