@@ -86,9 +86,9 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     # GUP holder (COPY_TAGS, ptrace) that took its reference before the unmap may still write the
     # old frame: give up now, before copying, or a write that finishes between the copy and the
     # freeze below would be lost with the old frame.
-    if not huge and _refs_unexpected(old) and not _OLD_ORDERING:
+    if _refs_unexpected(old) and not _OLD_ORDERING:
         _undo(k, olds, entries)
-        put_page(k, new_head)
+        _free_new(k, new_head)
         return 0
     # move_to_new_folio() -> folio_copy() -> copy_highpage() (hugetlb: once, from the head)
     if huge:
@@ -97,9 +97,9 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
     await copy_highpage(k, new_head, old)
     await k.sched.point("migrate:copied")
     # folio_ref_freeze(): only our isolation reference and the page cache's may remain
-    if not huge and _refs_unexpected(old):
+    if _refs_unexpected(old):
         _undo(k, olds, entries)
-        put_page(k, new_head)
+        _free_new(k, new_head)
         return 0
     if old.mapping is not None:
         obj = old.mapping
@@ -131,7 +131,17 @@ def _refs_unexpected(old: Page) -> bool:
     migration gives up instead). Its reference counts as unexpected too, or the
     new PTE would keep mapping the old frame after the page cache moved on.
     """
+    if old.is_hugetlb:  # migrate_huge_page_move_mapping(): every subpage's count (the head holds ours)
+        return any(p.busy(held=int(p is old)) or p.mapcount > 0 for p in old.subpages)
     return old.busy() or old.mapcount > 0
+
+
+def _free_new(k: "Kernel", new_head: Page) -> None:
+    """Drop the never-mapped destination folio of a migration that gave up."""
+    if new_head.is_hugetlb:
+        k.alloc.free_page(new_head)
+    else:
+        put_page(k, new_head)
 
 
 def _undo(k: "Kernel", olds: list[Page], entries) -> None:
