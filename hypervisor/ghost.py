@@ -49,9 +49,10 @@ A tag write that lands in a frame the location no longer maps (a GUP holder
 writing after reclaim or migration moved the content on) is still recorded
 when the location still holds content (a swap or migration entry, another
 frame): that write is lost, which is the point. A write through a GUP
-reference into a page that fork has since shared copy-on-write is seen by
-every private mapping of that frame (the write is ordered before the fork),
-so it is recorded for each. When the location was
+reference taken before a fork, into a page the fork left shared
+copy-on-write, may or may not be seen by the other sharers (Linux copies at
+fork only for FOLL_PIN): those granules of their entries become unknown (not
+checked) until written again. When the location was
 dropped by a documented rule (MADV_DONTNEED, munmap), the write went to an
 orphaned frame and is not recorded.
 """
@@ -70,6 +71,8 @@ if TYPE_CHECKING:
     from hypervisor.mm import MM
 
 ZERO_TAGS = bytes(MTE_GRANULES_PER_PAGE)
+#: An entry's granule whose tag may be either of two values (see ``tags_written``): not checked.
+UNKNOWN = b"\xff"
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -194,15 +197,14 @@ class Ghost:
             return  # the location was dropped (MADV_DONTNEED, munmap): the write went to an orphan
         self._record_tags(loc, first, tags)
         if len(page.rmap) > 1:
-            # a write through a GUP reference into a page fork left shared copy-on-write: every
-            # private mapping of that frame sees it (the write is ordered before the fork)
+            # a write through a GUP reference (taken before a fork) into a page the fork left
+            # shared copy-on-write: Linux promises the other sharers nothing (only FOLL_PIN makes
+            # fork copy at once), they may see it or not, so those granules become unknown there
             key = (loc[0], loc[1])
             for mm, vpn in list(page.rmap):
                 other = self.locate(mm, vpn)
-                if other is not None and (other[0], other[1]) != key:
-                    key2 = self._backing(other)
-                    if key2 == ("page", page):
-                        self._record_tags(other, first, tags)
+                if other is not None and (other[0], other[1]) != key and self._backing(other) == ("page", page):
+                    self._record_tags(other, first, UNKNOWN * len(tags))
 
     def _record_tags(self, loc, first: int, tags: bytes) -> None:
         e = self._entry(loc)
@@ -246,7 +248,7 @@ class Ghost:
             return
         e = self.lookup(loc)
         want = ZERO_TAGS[first:first + len(got)] if e is None or e.tags is None else bytes(e.tags[first:first + len(got)])
-        if bytes(got) != want:
+        if not _same(bytes(got), want):
             self._mismatch(loc, page, f"{who} read tags {_diff(got, want, first)}")
 
     def check_read_data(self, loc, page: Page, who: str) -> None:
@@ -285,7 +287,7 @@ class Ghost:
                     page = None
                 else:
                     tags, data, page = ZERO_TAGS, None, None
-                if tags != want:
+                if not _same(tags, want):
                     self._mismatch(loc, page, f"now holds tags {_diff(tags, want, 0)}"
                                    + (f" (swap entry {cur})" if kind == "swap" else "")
                                    + (" (nothing maps it any more)" if kind == "none" else ""))
@@ -301,8 +303,17 @@ class Ghost:
         self.k.oracle.report_ghost(f"{where}{pfn}: {what}", page, (id(space), index))
 
 
+def _same(got: bytes, want: bytes) -> bool:
+    """Tags equal what was written, granules marked UNKNOWN aside."""
+    if got == want:
+        return True
+    if 0xFF not in want:
+        return False
+    return all(w == 0xFF or g == w for g, w in zip(got, want))
+
+
 def _diff(got: bytes, want: bytes, first: int) -> str:
-    bad = [i for i in range(min(len(got), len(want))) if got[i] != want[i]]
+    bad = [i for i in range(min(len(got), len(want))) if got[i] != want[i] and want[i] != 0xFF]
     show = ", ".join(f"g{first + i}: {got[i]} (last written {want[i]})" for i in bad[:4])
     return f"{len(bad)} granule(s) differ from what was last written: {show}{', ...' if len(bad) > 4 else ''}"
 

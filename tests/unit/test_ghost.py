@@ -219,3 +219,30 @@ class TestGupWriteAcrossFork:
         assert st["child"].page(st["hva"]) is st["vm"].vmm.page(st["hva"])  # still shared copy-on-write
         assert await st["child"].tags(st["hva"], 16) == [8]
         assert invariants(run.k) == []
+
+    async def test_a_cow_copy_made_before_the_write_may_miss_it(self):
+        """The child's CoW copy taken before the pre-fork GUP write lands keeps the old tags; the ghost accepts either."""
+        from unit_support import phases, run_once
+
+        async def setup(k):
+            vm = await Vm.create(k)
+            hva = await vm.ram(0, RAM, PAGE, prot=RWM)
+            await vm.stg(RAM, PAGE, 3)
+            st = {"vm": vm, "hva": hva}
+
+            async def vmm(k, st):
+                await vm.copy_tags(RAM, PAGE, from_guest=False, tags=bytes([8]) * 256)
+
+            async def forker(k, st):
+                st["child"] = child = await vm.vmm.fork("child")
+                await child("store", addr=hva, data=b"child")  # CoW: the child copies the page
+
+            return st, {"f": forker, "v": vmm}
+
+        run, _ = await run_once(setup, policy=phases(("v", "kvm_vm_ioctl_mte_copy_tags:copy"),
+                                                     ("f", "wp_page_copy:map"), ("v", None), ("f", None)))
+        assert run.failure is None
+        st = run.state
+        assert await st["child"].tags(st["hva"], 16) == [3]  # the copy predates the write
+        assert await st["vm"].vmm.tags(st["hva"], 16) == [8]
+        assert invariants(run.k) == []
