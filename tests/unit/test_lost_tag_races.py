@@ -374,3 +374,97 @@ class TestFaultDuringMigration:
         run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
         assert run.state["moved"] == 1
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+
+
+# ---- found by the ghost in a KVM stress run: a CoW copy installed over a reused PTE --------------
+
+def cow_copy_vs_reuse():
+    async def setup(k):
+        p, addr = await tagged_page(k)
+        c = await p.fork("C")
+        st = {"p": p, "c": c, "addr": addr}
+
+        async def copier(k, st):  # P's write fault while C still shares the page: the copy path
+            await p("store", addr=addr, data=b"from a")
+
+        async def child(k, st):  # C breaks CoW: P's page is P's alone again
+            await c("store", addr=addr, data=b"child")
+
+        async def reuser(k, st):  # P's second thread: its write fault reuses the now-exclusive page
+            await p("stg", addr=addr, tag=NEW, size=PAGE)
+
+        return st, {"a": copier, "b": reuser, "c": child}
+
+    return setup
+
+
+PLAN7 = (("a", "wp_page_copy:map"), ("c", None), ("b", None), ("a", None))
+
+
+class TestCowCopyVsReuse:
+    """do_wp_page: one faulter copies while another reuses the page once it became exclusive (pte_same)."""
+
+    async def test_fixed_model_backs_off_the_stale_copy(self):
+        """Reuse writes a new PTE, so the copier's pte_same check fails and it retries: P keeps the reuser's tags."""
+        run, _ = await run_once(cow_copy_vs_reuse(), policy=phases(*PLAN7))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        st = run.state
+        assert await st["p"].tags(st["addr"], 16) == [NEW]
+        assert (await st["p"]("load", addr=st["addr"], size=6)).value == b"from a"
+
+    async def test_reuse_in_place_fires_tags_as_written(self, monkeypatch):
+        """With the write bit set in place (the same PTE object), the stale copy replaces the page: TAGS-AS-WRITTEN."""
+        import hypervisor.memory
+
+        monkeypatch.setattr(hypervisor.memory, "_pte_mkwrite", _mkwrite_in_place)
+        run, _ = await run_once(cow_copy_vs_reuse(), policy=phases(*PLAN7))
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        assert await run.state["p"].tags(run.state["addr"], 16) == [OLD]
+
+
+def _mkwrite_in_place(mm, vpn, pte):
+    """The old reuse: the write bit set on the PTE object a concurrent copier still compares against."""
+    pte.write = True
+
+
+# ---- hugetlb migration checks references too ------------------------------------------------
+
+def poke_vs_hugetlb_migration():
+    async def setup(k):
+        p = Proc.new(k, "P")
+        t = Proc.new(k, "T", session=p.task.session)
+        addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
+        await p("stg", addr=addr + PAGE, tag=OLD, size=PAGE)
+
+        async def tracer(k, st):
+            await t("ptrace-poke-tags", target=p.pid, addr=addr + PAGE, tags=[NEW] * 256)
+
+        async def migrate(k, st):
+            st["moved"] = await k.migrate_pages(p.pid, addr, PAGE)
+
+        return {"p": p, "addr": addr}, {"m": migrate, "t": tracer}
+
+    return setup
+
+
+PLAN8 = (("t", "access_remote_tags"), ("m", "migrate:copied"), ("t", None), ("m", None))
+
+
+class TestPokeVsHugetlbMigration:
+    """Race 4 on a hugetlb folio: a GUP holder of one subpage writes while the folio migrates."""
+
+    async def test_fixed_model_gives_up(self):
+        """Every subpage's count is checked, so ptrace's reference on one makes the migration back off."""
+        run, _ = await run_once(poke_vs_hugetlb_migration(), policy=phases(*PLAN8))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["moved"] == 0
+        assert await run.state["p"].tags(run.state["addr"] + PAGE, 16) == [NEW]
+
+    async def test_unchecked_hugetlb_fires_tags_as_written(self, monkeypatch):
+        """Skipping the check for hugetlb (the old code) moves the old tags and loses the poke: TAGS-AS-WRITTEN."""
+        monkeypatch.setattr(hypervisor.migrate, "_refs_unexpected",
+                            lambda old: not old.is_hugetlb and (old.busy() or old.mapcount > 0))
+        run, _ = await run_once(poke_vs_hugetlb_migration(), policy=phases(*PLAN8))
+        assert run.state["moved"] == 1
+        assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+        assert await run.state["p"].tags(run.state["addr"] + PAGE, 16) == [OLD]
