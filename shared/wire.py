@@ -203,20 +203,21 @@ def brief(value: Any, limit: int = 80) -> str:
 
 
 def _too_deep(obj: Any, limit: int = MAX_DEPTH) -> bool:
-    """Whether ``obj`` nests lists and maps more than ``limit`` levels deep (walked level by level, no recursion)."""
-    level = [obj] if type(obj) is list or type(obj) is dict else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return True
-        deeper = []
-        for o in level:
-            items = o if type(o) is list else o.values()
-            if not _CONTAINERS.isdisjoint(map(type, items)):  # C speed for flat lists of scalars
-                deeper.extend(v for v in items if type(v) is list or type(v) is dict)
-        level = deeper
-    return False
+    """Whether ``obj`` nests lists and maps more than ``limit`` levels deep (a decoded message: no cycles)."""
+    t = type(obj)
+    return (t is list or t is dict) and not _nests_within(obj, limit)
+
+
+def _nests_within(obj, budget: int) -> bool:
+    # recursion is bounded by budget (MAX_DEPTH frames); a long flat list is judged at C speed
+    items = obj if type(obj) is list else obj.values()
+    if len(items) > 16 and _CONTAINERS.isdisjoint(map(type, items)):
+        return True
+    for v in items:
+        t = type(v)
+        if (t is list or t is dict) and (budget <= 1 or not _nests_within(v, budget - 1)):
+            return False
+    return True
 
 
 _CONTAINERS = frozenset((list, dict))

@@ -13,6 +13,7 @@ the same server must serve a well-formed request on a new connection.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import msgpack
@@ -36,7 +37,8 @@ from vmm.hostlink import InProcessHost, InProcessVmm
 SECRET = "fuzz-secret"
 RAM = 0x4000_0000
 MiB = 1 << 20
-EXAMPLES = 150
+SLOW = os.environ.get("MTEKVM_SLOW") == "1"
+EXAMPLES = 1000 if SLOW else 60  # per test; the e2e fuzz (tests/e2e/test_fuzz_processes.py) runs thousands
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 
 # ---- strategies --------------------------------------------------------------------------
