@@ -202,12 +202,19 @@ async def _start_listening(cmd: list[str], env: dict, timeout: float, log: Child
         if err is not None:
             err.close()  # the child has its own descriptor
     line = b""
-    with trio.move_on_after(timeout):
-        while not line.endswith(b"\n"):
-            chunk = await process.stdout.receive_some(1)
-            if not chunk:
-                break
-            line += chunk
+    try:
+        with trio.move_on_after(timeout):
+            while not line.endswith(b"\n"):
+                chunk = await process.stdout.receive_some(1)
+                if not chunk:
+                    break
+                line += chunk
+    except BaseException:  # cancelled or interrupted while it starts: it must not outlive the attempt
+        with trio.CancelScope(shield=True):
+            process.kill()
+            await process.wait()
+            await process.stdout.aclose()
+        raise
     if not line.startswith(b"listening on "):
         await stop_process(process)
         why = log.read() if log is not None else ""
@@ -329,7 +336,7 @@ class ProcessHost(HostLink):
         try:
             self.log = ChildLog(os.path.join(self.folder, "hypervisor.log"))
             self.process, self.address = await start_listening_process(cmd, env, log=self.log, pass_fds=fds)
-        except (HostStartError, OSError) as exc:
+        except BaseException as exc:  # interrupted too: the folder must not outlive the attempt
             self._cleanup()
             if isinstance(exc, OSError):
                 raise HostStartError(f"cannot start the hypervisor: {exc}") from None
@@ -514,7 +521,7 @@ class ProcessVmm(VmmLink):
         try:
             self._log = ChildLog(self.log_path)
             self.process, self.address = await start_listening_process(cmd, env, log=self._log, pass_fds=fds)
-        except (HostStartError, OSError) as exc:
+        except BaseException as exc:  # interrupted too: the folder must not outlive the attempt
             self._cleanup()
             if isinstance(exc, OSError):
                 raise HostStartError(f"cannot start the VMM of {self.name}: {exc}") from None

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import trio
 
 from hypervisor.listen import open_connection
 from shared import lifeline, wire
-from vmm.hostlink import HostDied, HostStartError, ProcessVmm
+from vmm.hostlink import HostDied, HostStartError, ProcessHost, ProcessVmm
 
 ROOT = Path(__file__).resolve().parents[2]
 MTEKVM = Path(sys.executable).parent / "mtekvm"
@@ -481,6 +482,41 @@ class TestEachProgramWatchesItsLifeline:
             proc.wait()
             chan.close()
             exits.close()
+
+
+class TestInterruptedStart:
+    async def test_cancelled_host_start_leaves_no_process_and_no_folder(self, nursery, tmp_path, monkeypatch):
+        """A private hypervisor start cancelled before the child says it listens kills the child and removes its folder."""
+        hang = tmp_path / "hang.py"
+        hang.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")  # never says it listens
+        hang.chmod(0o700)
+        tmp = tmp_path / "tmp"
+        tmp.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+        monkeypatch.setattr(sys, "executable", str(hang))
+        host = ProcessHost(nursery)
+        seen: dict[int, int] = {}
+
+        def child_started() -> bool:
+            seen.update({pid: start for pid, start in descendants(os.getpid()).items()
+                         if str(tmp) in " ".join(_cmdline(pid))})
+            return bool(seen)
+
+        try:
+            with trio.CancelScope() as scope:
+                async def cancel_once_spawned():
+                    await until(child_started, "the hypervisor process was spawned")
+                    scope.cancel()
+
+                nursery.start_soon(cancel_once_spawned)
+                await host.start()
+            assert scope.cancelled_caught and seen
+            assert not any(alive(pid, start) for pid, start in seen.items())
+            assert os.listdir(tmp) == []
+        finally:
+            for pid, start in seen.items():
+                if alive(pid, start):
+                    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("program", ["hypervisor", "vmm"])
