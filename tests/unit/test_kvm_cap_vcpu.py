@@ -253,3 +253,24 @@ class TestVmHandles:
         p = Proc.new(k, "vmm")
         await expect_errno("EINVAL", p("kvm-create-vm", ipa_bits=bits))
         assert k.kvm.vms == {}
+
+
+class TestHostSettings:
+    """The host's boot settings: mte_tcf_preferred and the proposed kernel fixes (``boot`` op)."""
+
+    def test_boot_takes_tcf_preferred_and_kernel_fixes(self):
+        """The boot op carries tcf_preferred (async by default) and kernel_fixes (none by default)."""
+        from shared.abi import validate_args
+
+        assert validate_args("boot", {})["tcf_preferred"] == "async"
+        assert validate_args("boot", {})["kernel_fixes"] == ()
+        a = validate_args("boot", {"tcf_preferred": "asymm", "kernel_fixes": ["sanitise-whole-hugetlb-folio"]})
+        k = Kernel(tcf_preferred=a["tcf_preferred"], kernel_fixes=a["kernel_fixes"])
+        assert k.tcf_preferred == "asymm" and k.fixes == {"sanitise-whole-hugetlb-folio"}
+        assert Kernel().fixes == frozenset()
+
+    @pytest.mark.parametrize("kw", [{"kernel_fixes": ["no-such-fix"]}, {"tcf_preferred": "none"}])
+    def test_unknown_settings_are_refused(self, kw):
+        """An unknown kernel fix or a preference other than sync/async/asymm cannot boot (EINVAL at the boot op)."""
+        with pytest.raises(ValueError):
+            Kernel(**kw)
