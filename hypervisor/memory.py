@@ -263,8 +263,21 @@ async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> No
         # then copies it in hugetlb_wp); the folio of a MAP_PRIVATE|MAP_HUGETLB mapping is its own.
         nr = obj.hpage_pages
         hindex, sub = divmod(index, nr)
-        head = await shmem_get_folio(k, obj, hindex)
         first = vpn - sub
+        if not vma.flags & VM_SHARED and not obj.named:
+            # MAP_PRIVATE|MAP_HUGETLB: hugetlb_no_page() gives this mm an anonymous folio of its
+            # own, never added to the page cache (else a child faulting after fork shared it)
+            head = k.alloc.alloc_hugetlb_folio(nr)
+            for p in head.subpages:
+                p.mapping = None
+            installed = await set_pte_at(k, mm, first, _pte_for(vma, head, bool(vma.flags & VM_WRITE)), nr=nr,
+                                         expect=mm.pt.get(first))
+            for p in head.subpages:  # the allocation's references (the PTEs hold theirs now)
+                p.refcount -= 1
+            if not installed or all(p.refcount <= 0 for p in head.subpages):
+                k.alloc.free_page(head)
+            return
+        head = await shmem_get_folio(k, obj, hindex)
         writable = bool(vma.flags & VM_WRITE) and (bool(vma.flags & VM_SHARED) or not obj.named)
         await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=nr, expect=mm.pt.get(first))
         put_page(k, head)

@@ -468,3 +468,36 @@ class TestPokeVsHugetlbMigration:
         assert run.state["moved"] == 1
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
         assert await run.state["p"].tags(run.state["addr"] + PAGE, 16) == [OLD]
+
+
+# ---- found by the ghost in a KVM + hugetlb stress run: MAP_PRIVATE|MAP_HUGETLB after fork --------
+
+class TestPrivateHugetlbAfterFork:
+    """A MAP_PRIVATE|MAP_HUGETLB page first faulted after fork belongs to the faulting process alone."""
+
+    async def test_child_writes_stay_in_the_child(self):
+        """The child's tags and data on a huge page the parent never touched do not reach the parent."""
+        k = Kernel()
+        p = Proc.new(k, "P")
+        addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
+        c = await p.fork("C")
+        await c("stg", addr=addr, tag=NEW, size=PAGE)
+        await c("store", addr=addr, tag=NEW, data=b"child")
+        assert await p.tags(addr, 16) == [0]
+        assert (await p("load", addr=addr, size=5)).value == bytes(5)
+        assert await c.tags(addr, 16) == [NEW]
+        assert p.page(addr).folio is not c.page(addr).folio
+        assert invariants(k) == [] and frame_problems(k) == []
+
+    async def test_a_page_mapped_before_fork_is_copied_on_write(self):
+        """A huge page the parent mapped before fork is shared until the child writes, then copied with its tags."""
+        k = Kernel()
+        p = Proc.new(k, "P")
+        addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
+        await p("stg", addr=addr, tag=OLD, size=PAGE)
+        c = await p.fork("C")
+        assert p.page(addr) is c.page(addr)
+        await c("stg", addr=addr + 16, tag=NEW, size=16)
+        assert await p.tags(addr, 32) == [OLD, OLD]
+        assert await c.tags(addr, 32) == [OLD, NEW]
+        assert invariants(k) == [] and frame_problems(k) == []
