@@ -24,9 +24,11 @@ connection suffers. The decoder admits only ``str``/``bytes`` map keys
 ``TypeError``), at most :data:`MAX_DEPTH` levels of nesting (so decoded
 messages can be re-packed, ``repr``'d and walked without ``RecursionError``),
 and frames up to :data:`MAX_FRAME` bytes (or the lower bound a server sets
-with :meth:`FramedStream.limit_frames`, e.g. before ``hello``); whatever it refuses raises
-:class:`WireError` and the receiver closes that connection (the framing is
-lost, so no reply can be matched to it). A message that decodes but is not a
+with :meth:`FramedStream.limit_frames`, e.g. before ``hello``). Whatever it
+refuses raises :class:`WireError` and the receiver closes that connection
+without a reply (the framing is lost, no id can be read), except a message
+refused only for its nesting: servers answer it EINVAL with its id (the
+error's ``rid``) before closing. A message that decodes but is not a
 request envelope (:func:`parse_request`) gets an error response (EPROTO, with
 its ``id`` when one can be read) and the connection is closed; a request
 envelope with a bad ``id`` (EINVAL, ``id`` nil), ``ctx`` (EINVAL), op (ENOSYS)

@@ -30,7 +30,6 @@ from shared import wire
 from shared.abi import OPS, validate_args
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL
 from shared.errno import EINVAL, EIO, ENOSYS, EPERM, EPROTO
-from shared.mte import PAGE_SIZE
 from shared.rpc import serve_requests
 from vmm.hostlink import InProcessHost, InProcessVmm
 
@@ -224,8 +223,8 @@ async def feed_bytes(serve, data: bytes, prefix=()) -> list:
 
 
 async def feed_messages(serve, msgs: list, prefix=()) -> None:
-    """Send each message in turn: a request gets exactly one response with its id; anything else gets at most
-    an EPROTO response and the connection closes."""
+    """Send each message in turn: a request gets exactly one response with its id; anything else gets an EPROTO
+    response and a close; a message nested past MAX_DEPTH gets EINVAL (when it has an id) and a close."""
     async with connection(serve) as f:
         for msg in prefix:
             await f.send(msg)
@@ -243,18 +242,20 @@ async def feed_messages(serve, msgs: list, prefix=()) -> None:
                     assert not is_request or nesting(msg) > wire.MAX_DEPTH or _unhashable_keys(msg), msg
                     return
             _check_response(reply)
-            rid = msg.get("id") if is_request else None
-            if not is_request:
-                assert reply["errno"] == EPROTO, (msg, reply)
+            rid = msg.get("id") if isinstance(msg, dict) else None
+            has_id = isinstance(rid, int) and not isinstance(rid, bool)
+            if nesting(msg) > wire.MAX_DEPTH:  # refused for its nesting: EINVAL with its id, then closed
+                assert has_id and reply["id"] == rid and reply["errno"] == EINVAL, (msg, reply)
                 assert await _until_closed(f) == []
                 return
-            if isinstance(rid, int) and not isinstance(rid, bool):
+            if not is_request:  # EPROTO (with its id when it has one), then closed
+                assert reply["errno"] == EPROTO and reply["id"] == (rid if has_id else None), (msg, reply)
+                assert await _until_closed(f) == []
+                return
+            if has_id:
                 assert reply["id"] == rid, (msg, reply)
             else:
                 assert reply["id"] is None and reply["errno"] == EINVAL, (msg, reply)
-            if nesting(msg) > wire.MAX_DEPTH:  # answered (EINVAL with its id), then closed
-                assert reply["errno"] == EINVAL and await _until_closed(f) == []
-                return
 
 
 def _unhashable_keys(obj) -> bool:
