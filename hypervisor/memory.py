@@ -267,9 +267,13 @@ async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> No
         if not vma.flags & VM_SHARED and not obj.named:
             # MAP_PRIVATE|MAP_HUGETLB: hugetlb_no_page() gives this mm an anonymous folio of its
             # own, never added to the page cache (else a child faulting after fork shared it)
+            cur = next((e for e in (mm.pt.get(v) for v in range(first, first + nr))
+                        if e is not None and e.present and e.page.is_hugetlb), None)
+            if cur is not None:  # part of the folio is still mapped (a 4 KiB zap): map it whole again
+                await set_pte_at(k, mm, first, Pte(page=cur.page.folio, write=cur.write, tagged=cur.tagged), nr=nr,
+                                 expect=mm.pt.get(first))
+                return
             head = k.alloc.alloc_hugetlb_folio(nr)
-            for p in head.subpages:
-                p.mapping = None
             installed = await set_pte_at(k, mm, first, _pte_for(vma, head, bool(vma.flags & VM_WRITE)), nr=nr,
                                          expect=mm.pt.get(first))
             for p in head.subpages:  # the allocation's references (the PTEs hold theirs now)

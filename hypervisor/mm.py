@@ -380,10 +380,20 @@ async def do_madvise(k: "Kernel", mm: MM, addr: int, size: int, advice: str) -> 
                 if v.is_anon:
                     v.flags |= VM_MERGEABLE
             return
+        ranges = []
         for v in mm.vmas_in(addr, end):
             if advice == "dontneed" and v.flags & VM_PFNMAP:
                 raise KernelError("EINVAL", "madvise: MADV_DONTNEED on a PFNMAP mapping")
             if advice == "free" and not v.is_anon:
                 raise KernelError("EINVAL", "madvise: MADV_FREE works on private anonymous memory only")
-        zap_pte_range(k, mm, addr, end, "clear")
+            lo, hi = max(addr, v.start), min(end, v.end)
+            if v.flags & VM_HUGETLB:  # madvise_dontneed_free_valid_vma(): whole huge pages only
+                hsz = v.obj.hpage_pages << PAGE_SHIFT
+                if lo % hsz:
+                    raise KernelError("EINVAL", f"madvise: {lo:#x} is not aligned to the huge page size {hsz:#x}")
+                hi = lo + (hi - lo) // hsz * hsz  # rounded down, "to avoid unexpected data loss"
+            if hi > lo:
+                ranges.append((lo, hi))
+        for lo, hi in ranges:
+            zap_pte_range(k, mm, lo, hi, "clear")
         await k.sched.point("madvise")

@@ -501,3 +501,18 @@ class TestPrivateHugetlbAfterFork:
         assert await p.tags(addr, 32) == [OLD, OLD]
         assert await c.tags(addr, 32) == [OLD, NEW]
         assert invariants(k) == [] and frame_problems(k) == []
+
+    async def test_dontneed_on_hugetlb_takes_whole_huge_pages(self):
+        """MADV_DONTNEED on hugetlb: an unaligned start is EINVAL, a short length rounds down to nothing, a whole page reads fresh."""
+        from unit_support import expect_errno
+
+        k = Kernel()
+        p = Proc.new(k, "P")
+        addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
+        await p("stg", addr=addr, tag=NEW, size=2 * PAGE)
+        await expect_errno("EINVAL", p("madvise", addr=addr + PAGE, size=PAGE, advice="dontneed"))
+        await p("madvise", addr=addr, size=PAGE, advice="dontneed")  # rounded down: nothing
+        assert await p.tags(addr, 32) == [NEW, NEW] and await p.tags(addr + PAGE, 16) == [NEW]
+        await p("madvise", addr=addr, size=HPAGE_SIZE, advice="dontneed")
+        assert await p.tags(addr, 16) == [0] and await p.tags(addr + PAGE, 16) == [0]
+        assert invariants(k) == [] and frame_problems(k) == []
