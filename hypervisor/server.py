@@ -259,7 +259,8 @@ class _Connection:
     def _hello(self, a: dict) -> dict:
         if self.role is not None:
             raise KernelError(EPERM, "hello: already introduced")
-        if self.hv.secret is not None and not hmac.compare_digest(a["secret"] or "", self.hv.secret):
+        if self.hv.secret is not None and not hmac.compare_digest(  # as bytes: str must be ASCII there
+                (a["secret"] or "").encode("utf-8", "surrogatepass"), self.hv.secret.encode("utf-8", "surrogatepass")):
             raise KernelError(EPERM, "hello: wrong or missing secret")
         if a["role"] in ("host", "vcpu"):
             self.role = a["role"]

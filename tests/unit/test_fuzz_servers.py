@@ -149,7 +149,7 @@ def _requests(table: dict, plausible: list, exclude: tuple = ()):
     return build()
 
 
-_PLAUSIBLE = [0, 1, 15, 16, 4096, RAM, RAM + 16, RAM | (3 << 56), 2 ** 48, 2 ** 64 - 1, -1, "read",
+_PLAUSIBLE = [0, 1, 15, 16, 4096, RAM, RAM + 16, RAM | (3 << 56), 2 ** 48, 2 ** 64 - 1, -1, "read", "é", SECRET,
               ["read", "write", "mte"], "sync", "none", "memfd", "anon", "tagged", "normal", "device",
               "from-guest", "to-guest", "get", "clear", "load", "store", b"\x01" * 16, [1, 2, 3], [RAM, 16, "tagged"],
               [[RAM, 16, "tagged"]], True, False, None, {}, [{"ipa": RAM, "size": MiB, "backing": "memfd"}]]
@@ -416,6 +416,8 @@ class TestHypervisorFuzz:
             await f.send(wire.request(2, [[[]]], {}))
             assert (await f.receive())["errno"] == EPERM
             await f.send(wire.request(3, "hello", {"role": "process", "secret": "wrong"}))
+            assert (await f.receive())["errno"] == EPERM
+            await f.send(wire.request(3, "hello", {"role": "host", "secret": "fuzz-sécret"}))  # not ASCII
             assert (await f.receive())["errno"] == EPERM
             await f.send(wire.request(4, "hello", {"role": "process", "secret": SECRET, "bogus": 1}))
             assert (await f.receive())["errno"] == EINVAL
