@@ -22,6 +22,10 @@ must break them in at least one:
   breaks it).
 * KVM_ENABLE_CAP vs an AArch32 vCPU: exactly one of them fails (CAP BEFORE
   VCPUS).
+* Two vCPUs' first faults on one hugetlb folio: clean for 2 MiB blocks; for
+  64 KiB (4 KiB stage-2 mappings) the loser reads stale tags in every
+  interleaving (finding 3), and ``sanitise-whole-hugetlb-folio`` makes every
+  interleaving clean.
 """
 
 from __future__ import annotations
@@ -415,3 +419,62 @@ class TestEnableCapVsAarch32Vcpu:
             assert kvm.created_vcpus == 1
             assert violations(run) == set()
         assert seen == {"ok", "EINVAL"}
+
+
+# ---- scenario 6: two vCPUs' first faults on one hugetlb folio (finding 3 under concurrency) -------------
+
+
+def two_vcpus_fault_one_hugetlb_folio(hs: int, fixes=()):
+    """vCPU 0 and vCPU 1 first touch two different pages of one hugetlb folio of ``hs`` bytes (an LDG each)."""
+
+    async def setup(k):
+        k.fixes = frozenset(fixes)  # the host's kernel-fixes (run_once boots a default kernel)
+        vm = await Vm.create(k)
+        await vm.add_vcpu()
+        hva = await vm.vmm("mmap", size=hs, prot=["read", "write"], share="private", backing="hugetlb",
+                           hugepage_size=hs)
+        await vm.slot(0, RAM, hs, hva)
+        st = St(vm, hva)
+        st.seen = [None, None]
+
+        async def cpu(n):
+            async def body(k, st):
+                st.seen[n] = await vm.ldg(RAM + (hs - PAGE) * n, 16, vcpu=n)
+            return body
+
+        return st, {"cpu0": await cpu(0), "cpu1": await cpu(1)}
+
+    return setup
+
+
+class TestTwoVcpusFaultOneHugetlbFolio:
+    """The folio's tag lock orders two first faults; what the loser maps depends on what the winner cleared."""
+
+    async def test_2m_block_mappings_are_clean_in_every_interleaving(self):
+        """2 MiB maps whole blocks: whichever vCPU wins clears the folio, the other waits, both read zeros."""
+        runs = await all_runs(two_vcpus_fault_one_hugetlb_folio(2 << 20), preemptions=2, seeds=range(10))
+        assert len(runs) > 10
+        for run in runs:
+            assert run.failure is None, run.failure
+            assert run.state.seen == [[0], [0]]
+            assert violations(run) == set()
+
+    async def test_64k_loser_sees_stale_tags_in_every_interleaving(self):
+        """64 KiB maps 4 KiB per fault: the winner clears only its page and flags the folio, so the other vCPU
+        reads stale tags whatever the order (finding 3 needs no race)."""
+        runs = await all_runs(two_vcpus_fault_one_hugetlb_folio(64 << 10), preemptions=2, seeds=range(10))
+        for run in runs:
+            assert run.failure is None, run.failure
+            assert sorted(bool(s[0]) for s in run.state.seen) == [False, True]
+            assert {"NO-PUBLISH-BEFORE-VALID", "LAST-TAG-WRITTEN"} <= violations(run) | {
+                v.invariant for v in run.k.oracle.violations}
+
+    async def test_64k_with_the_fix_is_clean_in_every_interleaving(self):
+        """With sanitise-whole-hugetlb-folio the winner clears all 16 pages: both vCPUs read zeros, nothing breaks."""
+        runs = await all_runs(two_vcpus_fault_one_hugetlb_folio(64 << 10, ("sanitise-whole-hugetlb-folio",)),
+                              preemptions=2, seeds=range(10))
+        assert len(runs) > 10
+        for run in runs:
+            assert run.failure is None, run.failure
+            assert run.state.seen == [[0], [0]]
+            assert violations(run) == set() and run.k.oracle.violations == []
