@@ -572,6 +572,87 @@ op = "ldg"
 addr = 0x4000_0000
 size = 1024
 expect = { outcome = "ok", value = 7 }
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "stg"
+addr = 0x4000_0410
+size = 16
+tag = 2
+
+[[steps]]
+actor = "guest:vm0:1"
+op = "store"
+addr = 0x4000_0408
+tag = 7
+fill = 1
+size = 16
+expect = { outcome = "tag-check-fault", value = 0x4000_0410 }
+"""
+
+HOST_FAULTS = """
+name = "fault addresses of host accesses"
+
+[processes.p]
+
+[[steps]]
+actor = "p"
+op = "prctl"
+tcf = "sync"
+
+[[steps]]
+actor = "p"
+op = "mmap"
+size = "4KiB"
+prot = ["read", "write", "mte"]
+
+[[steps]]
+actor = "p"
+op = "stg"
+addr = 0x1000_0000
+size = 64
+tag = 3
+expect = "EFAULT"
+
+[[steps]]
+actor = "p"
+op = "mmap"
+addr = 0x1000_0000
+size = "4KiB"
+prot = ["read", "write", "mte"]
+expect = { outcome = "ok", value = 0x1000_0000 }
+
+[[steps]]
+actor = "p"
+op = "stg"
+addr = 0x1000_0000
+size = 16
+tag = 3
+
+[[steps]]
+actor = "p"
+op = "store"
+addr = 0x1000_0008
+tag = 3
+fill = 0xaa
+size = 16
+expect = { outcome = "tag-check-fault", value = 0x1000_0010 }
+
+[[steps]]
+actor = "p"
+op = "load"
+addr = 0x1000_0004
+tag = 5
+size = 8
+expect = { outcome = "tag-check-fault", value = 0x1000_0004 }
+
+[[steps]]
+actor = "p"
+op = "load"
+addr = 0x1000_0000
+tag = 3
+size = 16
+expect = { outcome = "ok", value = "00000000000000000000000000000000" }
 """
 
 
@@ -724,6 +805,15 @@ class TestNotesAndRules:
         steps = json.loads(out.read_text())["scenarios"][0]["steps"]
         assert "SCTLR_EL1.ATA is 0" in steps[2]["note"] and steps[4]["note"] == ""
         assert "* step 3: ignored" in r.stdout
+
+    def test_host_fault_addresses_and_mmap_without_addr(self, scenario, tmp_path):
+        """A host tag check fault reports the first byte touched in the first mismatching granule, tag
+        bits cleared; mmap without addr returns an address the kernel picked (not the one used later)."""
+        out = tmp_path / "h.json"
+        r = run_cli("run", scenario(HOST_FAULTS, "faults.toml"), "--json", out)
+        assert r.returncode == 0, r.stdout + r.stderr
+        picked = json.loads(out.read_text())["scenarios"][0]["steps"][1]["value"]
+        assert isinstance(picked, int) and picked % 4096 == 0 and picked != 0x1000_0000
 
     def test_long_list_difference_is_readable(self, scenario, tmp_path):
         """A long expected tag list that differs is reported as the differing runs, not two 64-item lists."""
