@@ -8,6 +8,11 @@ oracles see every tag access: each write updates the page's ghost ``shadow``
 (the tags a correct kernel would hold) and each read checks that a page which
 claims PG_mte_tagged really holds valid tags (NO-PUBLISH-BEFORE-VALID).
 
+The shadow lives on the frame, so it moves with the content (swap, migration,
+CoW); the end-to-end TAGS-AS-WRITTEN ghost (hypervisor/ghost.py), keyed by
+what the user sees, is fed by the callers of :func:`write_tags` and
+:func:`read_tags`, which know the user location.
+
 Shadow rules: an initialising clear sets the shadow to zeros only while no
 actor has written the page's tags yet (a later "initialisation" that wipes
 written tags is exactly the lost-tag race); an actor's write sets it to what was
