@@ -252,7 +252,8 @@ def judge_violations(violations: list[dict], expected: tuple[str, ...]) -> list[
     out = [f"invariant {n} was expected to break but did not" for n in sorted(want - found)]
     unexpected = sorted(found - want)
     if unexpected:
-        out.append(f"invariant{'s' * (len(unexpected) > 1)} broke: {', '.join(unexpected)}")
+        out.append(f"invariant{'s' * (len(unexpected) > 1)} that expect-violations does not list "
+                   f"broke: {', '.join(unexpected)}")
     return out
 
 
