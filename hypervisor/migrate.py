@@ -101,7 +101,8 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
         _undo(k, olds, entries)
         _free_new(k, new_head)
         return 0
-    if old.mapping is not None:
+    anon = old.mapping is None
+    if not anon:
         obj = old.mapping
         for n, o in zip(news, olds):
             n.mapping, n.index = o.mapping, o.index
@@ -117,8 +118,14 @@ async def _migrate_isolated(k: "Kernel", old: Page) -> int:
             await set_pte_at(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), expect=entry)
     if not huge:
         put_page(k, new_head)  # the allocation's reference
-    elif old.mapping is None and all(o.mapcount == 0 for o in olds):
-        k.alloc.free_page(old)
+    else:
+        if anon:  # an anonymous folio: the allocation's references go (a page-cache folio keeps them)
+            for n in news:
+                n.refcount -= 1
+            if all(n.refcount <= 0 for n in news):
+                k.alloc.free_page(new_head)  # every PTE was zapped meanwhile
+        if all(o.mapcount == 0 for o in olds):
+            k.alloc.free_page(old)
     return 1
 
 

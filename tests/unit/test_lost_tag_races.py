@@ -516,3 +516,17 @@ class TestPrivateHugetlbAfterFork:
         await p("madvise", addr=addr, size=HPAGE_SIZE, advice="dontneed")
         assert await p.tags(addr, 16) == [0] and await p.tags(addr + PAGE, 16) == [0]
         assert invariants(k) == [] and frame_problems(k) == []
+
+    async def test_migrating_an_anonymous_hugetlb_folio_leaks_nothing(self):
+        """A private hugetlb folio migrates with its tags, and is freed once its last mapping goes."""
+        k = Kernel()
+        p = Proc.new(k, "P")
+        addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
+        await p("stg", addr=addr + PAGE, tag=NEW, size=PAGE)
+        old = p.page(addr).folio
+        assert await k.migrate_pages(p.pid, addr, PAGE) == 1
+        assert p.page(addr).folio is not old and old.free
+        assert await p.tags(addr + PAGE, 16) == [NEW]
+        assert invariants(k) == [] and frame_problems(k) == []
+        await p("munmap", addr=addr, size=HPAGE_SIZE)
+        assert k.alloc.allocated == 0 and frame_problems(k) == []
