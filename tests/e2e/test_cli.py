@@ -888,25 +888,25 @@ class TestInterrupt:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         p = subprocess.Popen([*mtekvm_cmd(), "run", str(scenario(PASSING, "a.toml")),
                               str(scenario(long_scenario(20000), "long.toml")), "--json", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
         try:
-            seen = ""
+            seen = b""  # read the pipe unbuffered, so that select() sees every byte that arrived
             deadline = time.monotonic() + CLI_TIMEOUT
-            while "tags round trip" not in seen and time.monotonic() < deadline:
+            while b"tags round trip" not in seen and time.monotonic() < deadline:
                 ready, _, _ = select.select([p.stdout], [], [], 1)
                 if ready:
-                    line = p.stdout.readline()
-                    if not line:
+                    chunk = os.read(p.stdout.fileno(), 65536)
+                    if not chunk:
                         break
-                    seen += line
-            assert "tags round trip" in seen, seen
+                    seen += chunk
+            assert b"tags round trip" in seen, seen
             p.send_signal(signal.SIGINT)
-            rest, err = p.communicate(timeout=CLI_TIMEOUT)
+            rest, err = (b.decode() for b in p.communicate(timeout=CLI_TIMEOUT))
         finally:
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        assert p.returncode == 130, seen + rest + err
+        assert p.returncode == 130, seen.decode() + rest + err
         assert "Traceback" not in err and "interrupted" in err
         assert "1 passed, 0 failed, interrupted (1 scenarios" in rest
         doc = json.loads(out.read_text())
