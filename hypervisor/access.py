@@ -33,7 +33,7 @@ import attrs
 
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of
-from hypervisor.memory import handle_mm_fault
+from hypervisor.mm.memory import handle_mm_fault
 from hypervisor.mte import mte_update_sctlr_user
 from hypervisor.tags import read_tags, write_tags
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Kvm, kvm_has_mte
-from hypervisor.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.memslot import ghost_kvm_write
 from hypervisor.mte_lock import (
     folio_set_hugetlb_mte_tagged,

@@ -14,12 +14,12 @@ import itertools
 import secrets
 
 from hypervisor.errors import KernelError
-from hypervisor.ksm import ksm_merge_range
+from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.kvm import KvmState
-from hypervisor.memory import copy_page_range, zap_pte_range
-from hypervisor.migrate import migrate_range
-from hypervisor.mm import MM, _drop_object_ref
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.memory import copy_page_range, zap_pte_range
+from hypervisor.mm.migrate import migrate_range
+from hypervisor.mm.mmap import MM, _drop_object_ref
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.vma import VM_SHARED
 from hypervisor.mte import MteCtrl
 from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
@@ -27,7 +27,7 @@ from hypervisor.oracles import Oracle
 from hypervisor.page import PageAllocator
 from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
-from hypervisor.swap import SwapDevice, shrink_folio_list
+from hypervisor.mm.swap import SwapDevice, shrink_folio_list
 from shared.bugs import check_bug_names, check_kernel_fix_names
 from shared.mte import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 

@@ -40,7 +40,7 @@ from hypervisor.locks import ModelMutex
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.memslot import Memslot
-    from hypervisor.mm import MM
+    from hypervisor.mm.mmap import MM
     from hypervisor.process import Task
 
 KVM_MAX_VCPUS = 512

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
 from hypervisor.kvm import Kvm, S2Entry, Vcpu, kvm_has_mte
-from hypervisor.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.memslot import Memslot, ghost_kvm_write, mark_page_dirty
-from hypervisor.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
+from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,

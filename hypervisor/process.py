@@ -6,7 +6,7 @@ import random
 
 import attrs
 
-from hypervisor.mm import MM
+from hypervisor.mm.mmap import MM
 from hypervisor.mte import MteCtrl
 
 

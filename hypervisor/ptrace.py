@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of
-from hypervisor.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.tags import read_tags, write_tags
 from hypervisor.vma import VM_MTE
 from shared.mte import MTE_GRANULE_MASK, MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE

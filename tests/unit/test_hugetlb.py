@@ -66,7 +66,7 @@ class TestSizes:
     @pytest.mark.parametrize("hs", [4096, 1 << 20, 4 << 20, 512 << 20, 2 << 30])
     async def test_other_sizes_are_einval(self, hs):
         """Sizes other than 64 KiB, 2 MiB, 32 MiB and 1 GiB are refused with EINVAL."""
-        from hypervisor.mm import do_mmap
+        from hypervisor.mm.mmap import do_mmap
 
         k = Kernel()
         p = Proc.new(k, "p")

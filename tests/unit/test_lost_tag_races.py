@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import pytest
 
-import hypervisor.migrate
+import hypervisor.mm.migrate
 import hypervisor.ptrace
-import hypervisor.swap
+import hypervisor.mm.swap
 from hypervisor.kernel import Kernel
 from shared.mte import HPAGE_SIZE
 
@@ -91,7 +91,7 @@ class TestStgVsSwapOut:
 
     async def test_old_ordering_fires_tags_as_written(self, old_order):
         """Saving before the unmap loses the store, and only TAGS-AS-WRITTEN says so."""
-        old_order(hypervisor.swap)
+        old_order(hypervisor.mm.swap)
         run, _ = await run_once(stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("w", None), ("r", None)))
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
         st = run.state
@@ -138,7 +138,7 @@ class TestSwapInSecondFaulter:
 
     async def test_old_ordering_fires_tags_as_written(self, old_order):
         """Restoring only in the reader lets the second faulter publish zero tags: TAGS-AS-WRITTEN."""
-        old_order(hypervisor.swap, "_OLD_SWAPIN")
+        old_order(hypervisor.mm.swap, "_OLD_SWAPIN")
         run, _ = await run_once(two_faulters(), policy=phases(("a", "swap_read_folio"), ("b", None), ("a", None)))
         assert run.state["b"] == [0]  # the child read zeros where it had OLD
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
@@ -234,7 +234,7 @@ class TestCopyTagsVsMigration:
 
     async def test_old_ordering_fires_tags_as_written(self, old_order):
         """Copying before the reference check moves the old tags to the new frame: TAGS-AS-WRITTEN."""
-        old_order(hypervisor.migrate)
+        old_order(hypervisor.mm.migrate)
         run, _ = await run_once(copy_tags_vs_migration(), policy=phases(*PLAN4))
         assert run.state["moved"] == 1 and run.state["copied"]["length"] == PAGE
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
@@ -282,7 +282,7 @@ class TestGuestStgVsSwapOut:
 
     async def test_old_ordering_fires_tags_as_written(self, old_order):
         """Saving before the unmap loses the guest's store: TAGS-AS-WRITTEN, keyed through the memslot."""
-        old_order(hypervisor.swap)
+        old_order(hypervisor.mm.swap)
         run, _ = await run_once(guest_stg_vs_swap_out(), policy=phases(("r", "add_to_swap"), ("g", None),
                                                                         ("r", None)))
         assert run.state["swapped"] == 1
@@ -370,7 +370,7 @@ class TestFaultDuringMigration:
 
     async def test_old_check_fires_tags_as_written(self, monkeypatch):
         """Counting the new mapping as expected leaves A on the old frame while the page cache moves on: TAGS-AS-WRITTEN."""
-        monkeypatch.setattr(hypervisor.migrate, "_refs_unexpected", lambda old: old.busy())
+        monkeypatch.setattr(hypervisor.mm.migrate, "_refs_unexpected", lambda old: old.busy())
         run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
         assert run.state["moved"] == 1
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
@@ -414,9 +414,9 @@ class TestCowCopyVsReuse:
 
     async def test_reuse_in_place_fires_tags_as_written(self, monkeypatch):
         """With the write bit set in place (the same PTE object), the stale copy replaces the page: TAGS-AS-WRITTEN."""
-        import hypervisor.memory
+        import hypervisor.mm.memory
 
-        monkeypatch.setattr(hypervisor.memory, "_pte_mkwrite", _mkwrite_in_place)
+        monkeypatch.setattr(hypervisor.mm.memory, "_pte_mkwrite", _mkwrite_in_place)
         run, _ = await run_once(cow_copy_vs_reuse(), policy=phases(*PLAN7))
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
         assert await run.state["p"].tags(run.state["addr"], 16) == [OLD]
@@ -462,7 +462,7 @@ class TestPokeVsHugetlbMigration:
 
     async def test_unchecked_hugetlb_fires_tags_as_written(self, monkeypatch):
         """Skipping the check for hugetlb (the old code) moves the old tags and loses the poke: TAGS-AS-WRITTEN."""
-        monkeypatch.setattr(hypervisor.migrate, "_refs_unexpected",
+        monkeypatch.setattr(hypervisor.mm.migrate, "_refs_unexpected",
                             lambda old: not old.is_hugetlb and (old.busy() or old.mapcount > 0))
         run, _ = await run_once(poke_vs_hugetlb_migration(), policy=phases(*PLAN8))
         assert run.state["moved"] == 1

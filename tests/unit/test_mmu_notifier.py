@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hypervisor.kernel import Kernel
-from hypervisor.mmu_notifier import mmu_notifier_register, mmu_notifier_unregister
+from hypervisor.mm.mmu_notifier import mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.syscalls import PROCESS_OPS
 from shared.abi import validate_args
 

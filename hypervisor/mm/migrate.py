@@ -18,15 +18,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.copypage import copy_highpage
-from hypervisor.memory import get_page, put_page, set_pte_at
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.memory import get_page, put_page, set_pte_at
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from shared.mte import PAGE_SHIFT
 from hypervisor.page import Page
 from hypervisor.vma import Pte
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm import MM
+    from hypervisor.mm.mmap import MM
 
 #: Test-only: the old ordering (copy first, check references only at the freeze), so
 #: tests/unit/test_lost_tag_races.py can show the ghost catches the COPY_TAGS write it loses.

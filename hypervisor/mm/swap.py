@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.errors import KernelError
-from hypervisor.memory import put_page
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.memory import put_page
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.page import Page
 from hypervisor.vma import MemObject, Pte
@@ -29,7 +29,7 @@ from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm import MM
+    from hypervisor.mm.mmap import MM
 
 #: Test-only: the old orderings, so tests/unit/test_lost_tag_races.py can show the ghost
 #: catches what they lose: tags saved before the unmap with a scheduling point between

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
 from hypervisor.locks import ModelRwSem
-from hypervisor.memory import set_pte_at, zap_pte_range
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.memory import set_pte_at, zap_pte_range
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.page import Page
 from hypervisor.vma import (
     OBJECT_KIND,
@@ -252,7 +252,7 @@ async def _unmap_locked(k: "Kernel", mm: MM, addr: int, size: int) -> None:
 
 
 def _drop_object_ref(k: "Kernel", v: Vma) -> None:
-    from hypervisor.memory import put_page
+    from hypervisor.mm.memory import put_page
 
     obj = v.obj
     if obj is None:

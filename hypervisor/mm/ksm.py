@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.memory import get_page, put_page
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.memory import get_page, put_page
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import memcmp_pages
 from hypervisor.mte_lock import page_mte_tagged
 from hypervisor.vma import VM_MERGEABLE
@@ -19,7 +19,7 @@ from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm import MM
+    from hypervisor.mm.mmap import MM
 
 
 def page_content_key(page) -> bytes:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.copypage import copy_user_highpage
 from hypervisor.errors import KernelError
-from hypervisor.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.page import Page
 from hypervisor.vma import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
@@ -32,7 +32,7 @@ from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm import MM
+    from hypervisor.mm.mmap import MM
 
 
 # ---- page references ---------------------------------------------------------
