@@ -10,7 +10,7 @@ figures this design is built on).
 
 How the run is set up
     A real ``python -m hypervisor`` process on a private Unix socket (started
-    the way ``mtekvm run`` starts one, through :class:`vmm.hostlink.ProcessHost`),
+    the way ``mtekvm run`` starts one, through :class:`mtekvm.links.ProcessHost`),
     and a baseline peer, :mod:`benchmarks.echo_server`: a separate trio process
     that answers msgpack request maps with response envelopes of the same shape
     but does no work (a small op is echoed, ``data`` is swallowed, ``size`` is

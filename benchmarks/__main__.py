@@ -15,7 +15,7 @@ import msgpack
 import trio
 
 from hypervisor.listen import open_connection
-from vmm.hostlink import ProcessHost, start_listening_process, stop_process
+from mtekvm.links import ProcessHost, start_listening_process, stop_process
 
 MiB = 1 << 20
 GRANULE = 16

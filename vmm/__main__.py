@@ -34,7 +34,7 @@ from hypervisor.listen import AddressError, open_listener, parse_address
 from shared import lifeline
 from shared.wire import RemoteError
 from vmm.guestlink import ProcessGuests
-from vmm.hostlink import ProcessHost
+from mtekvm.links import ProcessHost
 from vmm.machine import Vmm, VmmError
 
 PROG = "python -m vmm"

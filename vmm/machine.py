@@ -82,7 +82,7 @@ class Vmm:
 
     Args:
         connect: ``await connect(role, **hello)`` -> ``(Client, hello_reply)``
-            to the hypervisor (:meth:`vmm.hostlink.HostLink.connect` fits).
+            to the hypervisor (:meth:`mtekvm.links.HostLink.connect` fits).
         guests: the guest launcher (:mod:`vmm.guestlink`).
         name: the VM's name (the VMM says hello as ``vmm:NAME``).
         session: the scenario's session (named memory objects are shared per session).

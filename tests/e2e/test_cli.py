@@ -203,7 +203,7 @@ expect = {{ outcome = "ok", value = [5, 5, 5, 5] }}
 
 def mtekvm_cmd() -> list[str]:
     """The installed console command, or the module if the script is missing."""
-    return [str(MTEKVM)] if MTEKVM.exists() else [sys.executable, "-m", "vmm.cli"]
+    return [str(MTEKVM)] if MTEKVM.exists() else [sys.executable, "-m", "mtekvm.cli"]
 
 
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:

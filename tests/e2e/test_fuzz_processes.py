@@ -39,7 +39,7 @@ from shared.abi import OPS
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL
 from shared.errno import EIO, EPROTO
 from shared.rpc import serve_requests
-from vmm.hostlink import ProcessVmm
+from mtekvm.links import ProcessVmm
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 CONNECTIONS = 20_000 if SLOW else 2_000

@@ -30,7 +30,7 @@ import trio
 
 from hypervisor.listen import open_connection
 from shared import lifeline, wire
-from vmm.hostlink import HostDied, HostStartError, ProcessHost, ProcessVmm
+from mtekvm.links import HostDied, HostStartError, ProcessHost, ProcessVmm
 
 ROOT = Path(__file__).resolve().parents[2]
 MTEKVM = Path(sys.executable).parent / "mtekvm"
@@ -148,7 +148,7 @@ class Run:
         env = dict(os.environ, TMPDIR=str(self.tmp))
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("MTEKVM_SECRET", None)
-        cmd = [str(MTEKVM)] if MTEKVM.exists() else [sys.executable, "-m", "vmm.cli"]
+        cmd = [str(MTEKVM)] if MTEKVM.exists() else [sys.executable, "-m", "mtekvm.cli"]
         self.out_path, self.err_path = tmp_path / "stdout", tmp_path / "stderr"
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(cmd + ["run", str(scenario), *extra], stdout=out, stderr=err,

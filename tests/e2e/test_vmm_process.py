@@ -2,7 +2,7 @@
 
 Each test starts its own hypervisor (``fresh_hypervisor``, for clean
 statistics) and drives one or more VMM processes through
-:class:`vmm.hostlink.ProcessVmm`, the way the scenario runner does. Guests are
+:class:`mtekvm.links.ProcessVmm`, the way the scenario runner does. Guests are
 real processes the VMM spawns; tests find them as the VMM process's children
 to kill them from outside, as an OOM killer or an operator would.
 """
@@ -20,7 +20,7 @@ import trio
 from shared.errno import ESRCH
 from shared.mte import PAGE_SIZE
 from shared.wire import RemoteError
-from vmm.hostlink import HostStartError, ProcessVmm
+from mtekvm.links import HostStartError, ProcessVmm
 
 MiB = 1 << 20
 RAM = 0x4000_0000

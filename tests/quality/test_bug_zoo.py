@@ -23,8 +23,8 @@ import pathlib
 
 import pytest
 
-from vmm.runner import RunOptions, run_scenario
-from vmm.scenario import SchedulerSpec, load_scenario
+from mtekvm.runner import RunOptions, run_scenario
+from mtekvm.scenario import SchedulerSpec, load_scenario
 
 SCENARIOS = pathlib.Path(__file__).resolve().parents[2] / "scenarios"
 BUDGET = 200  # seeds per hunt

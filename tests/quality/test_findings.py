@@ -21,8 +21,8 @@ import pathlib
 import attrs
 import pytest
 
-from vmm.runner import RunOptions, run_scenario
-from vmm.scenario import SchedulerSpec, load_scenario
+from mtekvm.runner import RunOptions, run_scenario
+from mtekvm.scenario import SchedulerSpec, load_scenario
 
 FINDINGS = pathlib.Path(__file__).resolve().parents[2] / "scenarios" / "findings"
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"

@@ -15,8 +15,8 @@ import random
 
 import pytest
 
-from vmm.runner import RunOptions, run_scenario
-from vmm.scenario import SchedulerSpec, parse_scenario
+from mtekvm.runner import RunOptions, run_scenario
+from mtekvm.scenario import SchedulerSpec, parse_scenario
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 SCENARIOS, SEEDS = (300, 20) if SLOW else (12, 4)

@@ -31,7 +31,7 @@ from shared.abi import OPS, validate_args
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL
 from shared.errno import EINVAL, EIO, ENOSYS, EPERM, EPROTO
 from shared.rpc import serve_requests
-from vmm.hostlink import InProcessHost, InProcessVmm
+from mtekvm.links import InProcessHost, InProcessVmm
 
 SECRET = "fuzz-secret"
 RAM = 0x4000_0000

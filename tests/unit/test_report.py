@@ -1,4 +1,4 @@
-"""Unit tests for vmm.report and the runner's judging: tables, diffs, exit status, JSON, JUnit, TAP."""
+"""Unit tests for mtekvm.report and the runner's judging: tables, diffs, exit status, JSON, JUnit, TAP."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from vmm import report
-from vmm.report import Problem
-from vmm.runner import ScenarioResult, StepResult, check_expect, judge_violations, list_diff, value_mismatch
-from vmm.scenario import Expect
+from mtekvm import report
+from mtekvm.report import Problem
+from mtekvm.runner import ScenarioResult, StepResult, check_expect, judge_violations, list_diff, value_mismatch
+from mtekvm.scenario import Expect
 
 
 def step(index="1", actor="p", op="ldg", expect=None, outcome="ok", value=None, passed=True, message="",
@@ -177,8 +177,8 @@ class TestMachineReadable:
 class TestBootExtras:
     def test_only_non_default_host_settings_are_sent(self):
         """boot gets tcf_preferred, kernel_fixes and fault_replay_limit only when they differ from Linux's defaults."""
-        from vmm.runner import boot_extras
-        from vmm.scenario import HostSpec
+        from mtekvm.runner import boot_extras
+        from mtekvm.scenario import HostSpec
         assert boot_extras(HostSpec("h")) == {}
         assert boot_extras(HostSpec("h", tcf_preferred="asymm", kernel_fixes=("sanitise-whole-hugetlb-folio",),
                                     fault_replay_limit=5)) == {

@@ -1,4 +1,4 @@
-"""Unit tests for vmm.scenario: the scenario file parser and its normalisation."""
+"""Unit tests for mtekvm.scenario: the scenario file parser and its normalisation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from vmm.scenario import (
+from mtekvm.scenario import (
     ERRNO_NAMES,
     Expect,
     HostSpec,

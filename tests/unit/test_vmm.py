@@ -1,8 +1,8 @@
 """Unit tests for the VMM (vmm.machine, vmm.dma, vmm.guestlink) against the real in-process hypervisor.
 
-Every test drives an :class:`vmm.hostlink.InProcessVmm` through its control
+Every test drives an :class:`mtekvm.links.InProcessVmm` through its control
 channel, as the scenario runner does; the VMM talks to a real
-:class:`hypervisor.server.Hypervisor` (through :class:`vmm.hostlink.InProcessHost`)
+:class:`hypervisor.server.Hypervisor` (through :class:`mtekvm.links.InProcessHost`)
 and runs a real :class:`guest.agent.GuestAgent` in-process.
 """
 
@@ -17,7 +17,7 @@ from shared.errno import EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOSYS, ESRCH
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, RemoteError
 from vmm.dma import MMIO_BASE, REG_CMD, REG_DST, REG_FILL, REG_LEN, REG_STATUS, DmaDevice, Memslot, translate
-from vmm.hostlink import InProcessHost, InProcessVmm
+from mtekvm.links import InProcessHost, InProcessVmm
 from vmm.machine import Vmm, VmmError
 
 MiB = 1 << 20

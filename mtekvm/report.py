@@ -1,6 +1,6 @@
 """Reports of a ``mtekvm run``: the human table, the summary line, JSON, JUnit XML and TAP.
 
-Everything here is a pure function of the results (:class:`vmm.runner.ScenarioResult`) and of
+Everything here is a pure function of the results (:class:`mtekvm.runner.ScenarioResult`) and of
 :class:`Problem` records for the files that did not run to a result (invalid, refused, the
 infrastructure failed, interrupted); the CLI decides what to print where. The JSON schema is
 documented in ``docs/scenarios.md`` ("JSON report") and versioned by :data:`JSON_SCHEMA`.
@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import attrs
 
-from vmm.runner import ScenarioResult
+from mtekvm.runner import ScenarioResult
 
 #: The table, and the lines around it, fit in this many columns (schedules and replay commands
 #: excepted: they must stay copyable).

@@ -41,8 +41,8 @@ from hypervisor.kernel import Kernel
 from hypervisor.sched import ControlledScheduler, make_scheduler
 from shared.invariants import canonical
 from shared.wire import Client, RemoteError, WireError
-from vmm.hostlink import HostStartError, InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
-from vmm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
+from mtekvm.links import HostStartError, InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
+from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 
 #: Ops a VMM runs on its own address space, exactly as a host process does.
 HOST_PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load",

@@ -8,7 +8,7 @@ the first failure, printing its schedule and the command that replays it. ``mtek
 the bug zoo; ``mtekvm --version`` prints the version.
 
 Every failure is one line on stderr, never a traceback (``MTEKVM_DEBUG=1`` re-raises, for
-developers). Exit status, one meaning each (see :mod:`vmm.report`):
+developers). Exit status, one meaning each (see :mod:`mtekvm.report`):
 
 - 0: every scenario ran and held (its expectations, and exactly its ``expect-violations``);
 - 1: a scenario ran and an expectation or an invariant failed;
@@ -51,11 +51,11 @@ from hypervisor.errors import KernelError
 from hypervisor.sched import parse_schedule
 from shared.bugs import BUGS
 from shared.wire import RemoteError
-from vmm import report
-from vmm.hostlink import HostStartError
-from vmm.report import Problem
-from vmm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error, run_scenario
-from vmm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
+from mtekvm import report
+from mtekvm.links import HostStartError
+from mtekvm.report import Problem
+from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error, run_scenario
+from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
 
 
 def version() -> str:
