@@ -34,8 +34,8 @@ import attrs
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of
 from hypervisor.mm.memory import handle_mm_fault
-from hypervisor.mte import mte_update_sctlr_user
-from hypervisor.tags import read_tags, write_tags
+from hypervisor.arm64.mte import mte_update_sctlr_user
+from hypervisor.arm64.tags import read_tags, write_tags
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
 
 if TYPE_CHECKING:

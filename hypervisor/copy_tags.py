@@ -38,7 +38,7 @@ from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Kvm, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.memslot import ghost_kvm_write
-from hypervisor.mte_lock import (
+from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_test_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
@@ -47,7 +47,7 @@ from hypervisor.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import mte_clear_page_tags, read_tags, write_tags
+from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, write_tags
 from shared.abi import MAX_IO
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE
 

@@ -37,7 +37,7 @@ from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm import Vcpu, kvm_has_mte
 from hypervisor.kvm_mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
-from hypervisor.tags import read_tags, write_tags
+from hypervisor.arm64.tags import read_tags, write_tags
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mmap import MM, _drop_object_ref
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.vma import VM_SHARED
-from hypervisor.mte import MteCtrl
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.mte import MteCtrl
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.oracles import Oracle
 from hypervisor.page import PageAllocator
 from hypervisor.process import Task

@@ -43,14 +43,14 @@ from hypervisor.kvm import Kvm, S2Entry, Vcpu, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.memslot import Memslot, ghost_kvm_write, mark_page_dirty
 from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
-from hypervisor.mte_lock import (
+from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
     set_page_mte_tagged,
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import mte_clear_page_tags
+from hypervisor.arm64.tags import mte_clear_page_tags
 from hypervisor.vma import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
 from shared.mte import PAGE_SHIFT
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.ghost import Ghost
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
 from hypervisor.vma import VM_MTE, VM_MTE_ALLOWED, VM_READ, arch_validate_flags, flag_names

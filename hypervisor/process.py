@@ -7,7 +7,7 @@ import random
 import attrs
 
 from hypervisor.mm.mmap import MM
-from hypervisor.mte import MteCtrl
+from hypervisor.arm64.mte import MteCtrl
 
 
 @attrs.define(eq=False)

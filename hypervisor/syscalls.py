@@ -16,7 +16,7 @@ from hypervisor.guest_access import guest_memory_access
 from hypervisor.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.errors import KernelError
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
-from hypervisor.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
+from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import MAX_IO, AbiError, validate_args
 

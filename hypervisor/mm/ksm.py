@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 from hypervisor.mm.memory import get_page, put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.mte import memcmp_pages
-from hypervisor.mte_lock import page_mte_tagged
+from hypervisor.arm64.mte import memcmp_pages
+from hypervisor.arm64.mte_lock import page_mte_tagged
 from hypervisor.vma import VM_MERGEABLE
 from shared.mte import PAGE_SHIFT
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.copypage import copy_highpage
+from hypervisor.arm64.copypage import copy_highpage
 from hypervisor.mm.memory import get_page, put_page, set_pte_at
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from shared.mte import PAGE_SHIFT

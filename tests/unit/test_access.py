@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.mte import MTE_CTRL_TCF_ASYMM, MTE_CTRL_TCF_ASYNC, MTE_CTRL_TCF_SYNC, MteCtrl, mte_update_sctlr_user
+from hypervisor.arm64.mte import MTE_CTRL_TCF_ASYMM, MTE_CTRL_TCF_ASYNC, MTE_CTRL_TCF_SYNC, MteCtrl, mte_update_sctlr_user
 from shared.mte import tagged_pointer
 
 from unit_support import RW, RWM, Proc, expect_errno, invariants

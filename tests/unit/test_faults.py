@@ -10,10 +10,10 @@ from a tagged source.
 
 from __future__ import annotations
 
-from hypervisor.copypage import copy_highpage
+from hypervisor.arm64.copypage import copy_highpage
 from hypervisor.kernel import Kernel
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
-from hypervisor.tags import ZERO_TAGS, write_tags
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
+from hypervisor.arm64.tags import ZERO_TAGS, write_tags
 
 from unit_support import RW, RWM, Proc, invariants
 

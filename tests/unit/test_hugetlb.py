@@ -23,7 +23,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 
 from unit_support import RW, RWM, Proc, Vm, expect_errno, invariants, run_until_then, run_once
 

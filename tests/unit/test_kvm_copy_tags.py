@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged
-from hypervisor.tags import ZERO_TAGS
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.tags import ZERO_TAGS
 from shared.mte import HPAGE_SIZE
 
 from unit_support import RWM, Vm, expect_errno, invariants

@@ -36,8 +36,8 @@ import attrs
 import pytest
 
 from hypervisor.errors import KernelError
-from hypervisor.mte_lock import PG_mte_tagged
-from hypervisor.tags import ZERO_TAGS
+from hypervisor.arm64.mte_lock import PG_mte_tagged
+from hypervisor.arm64.tags import ZERO_TAGS
 
 from unit_support import RWM, Vm, explore, explore_bounded, run_once
 

@@ -16,8 +16,8 @@ import pytest
 
 from hypervisor.errors import Deadlock
 from hypervisor.kernel import Kernel
-from hypervisor.mte import mte_sync_tags
-from hypervisor.mte_lock import (
+from hypervisor.arm64.mte import mte_sync_tags
+from hypervisor.arm64.mte_lock import (
     PG_mte_lock,
     PG_mte_tagged,
     folio_set_hugetlb_mte_tagged,
@@ -29,7 +29,7 @@ from hypervisor.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import ZERO_TAGS, mte_clear_page_tags, read_tags, write_tags
+from hypervisor.arm64.tags import ZERO_TAGS, mte_clear_page_tags, read_tags, write_tags
 
 from unit_support import explore, invariants, run_once
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.mte import memcmp_pages
-from hypervisor.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
+from hypervisor.arm64.mte import memcmp_pages
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
 from hypervisor.syscalls import HOST_OPS
-from hypervisor.tags import write_tags
+from hypervisor.arm64.tags import write_tags
 from shared.abi import validate_args
 from shared.mte import HPAGE_SIZE
 

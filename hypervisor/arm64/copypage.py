@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.mte_lock import (
+from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_test_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
@@ -22,7 +22,7 @@ from hypervisor.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import mte_copy_page_tags
+from hypervisor.arm64.tags import mte_copy_page_tags
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.errors import KernelError
-from hypervisor.mte_lock import (
+from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
     page_mte_tagged,
@@ -23,7 +23,7 @@ from hypervisor.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.page import Page
-from hypervisor.tags import mte_clear_page_tags
+from hypervisor.arm64.tags import mte_clear_page_tags
 from shared.mte import (
     PR_MTE_TAG_MASK,
     PR_MTE_TAG_SHIFT,

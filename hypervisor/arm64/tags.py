@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.mte_lock import PG_mte_tagged
+from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.page import Page
 from shared.mte import MTE_GRANULES_PER_PAGE, pack_tags, unpack_tags
 
