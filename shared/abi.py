@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import attrs
 
-from shared.errno import E2BIG, EINVAL
+from shared.errno import E2BIG, EINVAL, ErrnoError
 from shared.mte import TCF_MODES
 
 #: Largest data/tag payload one access request may carry or return.
@@ -38,18 +38,8 @@ MAX_IO = 16 * 1024 * 1024
 U64_MAX = (1 << 64) - 1
 
 
-class AbiError(Exception):
-    """A request that does not fit its op's definition.
-
-    Attributes:
-        errno: the Linux errno to reply with.
-        message: what is wrong, naming the op and the argument.
-    """
-
-    def __init__(self, errno: int, message: str):
-        self.errno = errno
-        self.message = message
-        super().__init__(message)
+class AbiError(ErrnoError):
+    """A request that does not fit its op's definition (``errno``: the reply's; ``message`` names the op and argument)."""
 
 
 def _u64(v):
@@ -67,6 +57,12 @@ def _int(v):
 def _tag(v):
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 15:
         raise ValueError("must be a tag 0..15")
+    return v
+
+
+def _mask16(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF:
+        raise ValueError("must be a 16-bit mask")
     return v
 
 
@@ -111,10 +107,13 @@ def _enum(*choices: str) -> Callable[[Any], str]:
     return check
 
 
-def _prot(v):
-    if not isinstance(v, list) or not all(p in ("read", "write", "exec", "mte") for p in v):
-        raise ValueError("must be a list of read, write, exec, mte")
-    return tuple(v)
+def _flag_list(*choices: str) -> Callable[[Any], tuple]:
+    def check(v):
+        if not isinstance(v, list) or not all(p in choices for p in v):
+            raise ValueError(f"must be a list of {', '.join(choices)}")
+        return tuple(v)
+
+    return check
 
 
 def _strlist(v):
@@ -157,12 +156,6 @@ def _opt(check):
     return inner
 
 
-def _memslot_flags(v):
-    if not isinstance(v, list) or not all(f in ("log-dirty-pages", "readonly") for f in v):
-        raise ValueError("must be a list of log-dirty-pages, readonly")
-    return tuple(v)
-
-
 def _u64_pair(v):
     if not isinstance(v, list) or len(v) != 2:
         raise ValueError("must be a list of two unsigned 64-bit integers")
@@ -200,126 +193,276 @@ def _batch(v):
     return v
 
 
+def _map(v):
+    if not isinstance(v, dict):
+        raise ValueError("must be a map")
+    return v
+
+
+# ---- field kinds: what a field holds, for the wire check and for the scenario form ----------
+
+#: Every kind a field may have. The scenario layer (``mtekvm.scenario.ops``) gives each kind its
+#: written form: ``size``/``addr`` take units (``"16MiB"``), ``bytes`` hex strings, ``tag`` 0..15,
+#: ``tags`` a list of tags, ``enum`` and ``list`` their options, ``name`` a name (its known
+#: values when it lists any), ``pid`` a process named by the scenario, ``int`` its range.
+KIND_NAMES = ("size", "addr", "tag", "tags", "bytes", "enum", "name", "bool", "int", "list", "pid", "map")
+
+
+@attrs.frozen
+class Kind:
+    """What one field holds: a kind of :data:`KIND_NAMES`, its wire checker, and its options.
+
+    Attributes:
+        name: the kind.
+        check: ``check(value) -> normalised value``; raises ValueError (EINVAL) or OverflowError
+            (E2BIG).
+        options: ``enum`` and ``list``: the allowed values; ``name``: the known names (the wire
+            accepts others; a scenario may name only these); ``size``: the allowed sizes when
+            only some are.
+        lo, hi: ``int``, ``tag`` and ``size``: the range a value must be in.
+        optional: nil is accepted (the field's default is nil).
+    """
+
+    name: str
+    check: Callable[[Any], Any] = attrs.field(eq=False)
+    options: tuple = ()
+    lo: int = 0
+    hi: int = U64_MAX
+    optional: bool = False
+
+
+ADDR = Kind("addr", _u64)                      # an address, IPA or offset
+SIZE = Kind("size", _u64)                      # a length in bytes (or a count)
+IO_SIZE = Kind("size", _size, hi=MAX_IO)       # the length of one access: over MAX_IO is E2BIG
+HUGEPAGE_SIZE = Kind("size", _hugepage_size, HUGEPAGE_SIZES)
+U64 = Kind("int", _u64)
+INT = Kind("int", _int, lo=-(1 << 63))
+MASK16 = Kind("int", _mask16, hi=0xFFFF)
+TAG = Kind("tag", _tag, hi=15)
+TAGS = Kind("tags", _tags)                     # one tag per byte (a list of ints is accepted)
+BYTES = Kind("bytes", _bytes)
+BOOL = Kind("bool", _bool)
+NAME = Kind("name", _str)
+PID = Kind("pid", _u64)                        # a process (a scenario names it)
+U64LIST = Kind("list", _u64list)
+U64_PAIR = Kind("list", _u64_pair)
+STRLIST = Kind("list", _strlist)
+SEGS = Kind("list", _segs)
+BATCH = Kind("list", _batch)
+MAP = Kind("map", _map)
+
+
+def enum(*options: str) -> Kind:
+    """One of ``options``."""
+    return Kind("enum", _enum(*options), options)
+
+
+def flags(*options: str) -> Kind:
+    """A list of some of ``options`` (mmap ``prot``, memslot ``flags``)."""
+    return Kind("list", _flag_list(*options), options)
+
+
+def known_name(*options: str) -> Kind:
+    """A name; the wire takes any, a scenario one of ``options`` (KVM capabilities)."""
+    return Kind("name", _str, options)
+
+
+def opt(kind: Kind) -> Kind:
+    """``kind``, or nil."""
+    return attrs.evolve(kind, check=_opt(kind.check), optional=True)
+
+
 _REQUIRED = object()
 
 
 @attrs.frozen
 class Field:
-    """One argument of an op: its name, checker, and default (required when absent)."""
+    """One argument of an op: its name, kind, and default (required when absent)."""
 
     name: str
-    check: Callable[[Any], Any]
+    kind: Kind
     default: Any = _REQUIRED
     doc: str = ""
+
+    @property
+    def check(self) -> Callable[[Any], Any]:
+        """The wire checker of the field's kind."""
+        return self.kind.check
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+    @property
+    def key(self) -> str:
+        """The field's spelling in a scenario file (hyphens: ``hugepage_size`` -> ``hugepage-size``)."""
+        return self.name.replace("_", "-")
+
+
+#: The scenario actors (``SCENARIOS.md``): a host process, a VM's VMM, a guest, the host kernel.
+ACTORS = ("process", "vmm", "guest", "host")
 
 
 @attrs.frozen
 class OpDef:
-    """One op of the ABI: who may send it and its arguments."""
+    """One op of a channel: who may send it, its arguments, and which scenario actors use it.
+
+    Attributes:
+        name: the op.
+        role: the connection role that may send it (``any``, ``process``, ``host``, ``vcpu``).
+        fields: its arguments.
+        doc: one line.
+        actors: the scenario actors (:data:`ACTORS`) that run it as a step of this name.
+        calls: ops of the hypervisor's ABI the op is built from (a VMM or guest op).
+    """
 
     name: str
-    role: str  # "any", "process" or "host"
+    role: str
     fields: tuple[Field, ...]
     doc: str
+    actors: tuple[str, ...] = ()
+    calls: tuple[str, ...] = ()
+
+    def field(self, name: str) -> Field:
+        return next(f for f in self.fields if f.name == name)
 
 
-def F(name, check, default=_REQUIRED, doc=""):
-    return Field(name, check, default, doc)
+def F(name: str, kind: Kind, default: Any = _REQUIRED, doc: str = "") -> Field:
+    return Field(name, kind, default, doc)
 
 
 BACKINGS = ("anon", "anon-shared", "memfd", "shmem", "file", "hugetlb", "device")
+PROTS = ("read", "write", "exec", "mte")
+MEMSLOT_FLAGS = ("log-dirty-pages", "readonly")
+
+#: A host process's op that a guest runs the same way on its vCPU (guest virtual addresses).
+_P, _PG = ("process", "vmm"), ("process", "vmm", "guest")
 
 _OPS = [
     OpDef("hello", "any", (
-        F("role", _enum("process", "host", "vcpu")),
-        F("name", _str, None, "a label for traces"),
-        F("session", _str, None, "processes of one session may ptrace each other"),
-        F("attach", _str, None, "become the forked child holding this token"),
-        F("secret", _str, None, "the hypervisor's secret, when it has one"),
+        F("role", enum("process", "host", "vcpu")),
+        F("name", NAME, None, "a label for traces"),
+        F("session", NAME, None, "processes of one session may ptrace each other"),
+        F("attach", NAME, None, "become the forked child holding this token"),
+        F("secret", NAME, None, "the hypervisor's secret, when it has one"),
     ), "Introduce the connection; must come first."),
     # ---- host user processes: their own address space -----------------
     OpDef("mmap", "process", (
-        F("addr", lambda v: None if v is None else _u64(v), None, "MAP_FIXED address"),
-        F("size", _u64), F("prot", _prot, ("read", "write")),
-        F("share", _enum("private", "shared"), "private"),
-        F("backing", _enum(*BACKINGS), "anon"),
-        F("object", lambda v: None if v is None else _str(v), None),
-        F("offset", _u64, 0),
-        F("hugepage_size", _hugepage_size, 2 << 20, "hugetlb backing only: the huge page size (MAP_HUGE_*)"),
-    ), "mmap(2); returns the address."),
-    OpDef("mprotect", "process", (F("addr", _u64), F("size", _u64), F("prot", _prot)), "mprotect(2)."),
-    OpDef("munmap", "process", (F("addr", _u64), F("size", _u64)), "munmap(2)."),
+        F("addr", opt(ADDR), None, "MAP_FIXED address"),
+        F("size", SIZE), F("prot", flags(*PROTS), ("read", "write")),
+        F("share", enum("private", "shared"), "private"),
+        F("backing", enum(*BACKINGS), "anon"),
+        F("object", opt(NAME), None),
+        F("offset", ADDR, 0),
+        F("hugepage_size", HUGEPAGE_SIZE, 2 << 20, "hugetlb backing only: the huge page size (MAP_HUGE_*)"),
+    ), "mmap(2); returns the address.", _P),
+    OpDef("mprotect", "process", (F("addr", ADDR), F("size", SIZE), F("prot", flags(*PROTS))), "mprotect(2).", _P),
+    OpDef("munmap", "process", (F("addr", ADDR), F("size", SIZE)), "munmap(2).", _P),
     OpDef("madvise", "process", (
-        F("addr", _u64), F("size", _u64), F("advice", _enum("dontneed", "free", "mergeable")),
-    ), "madvise(2)."),
+        F("addr", ADDR), F("size", SIZE), F("advice", enum("dontneed", "free", "mergeable")),
+    ), "madvise(2).", _P),
     OpDef("prctl", "process", (
-        F("tcf", lambda v: None if v is None else _enum(*TCF_MODES)(v), None),
-        F("include", lambda v: None if v is None else _int(v), None),
-    ), "prctl(PR_SET_TAGGED_ADDR_CTRL)."),
-    OpDef("prctl-get", "process", (), "prctl(PR_GET_TAGGED_ADDR_CTRL)."),
-    OpDef("tco", "process", (F("on", _bool),), "MSR TCO, #on."),
-    OpDef("store", "process", (F("addr", _u64), F("tag", _tag, 0), F("data", _bytes)), "A store through a tagged pointer."),
-    OpDef("load", "process", (F("addr", _u64), F("tag", _tag, 0), F("size", _size)), "A load; returns bytes."),
-    OpDef("stg", "process", (F("addr", _u64), F("tag", _tag, 0), F("size", _size)), "STG over a range."),
-    OpDef("ldg", "process", (F("addr", _u64), F("size", _size)), "LDG over a range; one tag per granule."),
-    OpDef("irg", "process", (), "IRG: a random tag allowed by the include mask."),
-    OpDef("fork", "process", (F("child", _str, None),), "fork(2); returns {pid, token}."),
-    OpDef("ptrace-peek-tags", "process", (F("target", _u64), F("addr", _u64), F("count", _size)), "PTRACE_PEEKMTETAGS."),
-    OpDef("ptrace-poke-tags", "process", (F("target", _u64), F("addr", _u64), F("tags", _tags)), "PTRACE_POKEMTETAGS."),
-    OpDef("batch", "process", (F("ops", _batch),), "Run several process ops in order in one round trip."),
+        F("tcf", opt(enum(*TCF_MODES)), None), F("include", opt(MASK16), None, "the tag include mask"),
+    ), "prctl(PR_SET_TAGGED_ADDR_CTRL).", _P),
+    OpDef("prctl-get", "process", (), "prctl(PR_GET_TAGGED_ADDR_CTRL).", _P),
+    OpDef("tco", "process", (F("on", BOOL),), "MSR TCO, #on.", _PG),
+    OpDef("store", "process", (F("addr", ADDR), F("tag", TAG, 0), F("data", BYTES)),
+          "A store through a tagged pointer.", _PG),
+    OpDef("load", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "A load; returns bytes.", _PG),
+    OpDef("stg", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "STG over a range.", _PG),
+    OpDef("ldg", "process", (F("addr", ADDR), F("size", IO_SIZE)), "LDG over a range; one tag per granule.", _PG),
+    OpDef("irg", "process", (), "IRG: a random tag allowed by the include mask.", _PG),
+    OpDef("fork", "process", (F("child", opt(NAME), None, "the child's name"),),
+          "fork(2); returns {pid, token}.", _P),
+    OpDef("ptrace-peek-tags", "process", (F("target", PID), F("addr", ADDR), F("count", IO_SIZE)),
+          "PTRACE_PEEKMTETAGS.", _P),
+    OpDef("ptrace-poke-tags", "process", (F("target", PID), F("addr", ADDR), F("tags", TAGS)),
+          "PTRACE_POKEMTETAGS.", _P),
+    OpDef("batch", "process", (F("ops", BATCH),), "Run several process ops in order in one round trip."),
     OpDef("getpid", "process", (), "getpid(2)."),
     # ---- KVM: ioctls of a process (the VMM) on the VMs it created -----------
-    OpDef("kvm-create-vm", "process", (F("ipa_bits", _u64, 40),),
+    OpDef("kvm-create-vm", "process", (F("ipa_bits", U64, 40),),
           "KVM_CREATE_VM (type KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits)); returns the VM's handle."),
-    OpDef("kvm-check-extension", "process", (F("vm", _opt(_u64), None), F("cap", _str)),
+    OpDef("kvm-check-extension", "process", (F("vm", opt(U64), None), F("cap", NAME)),
           "KVM_CHECK_EXTENSION on /dev/kvm (vm nil) or a VM; returns an integer (0: unsupported)."),
-    OpDef("kvm-enable-cap", "process", (F("vm", _u64), F("cap", _str), F("flags", _u64, 0),
-                                        F("args", _u64list, (0,), "cap->args (up to 4)")),
+    OpDef("kvm-enable-cap", "process", (F("vm", U64), F("cap", NAME), F("flags", U64, 0),
+                                        F("args", U64LIST, (0,), "cap->args (up to 4)")),
           "KVM_ENABLE_CAP on a VM."),
-    OpDef("kvm-create-vcpu", "process", (F("vm", _u64), F("aarch32", _bool, False)),
+    OpDef("kvm-create-vcpu", "process", (F("vm", U64), F("aarch32", BOOL, False)),
           "KVM_CREATE_VCPU + KVM_ARM_VCPU_INIT (EL1_32BIT if aarch32); returns {index, token}."),
     OpDef("kvm-set-memory-region", "process", (
-        F("vm", _u64), F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64),
-        F("flags", _memslot_flags, ()),
+        F("vm", U64), F("slot", U64), F("ipa", ADDR), F("size", SIZE), F("addr", ADDR),
+        F("flags", flags(*MEMSLOT_FLAGS), ()),
     ), "KVM_SET_USER_MEMORY_REGION: create, change flags, or delete (size 0) a memslot."),
-    OpDef("kvm-get-dirty-log", "process", (F("vm", _u64), F("slot", _u64)),
+    OpDef("kvm-get-dirty-log", "process", (F("vm", U64), F("slot", U64)),
           "KVM_GET_DIRTY_LOG (manual protect): the slot's dirty page indexes; the log is not cleared."),
     OpDef("kvm-clear-dirty-log", "process", (
-        F("vm", _u64), F("slot", _u64), F("first", _u64, 0), F("num", _opt(_u64), None),
+        F("vm", U64), F("slot", U64), F("first", U64, 0), F("num", opt(U64), None),
     ), "KVM_CLEAR_DIRTY_LOG: clear and write-protect again pages [first, first+num) of the slot."),
     OpDef("kvm-copy-tags", "process", (
-        F("vm", _u64), F("guest_ipa", _u64), F("length", _u64), F("flags", _u64, 0),
-        F("reserved", _u64_pair, (0, 0)), F("tags", _tags, b"", "TO_GUEST: the user buffer (1 tag per byte)"),
+        F("vm", U64), F("guest_ipa", ADDR), F("length", SIZE), F("flags", U64, 0),
+        F("reserved", U64_PAIR, (0, 0)), F("tags", TAGS, b"", "TO_GUEST: the user buffer (1 tag per byte)"),
     ), "KVM_ARM_MTE_COPY_TAGS; returns {length: guest bytes done, tags: bytes (FROM_GUEST)}."),
-    OpDef("kvm-destroy-vm", "process", (F("vm", _u64),), "close() the VM's last fd: tear the VM down."),
+    OpDef("kvm-destroy-vm", "process", (F("vm", U64),), "close() the VM's last fd: tear the VM down."),
     # ---- a guest running on its vCPUs ------------------------------------
-    OpDef("vcpu-attach", "vcpu", (F("token", _str),),
+    OpDef("vcpu-attach", "vcpu", (F("token", NAME),),
           "Run the vCPU this token names from this connection; returns {vcpu, vm, mte} "
           "(mte: ID_AA64PFR1_EL1.MTE as KVM exposes it)."),
     OpDef("vcpu-access", "vcpu", (
-        F("vcpu", _u64), F("kind", _enum("load", "store", "stg", "ldg")), F("segs", _segs),
-        F("tag", _tag, 0, "the pointer's logical tag"), F("data", _bytes, b"", "store: the bytes"),
-        F("check", _enum("none", "sync", "async", "asymm"), "none",
+        F("vcpu", U64), F("kind", enum("load", "store", "stg", "ldg")), F("segs", SEGS),
+        F("tag", TAG, 0, "the pointer's logical tag"), F("data", BYTES, b"", "store: the bytes"),
+        F("check", enum("none", "sync", "async", "asymm"), "none",
           "SCTLR_EL1.TCF as it applies (none when PSTATE.TCO is set)"),
-        F("ata", _bool, False, "SCTLR_EL1.ATA: allocation tag access enabled"),
+        F("ata", BOOL, False, "SCTLR_EL1.ATA: allocation tag access enabled"),
     ), "One guest memory access after stage-1 translation (KVM_RUN until it retires or exits)."),
-    OpDef("vcpu-batch", "vcpu", (F("vcpu", _u64), F("ops", _batch)),
+    OpDef("vcpu-batch", "vcpu", (F("vcpu", U64), F("ops", BATCH)),
           "Run several vcpu-access ops on one vCPU in one round trip; each result is [ok, value or errno, fault]."),
     # ---- the host kernel itself ------------------------------------------
     OpDef("boot", "host", (
-        F("mte", _bool, True), F("ram", _u64, 256 << 20), F("swap", _u64, 64 << 20),
-        F("bugs", _strlist, ()), F("tcf_preferred", _enum("async", "sync", "asymm"), "async"),
-        F("kernel_fixes", _strlist, (), "proposed kernel fixes to apply (shared.bugs.KERNEL_FIXES)"),
+        F("mte", BOOL, True), F("ram", SIZE, 256 << 20), F("swap", SIZE, 64 << 20),
+        F("bugs", STRLIST, ()), F("tcf_preferred", enum("async", "sync", "asymm"), "async"),
+        F("kernel_fixes", STRLIST, (), "proposed kernel fixes to apply (shared.bugs.KERNEL_FIXES)"),
     ), "Replace the host kernel with a freshly booted one (no process may be attached)."),
-    OpDef("swap-out", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "Reclaim pages to swap."),
-    OpDef("ksm-merge", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "One KSM scan of a range."),
-    OpDef("migrate-pages", "host", (F("pid", _u64), F("addr", _u64), F("size", _u64)), "Move pages to new frames."),
-    OpDef("page-flags", "host", (F("pid", _u64), F("addr", _u64)), "PG_mte_tagged/PG_mte_lock of the page at addr."),
+    OpDef("swap-out", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "Reclaim pages to swap.",
+          ("host",)),
+    OpDef("ksm-merge", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "One KSM scan of a range.",
+          ("host",)),
+    OpDef("migrate-pages", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "Move pages to new frames.",
+          ("host",)),
+    OpDef("page-flags", "host", (F("pid", PID), F("addr", ADDR)), "PG_mte_tagged/PG_mte_lock of the page at addr.",
+          ("host",)),
     OpDef("check-invariants", "host", (), "Run every oracle now; returns the violations found so far."),
     OpDef("stats", "host", (), "Memory and object counts."),
 ]
 
 OPS: dict[str, OpDef] = {op.name: op for op in _OPS}
+
+
+def ops_of(table: dict[str, OpDef], actor: str) -> dict[str, OpDef]:
+    """The ops of ``table`` that the scenario actor ``actor`` runs under their own name."""
+    return {name: d for name, d in table.items() if actor in d.actors}
+
+
+#: The host-process ops (a VMM runs them on its own address space too), by name.
+PROCESS_OPS: dict[str, OpDef] = ops_of(OPS, "process")
+#: The host kernel's own ops a scenario's ``host`` actor runs.
+HOST_OPS: dict[str, OpDef] = ops_of(OPS, "host")
+
+
+def bind(table: dict[str, OpDef], **handlers: Any) -> dict[str, Any]:
+    """Map every op of ``table`` to its handler, given as ``op_name=handler`` (``-`` spelled ``_``).
+
+    A server builds its dispatch table with it, so that op names are written only here.
+
+    Raises:
+        KeyError: a handler for an op ``table`` does not have, or an op without a handler.
+    """
+    out = {name.replace("_", "-"): h for name, h in handlers.items()}
+    unknown = set(out) - set(table)
+    missing = set(table) - set(out)
+    if unknown or missing:
+        raise KeyError(f"handlers do not match the op table: unknown {sorted(unknown)}, missing {sorted(missing)}")
+    return out
 
 
 def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> dict:

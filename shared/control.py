@@ -27,8 +27,9 @@ exist yet.
 
 from __future__ import annotations
 
-from shared.abi import (BACKINGS, MAX_IO, OPS, SEG_ATTRS, F, OpDef, _bool, _bytes, _enum, _hugepage_size,
-                        _memslot_flags, _opt, _size, _str, _u64, _u64_pair, _u64list)
+from shared.abi import (ADDR, BACKINGS, BOOL, BYTES, IO_SIZE, MAP, MASK16, MAX_IO, MEMSLOT_FLAGS,
+                        NAME, OPS, SEG_ATTRS, SIZE, U64, U64_PAIR, U64LIST, F, Kind, OpDef, _bool, _enum,
+                        _hugepage_size, _opt, _str, _u64, enum, flags, known_name, ops_of, opt)
 from shared.mte import TCF_MODES
 
 
@@ -51,41 +52,37 @@ def _memory(v):
     return out
 
 
-def _args(v):
-    if not isinstance(v, dict):
-        raise ValueError("must be a map")
-    return v
-
+MEMORY = Kind("list", _memory)
 
 _VMM_CONTROL = [
-    OpDef("vm-create", "any", (F("name", _str), F("ipa_bits", _u64, 40)),
+    OpDef("vm-create", "any", (F("name", NAME), F("ipa_bits", U64, 40)),
           "KVM_CREATE_VM only: the scenario builds the rest with VMM ops (setup = \"manual\")."),
     OpDef("vm-setup", "any", (
-        F("name", _str), F("ipa_bits", _u64, 40), F("mte", _bool, True), F("vcpus", _u64, 1),
-        F("memory", _memory, ()),
+        F("name", NAME), F("ipa_bits", U64, 40), F("mte", BOOL, True), F("vcpus", U64, 1),
+        F("memory", MEMORY, ()),
     ), "Build the whole VM as a VMM would at start: create, enable the cap, map RAM, memslots, vCPUs, guest."),
-    OpDef("vmm-op", "any", (F("op", _str), F("args", _args, {})),
+    OpDef("vmm-op", "any", (F("op", NAME), F("args", MAP, {})),
           "Run one VMM op of the scenario contract (its own address space, or a KVM ioctl)."),
-    OpDef("guest-op", "any", (F("vcpu", _u64, 0), F("op", _str), F("args", _args, {})),
+    OpDef("guest-op", "any", (F("vcpu", U64, 0), F("op", NAME), F("args", MAP, {})),
           "Run one guest op on a vCPU (ENODEV until the VM has a vCPU, ESRCH once the guest died)."),
-    OpDef("ipa-to-hva", "any", (F("ipa", _u64),), "The VMM's pid and the address it maps ``ipa`` at."),
+    OpDef("ipa-to-hva", "any", (F("ipa", ADDR),), "The VMM's pid and the address it maps ``ipa`` at."),
     OpDef("status", "any", (), "{pid, vm, guest: {state, detail}, exits: [...]}."),
     OpDef("kill-guest", "any", (), "SIGKILL the guest process (supervision tests)."),
     OpDef("shutdown", "any", (), "Tear the VM down and exit."),
 ]
 
 _GUEST_CHANNEL = [
-    OpDef("vcpu-add", "any", (F("index", _u64), F("token", _str)), "Run this vCPU from now on."),
-    OpDef("guest-op", "any", (F("vcpu", _u64, 0), F("op", _str), F("args", _args, {})),
+    OpDef("vcpu-add", "any", (F("index", U64), F("token", NAME)), "Run this vCPU from now on."),
+    OpDef("guest-op", "any", (F("vcpu", U64, 0), F("op", NAME), F("args", MAP, {})),
           "One guest op of the scenario contract on one vCPU."),
 ]
 
 _EXIT_CHANNEL = [
     OpDef("exit-mmio", "any", (
-        F("vcpu", _u64), F("ipa", _u64), F("size", _u64), F("write", _bool),
-        F("data", _bytes, b""),
+        F("vcpu", U64), F("ipa", ADDR), F("size", SIZE), F("write", BOOL),
+        F("data", BYTES, b""),
     ), "KVM_EXIT_MMIO: emulate the access; a read returns the bytes."),
-    OpDef("exit-error", "any", (F("vcpu", _u64), F("errno", _u64), F("message", _str, "")),
+    OpDef("exit-error", "any", (F("vcpu", U64), F("errno", U64), F("message", NAME, "")),
           "KVM_RUN failed (EFAULT from user_mem_abort ...): the VMM records it."),
 ]
 
@@ -94,8 +91,7 @@ GUEST_CHANNEL: dict[str, OpDef] = {d.name: d for d in _GUEST_CHANNEL}
 EXIT_CHANNEL: dict[str, OpDef] = {d.name: d for d in _EXIT_CHANNEL}
 
 
-
-# ---- the arguments of the scenario's VMM and guest ops, as the runner sends them ----------
+# ---- the scenario's VMM and guest ops, as the runner sends them ----------------------------
 
 def _tag_buffer(v):
     """A to-guest tag buffer: a list of byte values, or one int for every granule."""
@@ -132,48 +128,71 @@ def _byte(v):
     return v
 
 
-#: The KVM and device ops of a ``vmm:VM`` actor, with their arguments in the scenario's form.
-KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
-    OpDef("check-extension", "any", (F("cap", _str),), "KVM_CHECK_EXTENSION."),
-    OpDef("enable-cap", "any", (F("cap", _str), F("flags", _u64, 0), F("args", _u64list, (0,))),
-          "KVM_ENABLE_CAP (args: cap->args; manual-dirty-log-protect2 reads args[0])."),
-    OpDef("create-vcpu", "any", (F("aarch32", _bool, False),), "KVM_CREATE_VCPU; returns the index."),
-    OpDef("set-memory-region", "any", (
-        F("slot", _u64), F("ipa", _u64), F("size", _u64), F("addr", _u64), F("flags", _memslot_flags, ()),
-    ), "KVM_SET_USER_MEMORY_REGION."),
-    OpDef("copy-tags", "any", (
-        F("ipa", _u64), F("length", _u64), F("direction", _enum("from-guest", "to-guest")),
-        F("tags", _opt(_tag_buffer), None), F("flags", _opt(_u64), None), F("reserved", _u64_pair, (0, 0)),
-    ), "KVM_ARM_MTE_COPY_TAGS."),
-    OpDef("dirty-log", "any", (
-        F("slot", _u64), F("action", _enum("enable", "disable", "get", "clear")),
-        F("first", _u64, 0, "clear: first page"), F("count", _opt(_u64), None, "clear: pages (default: to the end)"),
-    ), "Dirty logging of one memslot."),
-    OpDef("dma-write", "any", (
-        F("ipa", _u64), F("data", _opt(_data), None), F("fill", _opt(_byte), None), F("size", _opt(_size), None),
-    ), "Device DMA write through the VMM's mapping."),
-    OpDef("dma-read", "any", (F("ipa", _u64), F("size", _size)), "Device DMA read through the VMM's mapping."),
-]}
-
-
-def _mask16(v):
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFF:
-        raise ValueError("must be a 16-bit mask")
+def _u32(v):
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0xFFFFFFFF:
+        raise ValueError("must be an unsigned 32-bit integer")
     return v
 
 
-def _process_op(name: str) -> OpDef:
-    """A guest op with the same arguments as the host-process op of that name."""
-    return OpDef(name, "any", OPS[name].fields, OPS[name].doc)
+#: KVM capabilities a VMM op may name (KVM_CAP_ARM_MTE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
+KVM_CAPS = ("arm-mte", "manual-dirty-log-protect2")
+SLOT = Kind("int", _u32, hi=0xFFFFFFFF)        # a memslot id (struct kvm_userspace_memory_region.slot)
+TAG_BUFFER = Kind("tags", _tag_buffer)          # tags, or one tag meaning "this tag for every granule"
+DMA_DATA = Kind("bytes", _data)
+BYTE = Kind("int", _byte, hi=255)
+_VMM = ("vmm",)
 
-
-#: The guest ops of SCENARIOS.md and their arguments, as the runner normalises them.
-GUEST_OPS: dict[str, OpDef] = {d.name: d for d in [
-    OpDef("enable-mte", "any", (F("tcf", _enum(*TCF_MODES)), F("include", _mask16, 0xFFFF)),
-          "SCTLR_EL1.ATA=1, SCTLR_EL1.TCF, GCR_EL1.Exclude = ~include."),
-    OpDef("map", "any", (F("va", _u64), F("ipa", _u64), F("size", _u64), F("attr", _enum(*SEG_ATTRS))),
-          "Map a VA range to an IPA range at stage 1."),
-    *(_process_op(n) for n in ("store", "load", "stg", "ldg", "irg", "tco")),
-    OpDef("read-tfsr", "any", (), "TFSR_EL1 as an integer."),
-    OpDef("clear-tfsr", "any", (), "Clear TFSR_EL1."),
+#: The KVM and device ops of a ``vmm:VM`` actor (``vmm-op``); the VMM validates them with this table.
+KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
+    OpDef("check-extension", "any", (F("cap", known_name(*KVM_CAPS)),), "KVM_CHECK_EXTENSION.",
+          _VMM, ("kvm-check-extension",)),
+    OpDef("enable-cap", "any", (F("cap", known_name(*KVM_CAPS)), F("flags", U64, 0), F("args", U64LIST, (0,))),
+          "KVM_ENABLE_CAP (args: cap->args; manual-dirty-log-protect2 reads args[0]).",
+          _VMM, ("kvm-enable-cap",)),
+    OpDef("create-vcpu", "any", (F("aarch32", BOOL, False),), "KVM_CREATE_VCPU; returns the index.",
+          _VMM, ("kvm-create-vcpu",)),
+    OpDef("set-memory-region", "any", (
+        F("slot", SLOT), F("ipa", ADDR), F("size", SIZE), F("addr", ADDR), F("flags", flags(*MEMSLOT_FLAGS), ()),
+    ), "KVM_SET_USER_MEMORY_REGION.", _VMM, ("kvm-set-memory-region",)),
+    OpDef("copy-tags", "any", (
+        F("ipa", ADDR), F("length", SIZE), F("direction", enum("from-guest", "to-guest")),
+        F("tags", opt(TAG_BUFFER), None), F("flags", opt(U64), None), F("reserved", U64_PAIR, (0, 0)),
+    ), "KVM_ARM_MTE_COPY_TAGS.", _VMM, ("kvm-copy-tags",)),
+    OpDef("dirty-log", "any", (
+        F("slot", SLOT), F("action", enum("enable", "disable", "get", "clear")),
+        F("first", SIZE, 0, "clear: first page"), F("count", opt(SIZE), None, "clear: pages (default: to the end)"),
+    ), "Dirty logging of one memslot.", _VMM, ("kvm-get-dirty-log", "kvm-clear-dirty-log", "kvm-set-memory-region")),
+    OpDef("dma-write", "any", (
+        F("ipa", ADDR), F("data", opt(DMA_DATA), None), F("fill", opt(BYTE), None), F("size", opt(IO_SIZE), None),
+    ), "Device DMA write through the VMM's mapping.", _VMM),
+    OpDef("dma-read", "any", (F("ipa", ADDR), F("size", IO_SIZE)), "Device DMA read through the VMM's mapping.",
+          _VMM),
 ]}
+
+
+def _on_a_vcpu(d: OpDef) -> OpDef:
+    """A host-process op a guest runs the same way on one vCPU (same arguments, guest VAs)."""
+    return OpDef(d.name, "any", d.fields, d.doc, ("guest",), ("vcpu-access",))
+
+
+#: The guest ops of SCENARIOS.md and their arguments; the guest validates them with this table.
+GUEST_OPS: dict[str, OpDef] = {d.name: d for d in [
+    OpDef("enable-mte", "any", (F("tcf", enum(*TCF_MODES)), F("include", MASK16, 0xFFFF)),
+          "SCTLR_EL1.ATA=1, SCTLR_EL1.TCF, GCR_EL1.Exclude = ~include.", ("guest",)),
+    OpDef("map", "any", (F("va", ADDR), F("ipa", ADDR), F("size", SIZE), F("attr", enum(*SEG_ATTRS))),
+          "Map a VA range to an IPA range at stage 1.", ("guest",)),
+    *(_on_a_vcpu(d) for d in ops_of(OPS, "guest").values()),
+    OpDef("read-tfsr", "any", (), "TFSR_EL1 as an integer.", ("guest",)),
+    OpDef("clear-tfsr", "any", (), "Clear TFSR_EL1.", ("guest",)),
+]}
+
+#: Each scenario actor's ops, by name: the one table a step's op is looked up in. A ``vmm:VM``
+#: runs every host-process op on its own address space (forwarded unchanged) and the KVM ops.
+ACTOR_OPS: dict[str, dict[str, OpDef]] = {
+    "process": ops_of(OPS, "process"),
+    "vmm": {**ops_of(OPS, "vmm"), **KVM_OPS},
+    "guest": GUEST_OPS,
+    "host": ops_of(OPS, "host"),
+}
+#: Which channel serves each actor's ops: the hypervisor itself, or a VMM's ``vmm-op``/``guest-op``.
+ACTOR_CHANNEL = {"process": "hypervisor", "host": "hypervisor", "vmm": "vmm-op", "guest": "guest-op"}
