@@ -5,7 +5,7 @@ owns its page tables): a list of segments ``(ipa, length, attr)``, each within
 one 4 KiB page, where ``attr`` is the stage-1 memory type: ``tagged``
 (MAIR Normal-Tagged), ``normal`` or ``device``. Here the access takes stage-2
 faults until every page is mapped with the permission it needs (KVM_RUN's
-:func:`~hypervisor.kvm_mmu.kvm_handle_guest_abort`), then is checked and
+:func:`~hypervisor.kvm.mmu.kvm_handle_guest_abort`), then is checked and
 performed with no scheduling point in between, as hardware checks tags where
 they live, atomically with the access. No single Linux function does this; it
 stands for the CPU plus the KVM_RUN loop.
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 from hypervisor.access import AccessResult
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
-from hypervisor.kvm import Vcpu, kvm_has_mte
-from hypervisor.kvm_mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
+from hypervisor.kvm.kvm_host import Vcpu, kvm_has_mte
+from hypervisor.kvm.mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
 from hypervisor.arm64.tags import read_tags, write_tags
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 

@@ -3,7 +3,7 @@
 :class:`Kernel` owns every piece of state (frames, tags, objects, tasks,
 swap, KSM's stable tree) and the scheduler that orders its contexts. The
 syscall layer (hypervisor/syscalls.py) calls into it; KVM
-(:class:`hypervisor.kvm.KvmState`, ``kernel.kvm``) sits beside it and uses the
+(:class:`hypervisor.kvm.kvm_main.KvmState`, ``kernel.kvm``) sits beside it and uses the
 same frames, locks and tag primitives, since a VM's stage 2 maps the VMM's
 pages.
 """
@@ -15,7 +15,7 @@ import secrets
 
 from hypervisor.errors import KernelError
 from hypervisor.mm.ksm import ksm_merge_range
-from hypervisor.kvm import KvmState
+from hypervisor.kvm.kvm_main import KvmState
 from hypervisor.mm.memory import copy_page_range, zap_pte_range
 from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mmap import MM, _drop_object_ref

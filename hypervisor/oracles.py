@@ -217,7 +217,7 @@ class Oracle:
         return list(self.violations)
 
     def _check_vm(self, kvm) -> None:
-        from hypervisor.kvm import kvm_has_mte
+        from hypervisor.kvm.kvm_host import kvm_has_mte
 
         k = self.k
         mte = kvm_has_mte(k, kvm)

@@ -244,7 +244,7 @@ class _Connection:
             raise KernelError("EBUSY", f"vCPU {vcpu.index} is already run by another guest connection")
         vcpu.attached = self
         self.vcpus[vcpu.index] = vcpu
-        from hypervisor.kvm import kvm_has_mte
+        from hypervisor.kvm.kvm_host import kvm_has_mte
 
         return {"vcpu": vcpu.index, "vm": vcpu.kvm.handle, "mte": kvm_has_mte(self.k, vcpu.kvm)}
 

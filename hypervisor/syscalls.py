@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 from hypervisor.access import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
-from hypervisor.copy_tags import kvm_vm_ioctl_mte_copy_tags
+from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.guest_access import guest_memory_access
-from hypervisor.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
+from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.errors import KernelError
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl

@@ -14,7 +14,7 @@ import pytest
 
 from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
-from hypervisor.kvm import kvm_has_mte
+from hypervisor.kvm.kvm_host import kvm_has_mte
 
 from unit_support import Proc, Vm, expect_errno, invariants
 

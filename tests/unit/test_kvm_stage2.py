@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.kvm_mmu import kvm_uninit_mmu_notifier
+from hypervisor.kvm.mmu import kvm_uninit_mmu_notifier
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
 from shared.mte import HPAGE_SIZE, PAGES_PER_HPAGE

@@ -340,7 +340,7 @@ class Vm:
         self.vmm = vmm
         self.k = vmm.k
         self.handle = handle
-        self.vcpus: list = []  # hypervisor.kvm.Vcpu, in creation order
+        self.vcpus: list = []  # hypervisor.kvm.kvm_host.Vcpu, in creation order
 
     @classmethod
     async def create(cls, k: Kernel, *, mte: bool = True, ipa_bits: int = 40, vcpu: bool = True,

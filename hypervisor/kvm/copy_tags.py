@@ -1,5 +1,8 @@
 """KVM_ARM_MTE_COPY_TAGS (arch/arm64/kvm/guest.c ``kvm_vm_ioctl_mte_copy_tags``, v6.13+).
 
+Linux has no copy_tags.c: the ioctl is in guest.c and dispatched from arm.c; the model keeps
+it in a file named after what it does.
+
 The VMM's way to read (FROM_GUEST) or write (TO_GUEST) a guest's allocation
 tags, one tag per byte, without mapping guest RAM PROT_MTE itself: the tool of
 live migration (reference sections 4.4 and 5). Checks, in the kernel's order:
@@ -35,9 +38,9 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
-from hypervisor.kvm import Kvm, kvm_has_mte
+from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.memslot import ghost_kvm_write
+from hypervisor.kvm.memslot import ghost_kvm_write
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_test_hugetlb_mte_tagged,

@@ -1,11 +1,14 @@
 """KVM: VMs, their capabilities and vCPUs (virt/kvm/kvm_main.c, arch/arm64/kvm/arm.c).
 
+The ioctls live here; the types (:class:`Kvm`, :class:`Vcpu`, ``kvm_has_mte``)
+are in the header :mod:`hypervisor.kvm.kvm_host`.
+
 A :class:`Kvm` is ``struct kvm``: created by a process (the VMM) with
 KVM_CREATE_VM, it belongs to that process and uses its address space (guest RAM
 is the VMM's memory, reached through memslots). The VMM enables
 ``KVM_CAP_ARM_MTE`` before creating vCPUs, registers memslots
-(:mod:`hypervisor.memslot`), and hands each vCPU's token to the guest process,
-whose accesses fault stage 2 in (:mod:`hypervisor.kvm_mmu`) and are checked
+(:mod:`hypervisor.kvm.memslot`), and hands each vCPU's token to the guest process,
+whose accesses fault stage 2 in (:mod:`hypervisor.kvm.mmu`) and are checked
 against the allocation tags (:mod:`hypervisor.guest_access`).
 
 Handles: a VM is named by a small integer handle, private to the process that
@@ -17,7 +20,7 @@ Rules (reference section 4.1):
     * KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) is ``system_supports_mte()``.
     * KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) is 3
       (KVM_DIRTY_LOG_MANUAL_CAPS); enabling it takes ``args[0]`` in {0, 1, 3}
-      (else EINVAL) at any time (see :mod:`hypervisor.memslot`).
+      (else EINVAL) at any time (see :mod:`hypervisor.kvm.memslot`).
     * KVM_ENABLE_CAP: ``flags != 0`` -> EINVAL; ARM_MTE on a host without MTE,
       or once any vCPU was created (``created_vcpus``) -> EINVAL; enabling
       twice before vCPUs is harmless; there is no way to disable it.
@@ -32,91 +35,14 @@ import itertools
 import secrets
 from typing import TYPE_CHECKING
 
-import attrs
-
 from hypervisor.errors import KernelError
+from hypervisor.kvm.kvm_host import IPA_BITS_MAX, IPA_BITS_MIN, KVM_MAX_VCPUS, Kvm, Vcpu, kvm_has_mte
+from hypervisor.kvm.mmu import kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
 from hypervisor.locks import ModelMutex
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.memslot import Memslot
-    from hypervisor.mm.mmap import MM
     from hypervisor.process import Task
-
-KVM_MAX_VCPUS = 512
-#: Smallest and largest IPA sizes arm64 KVM accepts (KVM_VM_TYPE_ARM_IPA_SIZE; 32..52 bits on the model's CPU).
-IPA_BITS_MIN, IPA_BITS_MAX = 32, 52
-#: Capabilities KVM_CHECK_EXTENSION knows, with the value it returns (others return 0).
-CAPS = ("arm-mte", "manual-dirty-log-protect2")
-
-
-@attrs.define(eq=False)
-class S2Entry:
-    """A stage-2 leaf: the frame mapped at a gfn, its permission, its memory type.
-
-    ``cacheable`` is Normal (Write-Back) memory, the only type through which the
-    guest can reach allocation tags; device memory is Device-nGnRE.
-    """
-
-    page: object
-    writable: bool
-    cacheable: bool
-
-
-@attrs.define(eq=False)
-class Vcpu:
-    """struct kvm_vcpu: its index, the token that reaches it, whether VCPU_INIT succeeded."""
-
-    kvm: "Kvm"
-    index: int
-    token: str
-    aarch32: bool = False
-    initialised: bool = True
-    attached: object = None  # the guest connection running it
-
-
-@attrs.define(eq=False)
-class Kvm:
-    """struct kvm (plus the arm64 ``kvm->arch``)."""
-
-    handle: int
-    owner: "Task"
-    ipa_bits: int
-    lock: ModelMutex  # kvm->lock
-    slots_lock: ModelMutex  # kvm->slots_lock
-    mte_enabled: bool = False  # KVM_ARCH_FLAG_MTE_ENABLED
-    created_vcpus: int = 0
-    vcpus: list = attrs.Factory(list)
-    memslots: dict = attrs.Factory(dict)  # slot id -> Memslot
-    s2: dict = attrs.Factory(dict)  # gfn -> S2Entry
-    mmu_invalidate_seq: int = 0
-    nr_memslots_dirty_logging: int = 0
-    manual_dirty_log_protect: int = 0  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0]
-    destroyed: bool = False
-    notifier: object = None
-    ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
-
-    @property
-    def mm(self) -> "MM":
-        """The VMM's address space, where guest RAM lives (kvm->mm)."""
-        return self.owner.mm
-
-    @property
-    def phys_size(self) -> int:
-        """kvm_phys_size(): bytes of IPA space."""
-        return 1 << self.ipa_bits
-
-    def slot_of(self, gfn: int) -> "Memslot | None":
-        """gfn_to_memslot()."""
-        for slot in self.memslots.values():
-            if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
-                return slot
-        return None
-
-
-def kvm_has_mte(k: "Kernel", kvm: Kvm) -> bool:
-    """kvm_has_mte(): system_supports_mte() && KVM_ARCH_FLAG_MTE_ENABLED."""
-    return k.mte and kvm.mte_enabled
 
 
 class KvmState:
@@ -148,8 +74,6 @@ class KvmState:
         if not IPA_BITS_MIN <= ipa_bits <= IPA_BITS_MAX:
             raise KernelError("EINVAL", f"KVM_CREATE_VM: IPA size {ipa_bits} bits is outside "
                                         f"{IPA_BITS_MIN}..{IPA_BITS_MAX}")
-        from hypervisor.kvm_mmu import kvm_init_mmu_notifier
-
         h = next(self._handles)
         sched = self.k.sched
         kvm = Kvm(h, task, ipa_bits, ModelMutex(sched, f"kvm{h}.lock"), ModelMutex(sched, f"kvm{h}.slots_lock"))
@@ -162,7 +86,7 @@ class KvmState:
         if cap == "arm-mte":
             return int(self.k.mte)  # system_supports_mte()
         if cap == "manual-dirty-log-protect2":
-            from hypervisor.memslot import KVM_DIRTY_LOG_MANUAL_CAPS
+            from hypervisor.kvm.memslot import KVM_DIRTY_LOG_MANUAL_CAPS
 
             return KVM_DIRTY_LOG_MANUAL_CAPS  # ENABLE | INITIALLY_SET = 3
         return 0
@@ -181,7 +105,7 @@ class KvmState:
         if flags:
             raise KernelError("EINVAL", f"KVM_ENABLE_CAP: flags must be 0 (got {flags:#x})")
         if cap == "manual-dirty-log-protect2":
-            from hypervisor.memslot import KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            from hypervisor.kvm.memslot import KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 
             arg0 = args[0] if args else 0
             allowed = KVM_DIRTY_LOG_MANUAL_CAPS if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE \
@@ -236,8 +160,6 @@ class KvmState:
 
     async def kvm_destroy_vm(self, kvm: Kvm) -> None:
         """kvm_destroy_vm(): unmap stage 2, drop memslots and vCPUs, unregister the notifier."""
-        from hypervisor.kvm_mmu import kvm_uninit_mmu_notifier
-
         if kvm.destroyed:
             return
         kvm.destroyed = True

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.errors import KernelError
-from hypervisor.kvm import Kvm, kvm_has_mte
+from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
 from hypervisor.vma import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
@@ -129,7 +129,7 @@ async def kvm_set_memory_region(k: "Kernel", kvm: Kvm, slot_id: int, ipa: int, s
     Raises:
         KernelError: see the module docstring.
     """
-    from hypervisor.kvm_mmu import kvm_arch_flush_shadow_memslot, kvm_mmu_wp_memory_region
+    from hypervisor.kvm.mmu import kvm_arch_flush_shadow_memslot, kvm_mmu_wp_memory_region
 
     flags = _flags(flag_names_)
     if slot_id >= KVM_USER_MEM_SLOTS:
@@ -243,7 +243,7 @@ async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> lis
         KernelError: EINVAL for a slot id past KVM_USER_MEM_SLOTS; ENOENT when
             the slot does not exist or has no dirty bitmap.
     """
-    from hypervisor.kvm_mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
+    from hypervisor.kvm.mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
 
     async with kvm.slots_lock.held():
         slot = _logging_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
@@ -269,7 +269,7 @@ async def kvm_vm_ioctl_clear_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int, firs
             of 64 short of the slot's end; ENOENT when the slot does not exist
             or has no dirty bitmap.
     """
-    from hypervisor.kvm_mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
+    from hypervisor.kvm.mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
 
     async with kvm.slots_lock.held():
         if slot_id >= KVM_USER_MEM_SLOTS:
