@@ -110,7 +110,7 @@ def check_locked_has_sync_owner(k: Kernel, st: LockRun) -> None:
     """At every decision: LOCKED only while exactly one context is parked inside mte_sync_tags' init."""
     if tag_state(st.page) == "LOCKED":
         st.saw_locked = True
-        inside = [a for a in k.sched._parked.values() if a.label in SYNC_INIT_LABELS]
+        inside = [a for a in k.sched.parked if a.label in SYNC_INIT_LABELS]
         if len(inside) != 1:
             st.locked_without_owner = True
 

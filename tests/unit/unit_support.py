@@ -3,11 +3,11 @@
 * :class:`Proc` drives one modelled process in-process: ``await p("mmap", ...)``
   validates the arguments with the ABI and calls the syscall handler, exactly
   as the server does for a ``process`` connection.
-* :func:`explore` runs a small concurrent scenario under **every** interleaving
-  the :class:`~hypervisor.sched.ControlledScheduler` can produce. It replaces
-  the scheduler's random source with a scripted one and walks the decision
-  tree depth first (stateless model checking: each run replays a prefix of
-  choices, then takes the first option at every later decision).
+* :func:`explore` / :func:`explore_bounded` run a small concurrent scenario
+  under **every** interleaving (or every one with at most N preemptions): thin
+  loops over the engine's :class:`~hypervisor.sched.Dfs` and
+  :class:`~hypervisor.sched.Bounded` policies (``policy.new_execution()``
+  until it says the tree is done), one :func:`run_once` per execution.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Awaitable, Callable
 import attrs
 import trio
 
-from hypervisor.errors import KernelError
+from hypervisor.errors import KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
 from hypervisor.process import Task
-from hypervisor.sched import ControlledScheduler
+from hypervisor.sched import Bounded, ControlledScheduler, Decision, Dfs, Replay, SchedulingPolicy, Scripted
 from hypervisor.syscalls import PROCESS_OPS
 from shared.abi import validate_args
 from shared.mte import PAGE_SHIFT
@@ -91,32 +91,23 @@ def invariants(k: Kernel) -> list[str]:
 # ---- exhaustive interleaving exploration --------------------------------------
 
 
-class _ScriptedChoice:
-    """Stands in for the scheduler's ``random.Random``.
+class _Observed:
+    """A policy that calls ``hook()`` before each decision (every context is parked then), then
+    asks ``inner``: a test checks model state at every scheduling point this way."""
 
-    It follows a prefix of choice indices into the (name-sorted) runnable
-    contexts, then takes index 0; or, with ``policy``, asks
-    ``policy(runnable)`` (the scheduler's parked-actor records, which carry
-    ``.name`` and ``.label``, the point each one is parked at).
-    """
+    def __init__(self, inner: SchedulingPolicy, hook: Callable[[], None]):
+        self.inner = inner
+        self.hook = hook
 
-    def __init__(self, prefix: list[int], on_decision: Callable[[], None] | None, policy=None):
-        self.prefix = prefix
-        self.log: list[tuple[int, int]] = []  # (index chosen, number of runnable contexts)
-        self.on_decision = on_decision
-        self.policy = policy
+    def new_execution(self) -> bool:
+        return self.inner.new_execution()
 
-    def choice(self, seq):
-        if self.on_decision is not None:
-            self.on_decision()  # every context is parked at a scheduling point now
-        i = len(self.log)
-        if self.policy is not None:
-            c = seq.index(self.policy(seq))
-        else:
-            c = self.prefix[i] if i < len(self.prefix) else 0
-            assert c < len(seq), "the model ran differently on replay of the same choices (non-determinism)"
-        self.log.append((c, len(seq)))
-        return seq[c]
+    def choose(self, d: Decision):
+        self.hook()
+        return self.inner.choose(d)
+
+    def describe(self) -> str:
+        return self.inner.describe()
 
 
 @attrs.define
@@ -133,30 +124,35 @@ class Run:
 Body = Callable[[Kernel, object], Awaitable[None]]
 
 
-async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *, prefix: list[int] | None = None,
-                   schedule: str | None = None, policy=None, bugs=(),
-                   on_decision=None) -> tuple[Run, list[tuple[int, int]]]:
+async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *, schedule: str | None = None,
+                   policy=None, bugs=(), on_decision=None) -> tuple[Run, list]:
     """Run the scenario once under a controlled scheduler.
 
     ``setup(k)`` (a function or a coroutine function) builds the initial state
     outside any context (sequentially: no interleaving) and returns
     ``(state, {actor: body})``; every body then runs as its own kernel context.
-    With ``prefix`` (or ``policy``, see :class:`_ScriptedChoice`) the scripted
-    explorer picks the contexts; with ``schedule`` the scheduler replays a
-    recorded schedule string.
+    ``policy`` is a :class:`~hypervisor.sched.SchedulingPolicy` or a function of
+    the runnable contexts (those carry ``.name`` and ``.label``, the point each
+    is parked at); ``schedule`` replays a recorded schedule string; neither is
+    the default order (lowest name first). ``on_decision(k, state)`` is called
+    before every decision. Returns the run and its trace (the releases, in order).
     """
     if schedule is not None:
-        sched = ControlledScheduler(schedule=schedule)
-        script = None
+        pol = Replay(schedule)
+    elif policy is None:
+        pol = Scripted(lambda runnable: runnable[0])
+    elif callable(policy) and not hasattr(policy, "choose"):
+        pol = Scripted(policy)
     else:
-        sched = ControlledScheduler(seed=0)
-        script = _ScriptedChoice(prefix or [], None, policy)
-        sched._rng = script
+        pol = policy
+    holder: dict = {}
+    if on_decision is not None:
+        pol = _Observed(pol, lambda: on_decision(holder["k"], holder["state"]))
+    sched = ControlledScheduler(pol)
     k = Kernel(sched=sched, bugs=bugs)
     built = setup(k)
     state, bodies = (await built) if inspect.isawaitable(built) else built
-    if script is not None and on_decision is not None:
-        script.on_decision = lambda: on_decision(k, state)
+    holder.update(k=k, state=state)
 
     async def actor(name, body):
         try:
@@ -173,7 +169,8 @@ async def run_once(setup: Callable[[Kernel], tuple[object, dict[str, Body]]], *,
                 for name, body in bodies.items():
                     inner.start_soon(actor, name, body)
         outer.cancel_scope.cancel()
-    return Run(k, state, sched.schedule, list(sched.trace), sched.failure), (script.log if script else [])
+    run = Run(k, state, sched.schedule, list(sched.trace), sched.failure)
+    return run, run.trace
 
 
 def run_until_then(first: str, label: str, other: str):
@@ -194,34 +191,27 @@ def run_until_then(first: str, label: str, other: str):
     return policy
 
 
-def next_prefix(log: list[tuple[int, int]]) -> list[int] | None:
-    """Depth-first backtracking: the choice prefix of the next unexplored run, or None when all are done."""
-    i = len(log) - 1
-    while i >= 0 and log[i][0] + 1 >= log[i][1]:
-        i -= 1
-    if i < 0:
-        return None
-    return [c for c, _ in log[:i]] + [log[i][0] + 1]
+async def _walk(setup, policy: SchedulingPolicy, *, bugs, on_decision, until, limit: int) -> list[Run]:
+    """Run ``setup``'s scenario once per execution ``policy`` offers (see :func:`explore`)."""
+    runs: list[Run] = []
+    while policy.new_execution():
+        run, _ = await run_once(setup, policy=policy, bugs=bugs, on_decision=on_decision)
+        assert not isinstance(run.failure, ScheduleDivergence), run.failure  # the model is not deterministic
+        runs.append(run)
+        if until is not None and until(run):
+            return runs
+        assert len(runs) <= limit, "state space larger than expected"
+    return runs
 
 
 async def explore(setup, *, bugs=(), on_decision=None, until=None, limit: int = 20_000) -> list[Run]:
-    """Every interleaving of the scenario built by ``setup`` (see :func:`run_once`).
+    """Every interleaving of the scenario built by ``setup`` (see :func:`run_once`), by :class:`Dfs`.
 
     With ``until`` (a predicate on a :class:`Run`) the walk stops at the first
     run for which it holds (a counterexample search); that run is the last one
     returned.
     """
-    runs: list[Run] = []
-    prefix: list[int] = []
-    while True:
-        run, log = await run_once(setup, prefix=prefix, bugs=bugs, on_decision=on_decision)
-        runs.append(run)
-        if until is not None and until(run):
-            return runs
-        assert len(runs) <= limit, "state space larger than expected"
-        prefix = next_prefix(log)
-        if prefix is None:
-            return runs
+    return await _walk(setup, Dfs(), bugs=bugs, on_decision=on_decision, until=until, limit=limit)
 
 
 def frame_problems(k: Kernel) -> list[str]:
@@ -433,42 +423,6 @@ class Vm:
 
 
 async def explore_bounded(setup, *, preemptions: int = 2, bugs=(), until=None, limit: int = 20_000) -> list[Run]:
-    """Every interleaving of ``setup``'s scenario with at most ``preemptions`` preemptions (CHESS's bound).
-
-    A *preemption* is switching away from the context that ran last while it is
-    still runnable; choosing among contexts when it blocked or ended is free.
-    Races of depth ``preemptions`` or less are all covered, and the walk stays
-    polynomial where :func:`explore`'s full tree would not fit (two KVM paths of
-    ten scheduling points each). ``until`` as in :func:`explore`.
-    """
-    runs: list[Run] = []
-    prefix: list[int] = []
-    while True:
-        log: list[tuple[int, int]] = []
-        last: list[str | None] = [None]
-        used = [0]
-
-        def policy(runnable):
-            names = [a.name for a in runnable]
-            if last[0] in names:  # still runnable: anything else is a preemption
-                options = [last[0]] + ([n for n in names if n != last[0]] if used[0] < preemptions else [])
-                costly = True
-            else:
-                options, costly = names, False
-            i = len(log)
-            c = prefix[i] if i < len(prefix) else 0
-            assert c < len(options), "the model ran differently on replay of the same choices (non-determinism)"
-            log.append((c, len(options)))
-            if c and costly:
-                used[0] += 1
-            last[0] = options[c]
-            return runnable[names.index(options[c])]
-
-        run, _ = await run_once(setup, policy=policy, bugs=bugs)
-        runs.append(run)
-        if until is not None and until(run):
-            return runs
-        assert len(runs) <= limit, "state space larger than expected"
-        prefix = next_prefix(log)
-        if prefix is None:
-            return runs
+    """Every interleaving of ``setup``'s scenario with at most ``preemptions`` preemptions
+    (:class:`~hypervisor.sched.Bounded`, CHESS's bound). ``until`` as in :func:`explore`."""
+    return await _walk(setup, Bounded(preemptions), bugs=bugs, on_decision=None, until=until, limit=limit)

@@ -1,0 +1,261 @@
+"""The controlled scheduler: exactly one context runs at a time, and a policy picks it.
+
+A driver task (:meth:`ControlledScheduler.run_driver`) waits until every task
+is blocked, then takes one decision (:meth:`ControlledScheduler.step`): the
+policy (:mod:`hypervisor.sched.policies`) chooses among the runnable parked
+contexts and that one is released. Whatever the policy, the run is recorded as
+a schedule of preemptions (:mod:`hypervisor.sched.schedule`) and replays with
+:class:`~hypervisor.sched.policies.Replay`; a replay entry whose target is not
+runnable is a :class:`ScheduleDivergence`.
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import attrs
+import trio
+import trio.testing
+
+from hypervisor.errors import Deadlock, ScheduleDivergence
+from hypervisor.sched.core import FreeScheduler, Scheduler, current_actor
+from hypervisor.sched.policies import PCT_STEPS, Bounded, Decision, Dfs, Pct, Random, Replay, SchedulingPolicy
+from hypervisor.sched.schedule import Preemption, format_schedule
+
+
+@attrs.define(eq=False)
+class _Actor:
+    name: str
+    decisions: int = 0  # decisions taken while this actor was the running one
+    event: trio.Event | None = None  # set to release it
+    pred: Callable[[], bool] | None = None  # a wait_until predicate
+    label: str = ""
+    alive: bool = True
+
+
+@attrs.frozen
+class TraceEntry:
+    """One release decision: who ran, at which of their points, and why."""
+
+    actor: str
+    n: int
+    label: str
+
+
+class ControlledScheduler(Scheduler):
+    """One context at a time, chosen by a policy.
+
+    Args:
+        policy: a :class:`~hypervisor.sched.policies.SchedulingPolicy`; or, without one,
+        seed: :class:`Random` (or :class:`Pct` with ``pct_depth``) from this seed;
+        schedule: :class:`Replay` of this schedule string (strict);
+        max_decisions: safety bound; a run that takes more is reported as livelock.
+
+    Call :meth:`run_driver` in a nursery (``nursery.start``) before any context
+    starts. Failures found by the driver (deadlock, divergence) are recorded in
+    :attr:`failure` and the blocked contexts are cancelled with the error.
+    One scheduler is one execution; a policy may serve many (see :mod:`mtekvm.hunt`).
+    """
+
+    kind = "controlled"
+
+    def __init__(self, policy: SchedulingPolicy | None = None, *, seed: int | None = None,
+                 schedule: str | None = None, max_decisions: int = 200_000, pct_depth: int | None = None,
+                 pct_steps: int = PCT_STEPS):
+        if policy is None:
+            if (seed is None) == (schedule is None):
+                raise ValueError("give exactly one of seed (random/pct) or schedule (replay), or a policy")
+            if schedule is not None:
+                policy = Replay(schedule)
+            elif pct_depth:
+                policy = Pct(seed, pct_depth, pct_steps)
+            else:
+                policy = Random(seed)
+        elif seed is not None or schedule is not None:
+            raise ValueError("give a policy or a seed/schedule, not both")
+        self.policy: SchedulingPolicy = policy
+        self.seed: int | None = getattr(policy, "seed", None)
+        self._actors: dict[str, _Actor] = {}
+        self._parked: dict[str, _Actor] = {}
+        self._running: _Actor | None = None
+        # decisions before any context has run are keyed on this pseudo-actor
+        self._last: _Actor = _Actor("start", alive=False)
+        self._arrived = trio.Event()
+        self.preemptions: list[Preemption] = []
+        self.trace: list[TraceEntry] = []
+        self.failure: Exception | None = None
+        self.max_decisions = max_decisions
+        self.decisions = 0
+        self.points = 0
+
+    @property
+    def schedule(self) -> str:
+        return format_schedule(self.preemptions)
+
+    @property
+    def replay(self) -> dict[tuple[str, int], str] | None:
+        """The entries of a strict replay (None for any other policy): what the run must reach."""
+        p = self.policy
+        return p.entries if isinstance(p, Replay) and p.strict else None
+
+    @property
+    def parked(self) -> list[_Actor]:
+        """The contexts parked at a point or a model lock now, by name (each has ``name``, ``label``)."""
+        return sorted(self._parked.values(), key=lambda a: a.name)
+
+    @asynccontextmanager
+    async def context(self, actor: str):
+        if actor in self._actors and self._actors[actor].alive:
+            raise ValueError(f"actor {actor!r} is already running")
+        a = _Actor(actor)
+        self._actors[actor] = a
+        token = current_actor.set(actor)
+        try:
+            await self._park(a, "enter", None)
+            yield
+        finally:
+            current_actor.reset(token)
+            a.alive = False
+            if self._running is a:
+                self._running = None
+            self._parked.pop(actor, None)
+            self._kick()
+
+    def _kick(self) -> None:
+        self._arrived.set()
+
+    async def _park(self, a: _Actor, label: str, pred) -> None:
+        a.event = trio.Event()
+        a.pred = pred
+        a.label = label
+        self._parked[a.name] = a
+        if self._running is a:
+            self._running = None
+        self._kick()
+        await a.event.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def point(self, label: str) -> None:
+        self.points += 1
+        a = self._actors.get(current_actor.get())
+        if a is None:  # not inside a controlled context (set-up code): no interleaving
+            return
+        await self._park(a, label, None)
+
+    async def wait_until(self, pred, label):
+        a = self._actors.get(current_actor.get())
+        if a is None:
+            if not pred():
+                raise Deadlock(f"{label}: would block outside any context")
+            return
+        while not pred():
+            await self._park(a, label, pred)
+
+    def _runnable(self) -> list[_Actor]:
+        return sorted(
+            (a for a in self._parked.values() if a.pred is None or a.pred()),
+            key=lambda a: a.name,
+        )
+
+    def _choose(self, runnable: list[_Actor]) -> _Actor:
+        last = self._last
+        default = last if (last.alive and last in runnable) else runnable[0]
+        last.decisions += 1
+        key = (last.name, last.decisions)
+        choice = self.policy.choose(Decision(tuple(runnable), last.name, default, key, self.decisions))
+        if choice not in runnable:
+            raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, which is not runnable")
+        explicit = isinstance(self.policy, Replay) and self.policy.entries.get(key) == choice.name
+        if choice is not default or explicit:
+            self.preemptions.append((key[0], key[1], choice.name))
+        return choice
+
+    def step(self) -> TraceEntry | None:
+        """Take one decision: the policy picks a runnable parked context, which is released.
+
+        Call it when no context is running (every one is parked or blocked on a model lock);
+        :meth:`run_driver` is a loop that waits for that and calls this. Returns what was
+        released, or None when the run failed here instead (deadlock, livelock, or the policy's
+        :class:`ScheduleDivergence`; see :attr:`failure`) or nothing is parked.
+        """
+        if not self._parked:
+            return None
+        runnable = self._runnable()
+        if not runnable:
+            self._fail(Deadlock(
+                "every context is blocked: "
+                + ", ".join(f"{a.name} at {a.label}" for a in sorted(self._parked.values(), key=lambda a: a.name))
+            ))
+            return None
+        self.decisions += 1
+        if self.decisions > self.max_decisions:
+            self._fail(Deadlock(f"no end after {self.max_decisions} decisions (livelock?)"))
+            return None
+        try:
+            a = self._choose(runnable)
+        except ScheduleDivergence as exc:
+            self._fail(exc)
+            return None
+        entry = TraceEntry(a.name, a.decisions, a.label)
+        self.trace.append(entry)
+        del self._parked[a.name]
+        self._running = a
+        self._last = a
+        assert a.event is not None
+        a.event.set()
+        return entry
+
+    async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Release one parked context at a time, forever (cancel to stop): a loop over :meth:`step`."""
+        task_status.started()
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if self._running is not None and self._running.alive and self._running.name not in self._parked:
+                # the running actor is blocked on something outside the model (I/O): wait for it
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+                continue
+            if not self._parked:
+                self._arrived = trio.Event()
+                await self._arrived.wait()
+                continue
+            self.step()
+
+    def _fail(self, exc: Exception) -> None:
+        if self.failure is None:
+            self.failure = exc
+        for a in list(self._parked.values()):
+            del self._parked[a.name]
+            assert a.event is not None
+            a.event.set()
+
+
+def make_scheduler(kind: str, seed: int | None = None, schedule: str | None = None, depth: int = 3,
+                   policy: SchedulingPolicy | None = None) -> Scheduler:
+    """Build a scheduler from its scenario/CLI description (``policy``, when given, is used as is:
+    a hunt passes the one policy object that spans its executions).
+
+    Raises:
+        ValueError: unknown kind, or missing seed/schedule.
+    """
+    if kind == "free":
+        return FreeScheduler()
+    if policy is not None:
+        return ControlledScheduler(policy)
+    if kind == "random":
+        return ControlledScheduler(seed=seed if seed is not None else 0)
+    if kind == "pct":
+        if depth < 1:
+            raise ValueError("pct depth must be at least 1")
+        return ControlledScheduler(seed=seed if seed is not None else 0, pct_depth=depth)
+    if kind == "replay":
+        if schedule is None:
+            raise ValueError("replay needs a schedule")
+        return ControlledScheduler(schedule=schedule)
+    if kind == "dfs":
+        return ControlledScheduler(Dfs())
+    if kind == "bounded":
+        return ControlledScheduler(Bounded(depth))
+    raise ValueError(f"unknown scheduler {kind!r} (free, random, pct, replay, dfs, bounded)")

@@ -1,0 +1,75 @@
+"""What model code calls: the current actor, scheduling points, and the free scheduler.
+
+A *context* is one trio task running one kernel path for one CPU (a syscall
+from a connection, a host reclaim pass, a fault). Shared kernel state changes
+only between scheduling points: ``await sched.point("mte_sync_tags:clear")``
+marks a place where another CPU could observe the path half way. Blocking on a
+model lock is :meth:`Scheduler.wait_until`, which parks the context until a
+predicate on model state holds; nobody busy-loops.
+
+Actor names come from the request's ``ctx`` (the runner uses ``ACTOR/STEP``);
+the current actor is held in a context variable so model code needs no
+argument for it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import asynccontextmanager
+from typing import Callable
+
+import trio
+
+current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("current_actor", default="?")
+
+
+class Scheduler:
+    """Interface every scheduler provides to model code."""
+
+    kind = "abstract"
+
+    @asynccontextmanager
+    async def context(self, actor: str):
+        """Run the body as kernel context ``actor``."""
+        token = current_actor.set(actor)
+        try:
+            yield
+        finally:
+            current_actor.reset(token)
+
+    async def point(self, label: str) -> None:
+        """A scheduling point: another context may run here."""
+        raise NotImplementedError
+
+    async def wait_until(self, pred: Callable[[], bool], label: str) -> None:
+        """Park the current context until ``pred()`` is true (a model lock wait)."""
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        """Model state changed in a way a ``wait_until`` predicate may care about."""
+
+    @property
+    def schedule(self) -> str:
+        """The run's schedule string (empty for uncontrolled runs)."""
+        return ""
+
+
+class FreeScheduler(Scheduler):
+    """Points are trio checkpoints; trio decides the order. Used across processes."""
+
+    kind = "free"
+
+    def __init__(self):
+        self._lot = trio.lowlevel.ParkingLot()
+        self.points = 0
+
+    async def point(self, label: str) -> None:
+        self.points += 1
+        await trio.lowlevel.checkpoint()
+
+    async def wait_until(self, pred, label):
+        while not pred():
+            await self._lot.park()
+
+    def wake(self) -> None:
+        self._lot.unpark_all()
