@@ -14,7 +14,7 @@ import attrs
 import msgpack
 import trio
 
-from hypervisor.listen import open_connection
+from shared.transport import open_connection
 from mtekvm.links import ProcessHost, start_listening_process, stop_process
 
 MiB = 1 << 20

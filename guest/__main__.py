@@ -27,8 +27,8 @@ import sys
 import trio
 
 from guest.agent import GuestAgent
-from hypervisor.listen import AddressError, open_connection
 from shared import lifeline, wire
+from shared.transport import AddressError, Connector, Unreachable
 
 log = logging.getLogger("mtekvm.guest")
 
@@ -76,32 +76,28 @@ async def _run_guest(address: str, channel_fd: int, exit_fd: int, name: str, sec
     except OSError as exc:
         log.error("guest %s: the inherited channel sockets are unusable: %s", name, exc)
         return 1
-    try:
-        hv_stream = await open_connection(address)
-    except (AddressError, OSError) as exc:
-        log.error("guest %s: cannot reach the hypervisor at %s: %s", name, address, exc)
-        await channel.aclose()
-        await exit_stream.aclose()
-        return 1
-    hv = wire.Client(hv_stream)
     exits = wire.Client(exit_stream)
+    hv: wire.Client | None = None
+    status = 1
     async with trio.open_nursery() as nursery:
-        await nursery.start(hv.run)
-        await nursery.start(exits.run)
         try:
-            await hv.call("hello", {"role": "vcpu", "name": name, "secret": secret})
+            hv, _ = await Connector(nursery, address, secret).connect("vcpu", name=name)
+        except Unreachable as exc:  # "cannot reach the hypervisor at ADDR: why"
+            log.error("guest %s: %s", name, exc)
+        except AddressError as exc:
+            log.error("guest %s: cannot reach the hypervisor at %s: %s", name, address, exc)
         except (wire.RemoteError, wire.WireError) as exc:
             log.error("guest %s: the hypervisor refused hello: %s", name, exc)
-            status = 1
         else:
+            await nursery.start(exits.run)
             log.info("guest %s: serving the guest channel", name)
             await GuestAgent(hv, exits).serve(channel)
             status = 0
         nursery.cancel_scope.cancel()
     with trio.CancelScope(shield=True):
-        for stream in (channel, hv_stream, exit_stream):
+        for closer in (channel.aclose, exits.aclose) + ((hv.aclose,) if hv is not None else ()):
             try:
-                await stream.aclose()
+                await closer()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
     log.info("guest %s: channel closed, exiting with %d", name, status)

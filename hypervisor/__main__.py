@@ -26,9 +26,9 @@ import sys
 import trio
 
 from hypervisor.kernel import Kernel
-from hypervisor.listen import AddressError, listener_address, open_listener, parse_address
 from hypervisor.server import Hypervisor
 from shared import lifeline
+from shared.transport import AddressError, listener_address, open_listener, parse_address
 from shared.bugs import BUGS
 
 

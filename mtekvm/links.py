@@ -34,21 +34,22 @@ import trio
 import trio.testing
 
 from hypervisor.kernel import Kernel
-from hypervisor.listen import open_connection
 from hypervisor.sched import ControlledScheduler, Scheduler
 from hypervisor.server import Hypervisor
 from shared import lifeline
-from shared.wire import Client, ConnectionClosed
+from shared.transport import Connector, ExplainedClient, PeerLost, open_connection, unreachable
+from shared.wire import Client
 
 
 class HostStartError(Exception):
     """The hypervisor process could not be started or reached."""
 
 
-class HostDied(HostStartError, ConnectionClosed):
+class HostDied(HostStartError, PeerLost):
     """A hypervisor or VMM process died (or closed its connection) mid-run; the message is one line.
 
     It is a :class:`HostStartError` (the infrastructure failed) and a
+    :class:`shared.transport.PeerLost`, so a
     :class:`shared.wire.ConnectionClosed` (code that handles a closed
     connection keeps working).
     """
@@ -77,56 +78,6 @@ async def _reaped_status(process: trio.Process | None) -> str | None:
     with trio.move_on_after(REAP_WAIT):
         await process.wait()
     return None if process.returncode is None else describe_status(process.returncode)
-
-
-async def _unreachable(address: str) -> str | None:
-    """Why a fresh connection to ``address`` fails, or ``None`` when it succeeds."""
-    try:
-        with trio.fail_after(REAP_WAIT):
-            stream = await open_connection(address)
-    except (OSError, trio.TooSlowError) as exc:
-        return getattr(exc, "strerror", None) or type(exc).__name__
-    await stream.aclose()
-    return None
-
-
-class LinkClient(Client):
-    """A :class:`~shared.wire.Client` whose broken connection raises :class:`HostDied`.
-
-    Args:
-        stream: the connected stream.
-        explain: ``await explain()`` -> the one-line reason, asked once the connection is gone.
-    """
-
-    def __init__(self, stream: trio.abc.Stream, explain):
-        super().__init__(stream)
-        self._explain = explain
-        self._why: str | None = None  # the explanation, once asked
-        self.closing = False
-
-    async def call_raw(self, op: str, args: dict | None = None, ctx: str | None = None) -> dict:
-        """As :meth:`shared.wire.Client.call_raw`; raises :class:`HostDied` when the peer has gone.
-
-        A connection we closed ourselves, or one the link cannot explain (an
-        in-process host), raises the plain ``ConnectionClosed``.
-        """
-        try:
-            return await super().call_raw(op, args, ctx)
-        except HostDied:
-            raise
-        except ConnectionClosed:
-            if self.closing:
-                raise
-            if self._why is None:
-                self._why = await self._explain() or ""
-            if not self._why:
-                raise
-        raise HostDied(f"{self._why} (during {op})")
-
-    async def aclose(self) -> None:
-        """Close the connection (a later call raises plain ``ConnectionClosed``)."""
-        self.closing = True
-        await super().aclose()
 
 
 class ChildLog:
@@ -235,45 +186,13 @@ async def stop_process(process: trio.Process) -> None:
         await process.stdout.aclose()
 
 
-class HostLink:
-    """A modelled host the orchestrator can open connections to."""
+class HostLink(Connector):
+    """A modelled host the orchestrator can open connections to (:meth:`connect` says hello).
 
-    def __init__(self, nursery: trio.Nursery):
-        self.nursery = nursery
+    Calls on a connection whose host went away raise :class:`HostDied`.
+    """
 
-    async def _stream(self) -> trio.abc.Stream:
-        raise NotImplementedError
-
-    async def connect(self, role: str, **hello) -> tuple[Client, dict]:
-        """Open a connection and introduce it; returns the client and hello's reply.
-
-        Raises:
-            shared.wire.RemoteError: hello was refused.
-        """
-        stream = await self._stream()
-        client = LinkClient(stream, self.why_lost)
-        await self.nursery.start(self._run_client, client)
-        reply = await client.call("hello", {"role": role, "secret": self.secret, **hello})
-        return client, reply.value
-
-    async def _run_client(self, client: LinkClient, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await client.run(task_status=task_status)
-        if not client.closing:
-            self.lost.set()
-
-    @property
-    def lost(self) -> trio.Event:
-        """Set once a connection of this link closed without our closing it (the host went away)."""
-        if self._lost is None:
-            self._lost = trio.Event()
-        return self._lost
-
-    async def why_lost(self) -> str | None:
-        """One line saying why a connection broke, or ``None`` (then the connection error is shown)."""
-        return None
-
-    secret: str | None = None
-    _lost: trio.Event | None = None
+    lost_error = HostDied
 
 
 class InProcessHost(HostLink):
@@ -292,7 +211,8 @@ class InProcessHost(HostLink):
         if isinstance(self.sched, ControlledScheduler):
             await self.nursery.start(self.sched.run_driver)
 
-    async def _stream(self) -> trio.abc.Stream:
+    async def open_stream(self) -> trio.abc.Stream:
+        """One end of an in-memory stream; the hypervisor serves the other."""
         client_end, server_end = trio.testing.memory_stream_pair()
         self.nursery.start_soon(self.hv.serve, server_end)
         return client_end
@@ -303,9 +223,7 @@ class ProcessHost(HostLink):
 
     def __init__(self, nursery: trio.Nursery, *, address: str | None = None, secret: str | None = None,
                  mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=()):
-        super().__init__(nursery)
-        self.address = address
-        self.secret = secret
+        super().__init__(nursery, address, secret)
         self._args = (mte, ram, swap, tuple(bugs))
         self.process: trio.Process | None = None
         self.folder: str | None = None  # the private hypervisor's folder (it removes it itself if we die)
@@ -343,7 +261,12 @@ class ProcessHost(HostLink):
             raise
         _PRIVATE_HOSTS[self.address] = self
 
-    async def _stream(self) -> trio.abc.Stream:
+    async def open_stream(self) -> trio.abc.Stream:
+        """A connection to the hypervisor's socket.
+
+        Raises:
+            HostStartError: nobody listens there.
+        """
         try:
             return await open_connection(self.address)
         except OSError as exc:
@@ -356,10 +279,7 @@ class ProcessHost(HostLink):
             if how is not None:
                 last = self.log.last_line() if self.log is not None else ""
                 return f"the hypervisor (pid {self.process.pid}) died: {how}" + (f": {last}" if last else "")
-        why = await _unreachable(self.address)
-        if why is not None:
-            return f"the hypervisor at {self.address} is gone: {why}"
-        return f"the hypervisor at {self.address} closed the connection"
+        return await super().why_lost()
 
     async def stop(self) -> None:
         """Stop the private hypervisor process and remove its folder."""
@@ -533,11 +453,11 @@ class ProcessVmm(VmmLink):
 
     async def why_lost(self) -> str:
         """Why the control channel broke: the hypervisor under the VMM died, or the VMM itself did."""
-        if await _unreachable(self.hv_address) is not None:
+        if await unreachable(self.hv_address) is not None:
             host = _PRIVATE_HOSTS.get(self.hv_address)
             if host is not None:
                 return await host.why_lost()
-            return f"the hypervisor at {self.hv_address} is gone: {await _unreachable(self.hv_address)}"
+            return f"the hypervisor at {self.hv_address} is gone: {await unreachable(self.hv_address)}"
         how = await _reaped_status(self.process)
         pid = self.process.pid if self.process is not None else "?"
         if how is None:
@@ -547,7 +467,7 @@ class ProcessVmm(VmmLink):
 
     async def check_alive(self) -> None:
         """Raise :class:`HostDied` if the hypervisor is unreachable or the VMM process has exited."""
-        if await _unreachable(self.hv_address) is not None or (
+        if await unreachable(self.hv_address) is not None or (
                 self.process is not None and self.process.poll() is not None):
             raise HostDied(await self.why_lost())
 
@@ -561,7 +481,7 @@ class ProcessVmm(VmmLink):
             stream = await open_connection(self.address)
         except OSError as exc:
             raise HostStartError(f"cannot reach the VMM at {self.address}: {exc}") from None
-        client = LinkClient(stream, self.why_lost)
+        client = ExplainedClient(stream, self.why_lost, HostDied)
         await self.nursery.start(client.run)
         return client
 

@@ -30,11 +30,10 @@ import sys
 
 import trio
 
-from hypervisor.listen import AddressError, open_listener, parse_address
 from shared import lifeline
+from shared.transport import AddressError, Connector, open_listener, parse_address
 from shared.wire import RemoteError
 from vmm.guestlink import ProcessGuests
-from mtekvm.links import ProcessHost
 from vmm.machine import Vmm, VmmError
 
 PROG = "python -m vmm"
@@ -68,7 +67,7 @@ async def run(args: argparse.Namespace, secret: str | None) -> int:
     path = parse_address(args.listen)[1]
     status = 0
     async with trio.open_nursery() as nursery:
-        host = ProcessHost(nursery, address=args.hypervisor, secret=secret)
+        host = Connector(nursery, args.hypervisor, secret)
         vmm = Vmm(host.connect, ProcessGuests(nursery, args.hypervisor, secret), name=args.name,
                   session=args.session)
         stop = trio.Event()  # set (with a logged reason) when the VMM should shut down

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hypervisor.listen import open_connection
+from shared.transport import open_connection
 from shared import wire
 
 ROOT = Path(__file__).resolve().parents[2]

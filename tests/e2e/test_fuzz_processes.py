@@ -33,7 +33,7 @@ import msgpack
 import pytest
 import trio
 
-from hypervisor.listen import open_connection
+from shared.transport import open_connection
 from shared import wire
 from shared.abi import OPS
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from hypervisor.listen import open_connection
+from shared.transport import open_connection
 from shared import lifeline, wire
 from mtekvm.links import HostDied, HostStartError, ProcessHost, ProcessVmm
 

@@ -26,7 +26,7 @@ from guest.cpu import (MAIR_ATTR_NORMAL, MAIR_ATTR_NORMAL_TAGGED, MT_NORMAL_TAGG
                        VcpuRegs, boot_mair)
 from guest.stage1 import Stage1, Stage1Error
 from hypervisor.kernel import Kernel
-from hypervisor.listen import open_listener
+from shared.transport import open_listener
 from hypervisor.server import Hypervisor
 from shared import wire
 from shared.abi import MAX_IO
