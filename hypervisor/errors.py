@@ -1,31 +1,10 @@
-"""The hypervisor package's root exception: a kernel path failed with an errno."""
+"""The scheduler's failures; :class:`KernelError` now lives in :mod:`shared.errno` (re-exported here)."""
 
 from __future__ import annotations
 
-from shared.errno import ERRNO_BY_NAME, errno_name
+from shared.errno import KernelError
 
-
-class KernelError(Exception):
-    """A modelled kernel path returned ``-errno``.
-
-    Raised by model code where Linux returns a negative errno; the server turns
-    it into an error reply. Architectural events (tag check faults) are data,
-    not KernelErrors.
-
-    Attributes:
-        errno: the Linux errno number.
-        message: what happened, in the words of the path that failed.
-    """
-
-    def __init__(self, name_or_number: str | int, message: str = ""):
-        self.errno = ERRNO_BY_NAME[name_or_number] if isinstance(name_or_number, str) else name_or_number
-        self.message = message
-        super().__init__(f"{errno_name(self.errno)}: {message}")
-
-    @property
-    def name(self) -> str:
-        """The symbolic errno name."""
-        return errno_name(self.errno)
+__all__ = ["Deadlock", "KernelError", "ScheduleDivergence"]
 
 
 class ScheduleDivergence(Exception):

@@ -43,13 +43,14 @@ import traceback
 
 import trio
 
-from hypervisor.access import AccessResult
+from hypervisor.access.user import AccessResult
 from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
-from shared.abi import OPS, AbiError, validate_args
-from shared.errno import EAGAIN, EDEADLK, EINVAL, EIO, EPERM
+from shared.abi import OPS, validate_args
+from shared.errno import EDEADLK, EIO, EPERM
+from shared.rpc import RequestLoop
 
 log = logging.getLogger("mtekvm.hypervisor")
 
@@ -102,6 +103,17 @@ class Hypervisor:
 
 
 class _Connection:
+    """One client connection: the hypervisor's policy plugged into :class:`shared.rpc.RequestLoop`.
+
+    The loop reads, replies (coalesced) and shields (a kernel path runs to its
+    end even if its client dies: no half-done faults, no leaks); this class
+    decides what a request may do (hello, roles, attached vCPUs) and runs it as
+    a kernel context. Under the free scheduler requests run inline in the
+    reading task (one that never yields costs no task); under a controlled
+    scheduler each runs in a task of its own, as the scheduler's decisions
+    were pinned with.
+    """
+
     def __init__(self, hv: Hypervisor, framed: wire.FramedStream):
         self.hv = hv
         self.framed = framed
@@ -109,124 +121,52 @@ class _Connection:
         self.role: str | None = None
         self.task = None
         self.vcpus: dict = {}  # index -> Vcpu this guest connection attached
-        self.outstanding = 0
         self.seq = 0
-        self._pending: list[bytes] = []  # packed responses not yet written
-        self._wake = trio.Event()
-        self._writing = False  # the writer is inside send_all
-        self._writer_gone = False  # the writer stopped: the peer has gone
+        self.loop = RequestLoop(framed, self._dispatch, max_outstanding=MAX_OUTSTANDING, name="hypervisor",
+                                inline=self._free, shield=True, on_internal_error=self._internal_error,
+                                on_unencodable=self._unencodable)
 
     @property
     def k(self) -> Kernel:
         return self.hv.kernel
 
     async def run(self) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._writer)
-            while True:
-                try:
-                    msg = await self.framed.receive()
-                except wire.ConnectionClosed:
-                    break
-                except wire.WireError as exc:
-                    log.info("closing connection: %s", exc)
-                    if exc.rid is not None:  # it decoded far enough to be answered
-                        self._reply(wire.response_err(exc.rid, EINVAL, str(exc)))
-                    break
-                try:
-                    rid, op, args, ctx = wire.parse_request(msg)
-                except wire.EnvelopeError as exc:
-                    self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
-                    if exc.fatal:
-                        log.info("closing connection: %s", exc.message)
-                        break
-                    continue
-                if self.outstanding >= MAX_OUTSTANDING:
-                    self._reply(wire.response_err(rid, EAGAIN, f"more than {MAX_OUTSTANDING} requests in flight"))
-                    continue
-                self.outstanding += 1
-                nursery.start_soon(self._handle, rid, op, args, ctx)
-            await self._flush()
-            nursery.cancel_scope.cancel()
+        await self.loop.run()
 
-    def _reply(self, msg: dict) -> None:
-        """Queue a response; the writer sends whatever has queued up in one write.
+    def _free(self) -> bool:
+        return self.hv.kernel.sched.kind == "free"
 
-        A value that cannot be encoded (a model bug) is replied as EIO instead.
-        """
-        try:
-            data = self.framed.pack(msg)
-        except Exception as exc:  # noqa: BLE001 - msgpack refuses the value (type, depth, size)
-            detail = f"{type(exc).__name__}: {exc}"
-            self.k.warn_once(f"internal error: unencodable reply: {detail}")
-            data = self.framed.pack(wire.response_err(msg.get("id"), EIO, f"internal model error: reply "
-                                                                          f"cannot be encoded: {detail}"))
-        self._pending.append(data)
-        self._wake.set()
-
-    async def _flush(self) -> None:
-        """Let the writer send what is queued (a final error reply) before the connection closes; 1 s at most."""
-        with trio.move_on_after(1):
-            while (self._pending or self._writing) and not self._writer_gone:
-                await trio.sleep(0.005)
-
-    async def _writer(self) -> None:
-        """Coalesce responses: one send_all for all that finished since the last one."""
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._pending:
-                data = b"".join(self._pending)
-                self._pending.clear()
-                self._writing = True
-                try:
-                    await self.framed.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    self._writer_gone = True
-                    return  # the peer has gone; run() notices on its next receive
-                finally:
-                    self._writing = False
-
-    async def _handle(self, rid: int, op, args, ctx) -> None:
-        try:
-            # a kernel path runs to its end even if its client dies (no half-done faults, no leaks)
-            with trio.CancelScope(shield=True):
-                reply = await self._dispatch(rid, op, args, ctx)
-        except (KernelError, AbiError) as exc:
-            reply = wire.response_err(rid, exc.errno, exc.message)
-        except (Deadlock, ScheduleDivergence) as exc:
+    def _internal_error(self, op, exc: Exception) -> tuple[int, str]:
+        if isinstance(exc, (Deadlock, ScheduleDivergence)):
             self.hv.failures.append(f"{type(exc).__name__}: {exc}")
-            reply = wire.response_err(rid, EDEADLK, f"{type(exc).__name__}: {exc}")
-        except trio.Cancelled:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a model bug must not take the host down
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            self.k.warn_once(f"internal error in {op}: {detail}")
-            log.exception("internal error in %s", op)
-            reply = wire.response_err(rid, EIO, f"internal model error in {op}: {detail}")
-        finally:
-            self.outstanding -= 1
-        self._reply(reply)
+            return EDEADLK, f"{type(exc).__name__}: {exc}"
+        detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.k.warn_once(f"internal error in {op}: {detail}")
+        log.error("internal error in %s", op, exc_info=exc)
+        return EIO, f"internal model error in {op}: {detail}"
 
-    async def _dispatch(self, rid: int, op, args, ctx) -> dict:
+    def _unencodable(self, detail: str) -> None:
+        self.k.warn_once(f"internal error: unencodable reply: {detail}")
+
+    async def _dispatch(self, op, args, ctx):
         if self.role is None and op != "hello":  # nothing but hello is examined before it
             raise KernelError(EPERM, f"{wire.brief(op)}: say hello first")
         a = validate_args(op, args)
         d = OPS[op]
         if op == "hello":
-            return wire.response_ok(rid, self._hello(a))
+            return self._hello(a)
         if d.role != "any" and d.role != self.role:
             raise KernelError(EPERM, f"{op} is a {d.role} op; this connection is a {self.role}")
         if op == "boot":
-            return wire.response_ok(rid, self._boot(a))
+            return self._boot(a)
         self.seq += 1
-        name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else self.role}#{self.seq}"
-        k = self.k
         if op == "vcpu-attach":
-            return wire.response_ok(rid, self._attach_vcpu(a["token"]))
+            return self._attach_vcpu(a["token"])
+        k = self.k
         if op in OBSERVERS:  # oracles and statistics look; they are not kernel contexts
             result = await HOST_OPS[op](k, a)
         else:
+            name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else self.role}#{self.seq}"
             async with k.sched.context(name):
                 if self.role == "process":
                     result = await PROCESS_OPS[op](k, self.task, a)
@@ -235,8 +175,8 @@ class _Connection:
                 else:
                     result = await HOST_OPS[op](k, a)
         if isinstance(result, AccessResult):
-            return wire.response_ok(rid, result.value, result.fault)
-        return wire.response_ok(rid, result)
+            return wire.Reply(result.value, result.fault)
+        return result
 
     def _attach_vcpu(self, token: str) -> dict:
         vcpu = self.k.kvm.vcpu_by_token(token)

@@ -1,43 +1,303 @@
-"""Serving requests: the far side of :class:`shared.wire.Client`, for the VMM and the guest.
+"""Serving requests: the one request loop, the far side of :class:`shared.wire.Client`.
 
-The hypervisor has its own server (roles, secrets, kernel contexts); the
-VMM's control channel and the guest's channels need only this: read request
-envelopes, validate each against an op table, run the handler concurrently,
-reply. A handler returns a value, or a :class:`shared.wire.Reply` to carry a
-modelled ``fault`` beside the value; it raises anything with ``errno`` and
-``message`` attributes (:class:`shared.wire.RemoteError`,
-:class:`shared.abi.AbiError`, the packages' root errors) to reply with an
-errno. Any other exception is a bug in the handler: it is logged and replied
-as EIO, and the server goes on.
+:class:`RequestLoop` serves every kind of connection: the hypervisor's
+(:mod:`hypervisor.server` plugs in its role checks, kernel contexts and
+failure accounting), the VMM's control channel and the guest's channels
+(through :func:`serve_requests`, which adds validation against an op table).
+It reads request envelopes, runs each through a ``dispatch`` coroutine,
+and replies; a handler returns a value, or a :class:`shared.wire.Reply` to
+carry a modelled ``fault`` beside the value, and raises an
+:class:`shared.errno.ErrnoError` (anything with integer ``errno`` and
+``message`` attributes) to reply with an errno. Any other exception is a bug
+in the handler: the loop's ``on_internal_error`` hook (default: log it)
+names the reply (EIO by default), and the loop goes on.
 
 Nothing a peer sends stops the process: malformed bytes close that connection
 (:class:`shared.wire.WireError`), a message that is not a request gets EPROTO
 and its connection is closed, a bad id or ``ctx`` gets EINVAL
-(:func:`shared.wire.parse_request`), bad arguments get the table's errno, and a
-reply that cannot be encoded becomes EIO. :func:`serve_requests` never raises
-for a peer's misbehaviour.
+(:func:`shared.wire.parse_request`), and a reply that cannot be encoded
+becomes EIO. :meth:`RequestLoop.run` never raises for a peer's misbehaviour.
+
+How requests run (``docs/performance.md``; the measured costs were a task
+and a shielded cancel scope per request and a writer-task wake per reply):
+
+* **Inline** (``inline()`` true, e.g. the hypervisor under the free
+  scheduler): the reading task runs the request itself. A request that
+  completes without yielding to trio costs no task, no cancel scope and no
+  wake. A request that yields hands reading over to a new task at its first
+  yield and finishes in the task that was reading, so pipelined requests on
+  one connection still overlap (a slow request never blocks a fast one
+  behind it).
+* **A task per request** (``inline()`` false, e.g. controlled runs, whose
+  scheduling decisions must not change): as before.
+* **Replies** are coalesced: a reply is queued, and whoever finds nobody
+  sending writes all that is queued in one ``send_all`` (the reading task
+  defers while more requests are already decoded, so a burst is answered
+  in one write). No writer task.
+* **Shielding** (``shield=True``, the hypervisor's: a kernel path runs to its
+  end even if its client dies, so there are no half-done faults and no leaks):
+  one shielded cancel scope per connection. The connection closing does not
+  cancel requests in flight; a cancellation from outside stops reading
+  (the stream is closed), lets the requests in flight finish, and then
+  propagates.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import traceback
+import types
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from shared import wire
 from shared.abi import OpDef, validate_args
-from shared.errno import EAGAIN, EINVAL, EIO
+from shared.errno import EAGAIN, EINVAL, EIO, ErrnoError
 
 log = logging.getLogger("mtekvm.rpc")
 
+#: ``await dispatch(op, args, ctx)`` -> a value or a :class:`shared.wire.Reply`; raises an ErrnoError to fail.
+Dispatch = Callable[[Any, Any, "str | None"], Awaitable[Any]]
 Handler = Callable[[str, dict, "str | None"], Awaitable[Any]]
+
+_CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _never() -> bool:
+    return False
+
+
+@types.coroutine
+def _finish(coro, trap):
+    """Go on running ``coro`` in the current task from the trap it yielded; return its result.
+
+    Every trap the coroutine yields (and whatever trio sends or throws back) is
+    passed through unchanged: trio sees this task waiting, as it would if the
+    coroutine had been awaited here from the start.
+    """
+    while True:
+        try:
+            sent = yield trap
+        except BaseException as exc:  # noqa: BLE001 - thrown in by trio: the coroutine's to handle
+            try:
+                trap = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                trap = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+
+
+def _error_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+class RequestLoop:
+    """Serve request envelopes on one connection until the peer closes it.
+
+    Args:
+        framed: the connection (its stream is not closed here: the caller closes it).
+        dispatch: ``await dispatch(op, args, ctx)`` (``op`` and ``args`` as sent, unvalidated).
+        max_outstanding: requests running at once; more get EAGAIN.
+        name: for log messages.
+        inline: called per request; true: run it in the reading task (see the module doc).
+        shield: requests run to their end whatever happens to the connection (see the module doc).
+        on_internal_error: ``(op, exc) -> (errno, message)`` for an exception that carries no errno
+            (default: log it, EIO "internal error in OP: ...").
+        on_unencodable: called with the detail when a reply cannot be encoded (it is replied EIO).
+    """
+
+    def __init__(self, framed: wire.FramedStream, dispatch: Dispatch, *, max_outstanding: int = 256,
+                 name: str = "rpc", inline: Callable[[], bool] = _never, shield: bool = False,
+                 on_internal_error: Callable[[Any, Exception], tuple[int, str]] | None = None,
+                 on_unencodable: Callable[[str], None] | None = None):
+        self.framed = framed
+        self.dispatch = dispatch
+        self.max_outstanding = max_outstanding
+        self.name = name
+        self.inline = inline
+        self.shield = shield
+        self.on_internal_error = on_internal_error or self._log_internal_error
+        self.on_unencodable = on_unencodable
+        self.outstanding = 0
+        #: requests served in the reading task without a task of their own (for tests and statistics)
+        self.served_inline = 0
+        self._pending: list[bytes] = []  # packed replies not yet written
+        self._sending = False  # some task is inside send_all and will write what queues meanwhile
+        self._gone = False  # a send failed: the peer has gone
+        self._done = False  # reading has ended
+        self._nursery: trio.Nursery | None = None
+        self._base_context: contextvars.Context | None = None
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the peer closes the connection or breaks the protocol; then wait for requests in flight."""
+        if not self.shield:
+            await self._serve()
+            return
+        async with trio.open_nursery() as guard:
+            guard.start_soon(self._stop_reading_when_cancelled)
+            with trio.CancelScope(shield=True):
+                await self._serve()
+            guard.cancel_scope.cancel()
+
+    async def _stop_reading_when_cancelled(self) -> None:
+        # the one unshielded task of a shielded connection: a cancellation from outside closes the
+        # stream, so reading stops; the requests in flight finish; then the cancellation propagates
+        try:
+            await trio.sleep_forever()
+        finally:
+            if not self._done:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.framed.stream.aclose()
+                    except Exception:  # noqa: BLE001 - closing a broken stream
+                        pass
+
+    async def _serve(self) -> None:
+        self._base_context = contextvars.copy_context()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._read()
+            if not self.shield:
+                nursery.cancel_scope.cancel()  # requests in flight die with their connection
+
+    async def _read(self) -> None:
+        """The reading task's loop; returns when reading ends or when reading was handed to a new task."""
+        framed = self.framed
+        while True:
+            if self._pending and not framed.buffered:
+                await self._flush()
+            try:
+                msg = await framed.receive()
+            except wire.WireError as exc:
+                if not isinstance(exc, wire.ConnectionClosed):
+                    log.info("%s: closing: %s", self.name, exc)
+                    if exc.rid is not None:  # it decoded far enough to be answered
+                        await self._send(self._pack(wire.response_err(exc.rid, EINVAL, str(exc))))
+                break
+            try:
+                rid, op, args, ctx = wire.parse_request(msg)
+            except wire.EnvelopeError as exc:
+                self._pending.append(self._pack(wire.response_err(exc.rid, exc.errno, exc.message)))
+                if exc.fatal:
+                    log.info("%s: closing: %s", self.name, exc.message)
+                    break
+                continue
+            if self.outstanding >= self.max_outstanding:
+                self._pending.append(self._pack(wire.response_err(
+                    rid, EAGAIN, f"more than {self.max_outstanding} requests in flight")))
+                continue
+            self.outstanding += 1
+            if not self.inline():
+                assert self._nursery is not None
+                self._nursery.start_soon(self._handle, rid, op, args, ctx)
+                continue
+            coro = self._respond(rid, op, args, ctx)
+            try:
+                trap = coro.send(None)
+            except StopIteration as stop:  # done without yielding: no task, no wake
+                self.outstanding -= 1
+                self.served_inline += 1
+                self._pending.append(stop.value)
+                continue
+            except BaseException:
+                self.outstanding -= 1
+                raise
+            # It yields: a new task reads on, this one finishes the request (from the same trap).
+            self._spawn_reader()
+            try:
+                data = await _finish(coro, trap)
+            finally:
+                self.outstanding -= 1
+            await self._send(data)
+            return
+        self._done = True
+        await self._flush()
+
+    def _spawn_reader(self) -> None:
+        assert self._nursery is not None and self._base_context is not None
+        # in the connection's own context, not the request's (its kernel context name, etc.)
+        self._base_context.run(self._nursery.start_soon, self._read)
+
+    async def _handle(self, rid: int, op: Any, args: Any, ctx: str | None) -> None:
+        try:
+            data = await self._respond(rid, op, args, ctx)
+        finally:
+            self.outstanding -= 1
+        await self._send(data)
+
+    async def _respond(self, rid: int, op: Any, args: Any, ctx: str | None) -> bytes:
+        """Run one request; return its packed reply (never raises but for cancellation)."""
+        try:
+            result = await self.dispatch(op, args, ctx)
+            if type(result) is wire.Reply:
+                msg = wire.response_ok(rid, result.value, result.fault)
+            else:
+                msg = wire.response_ok(rid, result)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+            errno = getattr(exc, "errno", None)
+            if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
+                msg = wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
+            else:
+                number, text = self.on_internal_error(op, exc)
+                msg = wire.response_err(rid, number, text)
+        return self._pack(msg)
+
+    def _log_internal_error(self, op: Any, exc: Exception) -> tuple[int, str]:
+        log.error("%s: internal error in %s", self.name, wire.brief(op), exc_info=exc)
+        return EIO, f"internal error in {wire.brief(op)}: {_error_text(exc)}"
+
+    # -- replies --------------------------------------------------------------------------------
+
+    def _pack(self, msg: dict) -> bytes:
+        try:
+            return self.framed.pack(msg)
+        except Exception as exc:  # noqa: BLE001 - a value msgpack refuses (type, depth, size): EIO, not a crash
+            detail = f"{type(exc).__name__}: {exc}"
+            log.error("%s: reply %s cannot be encoded: %s", self.name, msg.get("id"), detail)
+            if self.on_unencodable is not None:
+                self.on_unencodable(detail)
+            return self.framed.pack(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: {detail}"))
+
+    async def _send(self, data: bytes) -> None:
+        self._pending.append(data)
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Write everything queued, unless another task is writing (it writes what queued meanwhile)."""
+        if self._sending:
+            return
+        if self._gone:
+            self._pending.clear()
+            return
+        self._sending = True
+        try:
+            while self._pending:
+                data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+                self._pending.clear()
+                await self.framed.stream.send_all(data)
+        except _CLOSED:
+            self._gone = True  # the peer has gone; reading notices on its next receive
+            self._pending.clear()
+        finally:
+            self._sending = False
 
 
 async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handler: Handler, *,
                          max_outstanding: int = 256, name: str = "rpc") -> None:
-    """Serve one stream until the peer closes it or sends a malformed frame.
+    """Serve one stream with :class:`RequestLoop` until the peer closes it or sends a malformed frame.
+
+    Each request's arguments are validated against ``table`` (ENOSYS, EINVAL,
+    E2BIG) before ``handler`` sees them; each runs in a task of its own, and
+    requests in flight are cancelled when the connection closes.
 
     Args:
         stream: the connected stream (closed on return).
@@ -46,69 +306,12 @@ async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handl
         max_outstanding: requests running at once; more get EAGAIN.
         name: for log messages.
     """
-    framed = wire.FramedStream(stream)
-    outstanding = 0
 
-    async def reply(msg: dict) -> None:
-        try:
-            data = framed.pack(msg)
-        except Exception as exc:  # noqa: BLE001 - a handler's value msgpack refuses (a bug): EIO, not a crash
-            log.error("%s: reply %s cannot be encoded: %s", name, msg.get("id"), exc)
-            data = framed.pack(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: "
-                                                                     f"{type(exc).__name__}: {exc}"))
-        try:
-            await framed.send_packed(data)
-        except wire.ConnectionClosed:
-            pass
-
-    async def handle(rid: int, op: Any, args: Any, ctx: str | None) -> None:
-        nonlocal outstanding
-        try:
-            a = validate_args(op, args, table)
-            result = await handler(op, a, ctx)
-            if isinstance(result, wire.Reply):
-                msg = wire.response_ok(rid, result.value, result.fault)
-            else:
-                msg = wire.response_ok(rid, result)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-            errno = getattr(exc, "errno", None)
-            if isinstance(errno, int) and errno > 0:
-                msg = wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
-            else:
-                detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-                log.exception("%s: internal error in %s", name, wire.brief(op))
-                msg = wire.response_err(rid, EIO, f"internal error in {wire.brief(op)}: {detail}")
-        finally:
-            outstanding -= 1
-        await reply(msg)
+    async def dispatch(op: Any, args: Any, ctx: str | None) -> Any:
+        return await handler(op, validate_args(op, args, table), ctx)
 
     try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    msg = await framed.receive()
-                except wire.WireError as exc:
-                    if not isinstance(exc, wire.ConnectionClosed):
-                        log.info("%s: closing: %s", name, exc)
-                        if exc.rid is not None:  # it decoded far enough to be answered
-                            await reply(wire.response_err(exc.rid, EINVAL, str(exc)))
-                    break
-                try:
-                    rid, op, args, ctx = wire.parse_request(msg)
-                except wire.EnvelopeError as exc:
-                    await reply(wire.response_err(exc.rid, exc.errno, exc.message))
-                    if exc.fatal:
-                        log.info("%s: closing: %s", name, exc.message)
-                        break
-                    continue
-                if outstanding >= max_outstanding:
-                    await reply(wire.response_err(rid, EAGAIN, f"more than {max_outstanding} requests in flight"))
-                    continue
-                outstanding += 1
-                nursery.start_soon(handle, rid, op, args, ctx)
-            nursery.cancel_scope.cancel()
+        await RequestLoop(wire.FramedStream(stream), dispatch, max_outstanding=max_outstanding, name=name).run()
     except Exception:  # noqa: BLE001 - a bug serving one connection must not stop the process
         log.exception("%s: connection failed; closing it", name)
     finally:

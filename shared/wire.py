@@ -46,7 +46,7 @@ import attrs
 import msgpack
 import trio
 
-from shared.errno import EINVAL, EPROTO, errno_name
+from shared.errno import EINVAL, EPROTO, ErrnoError, errno_name
 
 #: Largest single frame accepted (a 1 GiB COPY_TAGS dump travels in chunks).
 MAX_FRAME = 64 * 1024 * 1024
@@ -78,20 +78,8 @@ class ConnectionClosed(WireError):
     """The peer closed the connection (or it was reset)."""
 
 
-class RemoteError(Exception):
-    """A request failed on the far side with a Linux errno.
-
-    Attributes:
-        errno: the Linux errno number.
-        name: its symbolic name (``"EINVAL"``).
-        message: what the far side said about it.
-    """
-
-    def __init__(self, errno: int, message: str = ""):
-        self.errno = errno
-        self.name = errno_name(errno)
-        self.message = message
-        super().__init__(f"{self.name}: {message}" if message else self.name)
+class RemoteError(ErrnoError):
+    """A request failed on the far side with a Linux errno (``errno``, ``name``, ``message``: what the far side said)."""
 
 
 @attrs.frozen
@@ -125,7 +113,7 @@ def event(kind: str, data: Any) -> dict:
     return {"t": "evt", "kind": kind, "data": data}
 
 
-class EnvelopeError(Exception):
+class EnvelopeError(ErrnoError):
     """A decoded message that is not a usable request envelope.
 
     Attributes:
@@ -136,9 +124,7 @@ class EnvelopeError(Exception):
     """
 
     def __init__(self, errno: int, message: str, rid: int | None = None, fatal: bool = False):
-        super().__init__(message)
-        self.errno = errno
-        self.message = message
+        super().__init__(errno, message)
         self.rid = rid
         self.fatal = fatal
 
@@ -381,6 +367,11 @@ class FramedStream:
     def pack(self, msg: Any) -> bytes:
         """The bytes of one message (for callers that batch their own sends)."""
         return self._packer.pack(msg)
+
+    @property
+    def buffered(self) -> int:
+        """Messages already decoded that :meth:`receive` will return without waiting."""
+        return len(self._ready)
 
     def limit_frames(self, limit: int | None) -> None:
         """Refuse incoming frames over ``limit`` bytes from now on (None: back to ``max_frame``).
