@@ -46,6 +46,7 @@ import trio
 from hypervisor.access.user import AccessResult
 from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
+from hypervisor.sched import current_actor
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
 from shared.abi import OPS, validate_args
@@ -167,16 +168,25 @@ class _Connection:
             result = await HOST_OPS[op](k, a)
         else:
             name = ctx if isinstance(ctx, str) and ctx else f"{self.task.name if self.task else self.role}#{self.seq}"
-            async with k.sched.context(name):
-                if self.role == "process":
-                    result = await PROCESS_OPS[op](k, self.task, a)
-                elif self.role == "vcpu":
-                    result = await VCPU_OPS[op](k, self._vcpu(a["vcpu"]), a)
-                else:
-                    result = await HOST_OPS[op](k, a)
+            if k.sched.kind == "free":  # its context() only names the actor: without an async context manager
+                token = current_actor.set(name)
+                try:
+                    result = await self._run(k, op, a)
+                finally:
+                    current_actor.reset(token)
+            else:
+                async with k.sched.context(name):
+                    result = await self._run(k, op, a)
         if isinstance(result, AccessResult):
             return wire.Reply(result.value, result.fault)
         return result
+
+    def _run(self, k: Kernel, op: str, a: dict):
+        if self.role == "process":
+            return PROCESS_OPS[op](k, self.task, a)
+        if self.role == "vcpu":
+            return VCPU_OPS[op](k, self._vcpu(a["vcpu"]), a)
+        return HOST_OPS[op](k, a)
 
     def _attach_vcpu(self, token: str) -> dict:
         vcpu = self.k.kvm.vcpu_by_token(token)
