@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.page import Page
-from hypervisor.vma import VM_SHARED, MemObject
+from hypervisor.mm_types import VM_SHARED, MemObject
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE, unpack_tags
 
 if TYPE_CHECKING:

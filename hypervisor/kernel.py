@@ -20,7 +20,7 @@ from hypervisor.mm.memory import copy_page_range, zap_pte_range
 from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mmap import MM, _drop_object_ref
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.vma import VM_SHARED
+from hypervisor.mm_types import VM_SHARED
 from hypervisor.arm64.mte import MteCtrl
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.oracles import Oracle

@@ -2,7 +2,7 @@
 
 Handlers receive the kernel, the calling task (process role) and the
 arguments already checked by :func:`shared.abi.validate_args`. They return a
-plain value, or an :class:`~hypervisor.access.AccessResult` when the access
+plain value, or an :class:`~hypervisor.access.user.AccessResult` when the access
 raised a modelled architectural event; errors are :class:`KernelError`.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from hypervisor.access import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
+from hypervisor.access.user import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
 from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
-from hypervisor.guest_access import guest_memory_access
+from hypervisor.access.vcpu import guest_memory_access
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.errors import KernelError
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap

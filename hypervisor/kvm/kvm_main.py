@@ -9,7 +9,7 @@ is the VMM's memory, reached through memslots). The VMM enables
 ``KVM_CAP_ARM_MTE`` before creating vCPUs, registers memslots
 (:mod:`hypervisor.kvm.memslot`), and hands each vCPU's token to the guest process,
 whose accesses fault stage 2 in (:mod:`hypervisor.kvm.mmu`) and are checked
-against the allocation tags (:mod:`hypervisor.guest_access`).
+against the allocation tags (:mod:`hypervisor.access.vcpu`).
 
 Handles: a VM is named by a small integer handle, private to the process that
 created it (as a file descriptor is); another process naming it gets EBADF.

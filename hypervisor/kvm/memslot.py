@@ -45,7 +45,7 @@ import attrs
 
 from hypervisor.errors import KernelError
 from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
-from hypervisor.vma import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
+from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

@@ -51,7 +51,7 @@ from hypervisor.arm64.mte_lock import (
 )
 from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags
-from hypervisor.vma import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
+from hypervisor.mm_types import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:

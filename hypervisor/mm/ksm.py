@@ -14,7 +14,7 @@ from hypervisor.mm.memory import get_page, put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.arm64.mte import memcmp_pages
 from hypervisor.arm64.mte_lock import page_mte_tagged
-from hypervisor.vma import VM_MERGEABLE
+from hypervisor.mm_types import VM_MERGEABLE
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from hypervisor.errors import KernelError
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.arm64.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.page import Page
-from hypervisor.vma import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
+from hypervisor.mm_types import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:

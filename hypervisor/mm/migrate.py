@@ -22,7 +22,7 @@ from hypervisor.mm.memory import get_page, put_page, set_pte_at
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from shared.mte import PAGE_SHIFT
 from hypervisor.page import Page
-from hypervisor.vma import Pte
+from hypervisor.mm_types import Pte
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

@@ -29,7 +29,7 @@ from hypervisor.locks import ModelRwSem
 from hypervisor.mm.memory import set_pte_at, zap_pte_range
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.page import Page
-from hypervisor.vma import (
+from hypervisor.mm_types import (
     OBJECT_KIND,
     VM_EXEC,
     VM_HUGETLB,

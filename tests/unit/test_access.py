@@ -1,4 +1,4 @@
-"""Tag-checked user accesses: load/store/STG/LDG/IRG, TCF modes, TCO (hypervisor/access.py).
+"""Tag-checked user accesses: load/store/STG/LDG/IRG, TCF modes, TCO (hypervisor/access/user.py).
 
 The checks follow the Arm ARM and arch/arm64/kernel/mte.c: only loads and
 stores through a Normal-Tagged PTE are checked, per 16-byte granule; SYNC

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
-from hypervisor.vma import VM_MTE, VM_MTE_ALLOWED
+from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED
 from shared.mte import tagged_pointer
 
 from unit_support import RW, RWM, Proc, expect_errno

@@ -5,7 +5,7 @@ invariant already names the loss."""
 from __future__ import annotations
 
 from hypervisor.kernel import Kernel
-from hypervisor.vma import MemObject
+from hypervisor.mm_types import MemObject
 
 from unit_support import RW, RWM, Proc, Vm, invariants
 

@@ -1,5 +1,9 @@
 """User memory accesses with MTE tag checks: load, store, STG, LDG, IRG.
 
+The CPU executing a host process's instructions (no single Linux file; the TCF
+handling is arch/arm64/kernel/mte.c). The per-granule check is
+:func:`hypervisor.access.tagcheck.mte_check_access`, shared with guest accesses.
+
 Hardware checks tags where they live, atomically with the access; so does the
 model. An access first faults in every page it touches (the fault paths have
 scheduling points), then checks and performs the whole access with no point in
@@ -29,26 +33,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import attrs
-
+from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of
 from hypervisor.mm.memory import handle_mm_fault
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.tags import read_tags, write_tags
-from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
+from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.process import Task
 
+__all__ = ["AccessResult", "effective_tcf", "user_irg", "user_ldg", "user_load", "user_stg", "user_store"]
 
-@attrs.frozen
-class AccessResult:
-    """The value of an access plus the architectural event it raised, if any."""
-
-    value: object = None
-    fault: dict | None = None
+#: The zero page's tags (all zero), for a special (zero-page) PTE.
+ZERO_PAGE_TAGS = bytes(MTE_GRANULES_PER_PAGE)
 
 
 def _pages(va: int, size: int):
@@ -92,25 +92,15 @@ def effective_tcf(k: "Kernel", task: "Task") -> str:
 
 
 def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
-    tcf = effective_tcf(k, task)
-    if tcf == "none" or task.tco:
+    """The tag check (:func:`~hypervisor.access.tagcheck.mte_check_access`) with the thread's TCF and TCO."""
+    tcf = "none" if task.tco else effective_tcf(k, task)
+    spans = [(None if not pte.tagged or pte.page.zone == "device"
+              else ZERO_PAGE_TAGS if pte.special else pte.page.tags, off, n) for pte, off, n, _vpn in ptes]
+    m = mte_check_access(spans, tag, tcf, write)
+    if m is None:
         return None
-    want = bytes([tag])
-    for pte, off, n, vpn in ptes:
-        if not pte.tagged or pte.page.zone == "device":
-            continue
-        g0 = off // MTE_GRANULE_SIZE
-        g1 = (off + n - 1) // MTE_GRANULE_SIZE + 1
-        tags = pte.page.tags if not pte.special else bytes(g1)
-        span = bytes(tags[g0:g1])
-        if span != want * (g1 - g0):
-            bad = next(i for i, t in enumerate(span) if t != tag)
-            gaddr = (vpn << PAGE_SHIFT) + (g0 + bad) * MTE_GRANULE_SIZE
-            addr = max(gaddr, va)
-            sync = tcf == "sync" or (tcf == "asymm" and not write)
-            return {"kind": "tag-check-fault" if sync else "async-tag-check-fault", "addr": addr,
-                    "pointer_tag": tag, "memory_tag": span[bad]}
-    return None
+    addr = (ptes[m.index][3] << PAGE_SHIFT) + m.first
+    return {"kind": m.kind, "addr": addr, "pointer_tag": tag, "memory_tag": m.memory_tag}
 
 
 async def user_load(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> AccessResult:

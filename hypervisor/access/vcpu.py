@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.access import AccessResult
+from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm.kvm_host import Vcpu, kvm_has_mte
@@ -79,22 +79,15 @@ def _tags_reachable(k: "Kernel", vcpu: Vcpu, attr: str, entry) -> bool:
 
 
 def _check(k, vcpu, segs, entries, tag: int, write: bool, check: str) -> dict | None:
-    if check == "none":
+    """The tag check (:func:`~hypervisor.access.tagcheck.mte_check_access`) where the guest reaches tags."""
+    spans = [(e.page.tags if _tags_reachable(k, vcpu, attr, e) else None, ipa & (PAGE_SIZE - 1), n)
+             for (ipa, n, attr), e in zip(segs, entries)]
+    m = mte_check_access(spans, tag, check, write)
+    if m is None:
         return None
-    pos = 0
-    for (ipa, n, attr), e in zip(segs, entries):
-        if _tags_reachable(k, vcpu, attr, e):
-            off = ipa & (PAGE_SIZE - 1)
-            g0, g1 = off // MTE_GRANULE_SIZE, (off + n - 1) // MTE_GRANULE_SIZE + 1
-            span = bytes(e.page.tags[g0:g1])
-            if span != bytes([tag]) * (g1 - g0):
-                bad = next(i for i, t in enumerate(span) if t != tag)
-                first = max((g0 + bad) * MTE_GRANULE_SIZE, off)
-                sync = check == "sync" or (check == "asymm" and not write)
-                return {"kind": "tag-check-fault" if sync else "async-tag-check-fault",
-                        "offset": pos + first - off, "pointer_tag": tag, "memory_tag": span[bad]}
-        pos += n
-    return None
+    pos = sum(n for _ipa, n, _attr in segs[:m.index])
+    off = segs[m.index][0] & (PAGE_SIZE - 1)
+    return {"kind": m.kind, "offset": pos + m.first - off, "pointer_tag": tag, "memory_tag": m.memory_tag}
 
 
 async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int, data: bytes, check: str,
