@@ -314,6 +314,8 @@ class OpDef:
         doc: one line.
         actors: the scenario actors (:data:`ACTORS`) that run it as a step of this name.
         calls: ops of the hypervisor's ABI the op is built from (a VMM or guest op).
+        returns: what its value is, when a scenario writes it in another form: ``bytes`` (hex
+            in a scenario), ``tags`` (a list, one per granule), ``process`` (a new process).
     """
 
     name: str
@@ -322,6 +324,7 @@ class OpDef:
     doc: str
     actors: tuple[str, ...] = ()
     calls: tuple[str, ...] = ()
+    returns: str = ""
 
     def field(self, name: str) -> Field:
         return next(f for f in self.fields if f.name == name)
@@ -368,14 +371,14 @@ _OPS = [
     OpDef("tco", "process", (F("on", BOOL),), "MSR TCO, #on.", _PG),
     OpDef("store", "process", (F("addr", ADDR), F("tag", TAG, 0), F("data", BYTES)),
           "A store through a tagged pointer.", _PG),
-    OpDef("load", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "A load; returns bytes.", _PG),
+    OpDef("load", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "A load; returns bytes.", _PG, returns="bytes"),
     OpDef("stg", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "STG over a range.", _PG),
-    OpDef("ldg", "process", (F("addr", ADDR), F("size", IO_SIZE)), "LDG over a range; one tag per granule.", _PG),
+    OpDef("ldg", "process", (F("addr", ADDR), F("size", IO_SIZE)), "LDG over a range; one tag per granule.", _PG, returns="tags"),
     OpDef("irg", "process", (), "IRG: a random tag allowed by the include mask.", _PG),
     OpDef("fork", "process", (F("child", opt(NAME), None, "the child's name"),),
-          "fork(2); returns {pid, token}.", _P),
+          "fork(2); returns {pid, token}.", _P, returns="process"),
     OpDef("ptrace-peek-tags", "process", (F("target", PID), F("addr", ADDR), F("count", IO_SIZE)),
-          "PTRACE_PEEKMTETAGS.", _P),
+          "PTRACE_PEEKMTETAGS.", _P, returns="tags"),
     OpDef("ptrace-poke-tags", "process", (F("target", PID), F("addr", ADDR), F("tags", TAGS)),
           "PTRACE_POKEMTETAGS.", _P),
     OpDef("batch", "process", (F("ops", BATCH),), "Run several process ops in order in one round trip."),

@@ -166,13 +166,13 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
         F("ipa", ADDR), F("data", opt(DMA_DATA), None), F("fill", opt(BYTE), None), F("size", opt(IO_SIZE), None),
     ), "Device DMA write through the VMM's mapping.", _VMM),
     OpDef("dma-read", "any", (F("ipa", ADDR), F("size", IO_SIZE)), "Device DMA read through the VMM's mapping.",
-          _VMM),
+          _VMM, returns="bytes"),
 ]}
 
 
 def _on_a_vcpu(d: OpDef) -> OpDef:
     """A host-process op a guest runs the same way on one vCPU (same arguments, guest VAs)."""
-    return OpDef(d.name, "any", d.fields, d.doc, ("guest",), ("vcpu-access",))
+    return OpDef(d.name, "any", d.fields, d.doc, ("guest",), ("vcpu-access",), d.returns)
 
 
 #: The guest ops of SCENARIOS.md and their arguments; the guest validates them with this table.
