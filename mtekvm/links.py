@@ -189,27 +189,83 @@ async def stop_process(process: trio.Process) -> None:
 class HostLink(Connector):
     """A modelled host the orchestrator can open connections to (:meth:`connect` says hello).
 
-    Calls on a connection whose host went away raise :class:`HostDied`.
+    Calls on a connection whose host went away raise :class:`HostDied`. What
+    the runner asks of a host, whatever its kind, is this class's methods: it
+    never looks inside a link.
     """
 
     lost_error = HostDied
 
+    async def start(self) -> None:
+        """Make the host ready (start its process, or its scheduler's driver)."""
+
+    async def stop(self) -> None:
+        """Let the host finish its work and release it (idempotent)."""
+
+    def vmm_link(self, name: str, session: str | None) -> VmmLink:
+        """A link (not started yet) to a new VMM for the VM ``name`` on this host."""
+        raise NotImplementedError
+
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The scheduler of an in-process host (``None`` for a process: its own, out of reach)."""
+        return None
+
+    def schedule(self) -> str:
+        """The run's schedule so far (empty unless the host runs under a controlled scheduler)."""
+        return self.scheduler.schedule if self.scheduler is not None else ""
+
+    def failures(self) -> list[str]:
+        """The scheduler's failures (deadlock, divergence), one line each; ``[]`` for a process host."""
+        return []
+
 
 class InProcessHost(HostLink):
-    """A hypervisor in this trio run, reached through in-memory streams."""
+    """A hypervisor in this trio run, reached through in-memory streams.
+
+    Args:
+        nursery: where the hypervisor's connections and the scheduler's driver run.
+        kernel: the modelled host kernel (:meth:`boot` builds one).
+    """
 
     def __init__(self, nursery: trio.Nursery, kernel: Kernel):
         super().__init__(nursery)
         self.hv = Hypervisor(kernel)
 
+    @classmethod
+    def boot(cls, nursery: trio.Nursery, sched: Scheduler, **kernel_args) -> InProcessHost:
+        """A host whose kernel boots with ``kernel_args`` (mte, ram, swap, bugs, boot extras) under ``sched``.
+
+        Raises:
+            TypeError: an argument this build's kernel does not take.
+        """
+        return cls(nursery, Kernel(sched=sched, **kernel_args))
+
     @property
-    def sched(self) -> Scheduler:
+    def scheduler(self) -> Scheduler:
+        """The kernel's scheduler."""
         return self.hv.kernel.sched
+
+    sched = scheduler  # the older name
 
     async def start(self) -> None:
         """Start the controlled scheduler's driver, if there is one."""
-        if isinstance(self.sched, ControlledScheduler):
-            await self.nursery.start(self.sched.run_driver)
+        if isinstance(self.scheduler, ControlledScheduler):
+            await self.nursery.start(self.scheduler.run_driver)
+
+    async def stop(self, timeout: float = 60) -> None:
+        """Wait (up to ``timeout`` seconds) until the hypervisor is idle: exits run as kernel
+        contexts, so the scheduler's driver must outlive them."""
+        with trio.move_on_after(timeout):
+            await self.hv.wait_idle()
+
+    def vmm_link(self, name: str, session: str | None) -> VmmLink:
+        """An in-process VMM (and guest) on this hypervisor."""
+        return InProcessVmm(self.nursery, self, name, session)
+
+    def failures(self) -> list[str]:
+        """What the hypervisor recorded of its scheduler's failures."""
+        return list(self.hv.failures)
 
     async def open_stream(self) -> trio.abc.Stream:
         """One end of an in-memory stream; the hypervisor serves the other."""
@@ -281,8 +337,13 @@ class ProcessHost(HostLink):
                 return f"the hypervisor (pid {self.process.pid}) died: {how}" + (f": {last}" if last else "")
         return await super().why_lost()
 
+    def vmm_link(self, name: str, session: str | None) -> VmmLink:
+        """A ``python -m vmm`` process connecting to this hypervisor."""
+        assert self.address is not None, "the host is not started"
+        return ProcessVmm(self.nursery, self.address, self.secret, name, session)
+
     async def stop(self) -> None:
-        """Stop the private hypervisor process and remove its folder."""
+        """Stop the private hypervisor process (if we started it) and remove its folder."""
         if self.process is not None:
             await stop_process(self.process)
             self.process = None
@@ -299,7 +360,8 @@ class ProcessHost(HostLink):
 
 # ---- VMMs: one per VM, driven through VMM_CONTROL ----------------------------------------
 
-from vmm.guestlink import InProcessGuests  # noqa: E402 - the VMM side, after the host side
+from guest.agent import GuestAgent  # noqa: E402 - the VMM side, after the host side
+from vmm.guestlink import InProcessGuests  # noqa: E402
 from vmm.machine import Vmm  # noqa: E402
 
 
@@ -370,7 +432,7 @@ class InProcessVmm(VmmLink):
         async with trio.open_nursery() as inner:
             self._inner = inner
             extra = {} if self.copy_chunk is None else {"copy_chunk": self.copy_chunk}
-            self.vmm = Vmm(self.host.connect, InProcessGuests(inner, self.host.connect), name=self.name,
+            self.vmm = Vmm(self.host.connect, InProcessGuests(inner, self.host.connect, GuestAgent), name=self.name,
                            session=self.session, **extra)
             await self.vmm.start()
             task_status.started()

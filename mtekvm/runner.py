@@ -37,11 +37,10 @@ import attrs
 import trio
 
 from hypervisor.errors import ScheduleDivergence
-from hypervisor.kernel import Kernel
 from hypervisor.sched import ControlledScheduler, make_scheduler
 from shared.invariants import canonical
 from shared.wire import Client, RemoteError, WireError
-from mtekvm.links import HostStartError, InProcessHost, InProcessVmm, ProcessHost, ProcessVmm
+from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink
 from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 
 #: Ops a VMM runs on its own address space, exactly as a host process does.
@@ -265,13 +264,13 @@ class _Run:
         self.sched_spec = opts.scheduler or scn.scheduler
         self.controlled = self.sched_spec.kind != "free"
         self.bugs = tuple(dict.fromkeys(scn.bugs + opts.bugs))
-        self.hosts: dict[str, Any] = {}
+        self.hosts: dict[str, HostLink] = {}
         self.host_clients: dict[str, Client] = {}
         self.procs: dict[str, Client] = {}
         self.pids: dict[str, int] = {}
         self.proc_host: dict[str, str] = {n: p.host for n, p in scn.processes.items()}
         self.proc_host.update({f"vmm:{n}": v.host for n, v in scn.vms.items()})
-        self.vmm_links: dict[str, Any] = {}
+        self.vmm_links: dict[str, VmmLink] = {}
         self.vmms: dict[str, Client] = {}  # VM name -> the VMM's control channel
         self.session = f"scenario:{id(self)}"
         self.ata: set[tuple[str, int]] = set()  # (VM, vCPU) whose guest enabled MTE (SCTLR_EL1.ATA = 1)
@@ -285,11 +284,10 @@ class _Run:
                 sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule,
                                        self.sched_spec.depth)
                 try:
-                    kernel = Kernel(mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, sched=sched,
-                                    **boot_extras(spec))
+                    link: HostLink = InProcessHost.boot(self.nursery, sched, mte=spec.mte, ram=spec.ram,
+                                                        swap=spec.swap, bugs=self.bugs, **boot_extras(spec))
                 except TypeError as exc:  # a host setting this build's kernel does not take yet
                     raise RunError(f"host {name!r}: this build cannot boot it as asked ({exc})") from None
-                link = InProcessHost(self.nursery, kernel)
             elif self.opts.host is not None:
                 link = ProcessHost(self.nursery, address=self.opts.host, secret=self.opts.secret)
             else:
@@ -319,11 +317,7 @@ class _Run:
 
     async def _start_vmm(self, name: str, vm) -> None:
         """Start the VM's VMM process (in-process under a controlled scheduler) and build the VM."""
-        host = self.hosts[vm.host]
-        if isinstance(host, InProcessHost):
-            link = InProcessVmm(self.nursery, host, name=name, session=self.session)
-        else:
-            link = ProcessVmm(self.nursery, host.address, host.secret, name=name, session=self.session)
+        link = self.hosts[vm.host].vmm_link(name, self.session)
         self.vmm_links[name] = link
         await link.start()
         client = await link.connect()
@@ -443,15 +437,14 @@ class _Run:
     def failures(self) -> list[dict]:
         out = []
         for link in self.hosts.values():
-            if isinstance(link, InProcessHost):
-                for f in link.hv.failures:
-                    out.append({"invariant": "SCHEDULER", "message": f, "actor": "", "pfn": None})
+            for f in link.failures():
+                out.append({"invariant": "SCHEDULER", "message": f, "actor": "", "pfn": None})
         return out
 
     def schedule(self) -> str:
         for link in self.hosts.values():
-            if isinstance(link, InProcessHost):
-                return link.sched.schedule
+            if link.scheduler is not None:
+                return link.schedule()
         return ""
 
     async def teardown(self) -> None:
@@ -468,12 +461,8 @@ class _Run:
             with trio.CancelScope(shield=True):
                 await c.aclose()
         for link in self.hosts.values():
-            if isinstance(link, InProcessHost):
-                with trio.move_on_after(60), trio.CancelScope(shield=True):
-                    await link.hv.wait_idle()  # exits run as contexts: the driver must still be there
-            if isinstance(link, ProcessHost):
-                with trio.CancelScope(shield=True):
-                    await link.stop()
+            with trio.CancelScope(shield=True):
+                await link.stop()
 
 
 def boot_extras(spec) -> dict:
@@ -516,7 +505,7 @@ def replay_command(scn: Scenario, schedule: str, bugs: tuple[str, ...]) -> str:
 def _replay_check(run: _Run) -> None:
     """Replay is strict: a divergence, or an entry the run never reached, is a ReplayError."""
     for link in run.hosts.values():
-        sched = link.sched if isinstance(link, InProcessHost) else None
+        sched = link.scheduler
         if not isinstance(sched, ControlledScheduler) or sched.replay is None:
             continue
         hint = " (was it recorded with other --bug options, or from another version of the scenario?)"

@@ -13,7 +13,8 @@ and makes its own hypervisor connection with hello ``{role: "vcpu"}``.
   ``MTEKVM_SECRET``) with the child ends of two ``socket.socketpair()``\\ s
   and the VMM's lifeline (:mod:`shared.lifeline`) passed down: the guest
   exits when its channel closes or when the VMM dies, whatever the signal.
-* :class:`InProcessGuests` runs :class:`guest.agent.GuestAgent` over
+* :class:`InProcessGuests` runs a guest agent (the harness passes
+  :class:`guest.agent.GuestAgent`; the VMM does not import the guest) over
   ``trio.testing.memory_stream_pair`` streams, with a hypervisor connection
   from the VMM's ``connect``: what the controlled scheduler needs.
 
@@ -31,7 +32,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 import trio.testing
@@ -159,23 +160,22 @@ class _InProcessGuest(GuestHandle):
 
 
 class InProcessGuests(GuestLauncher):
-    """Guests as :class:`guest.agent.GuestAgent`\\ s in this trio run.
+    """Guests as agents in this trio run.
 
     Args:
         nursery: where the guests run.
         connect: ``await connect(role, **hello)`` -> ``(Client, hello_reply)`` to the hypervisor.
+        agent: ``agent(hv, exits)`` -> the guest (an object whose ``await serve(stream)``
+            serves GUEST_CHANNEL until it closes): :class:`guest.agent.GuestAgent`.
     """
 
-    def __init__(self, nursery: trio.Nursery, connect):
+    def __init__(self, nursery: trio.Nursery, connect, agent: Callable[[Client, Client], Any]):
         super().__init__(nursery)
         self.connect = connect
+        self.agent = agent
 
     async def start(self, name: str, serve_exits: ServeExits, on_exit: OnExit) -> GuestHandle:
         """Start an in-process guest (see :meth:`GuestLauncher.start`)."""
-        try:
-            from guest.agent import GuestAgent
-        except ImportError as exc:
-            raise machine.VmmError(EIO, f"cannot start the guest: {exc}") from None
         hv, _ = await self.connect("vcpu", name=f"guest:{name}")
         vmm_end, guest_end = trio.testing.memory_stream_pair()
         exits_guest, exits_vmm = trio.testing.memory_stream_pair()
@@ -183,7 +183,7 @@ class InProcessGuests(GuestLauncher):
         await self.nursery.start(client.run)
         exits = Client(exits_guest)
         handle = _InProcessGuest(name, client)
-        agent = GuestAgent(hv, exits)
+        agent = self.agent(hv, exits)
         await self.nursery.start(handle._run, agent, guest_end, exits, exits_vmm, hv, serve_exits, on_exit)
         return handle
 
