@@ -36,8 +36,14 @@ def _interrupted_while_starting(signum, frame):  # pragma: no cover - timing
     os._exit(130)
 
 
-if signal.getsignal(signal.SIGINT) is signal.default_int_handler and (
-        __name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "mtekvm"):  # the command, not an import
+def _is_the_command() -> bool:
+    """Running as ``mtekvm``, ``python -m mtekvm`` or ``python -m mtekvm.cli`` (not imported by a program)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return (__name__ == "__main__" or sys.argv[0].rsplit("/", 1)[-1] == "mtekvm"
+            or getattr(spec, "name", None) == "mtekvm.__main__")
+
+
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler and _is_the_command():
     signal.signal(signal.SIGINT, _interrupted_while_starting)  # main() puts the default back
 
 import argparse  # noqa: E402 - after the start-up SIGINT handler
