@@ -246,8 +246,6 @@ class InProcessHost(HostLink):
         """The kernel's scheduler."""
         return self.hv.kernel.sched
 
-    sched = scheduler  # the older name
-
     async def start(self) -> None:
         """Start the controlled scheduler's driver, if there is one."""
         if isinstance(self.scheduler, ControlledScheduler):
