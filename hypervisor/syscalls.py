@@ -18,7 +18,7 @@ from hypervisor.errors import KernelError
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.ptrace import mte_ptrace_copy_tags
-from shared.abi import MAX_IO, AbiError, validate_args
+from shared.abi import MAX_IO, OPS, AbiError, bind, validate_args
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
@@ -134,18 +134,6 @@ async def kvm_destroy_vm(k, t, a):
     await k.kvm.kvm_destroy_vm(k.kvm.vm(t, a["vm"]))
 
 
-PROCESS_OPS: dict[str, Callable[..., Awaitable]] = {
-    "mmap": sys_mmap, "mprotect": sys_mprotect, "munmap": sys_munmap, "madvise": sys_madvise,
-    "prctl": sys_prctl, "prctl-get": sys_prctl_get, "tco": sys_tco, "store": sys_store, "load": sys_load,
-    "stg": sys_stg, "ldg": sys_ldg, "irg": sys_irg, "fork": sys_fork, "ptrace-peek-tags": sys_peek,
-    "ptrace-poke-tags": sys_poke, "getpid": sys_getpid,
-    "kvm-create-vm": kvm_create_vm, "kvm-check-extension": kvm_check_extension, "kvm-enable-cap": kvm_enable_cap,
-    "kvm-create-vcpu": kvm_create_vcpu, "kvm-set-memory-region": kvm_set_memory_region_op,
-    "kvm-get-dirty-log": kvm_get_dirty_log, "kvm-clear-dirty-log": kvm_clear_dirty_log,
-    "kvm-copy-tags": kvm_copy_tags, "kvm-destroy-vm": kvm_destroy_vm,
-}
-
-
 async def sys_batch(k: "Kernel", t: "Task", a) -> list:
     """Run process ops in order; each result is ``[ok, value or errno, fault]``.
 
@@ -154,7 +142,7 @@ async def sys_batch(k: "Kernel", t: "Task", a) -> list:
             :data:`shared.abi.MAX_IO` (checked before anything runs).
     """
     want = sum(args.get("size", 0) for op, args in a["ops"]
-               if op in ("load", "ldg") and isinstance(args.get("size"), int))
+               if op in OPS and OPS[op].returns in ("bytes", "tags") and isinstance(args.get("size"), int))
     if want > MAX_IO:
         raise KernelError("E2BIG", f"batch: {want} bytes of replies exceed the {MAX_IO} one reply may carry")
     out = []
@@ -174,7 +162,17 @@ async def sys_batch(k: "Kernel", t: "Task", a) -> list:
     return out
 
 
-PROCESS_OPS["batch"] = sys_batch
+#: The process ops' handlers, keyed by the ABI's names (``bind`` checks every process op has one).
+PROCESS_OPS: dict[str, Callable[..., Awaitable]] = bind(
+    {name: d for name, d in OPS.items() if d.role == "process"},
+    mmap=sys_mmap, mprotect=sys_mprotect, munmap=sys_munmap, madvise=sys_madvise, prctl=sys_prctl,
+    prctl_get=sys_prctl_get, tco=sys_tco, store=sys_store, load=sys_load, stg=sys_stg, ldg=sys_ldg, irg=sys_irg,
+    fork=sys_fork, ptrace_peek_tags=sys_peek, ptrace_poke_tags=sys_poke, getpid=sys_getpid, batch=sys_batch,
+    kvm_create_vm=kvm_create_vm, kvm_check_extension=kvm_check_extension, kvm_enable_cap=kvm_enable_cap,
+    kvm_create_vcpu=kvm_create_vcpu, kvm_set_memory_region=kvm_set_memory_region_op,
+    kvm_get_dirty_log=kvm_get_dirty_log, kvm_clear_dirty_log=kvm_clear_dirty_log,
+    kvm_copy_tags=kvm_copy_tags, kvm_destroy_vm=kvm_destroy_vm,
+)
 
 
 async def host_swap_out(k, a):

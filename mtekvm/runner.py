@@ -42,10 +42,7 @@ from shared.invariants import canonical
 from shared.wire import Client, RemoteError, WireError
 from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink
 from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
-
-#: Ops a VMM runs on its own address space, exactly as a host process does.
-HOST_PROCESS_OPS = ("mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load",
-                    "stg", "ldg", "irg", "fork", "ptrace-peek-tags", "ptrace-poke-tags")
+from shared.control import ACTOR_CHANNEL, ACTOR_OPS
 
 
 class RunError(Exception):
@@ -155,7 +152,7 @@ def describe_expect(e: Expect | None) -> Any:
 
 
 #: Ops whose value is a list of tags (one per granule), and the result keys that hold one.
-TAG_LIST_OPS = ("ldg", "ptrace-peek-tags")
+TAG_LIST_OPS = tuple(sorted({n for t in ACTOR_OPS.values() for n, d in t.items() if d.returns == "tags"}))
 TAG_LIST_KEYS = ("tags",)
 #: Lists longer than this get a diff in the failure message instead of both lists in full.
 LONG_LIST = 8
@@ -338,30 +335,23 @@ class _Run:
                                "the failure in a step)") from None
         self.pids[f"vmm:{name}"] = (await client.call("status")).value["pid"]
     def _request(self, step: Step) -> tuple[str, dict]:
-        a = dict(step.args)
-        op = step.op
-        if step.actor_kind == "guest":
-            return "guest-op", {"vcpu": step.vcpu or 0, "op": op, "args": _plain(a)}
-        if step.actor_kind == "vmm" and op not in HOST_PROCESS_OPS:
-            return "vmm-op", {"op": op, "args": _plain(a)}
-        if op == "mmap":
-            a["prot"] = list(a["prot"])
-        elif op == "mprotect":
-            a["prot"] = list(a["prot"])
-        elif op in ("ptrace-peek-tags", "ptrace-poke-tags"):
-            a["target"] = self.pids[a["target"]]
-            if op == "ptrace-poke-tags":
-                a["tags"] = list(a["tags"])
-        elif op == "fork":
-            a = {"child": a["child"]}
-        elif step.actor_kind == "host":
-            b = {"pid": self.pids.get(a["process"]), "addr": a["addr"]}
-            if op != "page-flags":
-                b["size"] = a["size"]
-            a = b
-        if step.actor_kind == "vmm":
-            return "vmm-op", {"op": op, "args": a}
-        return op, a
+        """The step as its actor's channel carries it (``shared.control.ACTOR_CHANNEL``): the op
+        itself to the hypervisor, or inside a VMM's ``vmm-op``/``guest-op``; ``pid`` fields are
+        resolved from process names, and only the op's own fields are sent."""
+        d = ACTOR_OPS[step.actor_kind][step.op]
+        a = _plain(step.args)
+        if step.actor_kind == "host":  # {process, vm, addr, size}: the VM's pid comes with its address
+            a = dict(a, pid=self.pids.get(a["process"]))
+        for f in d.fields:
+            if f.kind.name == "pid" and isinstance(a.get(f.name), str):
+                a[f.name] = self.pids[a[f.name]]
+        a = {f.name: a[f.name] for f in d.fields if f.name in a}
+        channel = ACTOR_CHANNEL[step.actor_kind]
+        if channel == "guest-op":
+            return channel, {"vcpu": step.vcpu or 0, "op": step.op, "args": a}
+        if channel == "vmm-op":
+            return channel, {"op": step.op, "args": a}
+        return step.op, a
 
     async def _resolve_vm(self, step: Step, args: dict) -> dict:
         """A host op on ``vm`` + ``ipa``: the VMM's pid and the address it maps the IPA at."""
@@ -395,13 +385,13 @@ class _Run:
                     value = reply.fault["addr"]
                     message = (f"pointer tag {reply.fault.get('pointer_tag')} != memory tag "
                                f"{reply.fault.get('memory_tag')} at {reply.fault['addr']:#x}")
-            op = step.op
-            if op in ("load", "dma-read") and isinstance(value, (bytes, bytearray)):
+            returns = ACTOR_OPS[step.actor_kind][step.op].returns
+            if returns == "bytes" and isinstance(value, (bytes, bytearray)):
                 value = bytes(value).hex()
-            elif op == "fork":
+            elif returns == "process":
                 await self._attach_child(step, value)
                 value = None
-            elif op == "ptrace-peek-tags" and isinstance(value, (bytes, bytearray)):
+            elif returns == "tags" and isinstance(value, (bytes, bytearray)):
                 value = list(value)
         op = step.op
         why = check_expect(step.expect, outcome, value, op)
@@ -415,7 +405,7 @@ class _Run:
         key = (step.actor_target, step.vcpu or 0)
         if step.op == "enable-mte":
             self.ata.add(key)
-        elif step.op == "stg" and key not in self.ata and step.args.get("size"):
+        elif ACTOR_OPS["guest"][step.op].stores_tags and key not in self.ata and step.args.get("size"):
             return (f"ignored: SCTLR_EL1.ATA is 0 on vCPU {key[1]} (no enable-mte there), so the tag store "
                     "did nothing (RAZ/WI)")
         return ""

@@ -316,6 +316,8 @@ class OpDef:
         calls: ops of the hypervisor's ABI the op is built from (a VMM or guest op).
         returns: what its value is, when a scenario writes it in another form: ``bytes`` (hex
             in a scenario), ``tags`` (a list, one per granule), ``process`` (a new process).
+        stores_tags: the op is a tag store instruction (STG): RAZ/WI on a vCPU without
+            SCTLR_EL1.ATA, so a report can say it did nothing.
     """
 
     name: str
@@ -325,6 +327,7 @@ class OpDef:
     actors: tuple[str, ...] = ()
     calls: tuple[str, ...] = ()
     returns: str = ""
+    stores_tags: bool = False
 
     def field(self, name: str) -> Field:
         return next(f for f in self.fields if f.name == name)
@@ -371,9 +374,12 @@ _OPS = [
     OpDef("tco", "process", (F("on", BOOL),), "MSR TCO, #on.", _PG),
     OpDef("store", "process", (F("addr", ADDR), F("tag", TAG, 0), F("data", BYTES)),
           "A store through a tagged pointer.", _PG),
-    OpDef("load", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "A load; returns bytes.", _PG, returns="bytes"),
-    OpDef("stg", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "STG over a range.", _PG),
-    OpDef("ldg", "process", (F("addr", ADDR), F("size", IO_SIZE)), "LDG over a range; one tag per granule.", _PG, returns="tags"),
+    OpDef("load", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "A load; returns bytes.",
+          _PG, returns="bytes"),
+    OpDef("stg", "process", (F("addr", ADDR), F("tag", TAG, 0), F("size", IO_SIZE)), "STG over a range.",
+          _PG, stores_tags=True),
+    OpDef("ldg", "process", (F("addr", ADDR), F("size", IO_SIZE)), "LDG over a range; one tag per granule.",
+          _PG, returns="tags"),
     OpDef("irg", "process", (), "IRG: a random tag allowed by the include mask.", _PG),
     OpDef("fork", "process", (F("child", opt(NAME), None, "the child's name"),),
           "fork(2); returns {pid, token}.", _P, returns="process"),

@@ -27,6 +27,8 @@ exist yet.
 
 from __future__ import annotations
 
+import attrs
+
 from shared.abi import (ADDR, BACKINGS, BOOL, BYTES, IO_SIZE, MAP, MASK16, MAX_IO, MEMSLOT_FLAGS,
                         NAME, OPS, SEG_ATTRS, SIZE, U64, U64_PAIR, U64LIST, F, Kind, OpDef, _bool, _enum,
                         _hugepage_size, _opt, _str, _u64, enum, flags, known_name, ops_of, opt)
@@ -172,7 +174,7 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
 
 def _on_a_vcpu(d: OpDef) -> OpDef:
     """A host-process op a guest runs the same way on one vCPU (same arguments, guest VAs)."""
-    return OpDef(d.name, "any", d.fields, d.doc, ("guest",), ("vcpu-access",), d.returns)
+    return attrs.evolve(d, role="any", actors=("guest",), calls=("vcpu-access",))
 
 
 #: The guest ops of SCENARIOS.md and their arguments; the guest validates them with this table.

@@ -35,7 +35,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from shared.abi import MAX_IO, validate_args
+from shared.abi import MAX_IO, OPS, ops_of, validate_args
 from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
 from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name, errno_number
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
@@ -63,10 +63,7 @@ class VmmError(Exception):
 from vmm import dma  # noqa: E402 - dma refers to VmmError above
 
 #: Host-process ops a VMM runs on its own address space, forwarded unchanged.
-HOST_PROCESS_OPS = frozenset({
-    "mmap", "mprotect", "munmap", "madvise", "prctl", "prctl-get", "tco", "store", "load", "stg",
-    "ldg", "irg", "fork", "ptrace-peek-tags", "ptrace-poke-tags",
-})
+HOST_PROCESS_OPS = frozenset(ops_of(OPS, "vmm"))
 #: KVM_ARM_MTE_COPY_TAGS refuses lengths over INT_MAX.
 INT_MAX = (1 << 31) - 1
 #: Exits kept for ``status`` (the oldest are dropped).
