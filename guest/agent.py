@@ -38,7 +38,7 @@ import trio
 from guest.cpu import VcpuRegs
 from guest.stage1 import Stage1, Stage1Error
 from shared import wire
-from shared.abi import AbiError, validate_args
+from shared.abi import ACCESS_KINDS, OPS, AbiError, bind, ops_of, validate_args
 from shared.control import GUEST_CHANNEL, GUEST_OPS
 from shared.errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP
 from shared.mte import MTE_GRANULE_SIZE, pointer_tag, untagged_addr
@@ -48,6 +48,18 @@ log = logging.getLogger("mtekvm.guest")
 
 #: ESR_ELx.DFSC of a synchronous tag check fault.
 DFSC_TAG_CHECK = 0x11
+
+
+def _irg(cpu: VcpuRegs, a: dict) -> int:
+    return cpu.irg()
+
+
+def _tco(cpu: VcpuRegs, a: dict) -> None:
+    cpu.tco = a["on"]
+
+
+#: The host-process instructions a guest runs on its registers alone (no memory access).
+_REGISTER_OPS = bind({n: d for n, d in ops_of(OPS, "guest").items() if n not in ACCESS_KINDS}, irg=_irg, tco=_tco)
 
 
 class GuestError(Exception):
@@ -152,11 +164,8 @@ class GuestAgent:
             except Stage1Error as exc:
                 raise GuestError(exc.errno, exc.message) from None
             return None
-        if op == "irg":
-            return cpu.irg()
-        if op == "tco":
-            cpu.tco = a["on"]
-            return None
+        if op in _REGISTER_OPS:
+            return _REGISTER_OPS[op](cpu, a)
         if op == "read-tfsr":
             return cpu.tfsr
         if op == "clear-tfsr":

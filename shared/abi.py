@@ -390,6 +390,10 @@ _OPS = [
     OpDef("batch", "process", (F("ops", BATCH),), "Run several process ops in order in one round trip."),
     OpDef("getpid", "process", (), "getpid(2)."),
     # ---- KVM: ioctls of a process (the VMM) on the VMs it created -----------
+]
+#: The memory accesses a guest's vCPU makes (``vcpu-access`` ``kind``): the guest ops with an address.
+ACCESS_KINDS = tuple(d.name for d in _OPS if "guest" in d.actors and any(f.name == "addr" for f in d.fields))
+_OPS += [
     OpDef("kvm-create-vm", "process", (F("ipa_bits", U64, 40),),
           "KVM_CREATE_VM (type KVM_VM_TYPE_ARM_IPA_SIZE(ipa_bits)); returns the VM's handle."),
     OpDef("kvm-check-extension", "process", (F("vm", opt(U64), None), F("cap", NAME)),
@@ -418,7 +422,7 @@ _OPS = [
           "Run the vCPU this token names from this connection; returns {vcpu, vm, mte} "
           "(mte: ID_AA64PFR1_EL1.MTE as KVM exposes it)."),
     OpDef("vcpu-access", "vcpu", (
-        F("vcpu", U64), F("kind", enum("load", "store", "stg", "ldg")), F("segs", SEGS),
+        F("vcpu", U64), F("kind", enum(*ACCESS_KINDS)), F("segs", SEGS),
         F("tag", TAG, 0, "the pointer's logical tag"), F("data", BYTES, b"", "store: the bytes"),
         F("check", enum("none", "sync", "async", "asymm"), "none",
           "SCTLR_EL1.TCF as it applies (none when PSTATE.TCO is set)"),

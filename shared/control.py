@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import attrs
 
-from shared.abi import (ADDR, BACKINGS, BOOL, BYTES, IO_SIZE, MAP, MASK16, MAX_IO, MEMSLOT_FLAGS,
+from shared.abi import (ACCESS_KINDS, ADDR, BACKINGS, BOOL, BYTES, IO_SIZE, MAP, MASK16, MAX_IO, MEMSLOT_FLAGS,
                         NAME, OPS, SEG_ATTRS, SIZE, U64, U64_PAIR, U64LIST, F, Kind, OpDef, _bool, _enum,
                         _hugepage_size, _opt, _str, _u64, enum, flags, known_name, ops_of, opt)
 from shared.mte import TCF_MODES
@@ -174,7 +174,8 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
 
 def _on_a_vcpu(d: OpDef) -> OpDef:
     """A host-process op a guest runs the same way on one vCPU (same arguments, guest VAs)."""
-    return attrs.evolve(d, role="any", actors=("guest",), calls=("vcpu-access",))
+    calls = ("vcpu-access",) if d.name in ACCESS_KINDS else ()  # irg and tco only touch registers
+    return attrs.evolve(d, role="any", actors=("guest",), calls=calls)
 
 
 #: The guest ops of SCENARIOS.md and their arguments; the guest validates them with this table.
