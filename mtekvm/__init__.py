@@ -13,7 +13,9 @@ The public face (everything else in the package is private to it)::
 not valid, docs/scenarios.md is the format), :func:`run_scenario` runs one in
 the way :class:`RunOptions` says (a host to use, extra bugs, a
 :class:`SchedulerSpec` overriding the file's) and returns a
-:class:`ScenarioResult`.
+:class:`ScenarioResult`. :func:`hunt` runs one scenario many times under a
+policy (seeds, or every interleaving with ``dfs`` / ``bounded:N``), shrinks the
+first failure's schedule and returns a :class:`HuntResult` with its replay command.
 
 The names are loaded on first use, so that ``mtekvm.cli`` (the ``mtekvm``
 command) starts without importing the model first: the command installs its
@@ -31,6 +33,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real imports happen in __getattr__, on first use
+    from mtekvm.hunt import HuntResult, hunt
     from mtekvm.runner import RunOptions, ScenarioResult, run_scenario
     from mtekvm.scenario import ScenarioError, SchedulerSpec, load_scenario, parse_scenario
 
@@ -43,6 +46,8 @@ _PUBLIC = {
     "run_scenario": "mtekvm.runner",
     "RunOptions": "mtekvm.runner",
     "ScenarioResult": "mtekvm.runner",
+    "hunt": "mtekvm.hunt",
+    "HuntResult": "mtekvm.hunt",
 }
 
 __all__ = sorted(_PUBLIC)

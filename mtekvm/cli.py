@@ -4,7 +4,10 @@
 actor, op, expected, got. Every file is validated before any runs; the valid ones run even when
 others are not. ``--json``, ``--junit`` and ``--tap`` give the results in forms other programs
 read. ``--seeds N`` with the random or pct scheduler runs each scenario under N seeds and stops at
-the first failure, printing its schedule and the command that replays it. ``mtekvm bugs`` lists
+the first failure, printing its schedule and the command that replays it; ``--scheduler dfs`` runs
+every interleaving and ``--scheduler bounded:N`` every one with at most N preemptions, until one
+fails or the space is exhausted (``--seeds N``: at most N runs). A failure's schedule is then
+shrunk to fewer preemptions (:mod:`mtekvm.hunt`) and its replay printed too. ``mtekvm bugs`` lists
 the bug zoo; ``mtekvm --version`` prints the version.
 
 Every failure is one line on stderr, never a traceback (``MTEKVM_DEBUG=1`` re-raises, for
@@ -58,6 +61,7 @@ from hypervisor.sched import parse_schedule
 from shared.bugs import BUGS
 from shared.wire import RemoteError
 from mtekvm import report
+from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec
 from mtekvm.links import HostStartError
 from mtekvm.report import Problem
 from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error, run_scenario
@@ -111,16 +115,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret (with --host)")
     r.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
                    help=f"switch on a bug-zoo race ({', '.join(sorted(BUGS))})")
-    r.add_argument("--scheduler", choices=("free", "random", "pct", "replay"),
-                   help="override the scenarios' scheduler")
+    r.add_argument("--scheduler", type=_scheduler_kind, metavar="KIND",
+                   help="override the scenarios' scheduler: free, random, pct, replay, dfs (every "
+                        "interleaving) or bounded:N (every interleaving with at most N preemptions)")
     r.add_argument("--seed", type=int, help="seed for --scheduler random or pct")
     r.add_argument("--depth", type=int, help="bug depth for --scheduler pct (default 3)")
     r.add_argument("--seeds", type=int, metavar="N",
-                   help="with the random or pct scheduler: try N seeds, stop at the first failure")
+                   help="with the random or pct scheduler: try N seeds, stop at the first failure; with "
+                        "dfs or bounded:N: at most N runs (default: until every interleaving ran)")
     r.add_argument("--schedule", help="the schedule for --scheduler replay")
     r.add_argument("-v", "--verbose", action="store_true", help="show the model's log messages (one line each)")
     sub.add_parser("bugs", help="list the bug zoo: historical races that --bug switches back on")
     return p
+
+
+def _scheduler_kind(text: str) -> str:
+    """``--scheduler``'s value: a known kind (``bounded:N`` with N >= 0)."""
+    if text in ("free", "random", "pct", "replay", "dfs"):
+        return text
+    if text.startswith("bounded:") and text[len("bounded:"):].isdigit():
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from free, random, pct, replay, dfs, "
+                                     f"bounded:N)")
 
 
 def list_bugs(out=sys.stdout) -> None:
@@ -134,18 +150,19 @@ def list_bugs(out=sys.stdout) -> None:
 class Progress:
     """Progress of a long hunt on stderr: a live line on a terminal, a line every 10% otherwise."""
 
-    def __init__(self, what: str, total: int, out=sys.stderr):
-        self.what, self.total, self.out = what, total, out
+    def __init__(self, what: str, total: int | None, out=sys.stderr, unit: str = "seeds"):
+        self.what, self.total, self.out, self.unit = what, total, out, unit
         self.live = out.isatty()
         self.started = time.monotonic()
-        self._step = max(1, total // 10)
+        self._step = max(1, total // 10) if total else 100
 
     def update(self, done: int) -> None:
-        """Report ``done`` of ``total`` runs finished."""
+        """Report ``done`` of ``total`` runs finished (an open-ended search: a line per 100 off a terminal)."""
         if not self.live and done % self._step and done != self.total:
             return
         rate = done / max(time.monotonic() - self.started, 1e-9)
-        line = f"{self.what}: {done}/{self.total} seeds clean, {rate:.0f} runs/s"
+        of = f"/{self.total}" if self.total else ""
+        line = f"{self.what}: {done}{of} {self.unit} clean, {rate:.0f} runs/s"
         print(("\r" + line) if self.live else line, end="" if self.live else "\n", file=self.out, flush=True)
 
     def close(self) -> None:
@@ -193,6 +210,7 @@ def check_options(args) -> None:
             raise UsageError(f"--schedule: {exc}") from None
     if args.seed is not None and kind not in ("random", "pct"):
         raise UsageError("--seed applies only with --scheduler random or pct")
+    exhaustive = kind is not None and (kind == "dfs" or kind.startswith("bounded:"))
     if args.depth is not None:
         if kind != "pct":
             raise UsageError("--depth applies only with --scheduler pct")
@@ -202,10 +220,10 @@ def check_options(args) -> None:
         if args.seeds < 1:
             raise UsageError(f"--seeds must be at least 1 (got {args.seeds})")
         if kind in ("free", "replay"):
-            raise UsageError(f"--seeds applies only to the random and pct schedulers, not {kind}")
+            raise UsageError(f"--seeds applies only to the random, pct, dfs and bounded:N schedulers, not {kind}")
     if args.secret_file is not None and args.host is None:
         raise UsageError("--secret-file applies only with --host (a private hypervisor makes its own secret)")
-    if args.host is not None and kind in ("random", "pct", "replay"):
+    if args.host is not None and (kind in ("random", "pct", "replay") or exhaustive):
         raise UsageError("--host runs the free scheduler only: controlled schedulers need the embedded "
                          "hypervisor (drop --host)")
     for opt, path in (("--json", args.json), ("--junit", args.junit)):
@@ -243,40 +261,57 @@ def _read_secret(path: str) -> str:
 def _spec(args) -> SchedulerSpec | None:
     if not args.scheduler:
         return None
-    return SchedulerSpec(args.scheduler, args.seed if args.scheduler in ("random", "pct") else None,
-                         args.schedule if args.scheduler == "replay" else None,
-                         args.depth if args.depth is not None else 3)
+    return scheduler_spec(args.scheduler, seed=args.seed, depth=args.depth if args.depth is not None else 3,
+                          schedule=args.schedule)
 
 
 async def _run_one(scn: Scenario, args, secret) -> ScenarioResult:
-    """Run one scenario, under N seeds when asked (a hunt stops at the first failing seed)."""
+    """Run one scenario: once, or as a hunt (N seeds, or dfs / bounded:N) that stops at the first
+    failure and shrinks its schedule (:func:`mtekvm.hunt.hunt`)."""
     base = _spec(args) or scn.scheduler
-    seeds: list[int | None] = [None]
-    if args.seeds is not None and base.kind in ("random", "pct"):
-        first = base.seed or 0
-        seeds = list(range(first, first + args.seeds))
+    runs: int | None = 1
+    if base.kind in ("random", "pct"):
+        runs = args.seeds or 1
+    elif base.kind in EXHAUSTIVE:
+        runs = args.seeds  # None: until every interleaving ran
     elif args.seeds is not None and args.seeds > 1:
-        print(f"mtekvm: {scn.path}: note: --seeds applies to the random and pct schedulers; this "
-              f"scenario's is {base.kind}, so it ran once", file=sys.stderr)
-    progress = Progress(scn.name, len(seeds)) if len(seeds) > 1 else None
-    res = None
+        print(f"mtekvm: {scn.path}: note: --seeds applies to the random, pct, dfs and bounded:N schedulers; "
+              f"this scenario's is {base.kind}, so it ran once", file=sys.stderr)
+    many = runs is None or runs > 1
+    unit = "seeds" if base.kind in ("random", "pct") else "runs"
+    progress = Progress(scn.name, runs, unit=unit) if many else None
+    opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=base)
     try:
-        for done, seed in enumerate(seeds, 1):
-            s = base if seed is None else SchedulerSpec(base.kind, seed, None, base.depth)
-            opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=s)
-            res = await run_scenario(scn, opts)
-            if progress and res.passed:
-                progress.update(done)
-            if not res.passed:
-                break
+        res = await hunt(scn, base, runs=runs, options=opts,
+                         progress=(lambda done, r: progress.update(done) if r.passed else None) if progress else None)
     finally:
         if progress:
             progress.close()
-    if progress:
-        print(f"{scn.name}: " + (f"no failure in {len(seeds)} seeds" if res.passed else
-                                 f"failure at seed {seed} ({done} of {len(seeds)} seeds run)"),
-              file=sys.stderr)
-    return res
+    if many:
+        print(f"{scn.name}: {_hunt_line(res, base.kind, runs)}", file=sys.stderr)
+    if not res.passed and res.shrunk is not None and res.schedule != res.found_schedule:
+        found, shrunk = res.preemptions
+        print(f"{scn.name}: shrunk the schedule from {found} to {shrunk} preemptions "
+              f"({res.shrink_runs} runs); replay: {res.replay_command}", file=sys.stderr)
+    assert res.result is not None
+    return res.result
+
+
+def _hunt_line(res: HuntResult, kind: str, runs: int | None) -> str:
+    """How a hunt ended, for stderr."""
+    if kind in ("random", "pct"):
+        if res.passed:
+            return f"no failure in {runs} seeds"
+        first = res.first
+        assert first is not None
+        return f"failure at seed {first.seed} ({first.execution} of {runs} seeds run)"
+    space = "every interleaving" if kind == "dfs" else f"every interleaving with at most {res.policy[8:-1]} preemptions"
+    if res.passed:
+        return (f"no failure in {res.runs} runs ({space})" if res.exhausted else
+                f"no failure in {res.runs} runs (the budget; {space} would take more)")
+    first = res.first
+    assert first is not None
+    return f"failure at run {first.execution} of {res.policy}"
 
 
 def _is_interrupt(exc: BaseException) -> bool:

@@ -279,7 +279,7 @@ class _Run:
         for name, spec in self.scn.hosts.items():
             if self.controlled:
                 sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule,
-                                       self.sched_spec.depth)
+                                       self.sched_spec.depth, policy=self.sched_spec.policy)
                 try:
                     link: HostLink = InProcessHost.boot(self.nursery, sched, mte=spec.mte, ram=spec.ram,
                                                         swap=spec.swap, bugs=self.bugs, **boot_extras(spec))
@@ -474,12 +474,16 @@ def _plain(args: dict) -> dict:
 
 
 def _scheduler_text(spec: SchedulerSpec) -> str:
+    if spec.policy is not None:
+        return spec.policy.describe()
+    if spec.kind == "bounded":
+        return f"bounded({spec.depth})"
     if spec.kind == "random":
         return f"random(seed={spec.seed if spec.seed is not None else 0})"
     if spec.kind == "pct":
         return f"pct(seed={spec.seed if spec.seed is not None else 0}, depth={spec.depth})"
-    if spec.kind == "replay":
-        return "replay"
+    if spec.kind in ("replay", "dfs"):
+        return spec.kind
     return "free"
 
 

@@ -155,7 +155,7 @@ class Pct(_Policy):
         self._priority: dict[str, float] = {}
         self._contended = 0
         points = self._rng.sample(range(1, self.steps + 1), min(self.depth - 1, self.steps))
-        self._change_points = {p: i for i, p in enumerate(sorted(points))}
+        self.change_points = {p: i for i, p in enumerate(sorted(points))}
 
     def _next_execution(self) -> bool:
         self.seen = max(self.seen, self._contended)
@@ -171,7 +171,7 @@ class Pct(_Policy):
             return d.runnable[0]
         self._contended += 1  # PCT's k counts the decisions where there is a choice
         self.seen = max(self.seen, self._contended)
-        low = self._change_points.get(self._contended)
+        low = self.change_points.get(self._contended)
         if low is not None and d.last in self._priority:
             self._priority[d.last] = low  # the running context drops below every new one
         return max(d.runnable, key=lambda a: self._priority[a.name])
