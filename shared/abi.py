@@ -219,7 +219,8 @@ class Kind:
         options: ``enum`` and ``list``: the allowed values; ``name``: the known names (the wire
             accepts others; a scenario may name only these); ``size``: the allowed sizes when
             only some are.
-        lo, hi: ``int``, ``tag`` and ``size``: the range a value must be in.
+        lo, hi: ``int``, ``tag`` and ``size``: the range a value must be in; a ``list`` whose
+            ``lo == hi`` has exactly that many items.
         optional: nil is accepted (the field's default is nil).
     """
 
@@ -245,7 +246,7 @@ BOOL = Kind("bool", _bool)
 NAME = Kind("name", _str)
 PID = Kind("pid", _u64)                        # a process (a scenario names it)
 U64LIST = Kind("list", _u64list)
-U64_PAIR = Kind("list", _u64_pair)
+U64_PAIR = Kind("list", _u64_pair, lo=2, hi=2)
 STRLIST = Kind("list", _strlist)
 SEGS = Kind("list", _segs)
 BATCH = Kind("list", _batch)

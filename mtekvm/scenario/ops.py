@@ -175,10 +175,13 @@ def hugepage_size(v: Any, w: Where, k: str) -> int:
     raise w.error(k, f"must be one of {', '.join(f'{n!r}' for n in _HUGEPAGE_NAMES)} (got {v!r})")
 
 
-def pair(v: Any, w: Where, k: str) -> tuple[int, ...]:
-    if not isinstance(v, list) or len(v) != 2:
-        raise w.error(k, f"must be a list of 2 integers (got {v!r})")
-    return tuple(u64(r, w, k) for r in v)
+def int_tuple(n: int) -> Conv:
+    """A list of exactly ``n`` unsigned integers."""
+    def conv(v: Any, w: Where, k: str) -> tuple[int, ...]:
+        if not isinstance(v, list) or len(v) != n:
+            raise w.error(k, f"must be a list of {n} integers (got {v!r})")
+        return tuple(u64(r, w, k) for r in v)
+    return conv
 
 
 def form(kind: Kind) -> Conv:
@@ -197,7 +200,7 @@ def form(kind: Kind) -> Conv:
     if k == "list":
         if kind.options:
             return list_of(kind.options)
-        return pair if kind.check.__name__ == "_u64_pair" else int_list
+        return int_tuple(kind.lo) if kind.lo == kind.hi else int_list
     if k == "name":
         return name
     if k == "pid":
