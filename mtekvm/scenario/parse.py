@@ -1,7 +1,9 @@
 """Scenario files: parse and validate them (the format is described in ``docs/scenarios.md``).
 
 A scenario declares hosts, host processes and VMs, then lists steps; each step is an actor, an
-op, the op's arguments and an optional expectation. :func:`load_scenario` reads a file and
+op, the op's arguments and an optional expectation. Which ops an actor runs and what their
+arguments are comes from the shared op tables, through :mod:`mtekvm.scenario.ops` (which adds the
+written sugar); this module reads files, tables and steps. :func:`load_scenario` reads a file and
 :func:`parse_scenario` validates an already-decoded table; both return a :class:`Scenario` made
 of frozen value classes, normalised so that the runner never looks at a string twice:
 
@@ -46,7 +48,8 @@ Decisions where the contract is silent:
 - ``guest:VM:N`` needs ``N < vcpus``; a ``setup = "manual"`` VM creates its vCPUs in steps, so
   any index up to 511 parses (a vCPU that was never created is ENODEV when the step runs).
 - Memslots: ``backing`` defaults to ``anon``; ``ipa`` and ``size`` are page aligned (for
-  ``hugetlb``, aligned to its ``hugepage-size``, 2 MiB by default), ``size > 0``, slots do not overlap and fit in ``ipa_bits``. ``object`` is only
+  ``hugetlb``, aligned to its ``hugepage-size``, 2 MiB by default), ``size > 0``, slots do not
+  overlap and fit in ``ipa_bits``. ``object`` is only
   for ``memfd``, ``shmem`` and ``file``, and one object keeps one backing everywhere.
 - mmap ``share`` defaults to ``private`` for ``anon`` and ``hugetlb``, ``shared`` otherwise.
 - ``expect`` values are kept as written, except that hex strings expected from ``load`` and
