@@ -23,6 +23,7 @@ import pathlib
 
 import pytest
 
+import mtekvm.hunt
 from mtekvm.runner import RunOptions, run_scenario
 from mtekvm.scenario import SchedulerSpec, load_scenario
 
@@ -31,14 +32,11 @@ BUDGET = 200  # seeds per hunt
 
 
 async def hunt(path: str, bugs: tuple[str, ...], seeds: range):
-    """Run ``path`` under each seed; return the failing results, in seed order."""
+    """Run ``path`` under each seed (the hunt engine, collecting); return the failing results, in seed order."""
     scn = load_scenario(SCENARIOS / path)
-    failures = []
-    for seed in seeds:
-        r = await run_scenario(scn, RunOptions(bugs=bugs, scheduler=SchedulerSpec("random", seed)))
-        if not r.passed:
-            failures.append((seed, r))
-    return scn, failures
+    res = await mtekvm.hunt.hunt(scn, SchedulerSpec("random", seeds.start), runs=len(seeds),
+                                 options=RunOptions(bugs=bugs), collect=True, shrink=False)
+    return scn, [(f.seed, f.result) for f in res.failures]
 
 
 def invariants(result) -> set[str]:
