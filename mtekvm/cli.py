@@ -64,7 +64,7 @@ from mtekvm import report
 from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec
 from mtekvm.links import HostStartError
 from mtekvm.report import Problem
-from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error, run_scenario
+from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error
 from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
 
 

@@ -27,7 +27,7 @@ scheduler per execution); a scenario with several hosts is a :class:`RunError`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import attrs
 
@@ -156,7 +156,7 @@ def _describe(spec: SchedulerSpec, runs: int | None) -> str:
 
 
 async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None = None, *, runs: int | None = None,
-               options: RunOptions = RunOptions(), collect: bool = False, shrink: bool = True,
+               options: RunOptions | None = None, collect: bool = False, shrink: bool = True,
                progress: Callable[[int, ScenarioResult], None] | None = None) -> HuntResult:
     """Search ``scenario`` for a failing execution under ``scheduler``, then shrink its schedule.
 
@@ -166,7 +166,7 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
             ``options.scheduler`` or else the scenario's own.
         runs: random / pct: how many seeds (default 1); dfs / bounded: at most this many
             executions (default: until the space is exhausted); ignored for replay and free.
-        options: host, extra bugs (its ``scheduler`` is used when ``scheduler`` is None).
+        options: host, extra bugs (its ``scheduler`` is used when ``scheduler`` is None); default none.
         collect: run the whole budget and keep every failure, instead of stopping at the first.
         shrink: shrink the first failure's schedule (controlled schedulers only).
         progress: called after each search execution with its number and result.
@@ -177,6 +177,7 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
         InfraError: as :func:`run_scenario`.
     """
     scn = load_scenario(scenario) if isinstance(scenario, str) else scenario
+    options = options or RunOptions()
     if isinstance(scheduler, str):
         scheduler = scheduler_spec(scheduler)
     spec = scheduler or options.scheduler or scn.scheduler

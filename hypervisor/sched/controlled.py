@@ -11,8 +11,8 @@ runnable is a :class:`ScheduleDivergence`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 import attrs
 import trio
@@ -20,7 +20,16 @@ import trio.testing
 
 from hypervisor.errors import Deadlock, ScheduleDivergence
 from hypervisor.sched.core import FreeScheduler, Scheduler, current_actor
-from hypervisor.sched.policies import PCT_STEPS, Bounded, Decision, Dfs, Pct, Random, Replay, SchedulingPolicy
+from hypervisor.sched.policies import (
+    PCT_STEPS,
+    Bounded,
+    Decision,
+    Dfs,
+    Pct,
+    Random,
+    Replay,
+    SchedulingPolicy,
+)
 from hypervisor.sched.schedule import Preemption, format_schedule
 
 
@@ -66,7 +75,8 @@ class ControlledScheduler(Scheduler):
         if policy is None:
             if (seed is None) == (schedule is None):
                 raise ValueError("give exactly one of seed (random/pct) or schedule (replay), or a policy")
-            if schedule is not None:
+            if seed is None:
+                assert schedule is not None
                 policy = Replay(schedule)
             elif pct_depth:
                 policy = Pct(seed, pct_depth, pct_steps)

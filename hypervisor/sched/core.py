@@ -15,8 +15,8 @@ argument for it.
 from __future__ import annotations
 
 import contextvars
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Callable
 
 import trio
 

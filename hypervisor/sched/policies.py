@@ -24,7 +24,8 @@ schedule (:mod:`hypervisor.sched.schedule`), so every run replays.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import attrs
 

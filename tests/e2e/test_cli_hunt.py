@@ -17,7 +17,7 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     env.pop("MTEKVM_SECRET", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "mtekvm.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=120)
+                          env=env, cwd=ROOT, timeout=120, check=False)
 
 
 def replay_line(stdout: str) -> str:

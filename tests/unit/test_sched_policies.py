@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from hypervisor.errors import ScheduleDivergence
+from hypervisor.errors import Deadlock, ScheduleDivergence
 from hypervisor.sched import (
     Bounded,
     ControlledScheduler,
@@ -26,8 +26,6 @@ from hypervisor.sched import (
     make_scheduler,
     parse_policy,
 )
-
-
 
 
 async def run_program(sched: ControlledScheduler, points: dict[str, int]) -> str:
@@ -90,7 +88,7 @@ class TestRandomAndPct:
         """Random(seed) is rng.choice over the name-sorted runnable contexts, once per decision."""
         for seed in range(20):
             rng = random.Random(seed)
-            expected = await run_program(ControlledScheduler(Scripted(lambda rs: rng.choice(rs))), THREE)
+            expected = await run_program(ControlledScheduler(Scripted(lambda rs, rng=rng: rng.choice(rs))), THREE)
             assert await run_program(ControlledScheduler(Random(seed)), THREE) == expected, seed
 
     async def test_pct_keeps_its_choices_per_seed(self):
@@ -187,9 +185,9 @@ class TestExhaustive:
     async def test_bounded_counts_preemptions_only(self):
         """bounded:1 on two actors: at most one switch away from a runnable actor in each run."""
         for order in await every_execution(Bounded(1), {"a": 2, "b": 2}):
-            switches = sum(1 for x, y in zip(order, order[1:]) if x != y)
+            switches = sum(1 for x, y in itertools.pairwise(order) if x != y)
             # a switch is free once the actor has ended (its third release was its last)
-            preemptions = sum(1 for i, (x, y) in enumerate(zip(order, order[1:]))
+            preemptions = sum(1 for i, (x, y) in enumerate(itertools.pairwise(order))
                               if x != y and order[:i + 1].count(x) < 3)
             assert preemptions <= 1 and switches <= 2, order
 
@@ -232,18 +230,23 @@ class TestStep:
         """A step with every context blocked on a model lock records a Deadlock instead of releasing one."""
         sched = ControlledScheduler(Random(0))
 
-        async def waiter():
-            async with sched.context("w"):
-                await sched.wait_until(lambda: False, "never")
+        ended = []
 
-        with pytest.raises(Exception):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(waiter)
-                await trio.testing.wait_all_tasks_blocked()
-                assert sched.step() is not None  # enters
-                await trio.testing.wait_all_tasks_blocked()
-                assert sched.step() is None
-        assert "every context is blocked" in str(sched.failure)
+        async def waiter():
+            try:
+                async with sched.context("w"):
+                    await sched.wait_until(lambda: False, "never")
+            except Deadlock as exc:
+                ended.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sched.step() is not None  # enters
+            await trio.testing.wait_all_tasks_blocked()
+            assert sched.step() is None
+        assert isinstance(sched.failure, Deadlock) and "every context is blocked" in str(sched.failure)
+        assert ended == [sched.failure]  # the blocked context was ended with it
 
 
 class TestParse:

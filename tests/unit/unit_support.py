@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -21,7 +21,15 @@ import trio
 from hypervisor.errors import KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
 from hypervisor.process import Task
-from hypervisor.sched import Bounded, ControlledScheduler, Decision, Dfs, Replay, SchedulingPolicy, Scripted
+from hypervisor.sched import (
+    Bounded,
+    ControlledScheduler,
+    Decision,
+    Dfs,
+    Replay,
+    SchedulingPolicy,
+    Scripted,
+)
 from hypervisor.syscalls import PROCESS_OPS
 from shared.abi import validate_args
 from shared.mte import PAGE_SHIFT
@@ -38,7 +46,7 @@ class Proc:
         self.task = task
 
     @classmethod
-    def new(cls, k: Kernel, name: str, session: str | None = None) -> "Proc":
+    def new(cls, k: Kernel, name: str, session: str | None = None) -> Proc:
         """A fresh process (optionally in the same ptrace session as another)."""
         return cls(k, k.create_task(name, session))
 
@@ -49,7 +57,7 @@ class Proc:
     async def __call__(self, op: str, **args):
         return await PROCESS_OPS[op](self.k, self.task, validate_args(op, args))
 
-    async def fork(self, name: str | None = None) -> "Proc":
+    async def fork(self, name: str | None = None) -> Proc:
         """fork(2): the child as a Proc."""
         res = await self("fork", child=name)
         return Proc(self.k, self.k.task(res["pid"]))
@@ -334,7 +342,7 @@ class Vm:
 
     @classmethod
     async def create(cls, k: Kernel, *, mte: bool = True, ipa_bits: int = 40, vcpu: bool = True,
-                     name: str = "vmm", session: str | None = None) -> "Vm":
+                     name: str = "vmm", session: str | None = None) -> Vm:
         """KVM_CREATE_VM in a new process (of ``session``: it shares named objects with that session),
         KVM_ENABLE_CAP(ARM_MTE) if ``mte``, one AArch64 vCPU if ``vcpu``."""
         vmm = Proc.new(k, name, session)
