@@ -191,6 +191,16 @@ class TestExhaustive:
                               if x != y and order[:i + 1].count(x) < 3)
             assert preemptions <= 1 and switches <= 2, order
 
+    async def test_dfs_reports_a_program_that_does_not_repeat_itself(self):
+        """If a replayed prefix asks for an option the next execution does not have, the run fails as not deterministic."""
+        policy = Dfs()
+        assert policy.new_execution()
+        await run_program(ControlledScheduler(policy), {"a": 1, "b": 1})
+        assert policy.new_execution()  # the next prefix picks the second context at some decision
+        sched = ControlledScheduler(policy)
+        await run_program(sched, {"a": 1})  # ... but now there is only one
+        assert isinstance(sched.failure, ScheduleDivergence) and "not deterministic" in str(sched.failure)
+
     async def test_budget_stops_the_walk(self):
         """A walk stopped after N executions says so by offering more."""
         policy = Dfs()
