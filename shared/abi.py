@@ -219,8 +219,9 @@ class Kind:
         options: ``enum`` and ``list``: the allowed values; ``name``: the known names (the wire
             accepts others; a scenario may name only these); ``size``: the allowed sizes when
             only some are.
-        lo, hi: ``int``, ``tag`` and ``size``: the range a value must be in; a ``list`` whose
-            ``lo == hi`` has exactly that many items.
+        lo, hi: ``int``, ``tag`` and ``size``: the range a value must be in (a scenario's; the
+            wire checker may take more, so that the kernel answers with its own errno); a ``list``
+            whose ``lo == hi`` has exactly that many items.
         optional: nil is accepted (the field's default is nil).
     """
 
@@ -239,6 +240,7 @@ HUGEPAGE_SIZE = Kind("size", _hugepage_size, HUGEPAGE_SIZES)
 U64 = Kind("int", _u64)
 INT = Kind("int", _int, lo=-(1 << 63))
 MASK16 = Kind("int", _mask16, hi=0xFFFF)
+INCLUDE_MASK = Kind("int", _int, hi=0xFFFF)  # prctl: the wire takes any integer, the kernel refuses bits above 15
 TAG = Kind("tag", _tag, hi=15)
 TAGS = Kind("tags", _tags)                     # one tag per byte (a list of ints is accepted)
 BYTES = Kind("bytes", _bytes)
@@ -369,7 +371,7 @@ _OPS = [
         F("addr", ADDR), F("size", SIZE), F("advice", enum("dontneed", "free", "mergeable")),
     ), "madvise(2).", _P),
     OpDef("prctl", "process", (
-        F("tcf", opt(enum(*TCF_MODES)), None), F("include", opt(MASK16), None, "the tag include mask"),
+        F("tcf", opt(enum(*TCF_MODES)), None), F("include", opt(INCLUDE_MASK), None, "the tag include mask"),
     ), "prctl(PR_SET_TAGGED_ADDR_CTRL).", _P),
     OpDef("prctl-get", "process", (), "prctl(PR_GET_TAGGED_ADDR_CTRL).", _P),
     OpDef("tco", "process", (F("on", BOOL),), "MSR TCO, #on.", _PG),
