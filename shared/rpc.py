@@ -164,8 +164,6 @@ class RequestLoop:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await self._read()
-            if not self.shield:
-                nursery.cancel_scope.cancel()  # requests in flight die with their connection
 
     async def _read(self) -> None:
         """The reading task's loop; returns when reading ends or when reading was handed to a new task."""
@@ -219,6 +217,9 @@ class RequestLoop:
             return
         self._done = True
         await self._flush()
+        if not self.shield:
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()  # requests in flight die with their connection
 
     def _spawn_reader(self) -> None:
         assert self._nursery is not None and self._base_context is not None
