@@ -40,7 +40,7 @@ from guest.stage1 import Stage1, Stage1Error
 from shared import wire
 from shared.abi import ACCESS_KINDS, OPS, AbiError, bind, ops_of, validate_args
 from shared.control import GUEST_CHANNEL, GUEST_OPS
-from shared.errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP
+from shared.errno import EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP, ErrnoError
 from shared.mte import MTE_GRANULE_SIZE, pointer_tag, untagged_addr
 from shared.rpc import serve_requests
 
@@ -62,18 +62,8 @@ def _tco(cpu: VcpuRegs, a: dict) -> None:
 _REGISTER_OPS = bind({n: d for n, d in ops_of(OPS, "guest").items() if n not in ACCESS_KINDS}, irg=_irg, tco=_tco)
 
 
-class GuestError(Exception):
-    """A guest op the guest kernel refuses or cannot complete.
-
-    Attributes:
-        errno: the Linux errno number.
-        message: what happened.
-    """
-
-    def __init__(self, errno: int, message: str):
-        self.errno = errno
-        self.message = message
-        super().__init__(message)
+class GuestError(ErrnoError):
+    """A guest op the guest kernel refuses or cannot complete (``errno``, ``message``)."""
 
 
 

@@ -28,7 +28,7 @@ import bisect
 import attrs
 
 from shared.abi import MAX_IO
-from shared.errno import E2BIG, EINVAL
+from shared.errno import E2BIG, EINVAL, ErrnoError
 from shared.mte import PAGE_SIZE, untagged_addr
 
 ATTRS = ("tagged", "normal", "device")
@@ -37,18 +37,8 @@ VA_LIMIT = 1 << 56
 IPA_LIMIT = 1 << 64
 
 
-class Stage1Error(Exception):
-    """A stage-1 request the guest kernel refuses.
-
-    Attributes:
-        errno: the Linux errno number.
-        message: what is wrong.
-    """
-
-    def __init__(self, errno: int, message: str):
-        self.errno = errno
-        self.message = message
-        super().__init__(message)
+class Stage1Error(ErrnoError):
+    """A stage-1 request the guest kernel refuses (``errno``, ``message``: what is wrong)."""
 
 
 @attrs.frozen

@@ -37,7 +37,7 @@ import trio
 
 from shared.abi import MAX_IO, OPS, ops_of, validate_args
 from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
-from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name, errno_number
+from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, ErrnoError, errno_name
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
 from shared.rpc import serve_requests
 from shared.wire import Client, ConnectionClosed, RemoteError, Reply
@@ -45,19 +45,13 @@ from shared.wire import Client, ConnectionClosed, RemoteError, Reply
 log = logging.getLogger("mtekvm.vmm")
 
 
-class VmmError(Exception):
+class VmmError(ErrnoError):
     """A VMM request failed with a Linux errno (the root of the vmm package's errors).
 
     Args:
         errno: the errno number, or its name (``"ESRCH"``).
         message: what went wrong.
     """
-
-    def __init__(self, errno: int | str, message: str):
-        self.errno = errno_number(errno) if isinstance(errno, str) else errno
-        self.name = errno_name(self.errno)
-        self.message = message
-        super().__init__(f"{self.name}: {message}")
 
 
 from vmm import dma  # noqa: E402 - dma refers to VmmError above
@@ -169,8 +163,7 @@ class Vmm:
         if self.closing:
             raise VmmError(ENODEV, "the VMM has shut down")
         await self.start()
-        handler = getattr(self, "_op_" + op.replace("-", "_"))
-        return await handler(a, ctx)
+        return await self.CONTROL_HANDLERS[op](self, a, ctx)
 
     # ---- building the VM -----------------------------------------------------------
     def _need_vm(self) -> int:
@@ -306,7 +299,7 @@ class Vmm:
         if op not in KVM_OPS:
             raise VmmError(ENOSYS, f"unknown VMM op {op!r}")
         v = validate_args(op, args, KVM_OPS)
-        return await getattr(self, "_kvm_" + op.replace("-", "_"))(v, ctx)
+        return await self.KVM_HANDLERS[op](self, v, ctx)
 
     async def _kvm_check_extension(self, a: dict, ctx: str | None) -> int:
         return (await self._call("kvm-check-extension", {"vm": self.vm, "cap": a["cap"]}, ctx)).value
@@ -438,6 +431,18 @@ class Vmm:
 
     async def _op_shutdown(self, a: dict, ctx: str | None) -> None:
         await self.shutdown(ctx)
+
+    #: VMM_CONTROL op -> its handler (a test checks that every op of the table has one)
+    CONTROL_HANDLERS: dict[str, Callable[..., Awaitable[Any]]] = {
+        "vm-create": _op_vm_create, "vm-setup": _op_vm_setup, "vmm-op": _op_vmm_op, "guest-op": _op_guest_op,
+        "ipa-to-hva": _op_ipa_to_hva, "status": _op_status, "kill-guest": _op_kill_guest, "shutdown": _op_shutdown,
+    }
+    #: KVM_OPS op (a ``vmm-op``) -> its handler
+    KVM_HANDLERS: dict[str, Callable[..., Awaitable[Any]]] = {
+        "check-extension": _kvm_check_extension, "enable-cap": _kvm_enable_cap, "create-vcpu": _kvm_create_vcpu,
+        "set-memory-region": _kvm_set_memory_region, "copy-tags": _kvm_copy_tags, "dirty-log": _kvm_dirty_log,
+        "dma-write": _kvm_dma_write, "dma-read": _kvm_dma_read,
+    }
 
     async def shutdown(self, ctx: str | None = None) -> None:
         """Destroy the VM, stop the guest, close the hypervisor connection; sets :attr:`done`."""

@@ -12,13 +12,16 @@ import trio
 import trio.testing
 
 import shared.errno
+from guest.agent import GuestError
+from guest.stage1 import Stage1Error
 from hypervisor.kernel import Kernel
 from hypervisor.sched import ControlledScheduler
 from hypervisor.server import Hypervisor
 from shared import rpc, wire
 from shared.abi import AbiError
-from shared.control import VMM_CONTROL
+from shared.control import KVM_OPS, VMM_CONTROL
 from shared.errno import EINVAL, EIO, ERRNO_BY_NAME, ErrnoError, KernelError
+from vmm.machine import Vmm, VmmError
 
 _VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
 
@@ -312,9 +315,10 @@ class TestErrors:
         assert replies[3]["value"] == "fine"
 
     def test_every_errno_carrying_exception_is_an_errno_error(self):
-        """KernelError, AbiError, RemoteError and EnvelopeError share the ErrnoError base and its errno/message/name."""
+        """Every errno-carrying exception (kernel, ABI, wire, VMM, guest) shares the ErrnoError base and its errno/message/name."""
         for exc in (KernelError("EINVAL", "m"), AbiError(EINVAL, "m"), wire.RemoteError(EINVAL, "m"),
-                    wire.EnvelopeError(EINVAL, "m")):
+                    wire.EnvelopeError(EINVAL, "m"), VmmError("EINVAL", "m"), GuestError(EINVAL, "m"),
+                    Stage1Error(EINVAL, "m")):
             assert isinstance(exc, ErrnoError), type(exc)
             assert (exc.errno, exc.message, exc.name) == (EINVAL, "m", "EINVAL")
 
@@ -325,3 +329,12 @@ class TestErrors:
                     for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
         assert {name: assigned.get(name) for name in ERRNO_BY_NAME} == ERRNO_BY_NAME
         assert "globals" not in inspect.getsource(shared.errno)
+
+
+class TestVmmDispatchTables:
+    def test_every_vmm_op_has_a_handler_in_the_tables(self):
+        """The VMM dispatches through tables that cover exactly the control and KVM op tables (no name-built getattr)."""
+        assert set(Vmm.CONTROL_HANDLERS) == set(VMM_CONTROL)
+        assert set(Vmm.KVM_HANDLERS) == set(KVM_OPS)
+        assert all(inspect.iscoroutinefunction(h) for h in [*Vmm.CONTROL_HANDLERS.values(), *Vmm.KVM_HANDLERS.values()])
+        assert 'getattr(self, "_' not in inspect.getsource(Vmm)
