@@ -43,8 +43,8 @@ import traceback
 
 import trio
 
-from hypervisor.access.user import AccessResult
 from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
+from hypervisor.fork import do_exit
 from hypervisor.kernel import Kernel
 from hypervisor.sched import current_actor
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
@@ -177,9 +177,7 @@ class _Connection:
             else:
                 async with k.sched.context(name):
                     result = await self._run(k, op, a)
-        if isinstance(result, AccessResult):
-            return wire.Reply(result.value, result.fault)
-        return result
+        return result  # a value, or a Reply (an access's AccessResult) carrying a fault
 
     def _run(self, k: Kernel, op: str, a: dict):
         if self.role == "process":
@@ -252,6 +250,6 @@ class _Connection:
             for t in [task, *orphans]:
                 try:
                     async with self.k.sched.context(f"exit:{t.name}:{t.pid}"):
-                        await self.k.exit_task(t)
+                        await do_exit(self.k, t)
                 except Exception:  # noqa: BLE001
                     log.exception("exit of pid %s failed", t.pid)

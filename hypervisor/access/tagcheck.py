@@ -26,17 +26,15 @@ from typing import Iterable
 import attrs
 
 from shared.mte import MTE_GRANULE_SIZE
+from shared.wire import Reply
 
 TAG_CHECK_FAULT = "tag-check-fault"
 ASYNC_TAG_CHECK_FAULT = "async-tag-check-fault"
 
 
-@attrs.frozen
-class AccessResult:
-    """The value of an access plus the architectural event it raised, if any."""
-
-    value: object = None
-    fault: dict | None = None
+#: The value of an access plus the architectural event it raised, if any: the one value-plus-fault
+#: type, :class:`shared.wire.Reply`, which the request loop sends as ``value`` and ``fault``.
+AccessResult = Reply
 
 
 @attrs.frozen
