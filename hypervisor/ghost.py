@@ -62,6 +62,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
+from hypervisor.arm64.tags import shared_tags
 from hypervisor.page import Page
 from hypervisor.mm_types import VM_SHARED, MemObject
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE, unpack_tags
@@ -95,17 +96,17 @@ class Entry:
 
     __slots__ = ("tags", "data")
 
-    def __init__(self, tags: bytearray | None = None, data: int | None = None):
-        self.tags = tags
+    def __init__(self, tags: bytes | None = None, data: int | None = None):
+        self.tags = tags  # immutable: shared between copies (and one object per uniform page, shared_tags)
         self.data = data
 
     def copy(self) -> "Entry":
-        """A private copy (fork, first private write over an object)."""
-        return Entry(None if self.tags is None else bytearray(self.tags), self.data)
+        """A private copy (fork, first private write over an object); the immutable tags are shared."""
+        return Entry(self.tags, self.data)
 
     def expected_tags(self) -> bytes:
         """The 256 tags a read must see."""
-        return ZERO_TAGS if self.tags is None else bytes(self.tags)
+        return ZERO_TAGS if self.tags is None else self.tags
 
 
 class Ghost:
@@ -208,9 +209,9 @@ class Ghost:
 
     def _record_tags(self, loc, first: int, tags: bytes) -> None:
         e = self._entry(loc)
-        if e.tags is None:
-            e.tags = bytearray(ZERO_TAGS)
-        e.tags[first:first + len(tags)] = tags
+        old = ZERO_TAGS if e.tags is None else e.tags
+        n = len(tags)
+        e.tags = shared_tags(tags if first == 0 and n == len(old) else old[:first] + bytes(tags) + old[first + n:])
 
     def data_written(self, loc, page: Page) -> None:
         """A data store into ``page`` (which ``loc`` maps at this instant) retired."""
@@ -247,7 +248,7 @@ class Ghost:
         if loc is None:
             return
         e = self.lookup(loc)
-        want = ZERO_TAGS[first:first + len(got)] if e is None or e.tags is None else bytes(e.tags[first:first + len(got)])
+        want = ZERO_TAGS[first:first + len(got)] if e is None or e.tags is None else e.tags[first:first + len(got)]
         if not _same(bytes(got), want):
             self._mismatch(loc, page, f"{who} read tags {_diff(got, want, first)}")
 

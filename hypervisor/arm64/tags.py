@@ -37,13 +37,32 @@ UNKNOWN = b"\xff"
 
 # page.initialiser doubles as the ghost record of who last defined the shadow:
 # None/"init:..." for initialisation, "write" after an actor wrote tags.
+#
+# A shadow is either immutable ``bytes``, shared between frames (every freshly cleared frame shares
+# ZERO_TAGS; copies, swap and migration share the source's), or a frame's own ``bytearray`` once tags
+# are written into it (copy on write): memory per written page no longer pays for a second 256-byte copy.
+
+_UNIFORM: dict[int, bytes] = {}
+
+
+def shared_tags(tags) -> bytes:
+    """``tags`` as immutable bytes, one shared object for a page of one tag (the ghost's expected tags)."""
+    b = bytes(tags)
+    if len(b) == MTE_GRANULES_PER_PAGE and b.count(b[:1]) == MTE_GRANULES_PER_PAGE:
+        return _UNIFORM.setdefault(b[0], b)
+    return b
+
+
+def _share(shadow):
+    # an immutable shadow is shared as it is; a frame's own bytearray is copied
+    return shadow if shadow is None or type(shadow) is bytes else bytearray(shadow)
 
 
 def mte_clear_page_tags(k: "Kernel", page: Page) -> None:
     """mte_clear_page_tags(): zero the page's allocation tags (an initialisation)."""
     page.tags[:] = ZERO_TAGS
     if page.initialiser != "write":
-        page.shadow = bytearray(ZERO_TAGS)
+        page.shadow = ZERO_TAGS  # shared until tags are written (write_tags copies)
         page.initialiser = "init"
     else:
         k.oracle.on_tags_overwritten(page, "mte_clear_page_tags")
@@ -53,20 +72,20 @@ def mte_copy_page_tags(k: "Kernel", dst: Page, src: Page) -> None:
     """mte_copy_page_tags(): dst's tags become src's (CoW, migration, collapse)."""
     k.oracle.on_tags_read(src, "mte_copy_page_tags")
     dst.tags[:] = src.tags
-    dst.shadow = None if src.shadow is None else bytearray(src.shadow)
+    dst.shadow = _share(src.shadow)
     dst.initialiser = "write" if src.shadow is not None else None
 
 
-def mte_save_page_tags(k: "Kernel", page: Page) -> tuple[bytes, bytearray | None]:
+def mte_save_page_tags(k: "Kernel", page: Page) -> tuple[bytes, bytes | bytearray | None]:
     """mte_save_page_tags(): the packed 128-byte form, plus the ghost shadow to carry."""
     k.oracle.on_tags_read(page, "mte_save_page_tags")
-    return pack_tags(bytes(page.tags)), (None if page.shadow is None else bytearray(page.shadow))
+    return pack_tags(bytes(page.tags)), _share(page.shadow)
 
 
-def mte_restore_page_tags(k: "Kernel", page: Page, packed: bytes, shadow: bytearray | None) -> None:
+def mte_restore_page_tags(k: "Kernel", page: Page, packed: bytes, shadow: bytes | bytearray | None) -> None:
     """mte_restore_page_tags(): unpack saved tags into the page (an initialisation)."""
     page.tags[:] = unpack_tags(packed)
-    page.shadow = None if shadow is None else bytearray(shadow)
+    page.shadow = _share(shadow)
     page.initialiser = "write"
 
 
@@ -83,5 +102,7 @@ def write_tags(k: "Kernel", page: Page, first: int, tags: bytes) -> None:
     page.tags[first:first + n] = tags
     if page.shadow is None:
         page.shadow = bytearray(UNKNOWN * MTE_GRANULES_PER_PAGE)  # the rest stays garbage
+    elif type(page.shadow) is not bytearray:
+        page.shadow = bytearray(page.shadow)  # the shared shadow is copied on its first write
     page.shadow[first:first + n] = tags
     page.initialiser = "write"
