@@ -112,14 +112,14 @@ class Entry:
 class Ghost:
     """The TAGS-AS-WRITTEN record of one kernel (owned by its :class:`~hypervisor.oracles.Oracle`)."""
 
-    def __init__(self, k: "Kernel"):
+    def __init__(self, k: Kernel):
         self.k = k
         self.spaces: dict[object, dict[int, Entry]] = {}  # MM or MemObject -> page index -> entry
 
     # ---- locations ---------------------------------------------------------------
 
     @staticmethod
-    def locate(mm: "MM", vpn: int):
+    def locate(mm: MM, vpn: int):
         """``(space, index, fallback)`` for the user page ``vpn`` of ``mm``, or None (no VMA, device)."""
         vma = mm.find_vma(vpn << PAGE_SHIFT)
         if vma is None:
@@ -221,7 +221,7 @@ class Ghost:
 
     # ---- documented changes ----------------------------------------------------------
 
-    def drop_range(self, mm: "MM", start_vpn: int, end_vpn: int) -> None:
+    def drop_range(self, mm: MM, start_vpn: int, end_vpn: int) -> None:
         """MADV_DONTNEED, MADV_FREE, munmap, MAP_FIXED, exit: the private pages of the range read fresh."""
         pages = self.spaces.get(mm)
         if not pages:
@@ -235,7 +235,7 @@ class Ghost:
         """An unnamed object's last mapping went: its page cache was truncated."""
         self.spaces.pop(obj, None)
 
-    def fork(self, parent: "MM", child: "MM") -> None:
+    def fork(self, parent: MM, child: MM) -> None:
         """fork: the child's private pages hold what the parent's did."""
         pages = self.spaces.get(parent)
         if pages:
@@ -319,7 +319,7 @@ def _diff(got: bytes, want: bytes, first: int) -> str:
     return f"{len(bad)} granule(s) differ from what was last written: {show}{', ...' if len(bad) > 4 else ''}"
 
 
-def loc_of(k: "Kernel", mm: "MM", vpn: int):
+def loc_of(k: Kernel, mm: MM, vpn: int):
     """The ghost location of ``mm``'s page ``vpn`` (a shorthand for the hooks)."""
     return Ghost.locate(mm, vpn)
 

@@ -1,8 +1,11 @@
 """The host kernel: one modelled machine's memory, processes and swap.
 
-:class:`Kernel` owns every piece of state (frames, tags, objects, tasks,
-swap, KSM's stable tree) and the scheduler that orders its contexts. The
-syscall layer (hypervisor/syscalls.py) calls into it; KVM
+:class:`Kernel` is the state root only: it owns every piece of state (frames,
+tags, objects, tasks, swap, KSM's stable tree) and the scheduler that orders
+its contexts, and does no work of its own. Mechanisms are functions that take
+it: fork and exit in :mod:`hypervisor.fork`, the host's reclaim, KSM and
+migration passes in :mod:`hypervisor.mm`, reached from the op tables of
+:mod:`hypervisor.syscalls`; KVM
 (:class:`hypervisor.kvm.kvm_main.KvmState`, ``kernel.kvm``) sits beside it and uses the
 same frames, locks and tag primitives, since a VM's stage 2 maps the VMM's
 pages.
@@ -14,22 +17,16 @@ import itertools
 import secrets
 
 from hypervisor.errors import KernelError
-from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.kvm.kvm_main import KvmState
-from hypervisor.mm.memory import copy_page_range, zap_pte_range
-from hypervisor.mm.migrate import migrate_range
-from hypervisor.mm.mmap import MM, _drop_object_ref
-from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.mm_types import VM_SHARED
-from hypervisor.arm64.mte import MteCtrl
+from hypervisor.mm.mmap import MM
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.oracles import Oracle
 from hypervisor.page import PageAllocator
 from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
-from hypervisor.mm.swap import SwapDevice, shrink_folio_list
+from hypervisor.mm.swap import SwapDevice
 from shared.bugs import check_bug_names, check_kernel_fix_names
-from shared.mte import PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
+from shared.mte import PAGE_SHIFT
 
 
 class Kernel:
@@ -96,68 +93,7 @@ class Kernel:
             raise KernelError("ESRCH", f"no process {pid}")
         return t
 
-    async def fork(self, parent: Task, child_name: str | None) -> Task:
-        """kernel_clone(): a child sharing the parent's memory copy-on-write."""
-        child = self.create_task(child_name or f"{parent.name}-child", parent.session)
-        child.parent = parent.pid
-        child.mte_ctrl = MteCtrl(parent.mte_ctrl.tcf, parent.mte_ctrl.excl, parent.mte_ctrl.tagged_addr)
-        child.tco = parent.tco
-        child.fork_token = secrets.token_hex(16)
-        async with parent.mm.mmap_lock.write():  # dup_mmap()
-            await self.sched.point("dup_mmap")
-            # Linux copies migration entries into the child; the model lets the migrations finish first
-            await self.sched.wait_until(lambda: not any(p.migrating for p in parent.mm.pt.values()),
-                                        "dup_mmap:migration_entry_wait")
-            for v in parent.mm.vmas:
-                nv = type(v)(v.start, v.end, v.flags, v.backing, v.obj, v.pgoff)
-                if v.obj is not None:
-                    v.obj.mappings += 1
-                child.mm.vmas.append(nv)
-                if not v.flags & VM_SHARED:  # copy_page_range(): MMU_NOTIFY_PROTECTION_PAGE for CoW ranges
-                    mmu_notifier_invalidate_range(parent.mm, v.start, v.end, "protection_page")
-            copy_page_range(self, child.mm, parent.mm)
-        return child
-
-    async def exit_task(self, task: Task) -> None:
-        """do_exit(): the VM fds close (their VMs are destroyed), then exit_mmap() frees the address space."""
-        await self.kvm.release_task(task)
-        mm = task.mm
-        async with mm.mmap_lock.write():
-            for v in list(mm.vmas):
-                _drop_object_ref(self, v)
-            zap_pte_range(self, mm, 0, TASK_SIZE, "release")  # exit_mmap() -> mmu_notifier_release()
-            mm.vmas.clear()
-        self.tasks.pop(task.pid, None)
-
-    # ---- the host kernel's own work (the `host` actor) ------------------------------
-
-    def _range(self, addr: int, size: int) -> tuple[int, int]:
-        if addr & (PAGE_SIZE - 1):
-            raise KernelError("EINVAL", f"address {addr:#x} is not page aligned")
-        return addr, addr + page_align_up(size)
-
-    async def swap_out(self, pid: int, addr: int, size: int) -> int:
-        """Reclaim the pages mapped in a range of a process; returns pages swapped out."""
-        task = self.task(pid)
-        start, end = self._range(addr, size)
-        pages = []
-        for vpn in task.mm.vpns_in(start, end):
-            pte = task.mm.pt.get(vpn)
-            if pte is not None and pte.present and not pte.special and pte.page not in pages:
-                pages.append(pte.page)
-        return await shrink_folio_list(self, pages)
-
-    async def ksm_merge(self, pid: int, addr: int, size: int) -> int:
-        """One KSM pass over a range; returns pages merged."""
-        task = self.task(pid)
-        start, end = self._range(addr, size)
-        return await ksm_merge_range(self, task.mm, start, end)
-
-    async def migrate_pages(self, pid: int, addr: int, size: int) -> int:
-        """Move a range's pages to new frames; returns pages (folios) moved."""
-        task = self.task(pid)
-        start, end = self._range(addr, size)
-        return await migrate_range(self, task.mm, start, end)
+    # ---- state queries (the host's page-flags and stats ops) ------------------------
 
     def page_flags(self, pid: int, addr: int) -> dict:
         """PG_mte_tagged / PG_mte_lock of the frame mapped at ``addr`` (the folio head for hugetlb)."""

@@ -73,7 +73,7 @@ def _granules(a: bytes, b: bytes) -> str:
 class Oracle:
     """Collects violations for one kernel."""
 
-    def __init__(self, k: "Kernel"):
+    def __init__(self, k: Kernel):
         self.k = k
         self.violations: list[Violation] = []
         self._seen: set[tuple[str, int | None]] = set()

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 _OLD_ORDERING = False
 
 
-async def mte_ptrace_copy_tags(k: "Kernel", tracer: "Task", target: "Task", addr: int, count: int,
+async def mte_ptrace_copy_tags(k: Kernel, tracer: Task, target: Task, addr: int, count: int,
                                poke: bytes | None) -> bytes | int:
     """mte_ptrace_copy_tags(): returns the tags read (PEEK) or the number written (POKE).
 

@@ -15,13 +15,19 @@ from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.access.vcpu import guest_memory_access
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.errors import KernelError
+from hypervisor.fork import copy_process
+from hypervisor.mm.ksm import ksm_merge_range
+from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
+from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import MAX_IO, OPS, AbiError, bind, validate_args
+from shared.mte import PAGE_SIZE, page_align_up
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
+    from hypervisor.mm.mmap import MM
     from hypervisor.process import Task
 
 
@@ -81,7 +87,7 @@ async def sys_getpid(k, t, a):
 
 
 async def sys_fork(k, t, a):
-    child = await k.fork(t, a["child"])
+    child = await copy_process(k, t, a["child"])
     return {"pid": child.pid, "token": child.fork_token}
 
 
@@ -134,7 +140,7 @@ async def kvm_destroy_vm(k, t, a):
     await k.kvm.kvm_destroy_vm(k.kvm.vm(t, a["vm"]))
 
 
-async def sys_batch(k: "Kernel", t: "Task", a) -> list:
+async def sys_batch(k: Kernel, t: Task, a) -> list:
     """Run process ops in order; each result is ``[ok, value or errno, fault]``.
 
     Raises:
@@ -175,16 +181,31 @@ PROCESS_OPS: dict[str, Callable[..., Awaitable]] = bind(
 )
 
 
-async def host_swap_out(k, a):
-    return await k.swap_out(a["pid"], a["addr"], a["size"])
+def _host_range(k: Kernel, pid: int, addr: int, size: int) -> tuple[MM, int, int]:
+    """The mm of process ``pid`` and the page-aligned range [addr, addr + size) a host pass works on.
+
+    Raises:
+        KernelError: ESRCH for no such process, EINVAL for an address not page aligned.
+    """
+    task = k.task(pid)
+    if addr & (PAGE_SIZE - 1):
+        raise KernelError("EINVAL", f"address {addr:#x} is not page aligned")
+    return task.mm, addr, addr + page_align_up(size)
 
 
-async def host_ksm(k, a):
-    return await k.ksm_merge(a["pid"], a["addr"], a["size"])
+async def host_swap_out(k: Kernel, pid: int, addr: int, size: int) -> int:
+    """Reclaim the pages mapped in a range of a process (madvise_pageout()); returns pages swapped out."""
+    return await madvise_pageout(k, *_host_range(k, pid, addr, size))
 
 
-async def host_migrate(k, a):
-    return await k.migrate_pages(a["pid"], a["addr"], a["size"])
+async def host_ksm_merge(k: Kernel, pid: int, addr: int, size: int) -> int:
+    """One KSM pass over a range (ksm_merge_range()); returns pages merged."""
+    return await ksm_merge_range(k, *_host_range(k, pid, addr, size))
+
+
+async def host_migrate_pages(k: Kernel, pid: int, addr: int, size: int) -> int:
+    """Move a range's pages to new frames (migrate_range()); returns pages (folios) moved."""
+    return await migrate_range(k, *_host_range(k, pid, addr, size))
 
 
 async def host_page_flags(k, a):
@@ -200,7 +221,9 @@ async def host_stats(k, a):
 
 
 HOST_OPS = {
-    "swap-out": host_swap_out, "ksm-merge": host_ksm, "migrate-pages": host_migrate,
+    "swap-out": lambda k, a: host_swap_out(k, a["pid"], a["addr"], a["size"]),
+    "ksm-merge": lambda k, a: host_ksm_merge(k, a["pid"], a["addr"], a["size"]),
+    "migrate-pages": lambda k, a: host_migrate_pages(k, a["pid"], a["addr"], a["size"]),
     "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
 }
 

@@ -61,7 +61,7 @@ def _pages(va: int, size: int):
         va += n
 
 
-async def _fault_in(k: "Kernel", task: "Task", va: int, size: int, write: bool):
+async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
     """Fault every page in, then return their PTEs, all checked at one instant."""
     mm = task.mm
     for _ in range(16):
@@ -84,7 +84,7 @@ async def _fault_in(k: "Kernel", task: "Task", va: int, size: int, write: bool):
     raise KernelError("EFAULT", f"access at {va:#x} kept losing its pages")
 
 
-def effective_tcf(k: "Kernel", task: "Task") -> str:
+def effective_tcf(k: Kernel, task: Task) -> str:
     """SCTLR_EL1.TCF0 as the task runs, after the per-CPU preference."""
     if not k.mte:
         return "none"
@@ -103,7 +103,7 @@ def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
     return {"kind": m.kind, "addr": addr, "pointer_tag": tag, "memory_tag": m.memory_tag}
 
 
-async def user_load(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> AccessResult:
+async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> AccessResult:
     """A load of ``size`` bytes through a pointer carrying ``tag``."""
     va = untagged_addr(ptr)
     tag = tag or pointer_tag(ptr)
@@ -123,7 +123,7 @@ async def user_load(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) ->
     return AccessResult(data, fault)
 
 
-async def user_store(k: "Kernel", task: "Task", ptr: int, tag: int, data: bytes) -> AccessResult:
+async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> AccessResult:
     """A store of ``data`` through a pointer carrying ``tag``."""
     va = untagged_addr(ptr)
     tag = tag or pointer_tag(ptr)
@@ -144,7 +144,7 @@ async def user_store(k: "Kernel", task: "Task", ptr: int, tag: int, data: bytes)
     return AccessResult(None, fault)
 
 
-async def user_stg(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> AccessResult:
+async def user_stg(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> AccessResult:
     """STG over [ptr, ptr+size): set the allocation tag of every granule to ``tag``.
 
     Raises:
@@ -168,7 +168,7 @@ async def user_stg(k: "Kernel", task: "Task", ptr: int, tag: int, size: int) -> 
     return AccessResult(None)
 
 
-async def user_ldg(k: "Kernel", task: "Task", ptr: int, size: int) -> AccessResult:
+async def user_ldg(k: Kernel, task: Task, ptr: int, size: int) -> AccessResult:
     """LDG over [ptr, ptr+size): one allocation tag per granule the range touches."""
     start = untagged_addr(ptr)
     va = start & ~(MTE_GRANULE_SIZE - 1)
@@ -190,7 +190,7 @@ async def user_ldg(k: "Kernel", task: "Task", ptr: int, size: int) -> AccessResu
     return AccessResult(list(out))
 
 
-def user_irg(k: "Kernel", task: "Task") -> int:
+def user_irg(k: Kernel, task: Task) -> int:
     """IRG: a random tag not excluded by GCR_EL1.Exclude (0 if all are excluded)."""
     allowed = [t for t in range(16) if not task.mte_ctrl.excl & (1 << t)]
     if not allowed or not k.mte:

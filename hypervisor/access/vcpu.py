@@ -51,7 +51,7 @@ def _is_mmio(kvm, ipa: int, write: bool) -> bool:
     return slot is None or (write and slot.readonly)
 
 
-async def _fault_in(k: "Kernel", vcpu: Vcpu, segs, write: bool) -> list:
+async def _fault_in(k: Kernel, vcpu: Vcpu, segs, write: bool) -> list:
     """Take stage-2 faults until every segment's page is mapped as needed; the entries, at one instant."""
     kvm = vcpu.kvm
     for _ in range(MAX_RETRIES):
@@ -73,7 +73,7 @@ async def _fault_in(k: "Kernel", vcpu: Vcpu, segs, write: bool) -> list:
     raise KernelError("EFAULT", f"guest access at IPA {segs[0][0]:#x} kept losing its stage-2 mapping")
 
 
-def _tags_reachable(k: "Kernel", vcpu: Vcpu, attr: str, entry) -> bool:
+def _tags_reachable(k: Kernel, vcpu: Vcpu, attr: str, entry) -> bool:
     return attr == "tagged" and entry.cacheable and entry.page.zone in ("normal", "zero") \
         and kvm_has_mte(k, vcpu.kvm)
 
@@ -90,7 +90,7 @@ def _check(k, vcpu, segs, entries, tag: int, write: bool, check: str) -> dict | 
     return {"kind": m.kind, "offset": pos + m.first - off, "pointer_tag": tag, "memory_tag": m.memory_tag}
 
 
-async def guest_memory_access(k: "Kernel", vcpu: Vcpu, kind: str, segs, tag: int, data: bytes, check: str,
+async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, data: bytes, check: str,
                               ata: bool) -> AccessResult:
     """One guest load, store, STG or LDG after stage 1 (see the module docstring).
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
 
 
-async def copy_highpage(k: "Kernel", to: Page, frm: Page) -> None:
+async def copy_highpage(k: Kernel, to: Page, frm: Page) -> None:
     """copy_highpage(to, from): copy_page(), then the tags if ``from`` is tagged."""
     to.copy_data_from(frm)
     if not k.mte:
@@ -50,6 +50,6 @@ async def copy_highpage(k: "Kernel", to: Page, frm: Page) -> None:
         set_page_mte_tagged(k, to)
 
 
-async def copy_user_highpage(k: "Kernel", to: Page, frm: Page) -> None:
+async def copy_user_highpage(k: Kernel, to: Page, frm: Page) -> None:
     """copy_user_highpage(): copy_highpage() + flush_dcache_page()."""
     await copy_highpage(k, to, frm)

@@ -40,7 +40,7 @@ MTE_CTRL_TCF_ASYNC = 1 << 1
 MTE_CTRL_TCF_ASYMM = 1 << 2
 
 
-async def mte_sync_tags(k: "Kernel", page: Page, nr_pages: int = 1) -> None:
+async def mte_sync_tags(k: Kernel, page: Page, nr_pages: int = 1) -> None:
     """mte_sync_tags(pte, nr_pages) (kernel/mte.c): zero the tags of pages first mapped tagged.
 
     A hugetlb folio is initialised as a whole (all its subpages) under its head's
@@ -65,7 +65,7 @@ async def mte_sync_tags(k: "Kernel", page: Page, nr_pages: int = 1) -> None:
     # smp_wmb(): the tags are visible before the PTE is set
 
 
-async def tag_clear_highpage(k: "Kernel", page: Page) -> None:
+async def tag_clear_highpage(k: Kernel, page: Page) -> None:
     """tag_clear_highpage() (mm/fault.c): a __GFP_ZEROTAGS allocation.
 
     The page is new, so ``try`` must win (WARN_ON_ONCE otherwise). Data and tags
@@ -80,7 +80,7 @@ async def tag_clear_highpage(k: "Kernel", page: Page) -> None:
     set_page_mte_tagged(k, page)
 
 
-def memcmp_pages(k: "Kernel", a: Page, b: Page) -> int:
+def memcmp_pages(k: Kernel, a: Page, b: Page) -> int:
     """memcmp_pages() (kernel/mte.c): nonzero ("different") if either page is tagged."""
     same = (a.data or bytes(4096)) == (b.data or bytes(4096))
     if not same:
@@ -99,7 +99,7 @@ class MteCtrl:
     tagged_addr: bool = False
 
 
-def set_tagged_addr_ctrl(k: "Kernel", ctrl: MteCtrl, tcf: str | None, include: int | None) -> None:
+def set_tagged_addr_ctrl(k: Kernel, ctrl: MteCtrl, tcf: str | None, include: int | None) -> None:
     """set_tagged_addr_ctrl() + set_mte_ctrl() (process.c, mte.c): prctl(PR_SET_TAGGED_ADDR_CTRL).
 
     The scenario form names the TCF mode and the include mask; omitted parts

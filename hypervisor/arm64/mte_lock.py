@@ -30,19 +30,19 @@ PG_mte_tagged = 1 << 0  # PG_arch_2
 PG_mte_lock = 1 << 1  # PG_arch_3
 
 
-def _mark_tagged(k: "Kernel", page: Page) -> None:
+def _mark_tagged(k: Kernel, page: Page) -> None:
     page.flags |= PG_mte_tagged  # never cleared while the page is allocated (INIT-ONCE)
     k.sched.wake()  # smp_wmb(); set_bit(): wakes try_* spinners
 
 
-def page_mte_tagged(k: "Kernel", page: Page) -> bool:
+def page_mte_tagged(k: Kernel, page: Page) -> bool:
     """page_mte_tagged(): test PG_mte_tagged (then smp_rmb)."""
     if page.is_hugetlb:
         k.warn_once("page_mte_tagged() on a hugetlb page")
     return bool(page.flags & PG_mte_tagged)
 
 
-def set_page_mte_tagged(k: "Kernel", page: Page) -> None:
+def set_page_mte_tagged(k: Kernel, page: Page) -> None:
     """set_page_mte_tagged(): smp_wmb(); set_bit(PG_mte_tagged). Publishes the tags."""
     if page.is_hugetlb:
         k.warn_once("set_page_mte_tagged() on a hugetlb page")
@@ -51,7 +51,7 @@ def set_page_mte_tagged(k: "Kernel", page: Page) -> None:
     _mark_tagged(k, page)
 
 
-async def try_page_mte_tagging(k: "Kernel", page: Page) -> bool:
+async def try_page_mte_tagging(k: Kernel, page: Page) -> bool:
     """try_page_mte_tagging(): True if the caller now owns tag initialisation.
 
     Returns:
@@ -64,7 +64,7 @@ async def try_page_mte_tagging(k: "Kernel", page: Page) -> bool:
     return await _try_tagging(k, page, "try_page_mte_tagging")
 
 
-async def _try_tagging(k: "Kernel", page: Page, name: str) -> bool:
+async def _try_tagging(k: Kernel, page: Page, name: str) -> bool:
     await k.sched.point(f"{name}:test")
     if "flag-before-init" in k.bugs:
         if page.flags & PG_mte_tagged:
@@ -86,14 +86,14 @@ async def _try_tagging(k: "Kernel", page: Page, name: str) -> bool:
     return False
 
 
-def folio_test_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> bool:
+def folio_test_hugetlb_mte_tagged(k: Kernel, folio: Page) -> bool:
     """folio_test_hugetlb_mte_tagged(): PG_mte_tagged of the folio head."""
     if not folio.is_hugetlb:
         k.warn_once("folio_test_hugetlb_mte_tagged() on a non-hugetlb folio")
     return bool(folio.folio.flags & PG_mte_tagged)
 
 
-def folio_set_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> None:
+def folio_set_hugetlb_mte_tagged(k: Kernel, folio: Page) -> None:
     """folio_set_hugetlb_mte_tagged(): publish the whole folio's tags (head flag)."""
     if not folio.is_hugetlb:
         k.warn_once("folio_set_hugetlb_mte_tagged() on a non-hugetlb folio")
@@ -102,7 +102,7 @@ def folio_set_hugetlb_mte_tagged(k: "Kernel", folio: Page) -> None:
     _mark_tagged(k, folio.folio)
 
 
-async def folio_try_hugetlb_mte_tagging(k: "Kernel", folio: Page) -> bool:
+async def folio_try_hugetlb_mte_tagging(k: Kernel, folio: Page) -> bool:
     """folio_try_hugetlb_mte_tagging(): the two-bit lock on the folio head."""
     if not folio.is_hugetlb:
         k.warn_once("folio_try_hugetlb_mte_tagging() on a non-hugetlb folio")

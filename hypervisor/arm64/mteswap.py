@@ -27,7 +27,7 @@ class MteSwapTags:
         self.store: dict[int, tuple[bytes, bytearray | None]] = {}
         self.capacity = capacity  # fault injection: kmalloc fails past this many entries
 
-    def mte_save_tags(self, k: "Kernel", page: Page, entry: int) -> None:
+    def mte_save_tags(self, k: Kernel, page: Page, entry: int) -> None:
         """mte_save_tags(): nothing for an untagged page; -ENOMEM if no buffer."""
         if not page_mte_tagged(k, page):
             return
@@ -35,7 +35,7 @@ class MteSwapTags:
             raise KernelError("ENOMEM", "mte_save_tags: no memory for the tag buffer")
         self.store[entry] = mte_save_page_tags(k, page)
 
-    async def mte_restore_tags(self, k: "Kernel", entry: int, page: Page) -> None:
+    async def mte_restore_tags(self, k: Kernel, entry: int, page: Page) -> None:
         """mte_restore_tags(): restore and publish saved tags, if any (else the page stays untagged)."""
         saved = self.store.get(entry)
         if saved is None:
@@ -51,7 +51,7 @@ class MteSwapTags:
         self.store.pop(entry, None)
 
 
-def arch_prepare_to_swap(k: "Kernel", page: Page, entry: int) -> None:
+def arch_prepare_to_swap(k: Kernel, page: Page, entry: int) -> None:
     """arch_prepare_to_swap(): save the tags; on failure the folio is not swapped.
 
     Raises:
@@ -60,6 +60,6 @@ def arch_prepare_to_swap(k: "Kernel", page: Page, entry: int) -> None:
     k.swap.tags.mte_save_tags(k, page, entry)
 
 
-async def arch_swap_restore(k: "Kernel", entry: int, page: Page) -> None:
+async def arch_swap_restore(k: Kernel, entry: int, page: Page) -> None:
     """arch_swap_restore(): restore tags before the page is mapped."""
     await k.swap.tags.mte_restore_tags(k, entry, page)

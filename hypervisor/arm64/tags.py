@@ -58,7 +58,7 @@ def _share(shadow):
     return shadow if shadow is None or type(shadow) is bytes else bytearray(shadow)
 
 
-def mte_clear_page_tags(k: "Kernel", page: Page) -> None:
+def mte_clear_page_tags(k: Kernel, page: Page) -> None:
     """mte_clear_page_tags(): zero the page's allocation tags (an initialisation)."""
     page.tags[:] = ZERO_TAGS
     if page.initialiser != "write":
@@ -68,7 +68,7 @@ def mte_clear_page_tags(k: "Kernel", page: Page) -> None:
         k.oracle.on_tags_overwritten(page, "mte_clear_page_tags")
 
 
-def mte_copy_page_tags(k: "Kernel", dst: Page, src: Page) -> None:
+def mte_copy_page_tags(k: Kernel, dst: Page, src: Page) -> None:
     """mte_copy_page_tags(): dst's tags become src's (CoW, migration, collapse)."""
     k.oracle.on_tags_read(src, "mte_copy_page_tags")
     dst.tags[:] = src.tags
@@ -76,27 +76,27 @@ def mte_copy_page_tags(k: "Kernel", dst: Page, src: Page) -> None:
     dst.initialiser = "write" if src.shadow is not None else None
 
 
-def mte_save_page_tags(k: "Kernel", page: Page) -> tuple[bytes, bytes | bytearray | None]:
+def mte_save_page_tags(k: Kernel, page: Page) -> tuple[bytes, bytes | bytearray | None]:
     """mte_save_page_tags(): the packed 128-byte form, plus the ghost shadow to carry."""
     k.oracle.on_tags_read(page, "mte_save_page_tags")
     return pack_tags(bytes(page.tags)), _share(page.shadow)
 
 
-def mte_restore_page_tags(k: "Kernel", page: Page, packed: bytes, shadow: bytes | bytearray | None) -> None:
+def mte_restore_page_tags(k: Kernel, page: Page, packed: bytes, shadow: bytes | bytearray | None) -> None:
     """mte_restore_page_tags(): unpack saved tags into the page (an initialisation)."""
     page.tags[:] = unpack_tags(packed)
     page.shadow = _share(shadow)
     page.initialiser = "write"
 
 
-def read_tags(k: "Kernel", page: Page, first: int, count: int, who: str) -> bytes:
+def read_tags(k: Kernel, page: Page, first: int, count: int, who: str) -> bytes:
     """A user-visible read of ``count`` granule tags (LDG, PEEKMTETAGS, COPY_TAGS)."""
     if page.flags & PG_mte_tagged or (page.folio.flags & PG_mte_tagged):
         k.oracle.on_tags_read(page, who)
     return bytes(page.tags[first:first + count])
 
 
-def write_tags(k: "Kernel", page: Page, first: int, tags: bytes) -> None:
+def write_tags(k: Kernel, page: Page, first: int, tags: bytes) -> None:
     """A user-visible write of granule tags (STG, POKEMTETAGS, COPY_TAGS TO_GUEST)."""
     n = len(tags)
     page.tags[first:first + n] = tags

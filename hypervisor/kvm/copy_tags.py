@@ -63,7 +63,7 @@ INT_MAX = (1 << 31) - 1
 ZERO_TAGS = bytes(MTE_GRANULES_PER_PAGE)
 
 
-async def __gfn_to_page(k: "Kernel", kvm: Kvm, gfn: int, write: bool) -> Page | None:
+async def __gfn_to_page(k: Kernel, kvm: Kvm, gfn: int, write: bool) -> Page | None:
     """__gfn_to_page(): GUP the VMM page behind ``gfn`` (with a reference), or None."""
     slot = kvm.slot_of(gfn)
     if slot is None or (write and slot.readonly):
@@ -77,18 +77,18 @@ async def __gfn_to_page(k: "Kernel", kvm: Kvm, gfn: int, write: bool) -> Page | 
     return pte.page
 
 
-def _release(k: "Kernel", page: Page) -> None:
+def _release(k: Kernel, page: Page) -> None:
     if page.zone == "normal":
         put_page(k, page)
 
 
-def _is_tagged(k: "Kernel", page: Page) -> bool:
+def _is_tagged(k: Kernel, page: Page) -> bool:
     if page.is_hugetlb:
         return folio_test_hugetlb_mte_tagged(k, page.folio)
     return page_mte_tagged(k, page)
 
 
-async def kvm_vm_ioctl_mte_copy_tags(k: "Kernel", kvm: Kvm, guest_ipa: int, length: int, flags: int,
+async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length: int, flags: int,
                                      reserved: tuple, tags: bytes) -> dict:
     """kvm_vm_ioctl_mte_copy_tags() (arch/arm64/kvm/guest.c).
 

@@ -45,7 +45,7 @@ class S2Entry:
 class Vcpu:
     """struct kvm_vcpu: its index, the token that reaches it, whether VCPU_INIT succeeded."""
 
-    kvm: "Kvm"
+    kvm: Kvm
     index: int
     token: str
     aarch32: bool = False
@@ -58,7 +58,7 @@ class Kvm:
     """struct kvm (plus the arm64 ``kvm->arch``)."""
 
     handle: int
-    owner: "Task"
+    owner: Task
     ipa_bits: int
     lock: ModelMutex  # kvm->lock
     slots_lock: ModelMutex  # kvm->slots_lock
@@ -75,7 +75,7 @@ class Kvm:
     ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
 
     @property
-    def mm(self) -> "MM":
+    def mm(self) -> MM:
         """The VMM's address space, where guest RAM lives (kvm->mm)."""
         return self.owner.mm
 
@@ -84,7 +84,7 @@ class Kvm:
         """kvm_phys_size(): bytes of IPA space."""
         return 1 << self.ipa_bits
 
-    def slot_of(self, gfn: int) -> "Memslot | None":
+    def slot_of(self, gfn: int) -> Memslot | None:
         """gfn_to_memslot()."""
         for slot in self.memslots.values():
             if slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
@@ -92,6 +92,6 @@ class Kvm:
         return None
 
 
-def kvm_has_mte(k: "Kernel", kvm: Kvm) -> bool:
+def kvm_has_mte(k: Kernel, kvm: Kvm) -> bool:
     """kvm_has_mte(): system_supports_mte() && KVM_ARCH_FLAG_MTE_ENABLED."""
     return k.mte and kvm.mte_enabled

@@ -48,13 +48,13 @@ if TYPE_CHECKING:
 class KvmState:
     """The host's KVM module state: VMs by handle, vCPUs by token."""
 
-    def __init__(self, k: "Kernel"):
+    def __init__(self, k: Kernel):
         self.k = k
         self.vms: dict[int, Kvm] = {}
         self.tokens: dict[str, Vcpu] = {}
         self._handles = itertools.count(3)  # fds 0-2 are taken, as in a process
 
-    def vm(self, task: "Task", handle: int) -> Kvm:
+    def vm(self, task: Task, handle: int) -> Kvm:
         """The VM ``handle`` names for ``task`` (fdget()).
 
         Raises:
@@ -65,7 +65,7 @@ class KvmState:
             raise KernelError("EBADF", f"no VM with handle {handle} in pid {task.pid}")
         return kvm
 
-    def kvm_dev_ioctl_create_vm(self, task: "Task", ipa_bits: int) -> Kvm:
+    def kvm_dev_ioctl_create_vm(self, task: Task, ipa_bits: int) -> Kvm:
         """KVM_CREATE_VM (kvm_dev_ioctl_create_vm + kvm_arm_setup_stage2).
 
         Raises:
@@ -172,7 +172,7 @@ class KvmState:
         self.vms.pop(kvm.handle, None)
         self.k.sched.wake()
 
-    async def release_task(self, task: "Task") -> None:
+    async def release_task(self, task: Task) -> None:
         """The process exited: its VM fds close, its VMs are destroyed."""
         for kvm in [v for v in self.vms.values() if v.owner is task]:
             await self.kvm_destroy_vm(kvm)

@@ -99,7 +99,7 @@ def _flags(names) -> int:
     return out
 
 
-async def kvm_arch_prepare_memory_region(k: "Kernel", kvm: Kvm, base_gfn: int, npages: int, hva: int,
+async def kvm_arch_prepare_memory_region(k: Kernel, kvm: Kvm, base_gfn: int, npages: int, hva: int,
                                          flags: int) -> None:
     """kvm_arch_prepare_memory_region() (arch/arm64/kvm/mmu.c, v6.17-era).
 
@@ -122,7 +122,7 @@ async def kvm_arch_prepare_memory_region(k: "Kernel", kvm: Kvm, base_gfn: int, n
                 raise KernelError("EINVAL", f"memslot with dirty logging over a VM_PFNMAP region at {vma.start:#x}")
 
 
-async def kvm_set_memory_region(k: "Kernel", kvm: Kvm, slot_id: int, ipa: int, size: int, hva: int,
+async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, size: int, hva: int,
                                 flag_names_: tuple) -> None:
     """KVM_SET_USER_MEMORY_REGION: __kvm_set_memory_region() under slots_lock.
 
@@ -233,7 +233,7 @@ def _logging_slot(kvm: Kvm, slot_id: int, ioctl: str) -> Memslot:
     return slot
 
 
-async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> list[int]:
+async def kvm_vm_ioctl_get_dirty_log(k: Kernel, kvm: Kvm, slot_id: int) -> list[int]:
     """KVM_GET_DIRTY_LOG: kvm_get_dirty_log_protect() (virt/kvm/kvm_main.c).
 
     Without manual protect the bitmap is returned, cleared and its pages
@@ -258,7 +258,7 @@ async def kvm_vm_ioctl_get_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int) -> lis
         return out
 
 
-async def kvm_vm_ioctl_clear_dirty_log(k: "Kernel", kvm: Kvm, slot_id: int, first: int, num: int | None) -> None:
+async def kvm_vm_ioctl_clear_dirty_log(k: Kernel, kvm: Kvm, slot_id: int, first: int, num: int | None) -> None:
     """KVM_CLEAR_DIRTY_LOG: kvm_clear_dirty_log_protect(): clear pages [first, first+num), write-protect them.
 
     ``num`` None stands for "to the slot's end" (the scenario's default).

@@ -65,7 +65,7 @@ MMIO = object()
 
 # ---- MMU notifiers -------------------------------------------------------------
 
-def kvm_init_mmu_notifier(k: "Kernel", kvm: Kvm) -> None:
+def kvm_init_mmu_notifier(k: Kernel, kvm: Kvm) -> None:
     """kvm_init_mmu_notifier(): hear every change of the VMM's host PTEs."""
 
     def invalidate(r: MmuNotifierRange) -> None:
@@ -75,14 +75,14 @@ def kvm_init_mmu_notifier(k: "Kernel", kvm: Kvm) -> None:
     mmu_notifier_register(kvm.mm, invalidate)
 
 
-def kvm_uninit_mmu_notifier(k: "Kernel", kvm: Kvm) -> None:
+def kvm_uninit_mmu_notifier(k: Kernel, kvm: Kvm) -> None:
     """mmu_notifier_unregister() at VM destruction."""
     if kvm.notifier is not None:
         mmu_notifier_unregister(kvm.mm, kvm.notifier)
         kvm.notifier = None
 
 
-def kvm_mmu_notifier_invalidate_range_start(k: "Kernel", kvm: Kvm, r: MmuNotifierRange) -> None:
+def kvm_mmu_notifier_invalidate_range_start(k: Kernel, kvm: Kvm, r: MmuNotifierRange) -> None:
     """kvm_mmu_notifier_invalidate_range_start() -> kvm_unmap_gfn_range() for every slot hit."""
     kvm.mmu_invalidate_seq += 1  # mmu_invalidate_begin/end: a fault that sampled the old value retries
     for slot in kvm.memslots.values():
@@ -101,19 +101,19 @@ def kvm_mmu_notifier_invalidate_range_start(k: "Kernel", kvm: Kvm, r: MmuNotifie
     k.sched.wake()
 
 
-def kvm_arch_flush_shadow_memslot(k: "Kernel", kvm: Kvm, slot: Memslot) -> None:
+def kvm_arch_flush_shadow_memslot(k: Kernel, kvm: Kvm, slot: Memslot) -> None:
     """kvm_arch_flush_shadow_memslot(): unmap a deleted or moved slot from stage 2."""
     for gfn in range(slot.base_gfn, slot.base_gfn + slot.npages):
         kvm.s2.pop(gfn, None)
     kvm.mmu_invalidate_seq += 1
 
 
-def kvm_mmu_wp_memory_region(k: "Kernel", kvm: Kvm, slot: Memslot) -> None:
+def kvm_mmu_wp_memory_region(k: Kernel, kvm: Kvm, slot: Memslot) -> None:
     """kvm_mmu_wp_memory_region(): write-protect a slot's stage 2 when dirty logging starts."""
     kvm_arch_mmu_enable_log_dirty_pt_masked(k, kvm, slot, range(slot.npages))
 
 
-def kvm_arch_mmu_enable_log_dirty_pt_masked(k: "Kernel", kvm: Kvm, slot: Memslot, indexes) -> None:
+def kvm_arch_mmu_enable_log_dirty_pt_masked(k: Kernel, kvm: Kvm, slot: Memslot, indexes) -> None:
     """kvm_arch_mmu_enable_log_dirty_pt_masked(): write-protect these pages of the slot again."""
     for i in indexes:
         e = kvm.s2.get(slot.base_gfn + i)
@@ -171,7 +171,7 @@ def stage2_mapping_shift(vma, slot: Memslot, hva: int, logging_active: bool) -> 
     return shift
 
 
-async def __kvm_faultin_pfn(k: "Kernel", kvm: Kvm, hva: int, write: bool) -> tuple[Page, bool]:
+async def __kvm_faultin_pfn(k: Kernel, kvm: Kvm, hva: int, write: bool) -> tuple[Page, bool]:
     """__kvm_faultin_pfn() -> GUP in the VMM's mm: the page (referenced) and whether it may be written.
 
     Raises:
@@ -187,12 +187,12 @@ async def __kvm_faultin_pfn(k: "Kernel", kvm: Kvm, hva: int, write: bool) -> tup
     return page, pte.write
 
 
-def _release(k: "Kernel", page: Page) -> None:
+def _release(k: Kernel, page: Page) -> None:
     if page.zone == "normal" and page is not k.alloc.zero_page:
         put_page(k, page)
 
 
-async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslot, hva: int, write: bool,
+async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslot, hva: int, write: bool,
                          fault_is_perm: bool):
     """user_mem_abort() (arch/arm64/kvm/mmu.c, v6.17-era), MTE steps line for line.
 
@@ -266,7 +266,7 @@ async def user_mem_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Mems
         _release(k, got)  # kvm_release_faultin_page(): stage 2 holds no reference
 
 
-async def sanitise_mte_tags(k: "Kernel", kvm: Kvm, page: Page, nr_pages: int) -> None:
+async def sanitise_mte_tags(k: Kernel, kvm: Kvm, page: Page, nr_pages: int) -> None:
     """sanitise_mte_tags() (arch/arm64/kvm/mmu.c, v6.13+ with 2986a6257400).
 
     Hugetlb: the flags live on the folio head; the tags of the ``nr_pages``
@@ -303,7 +303,7 @@ async def sanitise_mte_tags(k: "Kernel", kvm: Kvm, page: Page, nr_pages: int) ->
             set_page_mte_tagged(k, p)
 
 
-async def kvm_handle_guest_abort(k: "Kernel", kvm: Kvm, vcpu: Vcpu, gfn: int, write: bool):
+async def kvm_handle_guest_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, write: bool):
     """kvm_handle_guest_abort(): a stage-2 fault on ``gfn``.
 
     Returns:

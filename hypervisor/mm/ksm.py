@@ -29,7 +29,7 @@ def page_content_key(page) -> bytes:
     return bytes(page.data)
 
 
-async def ksm_merge_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
+async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:
     """ksm_do_scan() over [start, end) of ``mm``; returns the pages merged away."""
     merged = 0
     async with mm.mmap_lock.read():

@@ -42,7 +42,7 @@ def get_page(page: Page) -> None:
     page.refcount += 1
 
 
-def put_page(k: "Kernel", page: Page) -> None:
+def put_page(k: Kernel, page: Page) -> None:
     """put_page(): the last reference frees the frame."""
     if page.zone != "normal":
         return
@@ -61,7 +61,7 @@ def put_page(k: "Kernel", page: Page) -> None:
 ANY = object()  # set_pte_at(expect=ANY): install whatever the slot holds now
 
 
-async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1, expect=ANY) -> bool:
+async def set_pte_at(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int = 1, expect=ANY) -> bool:
     """set_ptes() -> __sync_cache_and_tags() -> mte_sync_tags(), then write the PTE.
 
     The page's reference and rmap entry are taken here; ``pte.page`` is mapped
@@ -90,7 +90,7 @@ async def set_pte_at(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int = 1, exp
             put_page(k, page)
 
 
-def _install(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int) -> None:
+def _install(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int) -> None:
     page = pte.page
     for i in range(nr):
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
@@ -109,13 +109,13 @@ def _install(k: "Kernel", mm: "MM", vpn: int, pte: Pte, nr: int) -> None:
     k.sched.wake()
 
 
-def pte_accessible(mm: "MM", vpn: int) -> bool:
+def pte_accessible(mm: MM, vpn: int) -> bool:
     """pte_access_permitted_no_overlay(pte, false): PROT_NONE/exec-only PTEs expose no tags."""
     vma = mm.find_vma(vpn << PAGE_SHIFT)
     return vma is not None and bool(vma.flags & VM_READ)
 
 
-def _release_pte(k: "Kernel", mm: "MM", vpn: int, pte: Pte) -> None:
+def _release_pte(k: Kernel, mm: MM, vpn: int, pte: Pte) -> None:
     if pte.page is not None and not pte.special and not pte.migrating:
         pte.page.rmap.discard((mm, vpn))
         pte.page.mapcount -= 1
@@ -124,7 +124,7 @@ def _release_pte(k: "Kernel", mm: "MM", vpn: int, pte: Pte) -> None:
         k.swap.swap_free(k, pte.swap)
 
 
-def zap_pte_range(k: "Kernel", mm: "MM", start: int, end: int, event: str = "unmap") -> None:
+def zap_pte_range(k: Kernel, mm: MM, start: int, end: int, event: str = "unmap") -> None:
     """zap_pte_range(): drop the PTEs of [start, end) and their page references."""
     mmu_notifier_invalidate_range(mm, start, end, event)
     for vpn in mm.vpns_in(start, end):
@@ -141,7 +141,7 @@ def _segv(addr: int, why: str) -> KernelError:
     return KernelError("EFAULT", f"SIGSEGV ({why}) at {addr:#x}")
 
 
-async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, locked: bool = False,
+async def handle_mm_fault(k: Kernel, mm: MM, addr: int, write: bool, *, locked: bool = False,
                           force: bool = False) -> Pte:
     """handle_mm_fault(): make ``addr`` present (and writable if ``write``).
 
@@ -161,7 +161,7 @@ async def handle_mm_fault(k: "Kernel", mm: "MM", addr: int, write: bool, *, lock
             mm.mmap_lock.read_unlock()
 
 
-async def _fault_locked(k: "Kernel", mm: "MM", addr: int, write: bool, force: bool = False) -> Pte:
+async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool = False) -> Pte:
     vma = mm.find_vma(addr)
     if vma is None:
         raise _segv(addr, "SEGV_MAPERR")
@@ -207,7 +207,7 @@ def _pte_for(vma: Vma, page: Page, write: bool, special: bool = False) -> Pte:
     return Pte(page=page, write=write, tagged=bool(vma.flags & VM_MTE), special=special)
 
 
-async def do_anonymous_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> None:
+async def do_anonymous_page(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
     """do_anonymous_page(): the zero page for a read, a new zeroed page for a write."""
     if not write:
         await set_pte_at(k, mm, vpn, _pte_for(vma, k.alloc.zero_page, False, special=True), expect=None)
@@ -217,7 +217,7 @@ async def do_anonymous_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bo
     put_page(k, page)
 
 
-async def vma_alloc_zeroed_movable_folio(k: "Kernel", vma: Vma) -> Page:
+async def vma_alloc_zeroed_movable_folio(k: Kernel, vma: Vma) -> Page:
     """vma_alloc_zeroed_movable_folio() (mm/fault.c): __GFP_ZEROTAGS under VM_MTE."""
     page = k.alloc.alloc_page()
     if vma.flags & VM_MTE:
@@ -225,7 +225,7 @@ async def vma_alloc_zeroed_movable_folio(k: "Kernel", vma: Vma) -> Page:
     return page
 
 
-async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
+async def shmem_get_folio(k: Kernel, obj: MemObject, index: int) -> Page:
     """shmem_get_folio()/filemap_fault(): the page-cache page at ``index``, created or swapped in.
 
     Returns the page with a reference for the caller (drop it with put_page).
@@ -253,7 +253,7 @@ async def shmem_get_folio(k: "Kernel", obj: MemObject, index: int) -> Page:
     return page
 
 
-async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> None:
+async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
     """do_fault(): do_read_fault / do_shared_fault / do_cow_fault for object-backed VMAs."""
     obj = vma.obj
     index = vma.index_of(vpn << PAGE_SHIFT)
@@ -301,7 +301,7 @@ async def do_fault(k: "Kernel", mm: "MM", vma: Vma, vpn: int, write: bool) -> No
         put_page(k, page)
 
 
-async def do_swap_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte, write: bool) -> None:
+async def do_swap_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte, write: bool) -> None:
     """do_swap_page(): bring the page back (tags restored first), then map it."""
     entry = pte.swap
     page = await k.swap.swapin(k, entry)
@@ -314,7 +314,7 @@ async def do_swap_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte, writ
     put_page(k, page)
 
 
-async def do_wp_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+async def do_wp_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     """do_wp_page(): reuse an exclusive anonymous page, else wp_page_copy()."""
     page = pte.page
     if vma.flags & VM_SHARED and not vma.is_anon:
@@ -327,7 +327,7 @@ async def do_wp_page(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> Non
     await wp_page_copy(k, mm, vma, vpn, pte)
 
 
-def _pte_mkwrite(mm: "MM", vpn: int, pte: Pte) -> None:
+def _pte_mkwrite(mm: MM, vpn: int, pte: Pte) -> None:
     """set_pte_at(pte_mkwrite(pte)): a new PTE value, so a concurrent faulter's pte_same() fails.
 
     (Setting the bit on the same object would let a copier that sampled the
@@ -336,7 +336,7 @@ def _pte_mkwrite(mm: "MM", vpn: int, pte: Pte) -> None:
     mm.pt[vpn] = Pte(page=pte.page, write=True, tagged=pte.tagged, special=pte.special)
 
 
-def _hugetlb_exclusive(mm: "MM", vma: Vma, folio: Page) -> bool:
+def _hugetlb_exclusive(mm: MM, vma: Vma, folio: Page) -> bool:
     """The folio is this private mapping's own: anonymous and mapped by no other mm (hugetlb_wp's reuse test).
 
     A hugetlb folio is always mapped whole, so its head's rmap names every mm mapping it.
@@ -345,7 +345,7 @@ def _hugetlb_exclusive(mm: "MM", vma: Vma, folio: Page) -> bool:
     return anon and all(m is mm for m, _vpn in folio.rmap)
 
 
-async def hugetlb_wp(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     """hugetlb_wp() (mm/hugetlb.c): reuse an exclusive anonymous folio, else copy the whole folio.
 
     The copy goes through copy_user_large_folio() -> copy_user_highpage() for
@@ -379,7 +379,7 @@ async def hugetlb_wp(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> Non
         k.alloc.free_page(new)  # the PTE changed meanwhile: the fault retries
 
 
-async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> None:
+async def wp_page_copy(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     """wp_page_copy(): copy-on-write into a new page through copy_user_highpage()."""
     old = pte.page
     if pte.special:  # the zero page: a fresh zeroed page (__GFP_ZEROTAGS under VM_MTE)
@@ -399,7 +399,7 @@ async def wp_page_copy(k: "Kernel", mm: "MM", vma: Vma, vpn: int, pte: Pte) -> N
 
 # ---- fork ------------------------------------------------------------------
 
-def copy_page_range(k: "Kernel", dst: "MM", src: "MM") -> None:
+def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
     """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both."""
     k.oracle.ghost.fork(src, dst)  # the child's private pages hold what the parent's did
     for vpn, pte in src.pt.items():

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 _OLD_ORDERING = False
 
 
-async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
+async def migrate_range(k: Kernel, mm: MM, start: int, end: int) -> int:
     """migrate_pages() for every migratable page mapped in [start, end); returns folios moved."""
     folios: dict[int, Page] = {}  # each folio once, chosen before any moves
     for vpn in mm.vpns_in(start, end):
@@ -50,7 +50,7 @@ async def migrate_range(k: "Kernel", mm: "MM", start: int, end: int) -> int:
     return moved
 
 
-async def migrate_folio(k: "Kernel", old: Page) -> int:
+async def migrate_folio(k: Kernel, old: Page) -> int:
     """migrate_folio_unmap() + move_to_new_folio() + remove_migration_ptes(); 1 if moved, else 0."""
     old.isolated = True
     get_page(old)  # the isolation reference
@@ -62,14 +62,14 @@ async def migrate_folio(k: "Kernel", old: Page) -> int:
         k.sched.wake()
 
 
-async def _migrate_isolated(k: "Kernel", old: Page) -> int:
+async def _migrate_isolated(k: Kernel, old: Page) -> int:
     huge = old.is_hugetlb
     olds = old.subpages if huge else [old]
     new_head = k.alloc.alloc_hugetlb_folio(len(olds)) if huge else k.alloc.alloc_page()
     news = new_head.subpages if huge else [new_head]
     await k.sched.point("migrate:unmap")
     # try_to_migrate(): each PTE becomes a migration entry of its own; the mapping's reference goes
-    entries: list[tuple["MM", int, Pte, int]] = []
+    entries: list[tuple[MM, int, Pte, int]] = []
     for i, o in enumerate(olds):
         for mm, vpn in list(o.rmap):
             pte = mm.pt.get(vpn)
@@ -143,7 +143,7 @@ def _refs_unexpected(old: Page) -> bool:
     return old.busy() or old.mapcount > 0
 
 
-def _free_new(k: "Kernel", new_head: Page) -> None:
+def _free_new(k: Kernel, new_head: Page) -> None:
     """Drop the never-mapped destination folio of a migration that gave up."""
     if new_head.is_hugetlb:
         k.alloc.free_page(new_head)
@@ -151,7 +151,7 @@ def _free_new(k: "Kernel", new_head: Page) -> None:
         put_page(k, new_head)
 
 
-def _undo(k: "Kernel", olds: list[Page], entries) -> None:
+def _undo(k: Kernel, olds: list[Page], entries) -> None:
     """Put the old frame back wherever our migration entries still stand (no scheduling point)."""
     for mm, vpn, entry, i in entries:
         if mm.pt.get(vpn) is entry:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from hypervisor.errors import KernelError
 from hypervisor.locks import ModelRwSem
-from hypervisor.mm.memory import set_pte_at, zap_pte_range
+from hypervisor.mm.memory import put_page, set_pte_at, zap_pte_range
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.page import Page
 from hypervisor.mm_types import (
@@ -60,7 +60,7 @@ _anon_names = itertools.count(1)
 class MM:
     """mm_struct: VMAs, page table and mmap_lock of one process."""
 
-    def __init__(self, k: "Kernel", owner: str, session: str = ""):
+    def __init__(self, k: Kernel, owner: str, session: str = ""):
         self.owner = owner
         self.session = session  # named objects are looked up in the session's namespace
         self.vmas: list[Vma] = []  # sorted by start, non-overlapping
@@ -139,7 +139,7 @@ def _prot_flags(prot) -> int:
     return f
 
 
-def get_object(k: "Kernel", backing: str, name: str | None, session: str = "") -> MemObject:
+def get_object(k: Kernel, backing: str, name: str | None, session: str = "") -> MemObject:
     """The object behind a non-anonymous mapping.
 
     Named objects are shared by every process of one session (the processes of
@@ -159,7 +159,7 @@ def get_object(k: "Kernel", backing: str, name: str | None, session: str = "") -
     return obj
 
 
-async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share: str, backing: str,
+async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: str, backing: str,
                   obj_name: str | None, offset: int, *, hugepage_size: int = HPAGE_SIZE) -> int:
     """do_mmap() + mmap_region(): create a mapping and return its address.
 
@@ -227,7 +227,7 @@ async def do_mmap(k: "Kernel", mm: MM, addr: int | None, size: int, prot, share:
     return addr
 
 
-async def _remap_pfn_range(k: "Kernel", mm: MM, vma: Vma) -> None:
+async def _remap_pfn_range(k: Kernel, mm: MM, vma: Vma) -> None:
     """remap_pfn_range(): a device region is mapped up front, special PTEs, never tagged."""
     for i, vpn in enumerate(range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT)):
         index = vma.pgoff + i
@@ -239,21 +239,24 @@ async def _remap_pfn_range(k: "Kernel", mm: MM, vma: Vma) -> None:
         mm.pt[vpn] = Pte(page=page, write=bool(vma.flags & VM_WRITE), tagged=False, special=True)
 
 
-async def _unmap_locked(k: "Kernel", mm: MM, addr: int, size: int) -> None:
+async def _unmap_locked(k: Kernel, mm: MM, addr: int, size: int) -> None:
     end = addr + size
     mm._split(addr)
     mm._split(end)
     for v in mm.vmas_in(addr, end):
         mm.vmas.remove(v)
-        _drop_object_ref(k, v)
+        remove_vma(k, v)
         v.freed = True  # vm_area_free()
     zap_pte_range(k, mm, addr, end)
     await k.sched.point("munmap")
 
 
-def _drop_object_ref(k: "Kernel", v: Vma) -> None:
-    from hypervisor.mm.memory import put_page
+def remove_vma(k: Kernel, v: Vma) -> None:
+    """remove_vma() (mm/mmap.c): drop the VMA's reference on its object (fput()).
 
+    The last reference to an unnamed object truncates its page cache, as the
+    last iput() of an unlinked shmem inode does.
+    """
     obj = v.obj
     if obj is None:
         return
@@ -275,7 +278,7 @@ def _drop_object_ref(k: "Kernel", v: Vma) -> None:
         k.oracle.ghost.drop_object(obj)
 
 
-async def do_munmap(k: "Kernel", mm: MM, addr: int, size: int) -> None:
+async def do_munmap(k: Kernel, mm: MM, addr: int, size: int) -> None:
     """do_munmap().
 
     Raises:
@@ -292,7 +295,7 @@ async def do_munmap(k: "Kernel", mm: MM, addr: int, size: int) -> None:
         await _unmap_locked(k, mm, addr, size)
 
 
-async def do_mprotect_pkey(k: "Kernel", mm: MM, addr: int, size: int, prot) -> None:
+async def do_mprotect_pkey(k: Kernel, mm: MM, addr: int, size: int, prot) -> None:
     """do_mprotect_pkey() + change_protection().
 
     Raises:
@@ -325,7 +328,7 @@ async def do_mprotect_pkey(k: "Kernel", mm: MM, addr: int, size: int, prot) -> N
             await change_protection(k, mm, v)
 
 
-async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
+async def change_protection(k: Kernel, mm: MM, vma: Vma) -> None:
     """change_protection(): rewrite present PTEs with the VMA's new attributes.
 
     Each page's new PTE goes through set_pte_at, so a page newly mapped tagged
@@ -356,7 +359,7 @@ async def change_protection(k: "Kernel", mm: MM, vma: Vma) -> None:
             pte.write = write
 
 
-async def do_madvise(k: "Kernel", mm: MM, addr: int, size: int, advice: str) -> None:
+async def do_madvise(k: Kernel, mm: MM, addr: int, size: int, advice: str) -> None:
     """do_madvise(): MADV_DONTNEED, MADV_FREE, MADV_MERGEABLE.
 
     MADV_FREE is modelled as an immediate discard (the kernel may free the

@@ -34,18 +34,18 @@ class MmuNotifierRange:
 Subscriber = Callable[[MmuNotifierRange], None]
 
 
-def mmu_notifier_register(mm: "MM", subscriber: Subscriber) -> None:
+def mmu_notifier_register(mm: MM, subscriber: Subscriber) -> None:
     """mmu_notifier_register(): ``subscriber`` hears every later invalidation of ``mm``."""
     mm.notifiers.append(subscriber)
 
 
-def mmu_notifier_unregister(mm: "MM", subscriber: Subscriber) -> None:
+def mmu_notifier_unregister(mm: MM, subscriber: Subscriber) -> None:
     """mmu_notifier_unregister()."""
     if subscriber in mm.notifiers:
         mm.notifiers.remove(subscriber)
 
 
-def mmu_notifier_invalidate_range(mm: "MM", start: int, end: int, event: str) -> None:
+def mmu_notifier_invalidate_range(mm: MM, start: int, end: int, event: str) -> None:
     """mmu_notifier_invalidate_range_start()/_end(): tell every subscriber of ``mm``."""
     if mm.notifiers:
         r = MmuNotifierRange(start, end, event)

@@ -81,7 +81,7 @@ class SwapDevice:
         """swap_duplicate(): another PTE holds the entry (fork)."""
         self.slots[entry].count += 1
 
-    def swap_free(self, k: "Kernel", entry: int) -> None:
+    def swap_free(self, k: Kernel, entry: int) -> None:
         """swap_free(): drop one reference; the last frees the slot and its saved tags."""
         slot = self.slots.get(entry)
         if slot is None:
@@ -95,7 +95,7 @@ class SwapDevice:
                 page.swap_entry = None
                 put_page(k, page)
 
-    async def swapin(self, k: "Kernel", entry: int) -> Page:
+    async def swapin(self, k: Kernel, entry: int) -> Page:
         """swapin_readahead() for one entry: the swap-cache page, with a reference.
 
         Tags are restored (``arch_swap_restore``) before the caller maps it.
@@ -119,7 +119,7 @@ class SwapDevice:
         await arch_swap_restore(k, entry, page)
         return page
 
-    async def shmem_swapin_folio(self, k: "Kernel", obj: MemObject, index: int, entry: int) -> Page:
+    async def shmem_swapin_folio(self, k: Kernel, obj: MemObject, index: int, entry: int) -> Page:
         """shmem_swapin_folio(): bring a shmem page back into its page cache."""
         page = await self.swapin(k, entry)
         if obj.pages.get(index) != entry:  # raced with another swap-in
@@ -132,7 +132,21 @@ class SwapDevice:
         return page
 
 
-async def shrink_folio_list(k: "Kernel", pages: list[Page]) -> int:
+async def madvise_pageout(k: Kernel, mm: MM, start: int, end: int) -> int:
+    """madvise_pageout() (mm/madvise.c): reclaim the folios mapped in [start, end); returns pages swapped out.
+
+    Model note: the host actor's swap-out pass; it collects the range's present,
+    non-special pages and hands them to :func:`shrink_folio_list` (reclaim_pages()).
+    """
+    pages: list[Page] = []
+    for vpn in mm.vpns_in(start, end):
+        pte = mm.pt.get(vpn)
+        if pte is not None and pte.present and not pte.special and pte.page not in pages:
+            pages.append(pte.page)
+    return await shrink_folio_list(k, pages)
+
+
+async def shrink_folio_list(k: Kernel, pages: list[Page]) -> int:
     """shrink_folio_list(): swap out ``pages``; returns how many went.
 
     Raises:
@@ -151,7 +165,7 @@ async def shrink_folio_list(k: "Kernel", pages: list[Page]) -> int:
     return done
 
 
-async def _swap_out_one(k: "Kernel", page: Page) -> int:
+async def _swap_out_one(k: Kernel, page: Page) -> int:
 
     if page.free or page.zone != "normal" or page.is_hugetlb or page.ksm or page.swap_entry is not None \
             or page.isolated:
@@ -165,7 +179,7 @@ async def _swap_out_one(k: "Kernel", page: Page) -> int:
         put_page(k, page)
 
 
-async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
+async def _reclaim_isolated(k: Kernel, page: Page) -> int:
     await k.sched.point("shrink_folio_list")
     if page.mapcount == 0 and page.mapping is None:
         return 0  # unmapped while we slept: nothing left to reclaim
@@ -186,7 +200,7 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
     # scheduling point from here to pageout: nobody can store data or tags into the page once
     # its PTEs (and, through the MMU notifier, stage 2) are gone.
     obj = page.mapping
-    unmapped: list[tuple["MM", int, Pte]] = []
+    unmapped: list[tuple[MM, int, Pte]] = []
     for mm, vpn in list(page.rmap):
         pte = mm.pt.get(vpn)
         if pte is None or pte.page is not page:
@@ -221,7 +235,7 @@ async def _reclaim_isolated(k: "Kernel", page: Page) -> int:
     return 1  # the isolation reference, dropped by the caller, frees the frame
 
 
-def _remap(k: "Kernel", page: Page, entry: int, unmapped) -> None:
+def _remap(k: Kernel, page: Page, entry: int, unmapped) -> None:
     """Undo try_to_unmap() after the tags could not be saved: the old PTEs back, the slot freed."""
     for mm, vpn, pte in unmapped:
         mm.pt[vpn] = pte

@@ -27,6 +27,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from hypervisor.errors import KernelError  # noqa: E402
+from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from unit_support import RWM, Proc, Vm, frame_problems, invariants, run_once  # noqa: E402
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
@@ -95,11 +96,11 @@ def scenario(seed: int, hugetlb: bool):
                 addr = hva + pg * PAGE
                 try:
                     if c == "swap":
-                        await k.swap_out(vm.vmm.pid, addr, PAGE)
+                        await host_swap_out(k, vm.vmm.pid, addr, PAGE)
                     elif c == "migrate":
-                        await k.migrate_pages(vm.vmm.pid, addr, PAGE)
+                        await host_migrate_pages(k, vm.vmm.pid, addr, PAGE)
                     elif c == "ksm":
-                        await k.ksm_merge(vm.vmm.pid, hva, N * PAGE)
+                        await host_ksm_merge(k, vm.vmm.pid, hva, N * PAGE)
                     else:
                         await vm.vmm("madvise", addr=addr, size=PAGE, advice="dontneed")
                 except KernelError:

@@ -5,6 +5,8 @@ invariant already names the loss."""
 from __future__ import annotations
 
 from hypervisor.kernel import Kernel
+from hypervisor.syscalls import host_migrate_pages, host_swap_out
+from hypervisor.fork import do_exit
 from hypervisor.mm_types import MemObject
 
 from unit_support import RW, RWM, Proc, Vm, invariants
@@ -35,10 +37,10 @@ class TestRecordAndCheck:
         k = Kernel()
         p, addr = await tagged(k)
         assert list(entries(k, p.task.mm)) == [addr >> 12]
-        assert await k.swap_out(p.pid, addr, PAGE) == 1
+        assert await host_swap_out(k, p.pid, addr, PAGE) == 1
         assert invariants(k) == []
         assert await p.tags(addr, 32) == [5, 5]
-        assert await k.migrate_pages(p.pid, addr, PAGE) == 1
+        assert await host_migrate_pages(k, p.pid, addr, PAGE) == 1
         assert (await p("load", addr=addr, tag=5, size=10)).value == b"ghost data"
         assert invariants(k) == []
 
@@ -83,7 +85,7 @@ class TestRecordAndCheck:
         """A swap slot whose saved tags differ from what was written is found without faulting the page in."""
         k = Kernel()
         p, addr = await tagged(k)
-        await k.swap_out(p.pid, addr, PAGE)
+        await host_swap_out(k, p.pid, addr, PAGE)
         entry = p.pte(addr).swap
         packed, shadow = k.swap.tags.store[entry]
         k.swap.tags.store[entry] = (bytes(len(packed)), shadow)
@@ -186,7 +188,7 @@ class TestDocumentedChanges:
         """A process's exit leaves no ghost entry of its address space."""
         k = Kernel()
         p, addr = await tagged(k)
-        await k.exit_task(p.task)
+        await do_exit(k, p.task)
         assert p.task.mm not in k.oracle.ghost.spaces
         assert invariants(k) == []
 

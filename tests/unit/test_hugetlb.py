@@ -23,6 +23,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
+from hypervisor.fork import do_exit
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 
 from unit_support import RW, RWM, Proc, Vm, expect_errno, invariants, run_until_then, run_once
@@ -261,7 +262,7 @@ class TestForkCow:
         await c("store", addr=addr + PAGE, tag=0, data=b"c")
         assert len(c.page(addr).folio.subpages) == 16 and c.page(addr).folio is not p.page(addr).folio
         before = k.alloc.allocated
-        await k.exit_task(c.task)
-        await k.exit_task(p.task)
+        await do_exit(k, c.task)
+        await do_exit(k, p.task)
         assert k.alloc.allocated == before - 32
         assert invariants(k) == []

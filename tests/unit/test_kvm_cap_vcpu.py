@@ -14,6 +14,7 @@ import pytest
 
 from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
+from hypervisor.fork import do_exit
 from hypervisor.kvm.kvm_host import kvm_has_mte
 
 from unit_support import Proc, Vm, expect_errno, invariants
@@ -243,7 +244,7 @@ class TestVmHandles:
         await vm.ram(0, RAM, 4096)
         await vm.store(RAM, b"x")
         kvm = vm.kvm
-        await k.exit_task(vm.vmm.task)
+        await do_exit(k, vm.vmm.task)
         assert kvm.destroyed and k.kvm.vms == {} and kvm.s2 == {}
 
     @pytest.mark.parametrize("bits", [31, 53, 0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
+from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from hypervisor.kvm.mmu import kvm_uninit_mmu_notifier
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
@@ -110,7 +111,7 @@ class TestSanitise:
         await vm.store(RAM, b"swap me")
         await vm.stg(RAM, 64, 6)
         old = vm.page(RAM)
-        assert await k.swap_out(vm.vmm.pid, hva, PAGE) == 1
+        assert await host_swap_out(k, vm.vmm.pid, hva, PAGE) == 1
         assert old.free and vm.s2(RAM) is None
         assert await vm.ldg(RAM, 80) == [6, 6, 6, 6, 0]
         assert (await vm.load(RAM, 7, tag=6, check="sync")).value == b"swap me"
@@ -122,7 +123,7 @@ class TestSanitise:
         k = Kernel()
         vm, hva = await mte_vm(k, backing="memfd")
         await vm.stg(RAM + PAGE, PAGE, 13)
-        assert await k.swap_out(vm.vmm.pid, hva, 4 * PAGE) >= 1
+        assert await host_swap_out(k, vm.vmm.pid, hva, 4 * PAGE) >= 1
         assert vm.s2(RAM + PAGE) is None
         assert await vm.ldg(RAM + PAGE, PAGE) == [13] * 256
         assert invariants(k) == []
@@ -268,7 +269,7 @@ class TestVmmChangesGuestRam:
         k = Kernel()
         vm, hva = await mte_vm(k)
         await vm.store(RAM, b"a")
-        await k.swap_out(vm.vmm.pid, hva, PAGE)
+        await host_swap_out(k, vm.vmm.pid, hva, PAGE)
         assert vm.s2(RAM) is None
         assert invariants(k) == []
 
@@ -279,7 +280,7 @@ class TestVmmChangesGuestRam:
         await vm.store(RAM, b"mig")
         await vm.stg(RAM, 32, 10)
         old = vm.page(RAM)
-        assert await k.migrate_pages(vm.vmm.pid, hva, PAGE) == 1
+        assert await host_migrate_pages(k, vm.vmm.pid, hva, PAGE) == 1
         assert vm.s2(RAM) is None
         assert invariants(k) == []
         assert await vm.ldg(RAM, 48) == [10, 10, 0]
@@ -345,7 +346,7 @@ class TestVmmChangesGuestRam:
         await vm.store(RAM, b"same")
         await vm.store(RAM + PAGE, b"same")
         await vm.vmm("madvise", addr=hva, size=4 * PAGE, advice="mergeable")
-        assert await k.ksm_merge(vm.vmm.pid, hva, 4 * PAGE) == 0
+        assert await host_ksm_merge(k, vm.vmm.pid, hva, 4 * PAGE) == 0
         assert vm.page(RAM) is not vm.page(RAM + PAGE) and vm.s2(RAM).writable
         assert invariants(k) == []
 
@@ -358,7 +359,7 @@ class TestVmmChangesGuestRam:
         await vm.store(RAM + PAGE, b"same")
         replaced = vm.page(RAM + PAGE)
         await vm.vmm("madvise", addr=hva, size=2 * PAGE, advice="mergeable")
-        assert await k.ksm_merge(vm.vmm.pid, hva, 2 * PAGE) == 1
+        assert await host_ksm_merge(k, vm.vmm.pid, hva, 2 * PAGE) == 1
         assert replaced.free
         e = vm.s2(RAM + PAGE)
         assert e is None or e.page is vm.vmm.page(hva + PAGE), "stage 2 still maps the frame KSM freed"
@@ -376,8 +377,8 @@ class TestVmmChangesGuestRam:
         await vm.vmm("store", addr=other, data=b"same")
         await vm.vmm("madvise", addr=hva, size=PAGE, advice="mergeable")
         await vm.vmm("madvise", addr=other, size=PAGE, advice="mergeable")
-        assert await k.ksm_merge(vm.vmm.pid, hva, PAGE) == 0  # the guest page becomes the stable page
-        assert await k.ksm_merge(vm.vmm.pid, other, PAGE) == 1  # the VMM's page is merged into it
+        assert await host_ksm_merge(k, vm.vmm.pid, hva, PAGE) == 0  # the guest page becomes the stable page
+        assert await host_ksm_merge(k, vm.vmm.pid, other, PAGE) == 1  # the VMM's page is merged into it
         e = vm.s2(RAM)
         assert e is None or not e.writable, "stage 2 still maps the KSM page writable"
         await vm.store(RAM, b"evil")

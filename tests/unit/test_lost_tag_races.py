@@ -18,6 +18,7 @@ import hypervisor.mm.migrate
 import hypervisor.ptrace
 import hypervisor.mm.swap
 from hypervisor.kernel import Kernel
+from hypervisor.syscalls import host_migrate_pages, host_swap_out
 from shared.mte import HPAGE_SIZE
 
 from unit_support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
@@ -62,7 +63,7 @@ def stg_vs_swap_out():
             await p("stg", addr=addr, tag=NEW, size=PAGE)
 
         async def reclaim(k, st):
-            await k.swap_out(p.pid, addr, PAGE)
+            await host_swap_out(k, p.pid, addr, PAGE)
 
         return {"p": p, "addr": addr}, {"r": reclaim, "w": writer}
 
@@ -104,7 +105,7 @@ def two_faulters():
     async def setup(k):
         p, addr = await tagged_page(k)
         c = await p.fork("C")
-        assert await k.swap_out(p.pid, addr, PAGE) == 1
+        assert await host_swap_out(k, p.pid, addr, PAGE) == 1
         assert p.pte(addr).swap is not None and c.pte(addr).swap == p.pte(addr).swap
         st = {"p": p, "c": c, "addr": addr}
 
@@ -155,7 +156,7 @@ def poke_vs_reclaim():
             st["poked"] = await t("ptrace-poke-tags", target=p.pid, addr=addr, tags=[NEW] * 256)
 
         async def reclaim(k, st):
-            st["swapped"] = await k.swap_out(p.pid, addr, PAGE)
+            st["swapped"] = await host_swap_out(k, p.pid, addr, PAGE)
 
         return {"p": p, "addr": addr}, {"r": reclaim, "t": tracer}
 
@@ -204,7 +205,7 @@ def copy_tags_vs_migration():
             st["copied"] = await vm.copy_tags(RAM, PAGE, from_guest=False, tags=bytes([NEW]) * 256)
 
         async def migrate(k, st):
-            st["moved"] = await k.migrate_pages(vm.vmm.pid, hva, PAGE)
+            st["moved"] = await host_migrate_pages(k, vm.vmm.pid, hva, PAGE)
 
         return {"vm": vm, "hva": hva}, {"c": vmm, "m": migrate}
 
@@ -254,7 +255,7 @@ def guest_stg_vs_swap_out():
             await vm.stg(RAM, PAGE, NEW)
 
         async def reclaim(k, st):
-            st["swapped"] = await k.swap_out(vm.vmm.pid, hva, PAGE)
+            st["swapped"] = await host_swap_out(k, vm.vmm.pid, hva, PAGE)
 
         return {"vm": vm, "hva": hva}, {"g": guest, "r": reclaim}
 
@@ -346,7 +347,7 @@ def fault_during_migration():
             await a("stg", addr=am, tag=NEW, size=PAGE)  # A's first touch: a fault through the page cache
 
         async def migrate(k, st):
-            st["moved"] = await k.migrate_pages(q.pid, qm, PAGE)
+            st["moved"] = await host_migrate_pages(k, q.pid, qm, PAGE)
 
         return st, {"a": tagger, "m": migrate}
 
@@ -440,7 +441,7 @@ def poke_vs_hugetlb_migration():
             await t("ptrace-poke-tags", target=p.pid, addr=addr + PAGE, tags=[NEW] * 256)
 
         async def migrate(k, st):
-            st["moved"] = await k.migrate_pages(p.pid, addr, PAGE)
+            st["moved"] = await host_migrate_pages(k, p.pid, addr, PAGE)
 
         return {"p": p, "addr": addr}, {"m": migrate, "t": tracer}
 
@@ -524,7 +525,7 @@ class TestPrivateHugetlbAfterFork:
         addr = await p("mmap", size=HPAGE_SIZE, prot=RWM, backing="hugetlb")
         await p("stg", addr=addr + PAGE, tag=NEW, size=PAGE)
         old = p.page(addr).folio
-        assert await k.migrate_pages(p.pid, addr, PAGE) == 1
+        assert await host_migrate_pages(k, p.pid, addr, PAGE) == 1
         assert p.page(addr).folio is not old and old.free
         assert await p.tags(addr + PAGE, 16) == [NEW]
         assert invariants(k) == [] and frame_problems(k) == []

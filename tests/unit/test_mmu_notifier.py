@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from hypervisor.kernel import Kernel
+from hypervisor.fork import do_exit
 from hypervisor.mm.mmu_notifier import mmu_notifier_register, mmu_notifier_unregister
-from hypervisor.syscalls import PROCESS_OPS
+from hypervisor.syscalls import PROCESS_OPS, host_migrate_pages, host_swap_out
 from shared.abi import validate_args
 
 PAGE = 4096
@@ -56,13 +57,13 @@ class TestInvalidations:
     async def test_swap_out(self):
         """Reclaim invalidates each page it unmaps from this mm."""
         k, t, call, addr, rec = await setup()
-        assert await k.swap_out(t.pid, addr, PAGE) == 1
+        assert await host_swap_out(k, t.pid, addr, PAGE) == 1
         assert rec.covers(addr, "swap") and not rec.covers(addr + PAGE, "swap")
 
     async def test_migration(self):
         """Migration invalidates each page before its PTE becomes a migration entry."""
         k, t, call, addr, rec = await setup()
-        assert await k.migrate_pages(t.pid, addr, 2 * PAGE) == 2
+        assert await host_migrate_pages(k, t.pid, addr, 2 * PAGE) == 2
         assert rec.covers(addr, "migrate") and rec.covers(addr + PAGE, "migrate")
 
     async def test_cow_replaces_the_frame(self):
@@ -81,7 +82,7 @@ class TestInvalidations:
     async def test_exit(self):
         """Exit releases the whole address space."""
         k, t, call, addr, rec = await setup()
-        await k.exit_task(t)
+        await do_exit(k, t)
         assert rec.covers(addr, "release") and rec.covers(addr + PAGE, "release")
 
     async def test_reads_and_stores_to_present_pages_are_silent(self):

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
+from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.mte import tagged_pointer
 
 from unit_support import Proc, frame_problems
@@ -201,12 +202,12 @@ class Model:
     async def op_swap_out(self, rsel):
         r = self.pick(rsel)
         if r is not None:
-            await self.k.swap_out(r.proc.pid, r.addr, r.npages * PAGE)
+            await host_swap_out(self.k, r.proc.pid, r.addr, r.npages * PAGE)
 
     async def op_migrate(self, rsel):
         r = self.pick(rsel)
         if r is not None:
-            await self.k.migrate_pages(r.proc.pid, r.addr, r.npages * PAGE)
+            await host_migrate_pages(self.k, r.proc.pid, r.addr, r.npages * PAGE)
 
     async def op_mergeable(self, rsel):
         r = self.pick(rsel)
@@ -216,7 +217,7 @@ class Model:
     async def op_ksm(self, rsel):
         r = self.pick(rsel)
         if r is not None:
-            await self.k.ksm_merge(r.proc.pid, r.addr, r.npages * PAGE)
+            await host_ksm_merge(self.k, r.proc.pid, r.addr, r.npages * PAGE)
 
     async def op_munmap(self, rsel):
         r = self.pick(rsel)

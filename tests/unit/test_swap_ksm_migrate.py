@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 
 from hypervisor.kernel import Kernel
+from hypervisor.fork import do_exit
 from hypervisor.arm64.mte import memcmp_pages
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
-from hypervisor.syscalls import HOST_OPS
+from hypervisor.syscalls import HOST_OPS, host_ksm_merge, host_migrate_pages, host_swap_out
 from hypervisor.arm64.tags import write_tags
 from shared.abi import validate_args
 from shared.mte import HPAGE_SIZE
@@ -67,7 +68,7 @@ class TestSwapRoundTrip:
         await tag_pattern(a, am)
         await b("store", addr=bm, data=b"from B")
         assert not b.pte(bm).tagged and b.page(bm) is a.page(am)
-        assert await k.swap_out(b.pid, bm, PAGE) == 1
+        assert await host_swap_out(k, b.pid, bm, PAGE) == 1
         assert a.pte(am) is None and b.pte(bm) is None  # both mappings unmapped
         assert len(k.swap.tags.store) == 1  # saved by PG_mte_tagged, not VM_MTE
         if first_toucher == "untagged":
@@ -84,7 +85,7 @@ class TestSwapRoundTrip:
         p = Proc.new(k, "A")
         addr = await p("mmap", size=PAGE, prot=RW)
         await p("store", addr=addr, data=b"plain")
-        assert await k.swap_out(p.pid, addr, PAGE) == 1
+        assert await host_swap_out(k, p.pid, addr, PAGE) == 1
         assert k.swap.tags.store == {}
         assert (await p("load", addr=addr, size=5)).value == b"plain"
         assert p.page(addr).flags == 0
@@ -96,7 +97,7 @@ class TestSwapRoundTrip:
         b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
         bm = await b("mmap", size=PAGE, prot=RW, share="shared", backing="memfd", object="m")
         await b("store", addr=bm, data=b"b")
-        await k.swap_out(b.pid, bm, PAGE)
+        await host_swap_out(k, b.pid, bm, PAGE)
         am = await a("mmap", size=PAGE, prot=RWM, share="shared", backing="memfd", object="m")
         assert await a.tags(am, PAGE) == [0] * 256
         assert invariants(k) == []
@@ -108,7 +109,7 @@ class TestSwapRoundTrip:
         addr = await p("mmap", size=3 * PAGE, prot=RWM)
         for i in range(3):
             await p("stg", addr=addr + i * PAGE, tag=i + 1, size=PAGE)
-        assert await k.swap_out(p.pid, addr, 3 * PAGE) == 3
+        assert await host_swap_out(k, p.pid, addr, 3 * PAGE) == 3
         assert len(k.swap.tags.store) == 3
         await p("munmap", addr=addr, size=2 * PAGE)
         assert len(k.swap.tags.store) == 1 and len(k.swap.slots) == 1
@@ -121,7 +122,7 @@ class TestSwapRoundTrip:
         parent = Proc.new(k, "P")
         addr = await parent("mmap", size=PAGE, prot=RWM)
         await tag_pattern(parent, addr)
-        await k.swap_out(parent.pid, addr, PAGE)
+        await host_swap_out(k, parent.pid, addr, PAGE)
         child = await parent.fork()
         entry = parent.pte(addr).swap
         assert child.pte(addr).swap == entry and k.swap.count(entry) == 2
@@ -138,7 +139,7 @@ class TestSwapRoundTrip:
         addr = await parent("mmap", size=PAGE, prot=RWM)
         await tag_pattern(parent, addr)
         child = await parent.fork()
-        assert await k.swap_out(parent.pid, addr, PAGE) == 1
+        assert await host_swap_out(k, parent.pid, addr, PAGE) == 1
         assert parent.pte(addr).swap == child.pte(addr).swap
         assert await child.tags(addr, PAGE) == PATTERN
         assert await parent.tags(addr, PAGE) == PATTERN
@@ -153,7 +154,7 @@ class TestSwapRoundTrip:
         await tag_pattern(p, addr)
         page = p.page(addr)
         k.swap.tags.capacity = 0
-        await expect_errno("ENOMEM", k.swap_out(p.pid, addr, PAGE))
+        await expect_errno("ENOMEM", host_swap_out(k, p.pid, addr, PAGE))
         assert p.page(addr) is page and not page.free
         assert k.swap.slots == {} and k.swap.tags.store == {}
         assert await p.tags(addr, PAGE) == PATTERN
@@ -169,7 +170,7 @@ class TestSwapRoundTrip:
         await b("store", addr=bm, data=b"both")
         page = a.page(am)
         k.swap.tags.capacity = 0
-        await expect_errno("ENOMEM", k.swap_out(a.pid, am, PAGE))
+        await expect_errno("ENOMEM", host_swap_out(k, a.pid, am, PAGE))
         assert a.page(am) is b.page(bm) is page and page.mapcount == 2 and not page.free
         assert a.vma(am).obj.pages[0] is page
         assert k.swap.slots == {} and k.swap.tags.store == {}
@@ -183,7 +184,7 @@ class TestSwapRoundTrip:
         addr = await p("mmap", size=2 * PAGE, prot=RWM)
         await p("stg", addr=addr, tag=1, size=2 * PAGE)
         k.swap.tags.capacity = 1
-        assert await k.swap_out(p.pid, addr, 2 * PAGE) == 1
+        assert await host_swap_out(k, p.pid, addr, 2 * PAGE) == 1
         assert p.pte(addr).swap is not None and p.pte(addr + PAGE).present
         assert len(k.swap.slots) == 1
         assert await p.tags(addr, 2 * PAGE) == [1] * 512
@@ -194,8 +195,8 @@ class TestSwapRoundTrip:
         p = Proc.new(k, "A")
         addr = await p("mmap", size=2 * PAGE, prot=RWM)
         await p("stg", addr=addr, tag=2, size=2 * PAGE)
-        assert await k.swap_out(p.pid, addr, 2 * PAGE) == 1
-        await expect_errno("ENOSPC", k.swap_out(p.pid, addr + PAGE, PAGE))
+        assert await host_swap_out(k, p.pid, addr, 2 * PAGE) == 1
+        await expect_errno("ENOSPC", host_swap_out(k, p.pid, addr + PAGE, PAGE))
         assert p.pte(addr + PAGE).present
         assert await p.tags(addr, 2 * PAGE) == [2] * 512
 
@@ -205,7 +206,7 @@ class TestSwapRoundTrip:
         p = Proc.new(k, "A")
         addr = await p("mmap", size=PAGE, prot=RWM)
         await p("load", addr=addr, size=1)
-        assert await k.swap_out(p.pid, addr, PAGE) == 0
+        assert await host_swap_out(k, p.pid, addr, PAGE) == 0
 
     async def test_swap_out_range_errors(self):
         """The host swap-out op: unknown pid is ESRCH, an unaligned address EINVAL."""
@@ -243,7 +244,7 @@ class TestKsm:
         """Identical PG_mte_tagged pages (PROT_MTE) are never merged."""
         k, p, addr = await self._three_identical(RWM)
         await p("madvise", addr=addr, size=3 * PAGE, advice="mergeable")
-        assert await k.ksm_merge(p.pid, addr, 3 * PAGE) == 0
+        assert await host_ksm_merge(k, p.pid, addr, 3 * PAGE) == 0
         assert len({p.page(addr + i * PAGE) for i in range(3)}) == 3
         assert not any(p.page(addr + i * PAGE).ksm for i in range(3))
         assert invariants(k) == []
@@ -251,14 +252,14 @@ class TestKsm:
     async def test_without_madv_mergeable_nothing_merges(self):
         """Identical untagged pages outside MADV_MERGEABLE ranges are left alone."""
         k, p, addr = await self._three_identical(RW)
-        assert await k.ksm_merge(p.pid, addr, 3 * PAGE) == 0
+        assert await host_ksm_merge(k, p.pid, addr, 3 * PAGE) == 0
 
     async def test_tagged_page_between_untagged_ones(self):
         """In [untagged, tagged, untagged] identical pages, only the two untagged ones merge."""
         k, p, addr = await self._three_identical(RW)
         await p("mprotect", addr=addr + PAGE, size=PAGE, prot=RWM)
         await p("madvise", addr=addr, size=3 * PAGE, advice="mergeable")
-        assert await k.ksm_merge(p.pid, addr, 3 * PAGE) == 1
+        assert await host_ksm_merge(k, p.pid, addr, 3 * PAGE) == 1
         assert p.page(addr) is p.page(addr + 2 * PAGE)
         assert p.page(addr + PAGE) is not p.page(addr) and p.page(addr + PAGE).flags & PG_mte_tagged
         assert k.oracle.violations == []
@@ -273,7 +274,7 @@ class TestKsm:
         await p("store", addr=addr + PAGE, data=b"\0")
         assert (await p("load", addr=addr, size=PAGE)).value == (await p("load", addr=addr + PAGE, size=PAGE)).value
         await p("madvise", addr=addr, size=2 * PAGE, advice="mergeable")
-        assert await k.ksm_merge(p.pid, addr, 2 * PAGE) == 1
+        assert await host_ksm_merge(k, p.pid, addr, 2 * PAGE) == 1
 
     async def test_memcmp_pages(self):
         """memcmp_pages: 0 for identical untagged pages; nonzero if contents differ or either page is tagged."""
@@ -316,7 +317,7 @@ class TestMigrate:
         addr = await p("mmap", size=PAGE, prot=RW)
         await p("store", addr=addr, data=b"plain")
         old = p.page(addr)
-        assert await k.migrate_pages(p.pid, addr, PAGE) == 1
+        assert await host_migrate_pages(k, p.pid, addr, PAGE) == 1
         assert p.page(addr) is not old and p.page(addr).flags == 0
         assert (await p("load", addr=addr, size=5)).value == b"plain"
 
@@ -330,7 +331,7 @@ class TestMigrate:
         await tag_pattern(a, am)
         await b("load", addr=bm, size=1)
         old = a.page(am)
-        assert await k.migrate_pages(b.pid, bm, PAGE) == 1
+        assert await host_migrate_pages(k, b.pid, bm, PAGE) == 1
         new = a.page(am)
         assert new is not old and b.page(bm) is new and old.free
         assert a.vma(am).obj.pages[0] is new  # the page cache points at the new frame
@@ -345,7 +346,7 @@ class TestMigrate:
         addr = await parent("mmap", size=PAGE, prot=RWM)
         await tag_pattern(parent, addr)
         child = await parent.fork()
-        assert await k.migrate_pages(parent.pid, addr, PAGE) == 1
+        assert await host_migrate_pages(k, parent.pid, addr, PAGE) == 1
         assert parent.page(addr) is child.page(addr)
         assert await child.tags(addr, PAGE) == PATTERN
         assert invariants(k) == []
@@ -358,7 +359,7 @@ class TestMigrate:
         await p("stg", addr=addr + 5 * PAGE, tag=5, size=32)
         old_head = p.page(addr).folio
         frames_before = len(k.alloc.frames)
-        assert await k.migrate_pages(p.pid, addr, HPAGE_SIZE) == 1
+        assert await host_migrate_pages(k, p.pid, addr, HPAGE_SIZE) == 1
         new_head = p.page(addr).folio
         assert new_head is not old_head and new_head.flags & PG_mte_tagged
         assert await p.tags(addr + 5 * PAGE, 48) == [5, 5, 0]
@@ -452,19 +453,19 @@ def two_contexts(x, y, fork_child: bool = False):
 
 
 def migrate_p(k, st):
-    return k.migrate_pages(st["p"].pid, st["anon"], PAGE)
+    return host_migrate_pages(k, st["p"].pid, st["anon"], PAGE)
 
 
 def migrate_q(k, st):
-    return k.migrate_pages(st["q"].pid, st["qm"], PAGE)
+    return host_migrate_pages(k, st["q"].pid, st["qm"], PAGE)
 
 
 def swap_p(k, st):
-    return k.swap_out(st["p"].pid, st["anon"], PAGE)
+    return host_swap_out(k, st["p"].pid, st["anon"], PAGE)
 
 
 def swap_q(k, st):
-    return k.swap_out(st["q"].pid, st["qm"], PAGE)
+    return host_swap_out(k, st["q"].pid, st["qm"], PAGE)
 
 
 def assert_host_consistent(run) -> None:
@@ -533,7 +534,7 @@ class TestConcurrentMigrationAndReclaim:
             if op == "munmap":
                 return st["p"]("munmap", addr=st["anon"], size=PAGE)
             if op == "exit":
-                return k.exit_task(st["p"].task)
+                return do_exit(k, st["p"].task)
             return st["p"]("madvise", addr=st["anon"], size=PAGE, advice="dontneed")
 
         run, _ = await run_once(two_contexts(zap, migrate_p),

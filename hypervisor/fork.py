@@ -1,0 +1,76 @@
+"""Process creation and exit: fork (kernel/fork.c) and exit (kernel/exit.c, mm/mmap.c ``exit_mmap``).
+
+A child is a new :class:`~hypervisor.process.Task` registered in the kernel
+(:meth:`hypervisor.kernel.Kernel.create_task`) whose mm copies the parent's
+VMAs and shares its private pages copy-on-write (``copy_page_range``). Exit
+closes the task's VM fds (destroying its VMs), then tears down its address
+space.
+
+Model notes: Linux copies migration entries into the child; the model lets
+in-flight migrations of the parent finish first. Exit needs no mm refcount:
+nothing outside the task holds its mm once its VMs are gone.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from hypervisor.arm64.mte import MteCtrl
+from hypervisor.mm.memory import copy_page_range, zap_pte_range
+from hypervisor.mm.mmap import MM, remove_vma
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm_types import VM_SHARED
+from shared.mte import TASK_SIZE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
+    from hypervisor.process import Task
+
+
+async def dup_mmap(k: Kernel, mm: MM, oldmm: MM) -> None:
+    """dup_mmap() (kernel/fork.c): copy the VMAs under the parent's mmap_lock, CoW-protect private ranges."""
+    async with oldmm.mmap_lock.write():
+        await k.sched.point("dup_mmap")
+        # Linux copies migration entries into the child; the model lets the migrations finish first
+        await k.sched.wait_until(lambda: not any(p.migrating for p in oldmm.pt.values()),
+                                 "dup_mmap:migration_entry_wait")
+        for v in oldmm.vmas:
+            nv = type(v)(v.start, v.end, v.flags, v.backing, v.obj, v.pgoff)
+            if v.obj is not None:
+                v.obj.mappings += 1
+            mm.vmas.append(nv)
+            if not v.flags & VM_SHARED:  # copy_page_range(): MMU_NOTIFY_PROTECTION_PAGE for CoW ranges
+                mmu_notifier_invalidate_range(oldmm, v.start, v.end, "protection_page")
+        copy_page_range(k, mm, oldmm)
+
+
+async def copy_process(k: Kernel, parent: Task, child_name: str | None) -> Task:
+    """kernel_clone() -> copy_process() (kernel/fork.c): a child sharing the parent's memory copy-on-write.
+
+    The child inherits the MTE controls (TCF, include mask, tagged-address ABI)
+    and PSTATE.TCO; its fork token lets its process connect to it.
+    """
+    child = k.create_task(child_name or f"{parent.name}-child", parent.session)
+    child.parent = parent.pid
+    child.mte_ctrl = MteCtrl(parent.mte_ctrl.tcf, parent.mte_ctrl.excl, parent.mte_ctrl.tagged_addr)
+    child.tco = parent.tco
+    child.fork_token = secrets.token_hex(16)
+    await dup_mmap(k, child.mm, parent.mm)  # dup_mm()
+    return child
+
+
+async def exit_mmap(k: Kernel, mm: MM) -> None:
+    """exit_mmap() (mm/mmap.c): drop every VMA's object reference, zap all PTEs (mmu_notifier_release())."""
+    async with mm.mmap_lock.write():
+        for v in list(mm.vmas):
+            remove_vma(k, v)
+        zap_pte_range(k, mm, 0, TASK_SIZE, "release")
+        mm.vmas.clear()
+
+
+async def do_exit(k: Kernel, task: Task) -> None:
+    """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the address space."""
+    await k.kvm.release_task(task)
+    await exit_mmap(k, task.mm)
+    k.tasks.pop(task.pid, None)
