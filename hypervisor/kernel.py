@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import secrets
 
-from hypervisor.errors import KernelError
 from hypervisor.kvm.kvm_main import KvmState
 from hypervisor.mm.mmap import MM
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
@@ -26,6 +25,7 @@ from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
 from hypervisor.mm.swap import SwapDevice
 from shared.bugs import check_bug_names, check_kernel_fix_names
+from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import attrs
 
-from hypervisor.errors import KernelError
+from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SIZE, PAGES_PER_HPAGE
 
 #: Stale tags a frame holds at boot: nonzero, different per pfn.

@@ -43,14 +43,13 @@ import traceback
 
 import trio
 
-from hypervisor.errors import Deadlock, KernelError, ScheduleDivergence
 from hypervisor.fork import do_exit
 from hypervisor.kernel import Kernel
 from hypervisor.sched import current_actor
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
 from shared.abi import OPS, validate_args
-from shared.errno import EDEADLK, EIO, EPERM
+from shared.errno import EDEADLK, EIO, EPERM, Deadlock, KernelError, ScheduleDivergence
 from shared.rpc import RequestLoop
 
 log = logging.getLogger("mtekvm.hypervisor")

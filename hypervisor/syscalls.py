@@ -14,7 +14,6 @@ from hypervisor.access.user import AccessResult, user_irg, user_ldg, user_load, 
 from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.access.vcpu import guest_memory_access
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
-from hypervisor.errors import KernelError
 from hypervisor.fork import copy_process
 from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.mm.migrate import migrate_range
@@ -23,6 +22,7 @@ from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import MAX_IO, OPS, AbiError, bind, validate_args
+from shared.errno import KernelError
 from shared.mte import PAGE_SIZE, page_align_up
 
 if TYPE_CHECKING:

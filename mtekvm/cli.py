@@ -56,9 +56,9 @@ import time  # noqa: E402
 
 import trio  # noqa: E402
 
-from hypervisor.errors import KernelError
 from hypervisor.sched import parse_schedule
 from shared.bugs import BUGS
+from shared.errno import KernelError
 from shared.wire import RemoteError
 from mtekvm import report
 from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec

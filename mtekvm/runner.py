@@ -36,8 +36,8 @@ from typing import Any
 import attrs
 import trio
 
-from hypervisor.errors import ScheduleDivergence
 from hypervisor.sched import ControlledScheduler, make_scheduler
+from shared.errno import ScheduleDivergence
 from shared.invariants import canonical
 from shared.wire import Client, RemoteError, WireError
 from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink

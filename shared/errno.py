@@ -193,3 +193,15 @@ class KernelError(ErrnoError):
     it into an error reply. Architectural events (tag check faults) are data,
     not KernelErrors.
     """
+
+
+class ScheduleDivergence(Exception):
+    """A replayed schedule does not apply to this run (its target actor was not runnable).
+
+    Not an errno error: a failure of the controlled scheduler, which the hypervisor records
+    and replies EDEADLK for.
+    """
+
+
+class Deadlock(Exception):
+    """Every live context is blocked on a model lock: nobody can make progress (replied EDEADLK)."""

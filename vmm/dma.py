@@ -21,7 +21,7 @@ allocation tags. This module holds:
 
   Other offsets in the window read as zero and ignore writes.
 
-Errors are :class:`vmm.machine.VmmError`: EFAULT for an IPA outside every
+Errors are :class:`vmm.errors.VmmError`: EFAULT for an IPA outside every
 memslot or outside the device window, EINVAL for a malformed MMIO access.
 """
 
@@ -34,7 +34,7 @@ import attrs
 from shared.abi import MAX_IO
 from shared.errno import EFAULT, EINVAL
 from shared.wire import Client
-from vmm import machine  # VmmError; referenced at call time (machine imports this module)
+from vmm.errors import VmmError
 
 MMIO_BASE = 0x0900_0000
 MMIO_SIZE = 0x1000
@@ -90,7 +90,7 @@ def translate(slots: Iterable[Memslot], ipa: int, size: int) -> list[tuple[int, 
     while pos < end:
         slot = next((s for s in ordered if s.contains(pos)), None)
         if slot is None:
-            raise machine.VmmError(EFAULT, f"IPA {pos:#x} is in no memslot")
+            raise VmmError(EFAULT, f"IPA {pos:#x} is in no memslot")
         n = min(end, slot.ipa + slot.size) - pos
         pieces.append((slot.addr + (pos - slot.ipa), n))
         pos += n
@@ -193,9 +193,9 @@ class DmaDevice:
 
     def _check(self, ipa: int, size: int) -> int:
         if not (self.base <= ipa and ipa + size <= self.base + self.size):
-            raise machine.VmmError(EFAULT, f"no device at IPA {ipa:#x} ({size} bytes)")
+            raise VmmError(EFAULT, f"no device at IPA {ipa:#x} ({size} bytes)")
         if size == 0:
-            raise machine.VmmError(EINVAL, f"MMIO access of 0 bytes at IPA {ipa:#x}")
+            raise VmmError(EINVAL, f"MMIO access of 0 bytes at IPA {ipa:#x}")
         return ipa - self.base
 
     async def access(self, ipa: int, size: int, write: bool, data: bytes = b"",
@@ -222,7 +222,7 @@ class DmaDevice:
             view = self._view()
             return bytes(view[o] if o < len(view) else 0 for o in range(off, off + size))
         if len(data) != size:
-            raise machine.VmmError(EINVAL, f"MMIO write of {size} bytes carries {len(data)}")
+            raise VmmError(EINVAL, f"MMIO write of {size} bytes carries {len(data)}")
         touched_cmd = False
         for i, b in enumerate(data):
             o = off + i

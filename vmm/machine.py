@@ -37,24 +37,16 @@ import trio
 
 from shared.abi import MAX_IO, OPS, ops_of, validate_args
 from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
-from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, ErrnoError, errno_name
+from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
 from shared.rpc import serve_requests
 from shared.wire import Client, ConnectionClosed, RemoteError, Reply
+from vmm import dma
+from vmm.errors import VmmError
+
+__all__ = ["Vmm", "VmmError"]
 
 log = logging.getLogger("mtekvm.vmm")
-
-
-class VmmError(ErrnoError):
-    """A VMM request failed with a Linux errno (the root of the vmm package's errors).
-
-    Args:
-        errno: the errno number, or its name (``"ESRCH"``).
-        message: what went wrong.
-    """
-
-
-from vmm import dma  # noqa: E402 - dma refers to VmmError above
 
 #: Host-process ops a VMM runs on its own address space, forwarded unchanged.
 HOST_PROCESS_OPS = frozenset(ops_of(OPS, "vmm"))
@@ -62,7 +54,6 @@ HOST_PROCESS_OPS = frozenset(ops_of(OPS, "vmm"))
 INT_MAX = (1 << 31) - 1
 #: Exits kept for ``status`` (the oldest are dropped).
 MAX_EXITS = 1024
-
 
 
 Connect = Callable[..., Awaitable[tuple[Client, dict]]]

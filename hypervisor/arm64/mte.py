@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from hypervisor.errors import KernelError
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
@@ -24,6 +23,7 @@ from hypervisor.arm64.mte_lock import (
 )
 from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags
+from shared.errno import KernelError
 from shared.mte import (
     PR_MTE_TAG_MASK,
     PR_MTE_TAG_SHIFT,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.errors import KernelError
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
@@ -52,6 +51,7 @@ from hypervisor.arm64.mte_lock import (
 from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, write_tags
 from shared.abi import MAX_IO
+from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

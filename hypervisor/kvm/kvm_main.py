@@ -35,10 +35,10 @@ import itertools
 import secrets
 from typing import TYPE_CHECKING
 
-from hypervisor.errors import KernelError
 from hypervisor.kvm.kvm_host import IPA_BITS_MAX, IPA_BITS_MIN, KVM_MAX_VCPUS, Kvm, Vcpu, kvm_has_mte
 from hypervisor.kvm.mmu import kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
 from hypervisor.locks import ModelMutex
+from shared.errno import KernelError
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from hypervisor.errors import KernelError
 from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
 from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
+from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.errors import KernelError
 from hypervisor.kvm.kvm_host import Kvm, S2Entry, Vcpu, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.kvm.memslot import Memslot, ghost_kvm_write, mark_page_dirty
@@ -52,6 +51,7 @@ from hypervisor.arm64.mte_lock import (
 from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags
 from hypervisor.mm_types import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
+from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from hypervisor.errors import KernelError
 from hypervisor.locks import ModelRwSem
 from hypervisor.mm.memory import put_page, set_pte_at, zap_pte_range
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
@@ -48,6 +47,7 @@ from hypervisor.mm_types import (
     flag_names,
 )
 from shared.abi import HUGEPAGE_SIZES
+from shared.errno import KernelError
 from shared.mte import HPAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up
 
 if TYPE_CHECKING:

@@ -18,7 +18,6 @@ import attrs
 import trio
 import trio.testing
 
-from hypervisor.errors import Deadlock, ScheduleDivergence
 from hypervisor.sched.core import FreeScheduler, Scheduler, current_actor
 from hypervisor.sched.policies import (
     PCT_STEPS,
@@ -31,6 +30,7 @@ from hypervisor.sched.policies import (
     SchedulingPolicy,
 )
 from hypervisor.sched.schedule import Preemption, format_schedule
+from shared.errno import Deadlock, ScheduleDivergence
 
 
 @attrs.define(eq=False)

@@ -29,8 +29,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from hypervisor.errors import ScheduleDivergence
 from hypervisor.sched.schedule import Preemption, parse_schedule
+from shared.errno import ScheduleDivergence
 
 PCT_STEPS = 40  # PCT's first-execution bound on contended decisions (change points are drawn below it)
 
@@ -185,7 +185,7 @@ class Replay(_Policy):
     """Follow a recorded schedule; the default rule everywhere else. One execution.
 
     Strict (the default): an entry whose target is not runnable is a
-    :class:`~hypervisor.errors.ScheduleDivergence`, and the runner reports
+    :class:`~shared.errno.ScheduleDivergence`, and the runner reports
     entries never reached. Lenient (``strict=False``, for shrinking): such an
     entry is skipped, and the run's own recorded schedule says what happened.
     """

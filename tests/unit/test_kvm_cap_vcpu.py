@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
 from hypervisor.fork import do_exit
 from hypervisor.kvm.kvm_host import kvm_has_mte
+from shared.errno import KernelError
 
 from unit_support import Proc, Vm, expect_errno, invariants
 

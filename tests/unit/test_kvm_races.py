@@ -35,9 +35,9 @@ import random
 import attrs
 import pytest
 
-from hypervisor.errors import KernelError
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
+from shared.errno import KernelError
 
 from unit_support import RWM, Vm, explore, explore_bounded, run_once
 

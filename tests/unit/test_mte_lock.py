@@ -14,7 +14,6 @@ from __future__ import annotations
 import attrs
 import pytest
 
-from hypervisor.errors import Deadlock
 from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte import mte_sync_tags
 from hypervisor.arm64.mte_lock import (
@@ -30,6 +29,7 @@ from hypervisor.arm64.mte_lock import (
 )
 from hypervisor.page import Page
 from hypervisor.arm64.tags import ZERO_TAGS, mte_clear_page_tags, read_tags, write_tags
+from shared.errno import Deadlock
 
 from unit_support import explore, invariants, run_once
 

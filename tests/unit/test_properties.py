@@ -26,9 +26,9 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hypervisor.errors import KernelError
 from hypervisor.kernel import Kernel
 from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
+from shared.errno import KernelError
 from shared.mte import tagged_pointer
 
 from unit_support import Proc, frame_problems

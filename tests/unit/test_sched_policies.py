@@ -14,7 +14,6 @@ import pytest
 import trio
 import trio.testing
 
-from hypervisor.errors import Deadlock, ScheduleDivergence
 from hypervisor.sched import (
     Bounded,
     ControlledScheduler,
@@ -26,6 +25,7 @@ from hypervisor.sched import (
     make_scheduler,
     parse_policy,
 )
+from shared.errno import Deadlock, ScheduleDivergence
 
 
 async def run_program(sched: ControlledScheduler, points: dict[str, int]) -> str:

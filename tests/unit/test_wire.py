@@ -12,10 +12,9 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hypervisor.errors import KernelError
 from shared import wire
 from shared.abi import MAX_IO, OPS, AbiError, validate_args
-from shared.errno import E2BIG, EINVAL, ENOSYS, ERRNO_BY_NAME, errno_name, errno_number
+from shared.errno import E2BIG, EINVAL, ENOSYS, ERRNO_BY_NAME, KernelError, errno_name, errno_number
 from shared.mte import (
     MTE_GRANULES_PER_PAGE,
     MTE_PAGE_TAG_STORAGE,

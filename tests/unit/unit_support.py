@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from hypervisor.errors import KernelError, ScheduleDivergence
 from hypervisor.kernel import Kernel
 from hypervisor.process import Task
 from hypervisor.sched import (
@@ -32,6 +31,7 @@ from hypervisor.sched import (
 )
 from hypervisor.syscalls import PROCESS_OPS
 from shared.abi import validate_args
+from shared.errno import KernelError, ScheduleDivergence
 from shared.mte import PAGE_SHIFT
 
 RW = ["read", "write"]
