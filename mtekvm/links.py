@@ -10,6 +10,14 @@ msgpack protocol; only the byte stream differs:
   caller's ``trio.run`` and connects through ``trio.testing.memory_stream_pair``.
   Controlled schedulers need this: one process, one event loop, one driver.
 
+Both are :class:`shared.transport.Connector`\\ s (connect + hello, the code
+the VMM and guest processes use too) with the small interface the runner
+asks of any host (:class:`HostLink`). VMMs are driven through a
+:class:`VmmLink`: :class:`ProcessVmm` (``python -m vmm``), or
+:class:`InProcessVmm`, which puts a :class:`vmm.machine.Vmm` and its
+:class:`guest.agent.GuestAgent` in this run: the harness joins them, since
+``vmm/`` and ``guest/`` import only ``shared/``.
+
 Nothing outlives its run: every process started here (the private
 hypervisor, the VMMs) gets this process's lifeline (:mod:`shared.lifeline`,
 ``--lifeline-fd``) and its private folder (``--remove-dir``), so if this
