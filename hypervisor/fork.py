@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte import MteCtrl
 from hypervisor.mm.memory import copy_page_range, zap_pte_range
-from hypervisor.mm.mmap import MM, remove_vma
+from hypervisor.mm.mmap import remove_vma
+from hypervisor.mm_types import MM
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import VM_SHARED
 from shared.mte import TASK_SIZE

@@ -69,7 +69,7 @@ from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_H
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 ZERO_TAGS = bytes(MTE_GRANULES_PER_PAGE)
 #: An entry's granule whose tag may be either of two values (see ``tags_written``): not checked.

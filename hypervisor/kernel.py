@@ -17,7 +17,7 @@ import itertools
 import secrets
 
 from hypervisor.kvm.kvm_main import KvmState
-from hypervisor.mm.mmap import MM
+from hypervisor.mm_types import MM
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.oracles import Oracle
 from hypervisor.page import PageAllocator

@@ -1,4 +1,4 @@
-"""VMAs, their flags, and the objects behind shared mappings.
+"""VMAs, their flags, the objects behind shared mappings, and the mm (include/linux/mm_types.h).
 
 A :class:`Vma` is a ``vm_area_struct``: a page-aligned range with ``vm_flags``
 and, for anything but private anonymous memory, a :class:`MemObject` (the
@@ -13,9 +13,17 @@ files get it; regular files and device (PFNMAP) regions do not.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
+from hypervisor.locks import ModelRwSem
 from hypervisor.page import Page
+from shared.errno import KernelError
+from shared.mte import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from hypervisor.kernel import Kernel
 
 VM_READ = 0x1
 VM_WRITE = 0x2
@@ -136,3 +144,77 @@ class Pte:
     def present(self) -> bool:
         """pte_present()."""
         return self.page is not None and not self.migrating
+
+
+MMAP_BASE = 0x7F00_0000_0000  # top-down allocation below this
+
+
+class MM:
+    """mm_struct: VMAs, page table and mmap_lock of one process."""
+
+    def __init__(self, k: Kernel, owner: str, session: str = ""):
+        self.owner = owner
+        self.session = session  # named objects are looked up in the session's namespace
+        self.vmas: list[Vma] = []  # sorted by start, non-overlapping
+        self.pt: dict[int, Pte] = {}  # vpn -> PTE
+        self.mmap_lock = ModelRwSem(k.sched, f"mmap_lock[{owner}]")
+        self.notifiers: list = []  # MMU notifier subscribers (KVM's stage 2), mmu_notifier.py
+
+    def __repr__(self) -> str:
+        return f"<mm {self.owner}>"
+
+    def vpns_in(self, start: int, end: int) -> list[int]:
+        """The vpns with a PTE in [start, end), sorted (cheap for huge, sparse ranges)."""
+        lo, hi = start >> PAGE_SHIFT, end >> PAGE_SHIFT
+        if hi - lo <= len(self.pt):
+            return [v for v in range(lo, hi) if v in self.pt]
+        return sorted(v for v in self.pt if lo <= v < hi)
+
+    def find_vma(self, addr: int) -> Vma | None:
+        """vma_lookup(): the VMA containing ``addr``."""
+        for v in self.vmas:
+            if v.start <= addr < v.end:
+                return v
+            if v.start > addr:
+                return None
+        return None
+
+    def vmas_in(self, start: int, end: int) -> list[Vma]:
+        """The VMAs intersecting [start, end)."""
+        return [v for v in self.vmas if v.start < end and v.end > start]
+
+    def covered(self, start: int, end: int) -> bool:
+        """[start, end) is mapped with no hole."""
+        pos = start
+        for v in self.vmas_in(start, end):
+            if v.start > pos:
+                return False
+            pos = v.end
+        return pos >= end
+
+    def _split(self, addr: int) -> None:
+        """__split_vma() at ``addr`` if a VMA straddles it."""
+        for i, v in enumerate(self.vmas):
+            if v.start < addr < v.end:
+                tail = Vma(addr, v.end, v.flags, v.backing, v.obj, v.pgoff + ((addr - v.start) >> PAGE_SHIFT))
+                if v.obj is not None:
+                    v.obj.mappings += 1
+                v.end = addr
+                self.vmas.insert(i + 1, tail)
+                return
+
+    def get_unmapped_area(self, size: int, align: int = PAGE_SIZE) -> int:
+        """Top-down search for a free range below MMAP_BASE."""
+        top = MMAP_BASE
+        for v in sorted(self.vmas, key=lambda v: -v.start):
+            if v.start >= top:
+                top = min(top, v.start)
+                continue
+            cand = (top - size) & ~(align - 1)
+            if cand >= v.end:
+                return cand
+            top = v.start
+        cand = (top - size) & ~(align - 1)
+        if cand < PAGE_SIZE * 16:
+            raise KernelError("ENOMEM", f"no room for {size:#x} bytes in the address space")
+        return cand

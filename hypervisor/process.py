@@ -1,4 +1,4 @@
-"""Host user processes (task_struct + the MTE thread state)."""
+"""Host user processes: task_struct and the MTE thread state (include/linux/sched.h, arch/arm64 thread.mte_ctrl)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import attrs
 
-from hypervisor.mm.mmap import MM
+from hypervisor.mm_types import MM
 from hypervisor.arm64.mte import MteCtrl
 
 

@@ -27,7 +27,7 @@ from shared.mte import PAGE_SIZE, page_align_up
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
     from hypervisor.process import Task
 
 

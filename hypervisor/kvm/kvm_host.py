@@ -18,7 +18,7 @@ from hypervisor.locks import ModelMutex
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.kvm.memslot import Memslot
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
     from hypervisor.process import Task
 
 KVM_MAX_VCPUS = 512

@@ -19,7 +19,7 @@ from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 
 def page_content_key(page) -> bytes:

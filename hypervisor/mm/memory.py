@@ -32,7 +32,7 @@ from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 
 # ---- page references ---------------------------------------------------------

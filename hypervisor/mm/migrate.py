@@ -26,7 +26,7 @@ from hypervisor.mm_types import Pte
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 #: Test-only: the old ordering (copy first, check references only at the freeze), so
 #: tests/unit/test_lost_tag_races.py can show the ghost catches the COPY_TAGS write it loses.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import attrs
 
 if TYPE_CHECKING:
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 #: enum mmu_notifier_event, the ones the model raises
 EVENTS = ("unmap", "clear", "protection_vma", "protection_page", "migrate", "swap", "release")

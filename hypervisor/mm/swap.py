@@ -29,7 +29,7 @@ from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.mm.mmap import MM
+    from hypervisor.mm_types import MM
 
 #: Test-only: the old orderings, so tests/unit/test_lost_tag_races.py can show the ghost
 #: catches what they lose: tags saved before the unmap with a scheduling point between
