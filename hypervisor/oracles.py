@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.ghost import Ghost
+from hypervisor.kvm.kvm_host import kvm_has_mte
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
@@ -217,8 +218,6 @@ class Oracle:
         return list(self.violations)
 
     def _check_vm(self, kvm) -> None:
-        from hypervisor.kvm.kvm_host import kvm_has_mte
-
         k = self.k
         mte = kvm_has_mte(k, kvm)
         if mte and any(v.aarch32 and v.initialised for v in kvm.vcpus):

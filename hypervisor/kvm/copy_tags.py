@@ -37,9 +37,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.ghost import loc_of_ipa
-from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
+from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.kvm.memslot import ghost_kvm_write
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_test_hugetlb_mte_tagged,

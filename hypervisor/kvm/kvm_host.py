@@ -1,7 +1,8 @@
 """KVM's types and their small helpers (include/linux/kvm_host.h, arch/arm64/include/asm/kvm_host.h).
 
 ``struct kvm`` (:class:`Kvm`), ``struct kvm_vcpu`` (:class:`Vcpu`), a stage-2
-leaf (:class:`S2Entry`) and ``kvm_has_mte()``: the header every KVM file
+leaf (:class:`S2Entry`), ``struct kvm_memory_slot`` (:class:`Memslot`) with its
+flags, ``kvm_has_mte()`` and ``mark_page_dirty()`` (virt/kvm/kvm_main.c): the header every KVM file
 includes, so that the ioctls (:mod:`hypervisor.kvm.kvm_main`), stage 2
 (:mod:`hypervisor.kvm.mmu`), memslots and vCPU accesses share them without
 importing one another.
@@ -14,10 +15,10 @@ from typing import TYPE_CHECKING
 import attrs
 
 from hypervisor.locks import ModelMutex
+from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
-    from hypervisor.kvm.memslot import Memslot
     from hypervisor.mm_types import MM
     from hypervisor.process import Task
 
@@ -95,3 +96,57 @@ class Kvm:
 def kvm_has_mte(k: Kernel, kvm: Kvm) -> bool:
     """kvm_has_mte(): system_supports_mte() && KVM_ARCH_FLAG_MTE_ENABLED."""
     return k.mte and kvm.mte_enabled
+
+
+KVM_USER_MEM_SLOTS = 32767  # KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (0 on arm64)
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+#: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options (args[0] of KVM_ENABLE_CAP).
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+
+
+@attrs.define(eq=False)
+class Memslot:
+    """struct kvm_memory_slot."""
+
+    id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: int = 0
+    dirty: set = attrs.Factory(set)  # the dirty bitmap, as page indexes in the slot
+
+    @property
+    def logging(self) -> bool:
+        """kvm_slot_dirty_track_enabled() && !READONLY (memslot_is_logging)."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES) and not self.flags & KVM_MEM_READONLY
+
+    @property
+    def dirty_tracked(self) -> bool:
+        """kvm_slot_dirty_track_enabled(): KVM_MEM_LOG_DIRTY_PAGES, so the slot has a dirty bitmap."""
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def readonly(self) -> bool:
+        """KVM_MEM_READONLY."""
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    def hva(self, gfn: int) -> int:
+        """__gfn_to_hva_memslot()."""
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+
+def mark_page_dirty(kvm: Kvm, gfn: int) -> None:
+    """mark_page_dirty_in_slot(): set the gfn's bit when its slot logs dirty pages."""
+    slot = kvm.slot_of(gfn)
+    if slot is not None and slot.dirty_tracked:
+        slot.dirty.add(gfn - slot.base_gfn)
+
+
+def ghost_kvm_write(kvm: Kvm, gfn: int) -> None:
+    """Ghost state for the DIRTY-LOG-COMPLETE oracle: a KVM path changed this gfn's data or tags."""
+    slot = kvm.slot_of(gfn)
+    if slot is not None and slot.id in kvm.ghost_written:
+        kvm.ghost_written[slot.id].add(gfn - slot.base_gfn)

@@ -35,7 +35,16 @@ import itertools
 import secrets
 from typing import TYPE_CHECKING
 
-from hypervisor.kvm.kvm_host import IPA_BITS_MAX, IPA_BITS_MIN, KVM_MAX_VCPUS, Kvm, Vcpu, kvm_has_mte
+from hypervisor.kvm.kvm_host import (
+    IPA_BITS_MAX,
+    IPA_BITS_MIN,
+    KVM_DIRTY_LOG_MANUAL_CAPS,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_MAX_VCPUS,
+    Kvm,
+    Vcpu,
+    kvm_has_mte,
+)
 from hypervisor.kvm.mmu import kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
 from hypervisor.locks import ModelMutex
 from shared.errno import KernelError
@@ -86,8 +95,6 @@ class KvmState:
         if cap == "arm-mte":
             return int(self.k.mte)  # system_supports_mte()
         if cap == "manual-dirty-log-protect2":
-            from hypervisor.kvm.memslot import KVM_DIRTY_LOG_MANUAL_CAPS
-
             return KVM_DIRTY_LOG_MANUAL_CAPS  # ENABLE | INITIALLY_SET = 3
         return 0
 
@@ -105,8 +112,6 @@ class KvmState:
         if flags:
             raise KernelError("EINVAL", f"KVM_ENABLE_CAP: flags must be 0 (got {flags:#x})")
         if cap == "manual-dirty-log-protect2":
-            from hypervisor.kvm.memslot import KVM_DIRTY_LOG_MANUAL_CAPS, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-
             arg0 = args[0] if args else 0
             allowed = KVM_DIRTY_LOG_MANUAL_CAPS if arg0 & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE \
                 else KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE

@@ -41,9 +41,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import attrs
-
-from hypervisor.kvm.kvm_host import Kvm, kvm_has_mte
+from hypervisor.kvm.kvm_host import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_USER_MEM_SLOTS,
+    Kvm,
+    Memslot,
+    kvm_has_mte,
+)
+from hypervisor.kvm.mmu import kvm_arch_flush_shadow_memslot, kvm_arch_mmu_enable_log_dirty_pt_masked, kvm_mmu_wp_memory_region
 from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
@@ -51,45 +58,7 @@ from shared.mte import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
 
-KVM_USER_MEM_SLOTS = 32767  # KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (0 on arm64)
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_MEM_READONLY = 1 << 1
-#: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 options (args[0] of KVM_ENABLE_CAP).
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
-KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 FLAG_BITS = {"log-dirty-pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}
-
-
-@attrs.define(eq=False)
-class Memslot:
-    """struct kvm_memory_slot."""
-
-    id: int
-    base_gfn: int
-    npages: int
-    userspace_addr: int
-    flags: int = 0
-    dirty: set = attrs.Factory(set)  # the dirty bitmap, as page indexes in the slot
-
-    @property
-    def logging(self) -> bool:
-        """kvm_slot_dirty_track_enabled() && !READONLY (memslot_is_logging)."""
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES) and not self.flags & KVM_MEM_READONLY
-
-    @property
-    def dirty_tracked(self) -> bool:
-        """kvm_slot_dirty_track_enabled(): KVM_MEM_LOG_DIRTY_PAGES, so the slot has a dirty bitmap."""
-        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
-
-    @property
-    def readonly(self) -> bool:
-        """KVM_MEM_READONLY."""
-        return bool(self.flags & KVM_MEM_READONLY)
-
-    def hva(self, gfn: int) -> int:
-        """__gfn_to_hva_memslot()."""
-        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
 
 
 def _flags(names) -> int:
@@ -129,8 +98,6 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
     Raises:
         KernelError: see the module docstring.
     """
-    from hypervisor.kvm.mmu import kvm_arch_flush_shadow_memslot, kvm_mmu_wp_memory_region
-
     flags = _flags(flag_names_)
     if slot_id >= KVM_USER_MEM_SLOTS:
         raise KernelError("EINVAL", f"memslot id {slot_id} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
@@ -207,20 +174,6 @@ def _set_logging(kvm: Kvm, slot: Memslot, on: bool) -> None:
         del kvm.ghost_written[slot.id]
 
 
-def mark_page_dirty(kvm: Kvm, gfn: int) -> None:
-    """mark_page_dirty_in_slot(): set the gfn's bit when its slot logs dirty pages."""
-    slot = kvm.slot_of(gfn)
-    if slot is not None and slot.dirty_tracked:
-        slot.dirty.add(gfn - slot.base_gfn)
-
-
-def ghost_kvm_write(kvm: Kvm, gfn: int) -> None:
-    """Ghost state for the DIRTY-LOG-COMPLETE oracle: a KVM path changed this gfn's data or tags."""
-    slot = kvm.slot_of(gfn)
-    if slot is not None and slot.id in kvm.ghost_written:
-        kvm.ghost_written[slot.id].add(gfn - slot.base_gfn)
-
-
 def _logging_slot(kvm: Kvm, slot_id: int, ioctl: str) -> Memslot:
     """The memslot a dirty-log ioctl names: EINVAL past KVM_USER_MEM_SLOTS, ENOENT if missing or not logging."""
     if slot_id >= KVM_USER_MEM_SLOTS:
@@ -243,8 +196,6 @@ async def kvm_vm_ioctl_get_dirty_log(k: Kernel, kvm: Kvm, slot_id: int) -> list[
         KernelError: EINVAL for a slot id past KVM_USER_MEM_SLOTS; ENOENT when
             the slot does not exist or has no dirty bitmap.
     """
-    from hypervisor.kvm.mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
-
     async with kvm.slots_lock.held():
         slot = _logging_slot(kvm, slot_id, "KVM_GET_DIRTY_LOG")
         k.oracle.check_dirty_log(kvm, slot)
@@ -269,8 +220,6 @@ async def kvm_vm_ioctl_clear_dirty_log(k: Kernel, kvm: Kvm, slot_id: int, first:
             of 64 short of the slot's end; ENOENT when the slot does not exist
             or has no dirty bitmap.
     """
-    from hypervisor.kvm.mmu import kvm_arch_mmu_enable_log_dirty_pt_masked
-
     async with kvm.slots_lock.held():
         if slot_id >= KVM_USER_MEM_SLOTS:
             raise KernelError("EINVAL", f"KVM_CLEAR_DIRTY_LOG: slot id {slot_id} >= KVM_USER_MEM_SLOTS")

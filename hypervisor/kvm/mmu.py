@@ -38,9 +38,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.kvm.kvm_host import Kvm, S2Entry, Vcpu, kvm_has_mte
+from hypervisor.kvm.kvm_host import Kvm, Memslot, S2Entry, Vcpu, ghost_kvm_write, kvm_has_mte, mark_page_dirty
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.kvm.memslot import Memslot, ghost_kvm_write, mark_page_dirty
 from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
