@@ -21,8 +21,8 @@ from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
-from shared.abi import MAX_IO, OPS, AbiError, bind, validate_args
-from shared.errno import KernelError
+from shared.abi import MAX_IO, OPS, bind, validate_args
+from shared.errno import ENOSYS, ErrnoError, KernelError
 from shared.mte import PAGE_SIZE, page_align_up
 
 if TYPE_CHECKING:
@@ -151,14 +151,25 @@ async def sys_batch(k: Kernel, t: Task, a) -> list:
                if op in OPS and OPS[op].returns in ("bytes", "tags") and isinstance(args.get("size"), int))
     if want > MAX_IO:
         raise KernelError("E2BIG", f"batch: {want} bytes of replies exceed the {MAX_IO} one reply may carry")
-    out = []
-    for op, args in a["ops"]:
+    async def run(op, args):
         if op not in PROCESS_OPS:
-            out.append([False, 38, f"{op!r} is not a process op"])
-            continue
+            raise KernelError(ENOSYS, f"{op!r} is not a process op")
+        return await PROCESS_OPS[op](k, t, validate_args(op, args))
+
+    return await run_batch(a["ops"], run)
+
+
+async def run_batch(ops, run) -> list:
+    """The one batch loop (``batch``, ``vcpu-batch``): ``await run(op, args)`` for each op in order.
+
+    Each result is ``[True, value, fault]``, or ``[False, errno, message]`` for an
+    :class:`~shared.errno.ErrnoError` (the batch goes on).
+    """
+    out = []
+    for op, args in ops:
         try:
-            r = await PROCESS_OPS[op](k, t, validate_args(op, args))
-        except (KernelError, AbiError) as exc:
+            r = await run(op, args)
+        except ErrnoError as exc:
             out.append([False, exc.errno, exc.message])
             continue
         if isinstance(r, AccessResult):
@@ -236,19 +247,12 @@ async def vcpu_access(k, vcpu, a):
 
 async def vcpu_batch(k, vcpu, a):
     """Run vcpu-access ops in order; each result is ``[ok, value or errno, fault]`` (as ``batch``)."""
-    out = []
-    for op, args in a["ops"]:
+    async def run(op, args):
         if op != "vcpu-access":
-            out.append([False, 38, f"{op!r} cannot be batched on a vCPU"])
-            continue
-        try:
-            args = dict(args, vcpu=vcpu.index)
-            r = await vcpu_access(k, vcpu, validate_args(op, args))
-        except (KernelError, AbiError) as exc:
-            out.append([False, exc.errno, exc.message])
-            continue
-        out.append([True, r.value, r.fault])
-    return out
+            raise KernelError(ENOSYS, f"{op!r} cannot be batched on a vCPU")
+        return await vcpu_access(k, vcpu, validate_args(op, dict(args, vcpu=vcpu.index)))
+
+    return await run_batch(a["ops"], run)
 
 
 VCPU_OPS = {"vcpu-access": vcpu_access, "vcpu-batch": vcpu_batch}
