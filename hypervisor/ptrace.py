@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from hypervisor.process import Task
 
 #: Test-only: the old ordering (no page reference across the scheduling point), so
-#: tests/unit/test_lost_tag_races.py can show the ghost catches the lost poke.
+#: tests/unit/hypervisor/test_lost_tag_races.py can show the ghost catches the lost poke.
 _OLD_ORDERING = False
 
 

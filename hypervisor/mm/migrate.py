@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from hypervisor.mm_types import MM
 
 #: Test-only: the old ordering (copy first, check references only at the freeze), so
-#: tests/unit/test_lost_tag_races.py can show the ghost catches the COPY_TAGS write it loses.
+#: tests/unit/hypervisor/test_lost_tag_races.py can show the ghost catches the COPY_TAGS write it loses.
 _OLD_ORDERING = False
 
 

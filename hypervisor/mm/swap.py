@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
     from hypervisor.mm_types import MM
 
-#: Test-only: the old orderings, so tests/unit/test_lost_tag_races.py can show the ghost
+#: Test-only: the old orderings, so tests/unit/hypervisor/test_lost_tag_races.py can show the ghost
 #: catches what they lose: tags saved before the unmap with a scheduling point between
 #: (``_OLD_ORDERING``), and tags restored only by the context that read the page from swap
 #: (``_OLD_SWAPIN``).

@@ -10,7 +10,7 @@ stops showing a finding, either the model drifted from the kernel or the
 kernel code it follows changed, and the findings page must be revisited.
 
 The 1 GiB trigger (262144 modelled frames per folio) runs with ``MTEKVM_SLOW=1``
-only; tests/unit/test_hugetlb.py covers it in-process.
+only; tests/unit/hypervisor/mm/test_hugetlb.py covers it in-process.
 """
 
 from __future__ import annotations

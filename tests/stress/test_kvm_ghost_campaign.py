@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
 from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.errno import KernelError  # noqa: E402
-from unit_support import RWM, Proc, Vm, frame_problems, invariants, run_once  # noqa: E402
+from support import RWM, Proc, Vm, frame_problems, invariants, run_once  # noqa: E402
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 SEEDS = 1000 if SLOW else 24

@@ -16,7 +16,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte import MTE_CTRL_TCF_ASYMM, MTE_CTRL_TCF_ASYNC, MTE_CTRL_TCF_SYNC, MteCtrl, mte_update_sctlr_user
 from shared.mte import tagged_pointer
 
-from unit_support import RW, RWM, Proc, expect_errno, invariants
+from support import RW, RWM, Proc, expect_errno, invariants
 
 PAGE = 4096
 

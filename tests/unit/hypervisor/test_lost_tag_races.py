@@ -21,7 +21,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.syscalls import host_migrate_pages, host_swap_out
 from shared.mte import HPAGE_SIZE
 
-from unit_support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
+from support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -505,7 +505,7 @@ class TestPrivateHugetlbAfterFork:
 
     async def test_dontneed_on_hugetlb_takes_whole_huge_pages(self):
         """MADV_DONTNEED on hugetlb: an unaligned start is EINVAL, a short length rounds down to nothing, a whole page reads fresh."""
-        from unit_support import expect_errno
+        from support import expect_errno
 
         k = Kernel()
         p = Proc.new(k, "P")

@@ -13,7 +13,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED
 from shared.mte import tagged_pointer
 
-from unit_support import RW, RWM, Proc, expect_errno
+from support import RW, RWM, Proc, expect_errno
 
 
 def kernel_and_proc(**kw) -> tuple[Kernel, Proc]:

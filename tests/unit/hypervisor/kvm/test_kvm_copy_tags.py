@@ -20,7 +20,7 @@ from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
 from shared.mte import HPAGE_SIZE
 
-from unit_support import RWM, Vm, expect_errno, invariants
+from support import RWM, Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000

@@ -9,7 +9,7 @@ from hypervisor.syscalls import host_migrate_pages, host_swap_out
 from hypervisor.fork import do_exit
 from hypervisor.mm_types import MemObject
 
-from unit_support import RW, RWM, Proc, Vm, invariants
+from support import RW, RWM, Proc, Vm, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -198,7 +198,7 @@ class TestGupWriteAcrossFork:
 
     async def test_copy_tags_to_guest_racing_fork_is_seen_by_both(self):
         """COPY_TAGS TO_GUEST that got its page before the VMM forked writes the frame both now map; the ghost agrees."""
-        from unit_support import phases, run_once
+        from support import phases, run_once
 
         async def setup(k):
             vm = await Vm.create(k)
@@ -224,7 +224,7 @@ class TestGupWriteAcrossFork:
 
     async def test_a_cow_copy_made_before_the_write_may_miss_it(self):
         """The child's CoW copy taken before the pre-fork GUP write lands keeps the old tags; the ghost accepts either."""
-        from unit_support import phases, run_once
+        from support import phases, run_once
 
         async def setup(k):
             vm = await Vm.create(k)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from hypervisor.kernel import Kernel
 from shared.mte import HPAGE_SIZE
 
-from unit_support import Vm, expect_errno, invariants
+from support import Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000

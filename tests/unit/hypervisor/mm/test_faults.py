@@ -15,7 +15,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
 from hypervisor.arm64.tags import ZERO_TAGS, write_tags
 
-from unit_support import RW, RWM, Proc, invariants
+from support import RW, RWM, Proc, invariants
 
 PAGE = 4096
 

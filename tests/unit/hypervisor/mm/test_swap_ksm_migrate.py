@@ -20,7 +20,7 @@ from hypervisor.arm64.tags import write_tags
 from shared.abi import validate_args
 from shared.mte import HPAGE_SIZE
 
-from unit_support import RW, RWM, Proc, expect_errno, frame_problems, invariants, phases, run_once
+from support import RW, RWM, Proc, expect_errno, frame_problems, invariants, phases, run_once
 
 PAGE = 4096
 PATTERN = [(i * 7) % 16 for i in range(256)]  # a distinct tag per granule

@@ -1,10 +1,10 @@
 """KVM races under controlled interleavings (reference 2.3(b), 2.3(e), 4.4 locking, section 5).
 
 Each scenario runs two kernel contexts over one page. The smaller ones are
-checked under every interleaving (:func:`unit_support.explore`); the larger
+checked under every interleaving (:func:`support.explore`); the larger
 ones, whose full trees run to tens of thousands of schedules, under every
 interleaving with at most two or three preemptions
-(:func:`unit_support.explore_bounded`; each race below needs one), plus a
+(:func:`support.explore_bounded`; each race below needs one), plus a
 batch of seeded random, unbounded schedules. The fixed model must keep the
 invariants in all of them, and the bug-zoo switch that reintroduces each race
 must break them in at least one:
@@ -39,7 +39,7 @@ from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
 from shared.errno import KernelError
 
-from unit_support import RWM, Vm, explore, explore_bounded, run_once
+from support import RWM, Vm, explore, explore_bounded, run_once
 
 PAGE = 4096
 RAM = 0x4000_0000

@@ -16,7 +16,7 @@ through any other mapping zeros (RAZ); every process runs with TCF sync and
 all tags included, so a store through a pointer with the expected tag must
 never fault and one with a wrong tag must fault without being performed.
 After every step ``k.oracle.check_state()`` must be empty and the frames'
-bookkeeping sound (``unit_support.frame_problems``).
+bookkeeping sound (``support.frame_problems``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_ou
 from shared.errno import KernelError
 from shared.mte import tagged_pointer
 
-from unit_support import Proc, frame_problems
+from support import Proc, frame_problems
 
 PAGE = 4096
 MAX_TASKS = 4

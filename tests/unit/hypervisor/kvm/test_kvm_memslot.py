@@ -17,7 +17,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED
 from shared.mte import HPAGE_SIZE
 
-from unit_support import RW, Vm, expect_errno, invariants
+from support import RW, Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000

@@ -3,7 +3,7 @@
 Reference section 2.2: ``try_page_mte_tagging`` test-and-sets PG_mte_lock; the
 one winner initialises the tags and calls ``set_page_mte_tagged``; losers
 wait until PG_mte_tagged and return False. Each scenario below is run under
-*every* schedule the ControlledScheduler can produce (tests/unit/unit_support.py
+*every* schedule the ControlledScheduler can produce (tests/unit/support.py
 ``explore``), and the invariants are stated once, as the ``assert_*`` helpers.
 The historical bug modes (``no-tag-lock``, ``flag-before-init``) must break
 them in at least one interleaving.
@@ -31,7 +31,7 @@ from hypervisor.page import Page
 from hypervisor.arm64.tags import ZERO_TAGS, mte_clear_page_tags, read_tags, write_tags
 from shared.errno import Deadlock
 
-from unit_support import explore, invariants, run_once
+from support import explore, invariants, run_once
 
 ACTORS = {2: ("a", "b"), 3: ("a", "b", "c")}
 

@@ -17,7 +17,7 @@ from hypervisor.fork import do_exit
 from hypervisor.kvm.kvm_host import kvm_has_mte
 from shared.errno import KernelError
 
-from unit_support import Proc, Vm, expect_errno, invariants
+from support import Proc, Vm, expect_errno, invariants
 
 RAM = 0x4000_0000
 

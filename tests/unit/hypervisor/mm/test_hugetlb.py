@@ -26,7 +26,7 @@ from hypervisor.kernel import Kernel
 from hypervisor.fork import do_exit
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 
-from unit_support import RW, RWM, Proc, Vm, expect_errno, invariants, run_until_then, run_once
+from support import RW, RWM, Proc, Vm, expect_errno, invariants, run_until_then, run_once
 
 PAGE = 4096
 K64, M2, M32, G1 = 64 << 10, 2 << 20, 32 << 20, 1 << 30
