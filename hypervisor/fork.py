@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 from hypervisor.arm64.mte import MteCtrl
 from hypervisor.mm.memory import copy_page_range, zap_pte_range
 from hypervisor.mm.mmap import remove_vma
-from hypervisor.mm_types import MM
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.mm_types import VM_SHARED
+from hypervisor.mm_types import MM, VM_SHARED
 from shared.mte import TASK_SIZE
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ async def exit_mmap(k: Kernel, mm: MM) -> None:
 
 
 async def do_exit(k: Kernel, task: Task) -> None:
-    """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the address space."""
+    """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the mm."""
     await k.kvm.release_task(task)
     await exit_mmap(k, task.mm)
     k.tasks.pop(task.pid, None)

@@ -63,8 +63,8 @@ from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import shared_tags
-from hypervisor.page import Page
 from hypervisor.mm_types import VM_SHARED, MemObject
+from hypervisor.page import Page
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE, unpack_tags
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class Entry:
         self.tags = tags  # immutable: shared between copies (and one object per uniform page, shared_tags)
         self.data = data
 
-    def copy(self) -> "Entry":
+    def copy(self) -> Entry:
         """A private copy (fork, first private write over an object); the immutable tags are shared."""
         return Entry(self.tags, self.data)
 

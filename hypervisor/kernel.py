@@ -16,14 +16,14 @@ from __future__ import annotations
 import itertools
 import secrets
 
-from hypervisor.kvm.kvm_main import KvmState
-from hypervisor.mm_types import MM
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.kvm.kvm_main import KvmState
+from hypervisor.mm.swap import SwapDevice
+from hypervisor.mm_types import MM
 from hypervisor.oracles import Oracle
 from hypervisor.page import PageAllocator
 from hypervisor.process import Task
 from hypervisor.sched import FreeScheduler, Scheduler
-from hypervisor.mm.swap import SwapDevice
 from shared.bugs import check_bug_names, check_kernel_fix_names
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT

@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.ghost import Ghost
 from hypervisor.kvm.kvm_host import kvm_has_mte
-from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED, VM_READ, arch_validate_flags, flag_names
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
-from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED, VM_READ, arch_validate_flags, flag_names
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

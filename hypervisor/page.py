@@ -60,8 +60,8 @@ class Page:
     refcount: int = 0
     mapcount: int = 0
     zone: str = "normal"  # "normal", "zero" (ZERO_PAGE) or "device" (PFNMAP, no struct page in Linux)
-    head: "Page | None" = None  # hugetlb: the folio's head page (itself for the head)
-    subpages: "list[Page] | None" = None  # hugetlb head only
+    head: Page | None = None  # hugetlb: the folio's head page (itself for the head)
+    subpages: list[Page] | None = None  # hugetlb head only
     rmap: Rmap = attrs.Factory(Rmap)  # (mm, vpn) of the PTEs mapping this frame
     mapping: object | None = None  # page-cache owner (a shmem/file object) or None for anon
     index: int = 0
@@ -83,7 +83,7 @@ class Page:
         return self.head is not None
 
     @property
-    def folio(self) -> "Page":
+    def folio(self) -> Page:
         """page_folio(): the head page for hugetlb, else the page itself."""
         return self.head if self.head is not None else self
 
@@ -108,7 +108,7 @@ class Page:
         """
         return self.refcount > self.mapcount + (self.mapping is not None) + (self.swap_entry is not None) + held
 
-    def copy_data_from(self, src: "Page") -> None:
+    def copy_data_from(self, src: Page) -> None:
         """copy_page(): the data only."""
         self.data = None if src.data is None else bytearray(src.data)
 

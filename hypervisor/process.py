@@ -6,8 +6,8 @@ import random
 
 import attrs
 
-from hypervisor.mm_types import MM
 from hypervisor.arm64.mte import MteCtrl
+from hypervisor.mm_types import MM
 
 
 @attrs.define(eq=False)

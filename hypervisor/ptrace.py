@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.ghost import loc_of
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.mm_types import VM_MTE
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_MASK, MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE

@@ -8,17 +8,18 @@ raised a modelled architectural event; errors are :class:`KernelError`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from hypervisor.access.user import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
-from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.access.vcpu import guest_memory_access
-from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
+from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.fork import copy_process
+from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
+from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
-from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import MAX_IO, OPS, bind, validate_args

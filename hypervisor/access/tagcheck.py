@@ -21,7 +21,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 

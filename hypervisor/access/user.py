@@ -34,10 +34,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
-from hypervisor.ghost import loc_of
-from hypervisor.mm.memory import handle_mm_fault
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.tags import read_tags, write_tags
+from hypervisor.ghost import loc_of
+from hypervisor.mm.memory import handle_mm_fault
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
 

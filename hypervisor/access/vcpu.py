@@ -33,10 +33,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
+from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm.kvm_host import Vcpu, kvm_has_mte
 from hypervisor.kvm.mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
-from hypervisor.arm64.tags import read_tags, write_tags
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 

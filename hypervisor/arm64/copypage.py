@@ -21,8 +21,8 @@ from hypervisor.arm64.mte_lock import (
     set_page_mte_tagged,
     try_page_mte_tagging,
 )
-from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_copy_page_tags
+from hypervisor.page import Page
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import page_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
-from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_restore_page_tags, mte_save_page_tags
+from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import unpack_tags
 

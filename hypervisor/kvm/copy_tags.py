@@ -36,9 +36,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.ghost import loc_of_ipa
-from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
-from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_test_hugetlb_mte_tagged,
@@ -47,8 +44,11 @@ from hypervisor.arm64.mte_lock import (
     set_page_mte_tagged,
     try_page_mte_tagging,
 )
-from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, write_tags
+from hypervisor.ghost import loc_of_ipa
+from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
+from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
+from hypervisor.page import Page
 from shared.abi import MAX_IO
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE

@@ -50,7 +50,11 @@ from hypervisor.kvm.kvm_host import (
     Memslot,
     kvm_has_mte,
 )
-from hypervisor.kvm.mmu import kvm_arch_flush_shadow_memslot, kvm_arch_mmu_enable_log_dirty_pt_masked, kvm_mmu_wp_memory_region
+from hypervisor.kvm.mmu import (
+    kvm_arch_flush_shadow_memslot,
+    kvm_arch_mmu_enable_log_dirty_pt_masked,
+    kvm_mmu_wp_memory_region,
+)
 from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE

@@ -38,18 +38,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.kvm.kvm_host import Kvm, Memslot, S2Entry, Vcpu, ghost_kvm_write, kvm_has_mte, mark_page_dirty
-from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
     set_page_mte_tagged,
     try_page_mte_tagging,
 )
-from hypervisor.page import Page
 from hypervisor.arm64.tags import mte_clear_page_tags
+from hypervisor.kvm.kvm_host import Kvm, Memslot, S2Entry, Vcpu, ghost_kvm_write, kvm_has_mte, mark_page_dirty
+from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.mm_types import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
+from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 

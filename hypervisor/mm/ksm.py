@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hypervisor.mm.memory import get_page, put_page
-from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.arm64.mte import memcmp_pages
 from hypervisor.arm64.mte_lock import page_mte_tagged
+from hypervisor.mm.memory import get_page, put_page
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import VM_MERGEABLE
 from shared.mte import PAGE_SHIFT
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.copypage import copy_user_highpage
-from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.arm64.mte import mte_sync_tags, tag_clear_highpage
-from hypervisor.page import Page
+from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
+from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 

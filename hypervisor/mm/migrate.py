@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from hypervisor.arm64.copypage import copy_highpage
 from hypervisor.mm.memory import get_page, put_page, set_pte_at
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from shared.mte import PAGE_SHIFT
-from hypervisor.page import Page
 from hypervisor.mm_types import Pte
+from hypervisor.page import Page
+from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 
 from hypervisor.mm.memory import put_page, set_pte_at, zap_pte_range
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.page import Page
 from hypervisor.mm_types import (
     MM,
     OBJECT_KIND,
@@ -46,6 +45,7 @@ from hypervisor.mm_types import (
     arch_validate_flags,
     flag_names,
 )
+from hypervisor.page import Page
 from shared.abi import HUGEPAGE_SIZES
 from shared.errno import KernelError
 from shared.mte import HPAGE_SIZE, PAGE_SHIFT, PAGE_SIZE, TASK_SIZE, page_align_up

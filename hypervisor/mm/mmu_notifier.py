@@ -11,7 +11,8 @@ the model because no scheduling point separates the call from the change).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 

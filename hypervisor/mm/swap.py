@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from hypervisor.arm64.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.mm.memory import put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.arm64.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
-from hypervisor.page import Page
 from hypervisor.mm_types import MemObject, Pte
+from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
