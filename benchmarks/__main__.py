@@ -14,8 +14,8 @@ import attrs
 import msgpack
 import trio
 
-from shared.transport import open_connection
 from mtekvm.links import ProcessHost, start_listening_process, stop_process
+from shared.transport import open_connection
 
 MiB = 1 << 20
 GRANULE = 16
@@ -80,7 +80,7 @@ class LeanClient:
         self.ids = 0
 
     @classmethod
-    async def open(cls, address: str, hello: dict | None = None) -> "LeanClient":
+    async def open(cls, address: str, hello: dict | None = None) -> LeanClient:
         c = cls(await open_connection(address))
         if hello is not None:
             await c.call("hello", hello)
@@ -93,7 +93,7 @@ class LeanClient:
             except StopIteration:
                 data = await self.stream.receive_some(256 * 1024)
                 if not data:
-                    raise ConnectionError("connection closed")
+                    raise ConnectionError("connection closed") from None
                 self.unpacker.feed(data)
 
     async def call(self, op: str, args: dict | None = None) -> dict:
@@ -511,11 +511,11 @@ def print_table(rows: list[Row], out=sys.stdout) -> None:
              _fmt_ratio(r.ratio)) for r in rows]
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     line = "  ".join("-" * w for w in widths)
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)), file=out)
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=False)), file=out)
     print(line, file=out)
     for b in body:
-        print("  ".join((c.rjust(w) if i in (2, 4, 5) else c.ljust(w)) for i, (c, w) in enumerate(zip(b, widths))),
-              file=out)
+        cells = enumerate(zip(b, widths, strict=False))
+        print("  ".join((c.rjust(w) if i in (2, 4, 5) else c.ljust(w)) for i, (c, w) in cells), file=out)
 
 
 async def run(args) -> list[Row]:

@@ -105,11 +105,11 @@ def tfsr_bit(va: int) -> int:
     return TFSR_TF1 if (va >> (MTE_TAG_SHIFT - 1)) & 1 else TFSR_TF0
 
 
-def _rng_for(self: "VcpuRegs") -> random.Random:
+def _rng_for(self: VcpuRegs) -> random.Random:
     return random.Random(self.index)
 
 
-def _mair_for(self: "VcpuRegs") -> int:
+def _mair_for(self: VcpuRegs) -> int:
     return boot_mair(self.has_mte)
 
 

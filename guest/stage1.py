@@ -55,7 +55,7 @@ class Extent:
         """The first VA after the extent."""
         return self.va + self.size
 
-    def clip(self, start: int, end: int) -> "Extent | None":
+    def clip(self, start: int, end: int) -> Extent | None:
         """The part of the extent inside ``[start, end)`` (None if empty)."""
         lo, hi = max(self.va, start), min(self.end, end)
         if lo >= hi:

@@ -26,7 +26,8 @@ Errors (Linux errno values, as the kernel would return them):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 
@@ -39,7 +40,8 @@ U64_MAX = (1 << 64) - 1
 
 
 class AbiError(ErrnoError):
-    """A request that does not fit its op's definition (``errno``: the reply's; ``message`` names the op and argument)."""
+    """A request that does not fit its op's definition (``errno``: the reply's; ``message`` names the op and
+    argument)."""
 
 
 def _u64(v):

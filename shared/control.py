@@ -29,9 +29,39 @@ from __future__ import annotations
 
 import attrs
 
-from shared.abi import (ACCESS_KINDS, ADDR, BACKINGS, BOOL, BYTES, IO_SIZE, MAP, MASK16, MAX_IO, MEMSLOT_FLAGS,
-                        NAME, OPS, SEG_ATTRS, SIZE, U64, U64_PAIR, U64LIST, F, Kind, OpDef, _bool, _enum,
-                        _hugepage_size, _opt, _str, _u64, enum, flags, known_name, ops_of, opt)
+from shared.abi import (
+    ACCESS_KINDS,
+    ADDR,
+    BACKINGS,
+    BOOL,
+    BYTES,
+    IO_SIZE,
+    MAP,
+    MASK16,
+    MAX_IO,
+    MEMSLOT_FLAGS,
+    NAME,
+    OPS,
+    SEG_ATTRS,
+    SIZE,
+    U64,
+    U64_PAIR,
+    U64LIST,
+    F,
+    Kind,
+    OpDef,
+    _bool,
+    _enum,
+    _hugepage_size,
+    _opt,
+    _str,
+    _u64,
+    enum,
+    flags,
+    known_name,
+    ops_of,
+    opt,
+)
 from shared.mte import TCF_MODES
 
 

@@ -29,7 +29,7 @@ import os
 import stat
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 #: Seconds a child whose parent died may take to stop cleanly before it exits hard.
 GRACE = 3.0

@@ -48,7 +48,8 @@ import contextvars
 import logging
 import traceback
 import types
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 

@@ -79,7 +79,8 @@ class ConnectionClosed(WireError):
 
 
 class RemoteError(ErrnoError):
-    """A request failed on the far side with a Linux errno (``errno``, ``name``, ``message``: what the far side said)."""
+    """A request failed on the far side with a Linux errno (``errno``, ``name``, ``message``: what the far side
+    said)."""
 
 
 @attrs.frozen
@@ -228,9 +229,9 @@ def _build_header_table() -> tuple:
     t[0xC4], t[0xC5], t[0xC6] = (2, "body", 1), (3, "body", 2), (5, "body", 4)
     t[0xC7], t[0xC8], t[0xC9] = (3, "ext", 1), (4, "ext", 2), (6, "ext", 4)
     t[0xCA], t[0xCB] = (1, "fixed", 4), (1, "fixed", 8)
-    for b, n in zip(range(0xCC, 0xD4), (1, 2, 4, 8, 1, 2, 4, 8)):
+    for b, n in zip(range(0xCC, 0xD4), (1, 2, 4, 8, 1, 2, 4, 8), strict=True):
         t[b] = (1, "fixed", n)
-    for b, n in zip(range(0xD4, 0xD9), (2, 3, 5, 9, 17)):
+    for b, n in zip(range(0xD4, 0xD9), (2, 3, 5, 9, 17), strict=True):
         t[b] = (1, "fixed", n)
     t[0xD9], t[0xDA], t[0xDB] = (2, "body", 1), (3, "body", 2), (5, "body", 4)
     t[0xDC], t[0xDD], t[0xDE], t[0xDF] = (3, "array", 2), (5, "array", 4), (3, "map", 2), (5, "map", 4)

@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         except ValueError as exc:
             p.error(str(exc))
     path = parse_address(args.listen)[1]
-    if args.remove_dir and os.path.realpath(os.path.dirname(os.path.abspath(path))) != os.path.realpath(args.remove_dir):
+    socket_dir = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    if args.remove_dir and socket_dir != os.path.realpath(args.remove_dir):
         p.error("--remove-dir must be the folder holding the --listen socket (it is removed on exit)")
     secret = os.environ.get("MTEKVM_SECRET") or None
     try:

@@ -27,7 +27,7 @@ memslot or outside the device window, EINVAL for a malformed MMIO access.
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 
