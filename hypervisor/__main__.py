@@ -28,8 +28,8 @@ import trio
 from hypervisor.kernel import Kernel
 from hypervisor.server import Hypervisor
 from shared import lifeline
-from shared.transport import AddressError, listener_address, open_listener, parse_address
 from shared.bugs import BUGS
+from shared.transport import AddressError, listener_address, open_listener, parse_address
 
 
 def _size(text: str) -> int:

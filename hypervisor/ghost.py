@@ -310,7 +310,7 @@ def _same(got: bytes, want: bytes) -> bool:
         return True
     if 0xFF not in want:
         return False
-    return all(w == 0xFF or g == w for g, w in zip(got, want))
+    return all(w == 0xFF or g == w for g, w in zip(got, want, strict=True))
 
 
 def _diff(got: bytes, want: bytes, first: int) -> str:

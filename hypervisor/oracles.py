@@ -113,7 +113,7 @@ class Oracle:
                 frame = self.k.alloc.frames.get(v.pfn)
                 if frame is not None:
                     named.add(frame.folio.pfn)
-        for message, page, key, actor in pending:
+        for message, page, _key, actor in pending:
             if page is not None and (page.pfn in named or page.folio.pfn in named):
                 continue  # a specific invariant already names this loss
             self.violations.append(Violation("TAGS-AS-WRITTEN", message, actor,
@@ -159,8 +159,8 @@ class Oracle:
     def check_copy_tags_read(self, page: Page, flags_before: int) -> None:
         """COPY_TAGS READ changes no page state."""
         if page.folio.flags != flags_before:
-            self.report("COPY_TAGS-READ-OF-UNTAGGED-=-ZEROS", f"KVM_ARM_MTE_COPY_TAGS FROM_GUEST changed the flags of pfn "
-                                                  f"{page.pfn:#x}", page)
+            self.report("COPY_TAGS-READ-OF-UNTAGGED-=-ZEROS",
+                        f"KVM_ARM_MTE_COPY_TAGS FROM_GUEST changed the flags of pfn {page.pfn:#x}", page)
 
     def check_dirty_log(self, kvm, slot) -> None:
         """DIRTY-LOG-COMPLETE: every page a KVM path changed since the last clear is marked dirty."""
@@ -202,7 +202,8 @@ class Oracle:
             mm = task.mm
             for v in mm.vmas:
                 if not arch_validate_flags(v.flags):
-                    self.report("VM_MTE-IMPLIES-VM_MTE_ALLOWED", f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
+                    self.report("VM_MTE-IMPLIES-VM_MTE_ALLOWED",
+                                f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
             for vpn, pte in mm.pt.items():
                 if not pte.present or not pte.tagged or pte.special or pte.page.zone != "normal":
                     continue

@@ -81,7 +81,7 @@ def _tags_reachable(k: Kernel, vcpu: Vcpu, attr: str, entry) -> bool:
 def _check(k, vcpu, segs, entries, tag: int, write: bool, check: str) -> dict | None:
     """The tag check (:func:`~hypervisor.access.tagcheck.mte_check_access`) where the guest reaches tags."""
     spans = [(e.page.tags if _tags_reachable(k, vcpu, attr, e) else None, ipa & (PAGE_SIZE - 1), n)
-             for (ipa, n, attr), e in zip(segs, entries)]
+             for (ipa, n, attr), e in zip(segs, entries, strict=True)]
     m = mte_check_access(spans, tag, check, write)
     if m is None:
         return None
@@ -123,8 +123,8 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
         fault = _check(k, vcpu, segs, entries, tag, False, check)
         if fault and fault["kind"] == "tag-check-fault":
             return AccessResult(None, fault)
-        out = b"".join(e.page.read(ipa & (PAGE_SIZE - 1), n) for (ipa, n, _a), e in zip(segs, entries))
-        for (ipa, _n, _a), e in zip(segs, entries):
+        out = b"".join(e.page.read(ipa & (PAGE_SIZE - 1), n) for (ipa, n, _a), e in zip(segs, entries, strict=True))
+        for (ipa, _n, _a), e in zip(segs, entries, strict=True):
             if e.page.zone == "normal":
                 k.oracle.ghost.check_read_data(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page,
                                                f"guest load on vCPU {vcpu.index}")
@@ -134,7 +134,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
         if fault and fault["kind"] == "tag-check-fault":
             return AccessResult(None, fault)
         pos = 0
-        for (ipa, n, _a), e in zip(segs, entries):
+        for (ipa, n, _a), e in zip(segs, entries, strict=True):
             e.page.write(ipa & (PAGE_SIZE - 1), data[pos:pos + n])
             if e.page.zone == "normal":
                 k.oracle.ghost.data_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page)
@@ -142,7 +142,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
             pos += n
         return AccessResult(None, fault)
     if kind == "stg":
-        for (ipa, n, attr), e in zip(segs, entries):
+        for (ipa, n, attr), e in zip(segs, entries, strict=True):
             if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
                 first, tags = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE)
                 write_tags(k, e.page, first, tags)
@@ -150,7 +150,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
                 note_guest_write(kvm, ipa >> PAGE_SHIFT)
         return AccessResult(None)
     out = bytearray()
-    for (ipa, n, attr), e in zip(segs, entries):
+    for (ipa, n, attr), e in zip(segs, entries, strict=True):
         g = n // MTE_GRANULE_SIZE
         if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
             first = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE

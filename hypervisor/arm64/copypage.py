@@ -40,7 +40,7 @@ async def copy_highpage(k: Kernel, to: Page, frm: Page) -> None:
             return
         await folio_try_hugetlb_mte_tagging(k, to)  # result ignored
         await k.sched.point("copy_highpage:hugetlb_copy")  # between the folio tag lock and the copy
-        for d, s in zip(to.folio.subpages, src.subpages):
+        for d, s in zip(to.folio.subpages, src.subpages, strict=True):
             mte_copy_page_tags(k, d, s)
         folio_set_hugetlb_mte_tagged(k, to)
     elif page_mte_tagged(k, frm):

@@ -178,7 +178,7 @@ async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool =
         pte = mm.pt.get(vpn)
         if pte is not None and pte.migrating:
             # migration_entry_wait(): sleep until the migration finishes
-            await k.sched.wait_until(lambda: mm.pt.get(vpn) is not pte, "migration_entry_wait")
+            await k.sched.wait_until(lambda pte=pte: mm.pt.get(vpn) is not pte, "migration_entry_wait")
             continue
         if pte is None:
             if vma.flags & VM_PFNMAP:

@@ -92,7 +92,7 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
         return 0
     # move_to_new_folio() -> folio_copy() -> copy_highpage() (hugetlb: once, from the head)
     if huge:
-        for n, o in zip(news, olds):
+        for n, o in zip(news, olds, strict=True):
             n.copy_data_from(o)
     await copy_highpage(k, new_head, old)
     await k.sched.point("migrate:copied")
@@ -104,7 +104,7 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
     anon = old.mapping is None
     if not anon:
         obj = old.mapping
-        for n, o in zip(news, olds):
+        for n, o in zip(news, olds, strict=True):
             n.mapping, n.index = o.mapping, o.index
             o.mapping = None
         obj.pages[old.index] = new_head

@@ -191,7 +191,7 @@ def remove_vma(k: Kernel, v: Vma) -> None:
     obj.mappings -= 1
     if obj.mappings == 0 and not obj.named and obj.kind != "device":
         # the last reference to an unnamed object: truncate its page cache
-        for idx, cur in list(obj.pages.items()):
+        for cur in list(obj.pages.values()):
             if isinstance(cur, Page):
                 cur.mapping = None
                 if cur.is_hugetlb:

@@ -176,7 +176,8 @@ class ControlledScheduler(Scheduler):
         key = (last.name, last.decisions)
         choice = self.policy.choose(Decision(tuple(runnable), last.name, default, key, self.decisions))
         if choice not in runnable:
-            raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, which is not runnable")
+            raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, "
+                             "which is not runnable")
         explicit = isinstance(self.policy, Replay) and self.policy.entries.get(key) == choice.name
         if choice is not default or explicit:
             self.preemptions.append((key[0], key[1], choice.name))
