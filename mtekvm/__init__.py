@@ -32,10 +32,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the real imports happen in __getattr__, on first use
-    from mtekvm.hunt import HuntResult, hunt
-    from mtekvm.runner import RunOptions, ScenarioResult, run_scenario
-    from mtekvm.scenario import ScenarioError, SchedulerSpec, load_scenario, parse_scenario
+if TYPE_CHECKING:  # the real imports happen in __getattr__, on first use; "X as X" marks a re-export
+    from mtekvm.hunt import HuntResult as HuntResult
+    from mtekvm.hunt import hunt as hunt
+    from mtekvm.runner import RunOptions as RunOptions
+    from mtekvm.runner import ScenarioResult as ScenarioResult
+    from mtekvm.runner import run_scenario as run_scenario
+    from mtekvm.scenario import ScenarioError as ScenarioError
+    from mtekvm.scenario import SchedulerSpec as SchedulerSpec
+    from mtekvm.scenario import load_scenario as load_scenario
+    from mtekvm.scenario import parse_scenario as parse_scenario
 
 #: Public name -> the module that defines it.
 _PUBLIC = {

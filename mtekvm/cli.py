@@ -56,23 +56,24 @@ import time  # noqa: E402
 
 import trio  # noqa: E402
 
-from hypervisor.sched import parse_schedule
-from shared.bugs import BUGS
-from shared.errno import KernelError
-from shared.wire import RemoteError
-from mtekvm import report
-from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec
-from mtekvm.links import HostStartError
-from mtekvm.report import Problem
-from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error
-from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario
+from hypervisor.sched import parse_schedule  # noqa: E402
+from mtekvm import report  # noqa: E402
+from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec  # noqa: E402
+from mtekvm.links import HostStartError  # noqa: E402
+from mtekvm.report import Problem  # noqa: E402
+from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error  # noqa: E402
+from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario  # noqa: E402
+from shared.bugs import BUGS  # noqa: E402
+from shared.errno import KernelError  # noqa: E402
+from shared.wire import RemoteError  # noqa: E402
 
 
 def version() -> str:
     """mtekvm's version: the source tree's pyproject.toml when running from one (an editable
     install's metadata keeps the version it was installed with), else the installed metadata."""
     import tomllib
-    from importlib.metadata import PackageNotFoundError, version as dist_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
     pyproject = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
     try:
         with open(pyproject, "rb") as f:

@@ -13,7 +13,8 @@ runner, Hypothesis's engine):
    them all with ``collect=True``.
 2. **shrink** (controlled runs): the first failure's schedule is cut to fewer
    preemptions. Each pass tries dropping one preemption (then two adjacent ones:
-   a switch away and the switch back) and replays the rest leniently (an entry whose target is not runnable is skipped); if the run
+   a switch away and the switch back) and replays the rest leniently (an entry
+   whose target is not runnable is skipped); if the run
    still fails with the same first invariant (or step, or missing expected
    violation), the run's own recorded schedule replaces the schedule. Repeats
    until no single drop keeps the failure. Deterministic: the same failure

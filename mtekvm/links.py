@@ -66,7 +66,7 @@ class HostDied(HostStartError, PeerLost):
 #: Seconds a link waits for a process whose connection closed to be reaped (to say how it died).
 REAP_WAIT = 2.0
 #: Private hypervisors by address, so a VMM link whose VMM died can tell whether its host died first.
-_PRIVATE_HOSTS: "weakref.WeakValueDictionary[str, ProcessHost]" = weakref.WeakValueDictionary()
+_PRIVATE_HOSTS: weakref.WeakValueDictionary[str, ProcessHost] = weakref.WeakValueDictionary()
 
 
 def describe_status(returncode: int) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import textwrap
 import xml.etree.ElementTree as ET
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -96,7 +97,7 @@ def table_rows(r: ScenarioResult, width: int = WIDTH) -> list[str]:
         widths[i] -= 1
     out = []
     for row in rows:
-        cells = [_cut(str(c), w).ljust(w) for c, w in zip(row, widths)]
+        cells = [_cut(str(c), w).ljust(w) for c, w in zip(row, widths, strict=False)]
         out.append(("  " + "  ".join(cells)).rstrip())
     return out
 

@@ -37,12 +37,12 @@ import attrs
 import trio
 
 from hypervisor.sched import ControlledScheduler, make_scheduler
-from shared.errno import ScheduleDivergence
-from shared.invariants import canonical
-from shared.wire import Client, RemoteError, WireError
 from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink
 from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 from shared.control import ACTOR_CHANNEL, ACTOR_OPS
+from shared.errno import ScheduleDivergence
+from shared.invariants import canonical
+from shared.wire import Client, RemoteError, WireError
 
 
 class RunError(Exception):
@@ -438,7 +438,7 @@ class _Run:
         return ""
 
     async def teardown(self) -> None:
-        for name, c in self.vmms.items():
+        for c in self.vmms.values():
             with trio.move_on_after(30), trio.CancelScope(shield=True):
                 try:
                     await c.call("shutdown")

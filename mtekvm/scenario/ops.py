@@ -31,12 +31,12 @@ The sugar, and nothing else, is written here (:data:`SUGAR` lists it for the voc
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
-
-from shared.abi import U64_MAX, Field, Kind, OpDef
-from shared.control import ACTOR_OPS
+from collections.abc import Callable
+from typing import Any
 
 from mtekvm.scenario.model import GRANULE, ScenarioError, Where
+from shared.abi import U64_MAX, Field, Kind, OpDef
+from shared.control import ACTOR_OPS
 
 _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE_RE = re.compile(r"([0-9]+) ?(B|KiB|MiB|GiB|TiB)?")

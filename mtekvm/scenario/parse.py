@@ -62,18 +62,24 @@ import os
 import tomllib
 from typing import Any
 
-from shared.abi import BACKINGS
-from shared.bugs import check_bug_names, check_kernel_fix_names
-from shared.control import ACTOR_OPS
-from shared.errno import ERRNO_BY_NAME
-from shared.invariants import ALL as INVARIANTS, canonical
-
 from mtekvm.scenario import ops
-from mtekvm.scenario.model import (FAULT_REPLAY_LIMIT, HUGE_PAGE_SIZE, PAGE_SIZE, Expect, HostSpec,
-                                   MemslotSpec, Parallel, ProcessSpec, Scenario, ScenarioError, SchedulerSpec,
-                                   Step, VmSpec)
+from mtekvm.scenario.model import (
+    FAULT_REPLAY_LIMIT,
+    HUGE_PAGE_SIZE,
+    PAGE_SIZE,
+    Expect,
+    HostSpec,
+    MemslotSpec,
+    Parallel,
+    ProcessSpec,
+    Scenario,
+    ScenarioError,
+    SchedulerSpec,
+    Step,
+    VmSpec,
+)
 from mtekvm.scenario.model import Where as _Where
-from mtekvm.scenario.ops import OPS_BY_KIND, parse_size
+from mtekvm.scenario.ops import OPS_BY_KIND
 from mtekvm.scenario.ops import boolean as _bool
 from mtekvm.scenario.ops import choice as _choice
 from mtekvm.scenario.ops import hugepage_size as _hugepage_size
@@ -82,6 +88,12 @@ from mtekvm.scenario.ops import name as _name
 from mtekvm.scenario.ops import size as _size
 from mtekvm.scenario.ops import string as _str
 from mtekvm.scenario.ops import u64 as _u64
+from shared.abi import BACKINGS
+from shared.bugs import check_bug_names, check_kernel_fix_names
+from shared.control import ACTOR_OPS
+from shared.errno import ERRNO_BY_NAME
+from shared.invariants import ALL as INVARIANTS
+from shared.invariants import canonical
 
 #: Every errno name an ``expect`` may use.
 ERRNO_NAMES: frozenset[str] = frozenset(ERRNO_BY_NAME)
