@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from shared.transport import open_connection
 from shared import wire
+from shared.transport import open_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 20.0

@@ -218,7 +218,8 @@ class TestHugeSizes:
 
 
     async def test_batch_whose_replies_exceed_the_frame_bound(self, hypervisor):
-        """A batch of eight 16 MiB loads (128 MiB of replies, over the 64 MiB frame bound) gets an errno, not a giant frame."""
+        """A batch of eight 16 MiB loads (128 MiB of replies, over the 64 MiB frame bound) gets an errno, not a giant
+        frame."""
         async with hypervisor.framed() as f:
             await hello(f, hypervisor.secret)
             await f.send(wire.request(1, "mmap", {"size": 1 << 30}))
@@ -325,7 +326,8 @@ class TestGarbageOnTheSocket:
         await hypervisor.assert_healthy()
 
     async def test_oversized_bin_is_cut_off_at_the_frame_bound(self, hypervisor):
-        """A peer that streams the body of a 1 GiB bin is disconnected before the hypervisor buffers much past 64 MiB."""
+        """A peer that streams the body of a 1 GiB bin is disconnected before the hypervisor buffers much past 64
+        MiB."""
         chunk = bytes(1 << 20)
         sent = 0
         async with hypervisor.framed() as f:
@@ -344,7 +346,8 @@ class TestGarbageOnTheSocket:
         await hypervisor.assert_healthy()
 
     async def test_frame_of_many_bins_over_the_bound_closes(self, hypervisor):
-        """A 96 MiB request made of six 16 MiB bins (each under the bound, the frame over 64 MiB) closes the connection."""
+        """A 96 MiB request made of six 16 MiB bins (each under the bound, the frame over 64 MiB) closes the
+        connection."""
         chunk = bytes(16 << 20)
         async with hypervisor.framed() as f:
             await hello(f, hypervisor.secret)

@@ -307,7 +307,8 @@ class TestExitStatus:
 
 class TestJson:
     def test_json_report_shape(self, scenario, tmp_path):
-        """--json writes scenarios with name, passed, steps (index, actor, op, expect, outcome, value, passed), violations."""
+        """--json writes scenarios with name, passed, steps (index, actor, op, expect, outcome, value, passed),
+        violations."""
         out = tmp_path / "report.json"
         r = run_cli("run", scenario(PASSING, "p.toml"), scenario(FAILING, "f.toml"), "--json", out)
         assert r.returncode == 1

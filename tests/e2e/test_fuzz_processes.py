@@ -33,13 +33,13 @@ import msgpack
 import pytest
 import trio
 
-from shared.transport import open_connection
+from mtekvm.links import ProcessVmm
 from shared import wire
 from shared.abi import OPS
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL
 from shared.errno import EIO, EPROTO
 from shared.rpc import serve_requests
-from mtekvm.links import ProcessVmm
+from shared.transport import open_connection
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 CONNECTIONS = 20_000 if SLOW else 2_000
@@ -238,7 +238,8 @@ async def fuzz_connections(connect, payload, *, prefix=None, why=lambda: "") -> 
     """Run connections until CONNECTIONS are done or SECONDS have passed; returns how many ran.
 
     ``connect()`` opens a stream; ``payload(r)`` gives its bytes; ``prefix(r)`` (a request, e.g. hello, or None)
-    is sent and must be answered ok first. ``why()`` explains a refused connection (the process's log). Each connection sends its bytes, then EOF, and reads every reply until closed.
+    is sent and must be answered ok first. ``why()`` explains a refused connection (the process's log). Each
+    connection sends its bytes, then EOF, and reads every reply until closed.
     """
     done = 0
     master = random.Random(SEED)

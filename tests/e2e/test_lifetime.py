@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from shared.transport import open_connection
-from shared import lifeline, wire
 from mtekvm.links import HostDied, HostStartError, ProcessHost, ProcessVmm
+from shared import lifeline, wire
+from shared.transport import open_connection
 
 ROOT = Path(__file__).resolve().parents[2]
 MTEKVM = Path(sys.executable).parent / "mtekvm"
@@ -173,7 +173,7 @@ class Run:
             progs = self.programs()
             return progs if sorted(progs.values()) == sorted(expect) else None
 
-        progs = await until(up, f"mtekvm runs {expect}")
+        await until(up, f"mtekvm runs {expect}")
         await trio.sleep(0.5)  # the guest steps are under way
         assert self.proc.poll() is None, "the scenario ended before the test could kill anything"
         return {pid: name for pid, name in self.programs().items()}
@@ -295,7 +295,8 @@ class TestSigkillInsideTheRun:
         await until(lambda: not run.temp_left(), f"the temp folders are removed (left: {run.temp_left()})")
 
     async def test_killed_hypervisor_ends_the_vm_and_the_run_with_one_line(self, mtekvm_run):
-        """SIGKILL of the embedded hypervisor: the VMM and guest exit, `mtekvm run` says so in one line (no traceback)."""
+        """SIGKILL of the embedded hypervisor: the VMM and guest exit, `mtekvm run` says so in one line (no
+        traceback)."""
         run = mtekvm_run()
         progs = await run.wait_vm_up(EMBEDDED)
         hv = next(pid for pid, name in progs.items() if name == "hypervisor")
@@ -420,7 +421,8 @@ class TestEachProgramWatchesItsLifeline:
             proc.stdout.close()
 
     async def test_vmm(self, fresh_hypervisor, tmp_path):
-        """A VMM whose lifeline closes destroys its VM, ends its guest, exits and removes --remove-dir, while controlled."""
+        """A VMM whose lifeline closes destroys its VM, ends its guest, exits and removes --remove-dir, while
+        controlled."""
         hv = fresh_hypervisor
         folder = tmp_path / "vmm"
         folder.mkdir()
@@ -486,7 +488,8 @@ class TestEachProgramWatchesItsLifeline:
 
 class TestInterruptedStart:
     async def test_cancelled_host_start_leaves_no_process_and_no_folder(self, nursery, tmp_path, monkeypatch):
-        """A private hypervisor start cancelled before the child says it listens kills the child and removes its folder."""
+        """A private hypervisor start cancelled before the child says it listens kills the child and removes its
+        folder."""
         hang = tmp_path / "hang.py"
         hang.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(600)\n")  # never says it listens
         hang.chmod(0o700)

@@ -17,10 +17,10 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from mtekvm.links import HostStartError, ProcessVmm
 from shared.errno import ESRCH
 from shared.mte import PAGE_SIZE
 from shared.wire import RemoteError
-from mtekvm.links import HostStartError, ProcessVmm
 
 MiB = 1 << 20
 RAM = 0x4000_0000

@@ -49,7 +49,8 @@ class TestHunt:
         assert res.shrunk is not None and not res.shrunk.passed
 
     async def test_bounded_is_exhausted_clean_on_the_fixed_model(self):
-        """Without the bug every interleaving with at most one preemption runs clean, and the hunt says it covered them."""
+        """Without the bug every interleaving with at most one preemption runs clean, and the hunt says it covered
+        them."""
         res = await hunt(RACE, "bounded:1")
         assert res.passed and res.exhausted
         zero = await hunt(RACE, "bounded:0")

@@ -26,9 +26,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
 
+from support import RWM, Proc, Vm, frame_problems, invariants, run_once  # noqa: E402
+
 from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.errno import KernelError  # noqa: E402
-from support import RWM, Proc, Vm, frame_problems, invariants, run_once  # noqa: E402
 
 SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 SEEDS = 1000 if SLOW else 24
@@ -132,7 +133,7 @@ async def test_campaign(hugetlb):
     """Random KVM interleavings break no invariant (TAGS-AS-WRITTEN included) and leak no frame."""
     for seed in range(SEEDS):
         prng = random.Random(seed * 7 + 1)
-        run, _ = await run_once(scenario(seed, hugetlb), policy=lambda runnable: prng.choice(runnable))
+        run, _ = await run_once(scenario(seed, hugetlb), policy=lambda runnable, prng=prng: prng.choice(runnable))
         assert run.failure is None, (seed, run.failure)
         assert invariants(run.k) == [], (seed, [v.message for v in run.k.oracle.violations][:3])
         assert frame_problems(run.k) == [], seed

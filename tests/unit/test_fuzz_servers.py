@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from guest.agent import GuestAgent
 from hypervisor.kernel import Kernel
 from hypervisor.server import Hypervisor
+from mtekvm.links import InProcessHost, InProcessVmm
 from shared import wire
 from shared.abi import OPS, validate_args
 from shared.control import EXIT_CHANNEL, GUEST_CHANNEL, GUEST_OPS, KVM_OPS, VMM_CONTROL
 from shared.errno import EINVAL, EIO, ENOSYS, EPERM, EPROTO
 from shared.rpc import serve_requests
-from mtekvm.links import InProcessHost, InProcessVmm
 
 SECRET = "fuzz-secret"
 RAM = 0x4000_0000

@@ -85,7 +85,8 @@ class TestEveryOpHasOneForm:
                     assert k in field_keys or k in scenario_ops.SUGAR, (actor, d.name, k)
 
     def test_a_field_added_to_the_declaration_reaches_the_scenario(self):
-        """The scenario parser takes a step's keys from the shared declaration: a bad enum value names the shared options."""
+        """The scenario parser takes a step's keys from the shared declaration: a bad enum value names the shared
+        options."""
         for name, d in KVM_OPS.items():
             enums = [f for f in d.fields if f.kind.name == "enum" and f.required]
             if not enums:

@@ -22,11 +22,17 @@ import trio.testing
 
 from guest.__main__ import run_guest
 from guest.agent import DFSC_TAG_CHECK, GuestAgent, GuestError
-from guest.cpu import (MAIR_ATTR_NORMAL, MAIR_ATTR_NORMAL_TAGGED, MT_NORMAL_TAGGED, TFSR_TF0, TFSR_TF1,
-                       VcpuRegs, boot_mair)
+from guest.cpu import (
+    MAIR_ATTR_NORMAL,
+    MAIR_ATTR_NORMAL_TAGGED,
+    MT_NORMAL_TAGGED,
+    TFSR_TF0,
+    TFSR_TF1,
+    VcpuRegs,
+    boot_mair,
+)
 from guest.stage1 import Stage1, Stage1Error
 from hypervisor.kernel import Kernel
-from shared.transport import open_listener
 from hypervisor.server import Hypervisor
 from shared import wire
 from shared.abi import MAX_IO
@@ -34,6 +40,7 @@ from shared.control import EXIT_CHANNEL
 from shared.errno import E2BIG, EEXIST, EFAULT, EINVAL, ENODEV, ENOSYS, EOPNOTSUPP
 from shared.mte import tagged_pointer
 from shared.rpc import serve_requests
+from shared.transport import open_listener
 
 PAGE = 4096
 RAM_IPA = 0x4000_0000

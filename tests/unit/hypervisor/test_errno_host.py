@@ -8,12 +8,11 @@ control where the row's condition is absent.
 from __future__ import annotations
 
 import pytest
+from support import RW, RWM, Proc, expect_errno
 
 from hypervisor.kernel import Kernel
 from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED
 from shared.mte import tagged_pointer
-
-from support import RW, RWM, Proc, expect_errno
 
 
 def kernel_and_proc(**kw) -> tuple[Kernel, Proc]:
@@ -332,7 +331,8 @@ class TestPtraceMteTags:
         assert await tracee.tags(addr, 32) == [12, 11]
 
     async def test_poke_of_read_only_private_mapping_uses_foll_force(self):
-        """POKE into a read-only private PROT_MTE mapping succeeds: GUP uses FOLL_FORCE, which breaks CoW for the tracer."""
+        """POKE into a read-only private PROT_MTE mapping succeeds: GUP uses FOLL_FORCE, which breaks CoW for the
+        tracer."""
         k, tracer, tracee, _ = await two_procs()
         ro = await tracee("mmap", size=4096, prot=["read", "mte"])
         assert await tracer("ptrace-poke-tags", target=tracee.pid, addr=ro, tags=[7, 7]) == 2

@@ -4,12 +4,12 @@ invariant already names the loss."""
 
 from __future__ import annotations
 
-from hypervisor.kernel import Kernel
-from hypervisor.syscalls import host_migrate_pages, host_swap_out
-from hypervisor.fork import do_exit
-from hypervisor.mm_types import MemObject
-
 from support import RW, RWM, Proc, Vm, invariants
+
+from hypervisor.fork import do_exit
+from hypervisor.kernel import Kernel
+from hypervisor.mm_types import MemObject
+from hypervisor.syscalls import host_migrate_pages, host_swap_out
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -45,7 +45,8 @@ class TestRecordAndCheck:
         assert invariants(k) == []
 
     async def test_a_tag_lost_behind_the_shadows_back_fires_tags_as_written(self):
-        """Tags changed in the frame *and* its shadow (a loss the per-frame shadow cannot see) fire TAGS-AS-WRITTEN alone."""
+        """Tags changed in the frame *and* its shadow (a loss the per-frame shadow cannot see) fire TAGS-AS-WRITTEN
+        alone."""
         k = Kernel()
         p, addr = await tagged(k)
         page = p.page(addr)
@@ -56,7 +57,8 @@ class TestRecordAndCheck:
         assert "g3: 9 (last written 5)" in msg and k.oracle.violations[-1].pfn == page.pfn
 
     async def test_a_read_reports_what_it_saw(self):
-        """An LDG returning a tag nobody wrote there is reported (at the next state check) even if the frame is later repaired."""
+        """An LDG returning a tag nobody wrote there is reported (at the next state check) even if the frame is later
+        repaired."""
         k = Kernel()
         p, addr = await tagged(k)
         page = p.page(addr)
@@ -149,7 +151,8 @@ class TestOneEntryPerLocation:
         assert "COPY_TAGS FROM_GUEST" in k.oracle.violations[-1].message
 
     async def test_named_object_outlives_its_mappings(self):
-        """Tags written through one process's memfd mapping are what another process reads after the first unmapped it."""
+        """Tags written through one process's memfd mapping are what another process reads after the first unmapped
+        it."""
         k = Kernel()
         a = Proc.new(k, "A")
         b = Proc.new(k, "B", session=a.task.session)
@@ -197,7 +200,8 @@ class TestGupWriteAcrossFork:
     """A write through a GUP reference that lands after fork shared the page copy-on-write."""
 
     async def test_copy_tags_to_guest_racing_fork_is_seen_by_both(self):
-        """COPY_TAGS TO_GUEST that got its page before the VMM forked writes the frame both now map; the ghost agrees."""
+        """COPY_TAGS TO_GUEST that got its page before the VMM forked writes the frame both now map; the ghost
+        agrees."""
         from support import phases, run_once
 
         async def setup(k):
@@ -223,7 +227,8 @@ class TestGupWriteAcrossFork:
         assert invariants(run.k) == []
 
     async def test_a_cow_copy_made_before_the_write_may_miss_it(self):
-        """The child's CoW copy taken before the pre-fork GUP write lands keeps the old tags; the ghost accepts either."""
+        """The child's CoW copy taken before the pre-fork GUP write lands keeps the old tags; the ghost accepts
+        either."""
         from support import phases, run_once
 
         async def setup(k):

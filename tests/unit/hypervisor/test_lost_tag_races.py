@@ -13,15 +13,14 @@ with the frame, so LAST-TAG-WRITTEN and SWAP-ROUND-TRIP see nothing wrong).
 from __future__ import annotations
 
 import pytest
+from support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
 import hypervisor.mm.migrate
-import hypervisor.ptrace
 import hypervisor.mm.swap
+import hypervisor.ptrace
 from hypervisor.kernel import Kernel
 from hypervisor.syscalls import host_migrate_pages, host_swap_out
 from shared.mte import HPAGE_SIZE
-
-from support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -319,7 +318,8 @@ class TestHugetlbTagLockPoint:
     """mte_sync_tags has a scheduling point between winning the hugetlb folio's tag lock and the clear."""
 
     async def test_flag_before_init_now_shows_on_hugetlb(self):
-        """With flag-before-init, a second faulter maps the folio while the winner has not cleared it yet and reads stale tags."""
+        """With flag-before-init, a second faulter maps the folio while the winner has not cleared it yet and reads
+        stale tags."""
         run, _ = await run_once(two_hugetlb_faulters(), policy=phases(*PLAN_HUGE), bugs=("flag-before-init",))
         assert run.failure is None
         assert run.state["b"] != [0]  # the folio's boot garbage
@@ -370,7 +370,8 @@ class TestFaultDuringMigration:
         assert await st["a"].tags(st["am"], 16) == [NEW]
 
     async def test_old_check_fires_tags_as_written(self, monkeypatch):
-        """Counting the new mapping as expected leaves A on the old frame while the page cache moves on: TAGS-AS-WRITTEN."""
+        """Counting the new mapping as expected leaves A on the old frame while the page cache moves on:
+        TAGS-AS-WRITTEN."""
         monkeypatch.setattr(hypervisor.mm.migrate, "_refs_unexpected", lambda old: old.busy())
         run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
         assert run.state["moved"] == 1
@@ -504,7 +505,8 @@ class TestPrivateHugetlbAfterFork:
         assert invariants(k) == [] and frame_problems(k) == []
 
     async def test_dontneed_on_hugetlb_takes_whole_huge_pages(self):
-        """MADV_DONTNEED on hugetlb: an unaligned start is EINVAL, a short length rounds down to nothing, a whole page reads fresh."""
+        """MADV_DONTNEED on hugetlb: an unaligned start is EINVAL, a short length rounds down to nothing, a whole page
+        reads fresh."""
         from support import expect_errno
 
         k = Kernel()

@@ -25,13 +25,12 @@ import attrs
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import Proc, frame_problems
 
 from hypervisor.kernel import Kernel
 from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.errno import KernelError
 from shared.mte import tagged_pointer
-
-from support import Proc, frame_problems
 
 PAGE = 4096
 MAX_TASKS = 4

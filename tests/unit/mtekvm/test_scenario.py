@@ -613,7 +613,8 @@ class TestContractAdditions:
         assert e.key == "vms.v.memory[0].hugepage-size"
 
     def test_manual_dirty_log_protect2_and_args(self):
-        """check-extension and enable-cap take manual-dirty-log-protect2; args is a list of ints, absent unless given."""
+        """check-extension and enable-cap take manual-dirty-log-protect2; args is a list of ints, absent unless
+        given."""
         assert one("vmm:vm0", "check-extension", cap="manual-dirty-log-protect2").args == {
             "cap": "manual-dirty-log-protect2"}
         assert one("vmm:vm0", "enable-cap", cap="manual-dirty-log-protect2", args=[3]).args == {

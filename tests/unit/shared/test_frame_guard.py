@@ -72,7 +72,8 @@ class TestFramedStreamBound:
     """FramedStream applies the guard to the frame left incomplete after each chunk."""
 
     async def test_oversized_header_after_a_message_in_one_chunk(self):
-        """A complete message followed, in the same chunk, by an oversized header: the message arrives, then WireError."""
+        """A complete message followed, in the same chunk, by an oversized header: the message arrives, then
+        WireError."""
         import trio.testing
 
         from shared.wire import FramedStream

@@ -240,7 +240,8 @@ class TestShield:
         assert finished == ["fault"]
 
     async def test_a_cancellation_from_outside_stops_reading_but_lets_requests_finish(self):
-        """With shield, an outside cancel closes the stream; the request in flight still finishes, then the cancel ends run()."""
+        """With shield, an outside cancel closes the stream; the request in flight still finishes, then the cancel ends
+        run()."""
         finished: list[str] = []
         release = trio.Event()
 
@@ -315,7 +316,8 @@ class TestErrors:
         assert replies[3]["value"] == "fine"
 
     def test_every_errno_carrying_exception_is_an_errno_error(self):
-        """Every errno-carrying exception (kernel, ABI, wire, VMM, guest) shares the ErrnoError base and its errno/message/name."""
+        """Every errno-carrying exception (kernel, ABI, wire, VMM, guest) shares the ErrnoError base and its
+        errno/message/name."""
         for exc in (KernelError("EINVAL", "m"), AbiError(EINVAL, "m"), wire.RemoteError(EINVAL, "m"),
                     wire.EnvelopeError(EINVAL, "m"), VmmError("EINVAL", "m"), GuestError(EINVAL, "m"),
                     Stage1Error(EINVAL, "m")):
@@ -323,7 +325,8 @@ class TestErrors:
             assert (exc.errno, exc.message, exc.name) == (EINVAL, "m", "EINVAL")
 
     def test_errno_constants_are_spelled_out(self):
-        """Every errno name is a plain module-level assignment in shared/errno.py (visible to linters), equal to its table entry."""
+        """Every errno name is a plain module-level assignment in shared/errno.py (visible to linters), equal to its
+        table entry."""
         tree = ast.parse(inspect.getsource(shared.errno))
         assigned = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
                     for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
@@ -333,7 +336,8 @@ class TestErrors:
 
 class TestVmmDispatchTables:
     def test_every_vmm_op_has_a_handler_in_the_tables(self):
-        """The VMM dispatches through tables that cover exactly the control and KVM op tables (no name-built getattr)."""
+        """The VMM dispatches through tables that cover exactly the control and KVM op tables (no name-built
+        getattr)."""
         assert set(Vmm.CONTROL_HANDLERS) == set(VMM_CONTROL)
         assert set(Vmm.KVM_HANDLERS) == set(KVM_OPS)
         assert all(inspect.iscoroutinefunction(h) for h in [*Vmm.CONTROL_HANDLERS.values(), *Vmm.KVM_HANDLERS.values()])

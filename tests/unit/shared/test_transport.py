@@ -84,7 +84,8 @@ def test_parse_address_forms():
 
 
 async def test_connect_says_hello_and_returns_the_reply(server, nursery):
-    """connect sends hello with the role, the secret and the extra fields, and returns a working client and the reply."""
+    """connect sends hello with the role, the secret and the extra fields, and returns a working client and the
+    reply."""
     tiny, address, _ = server
     client, reply = await Connector(nursery, address, SECRET).connect("process", name="p0", session="s")
     assert reply == {"pid": 7}

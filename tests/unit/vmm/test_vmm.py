@@ -12,12 +12,12 @@ import pytest
 import trio
 
 from hypervisor.kernel import Kernel
+from mtekvm.links import InProcessHost, InProcessVmm
 from shared.abi import MAX_IO
 from shared.errno import EBUSY, EEXIST, EFAULT, EINVAL, ENODEV, ENOSYS, ESRCH
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, RemoteError
 from vmm.dma import MMIO_BASE, REG_CMD, REG_DST, REG_FILL, REG_LEN, REG_STATUS, DmaDevice, Memslot, translate
-from mtekvm.links import InProcessHost, InProcessVmm
 from vmm.machine import Vmm, VmmError
 
 MiB = 1 << 20

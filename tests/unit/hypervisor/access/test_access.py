@@ -11,12 +11,17 @@ per-CPU preference; PSTATE.TCO disables checks; STG/LDG never check.
 from __future__ import annotations
 
 import pytest
-
-from hypervisor.kernel import Kernel
-from hypervisor.arm64.mte import MTE_CTRL_TCF_ASYMM, MTE_CTRL_TCF_ASYNC, MTE_CTRL_TCF_SYNC, MteCtrl, mte_update_sctlr_user
-from shared.mte import tagged_pointer
-
 from support import RW, RWM, Proc, expect_errno, invariants
+
+from hypervisor.arm64.mte import (
+    MTE_CTRL_TCF_ASYMM,
+    MTE_CTRL_TCF_ASYNC,
+    MTE_CTRL_TCF_SYNC,
+    MteCtrl,
+    mte_update_sctlr_user,
+)
+from hypervisor.kernel import Kernel
+from shared.mte import tagged_pointer
 
 PAGE = 4096
 

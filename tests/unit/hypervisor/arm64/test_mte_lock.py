@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import attrs
 import pytest
+from support import explore, invariants, run_once
 
-from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte import mte_sync_tags
 from hypervisor.arm64.mte_lock import (
     PG_mte_lock,
@@ -27,11 +27,10 @@ from hypervisor.arm64.mte_lock import (
     tag_state,
     try_page_mte_tagging,
 )
-from hypervisor.page import Page
 from hypervisor.arm64.tags import ZERO_TAGS, mte_clear_page_tags, read_tags, write_tags
+from hypervisor.kernel import Kernel
+from hypervisor.page import Page
 from shared.errno import Deadlock
-
-from support import explore, invariants, run_once
 
 ACTORS = {2: ("a", "b"), 3: ("a", "b", "c")}
 
@@ -325,7 +324,8 @@ class TestLockHelpersSequential:
         assert any("non-hugetlb" in w for w in k.warnings)
 
     async def test_folio_try_and_set_warn_on_non_hugetlb(self):
-        """folio_try_hugetlb_mte_tagging and folio_set_hugetlb_mte_tagged warn on an ordinary page, as all folio_* helpers do (asm/mte.h)."""
+        """folio_try_hugetlb_mte_tagging and folio_set_hugetlb_mte_tagged warn on an ordinary page, as all folio_*
+        helpers do (asm/mte.h)."""
         k = Kernel()
         page = k.alloc.alloc_page()
         await folio_try_hugetlb_mte_tagging(k, page)
@@ -359,7 +359,8 @@ class TestPageLockAllInterleavings:
         assert {a for r in runs for a, w in r.state.won.items() if w} == set(ACTORS[n])
 
     async def test_losers_really_wait(self):
-        """Some interleaving has a loser arrive while the winner is mid-initialisation (it parks, then returns False)."""
+        """Some interleaving has a loser arrive while the winner is mid-initialisation (it parks, then returns
+        False)."""
         runs = await explore(page_lock_scenario(2))
         assert any(any(t.label == "try_page_mte_tagging:spin" for t in r.trace) for r in runs)
 
@@ -411,7 +412,8 @@ class TestPageLockAllInterleavings:
 
     async def test_no_tag_lock_three_winners(self):
         """With ``no-tag-lock`` and three contexts, some interleaving lets all three initialise."""
-        runs = await explore(page_lock_scenario(3), bugs=["no-tag-lock"], until=lambda r: sum(r.state.won.values()) == 3)
+        runs = await explore(page_lock_scenario(3), bugs=["no-tag-lock"],
+                             until=lambda r: sum(r.state.won.values()) == 3)
         assert sum(runs[-1].state.won.values()) == 3 and runs[-1].state.inits == 3
 
     @pytest.mark.parametrize("n", [2, 3])

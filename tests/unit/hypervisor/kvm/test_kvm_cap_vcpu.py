@@ -11,13 +11,12 @@ is private to the process that created it, as a file descriptor is.
 from __future__ import annotations
 
 import pytest
+from support import Proc, Vm, expect_errno, invariants
 
-from hypervisor.kernel import Kernel
 from hypervisor.fork import do_exit
+from hypervisor.kernel import Kernel
 from hypervisor.kvm.kvm_host import kvm_has_mte
 from shared.errno import KernelError
-
-from support import Proc, Vm, expect_errno, invariants
 
 RAM = 0x4000_0000
 
@@ -180,7 +179,8 @@ class TestVcpuInit:
         assert (await vm("kvm-create-vcpu", aarch32=True))["index"] == 0
 
     async def test_oracle_reports_aarch32_in_an_mte_vm(self):
-        """CAP-BEFORE-VCPUS: the oracle catches an initialised AArch32 vCPU in an MTE VM (if the EINVAL were missing)."""
+        """CAP-BEFORE-VCPUS: the oracle catches an initialised AArch32 vCPU in an MTE VM (if the EINVAL were
+        missing)."""
         k = Kernel()
         vm = await Vm.create(k, mte=False, vcpu=False)
         await vm("kvm-create-vcpu", aarch32=True)

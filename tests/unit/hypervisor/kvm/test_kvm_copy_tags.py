@@ -14,13 +14,12 @@ TO_GUEST are EFAULT; the model's transport limit is E2BIG.
 from __future__ import annotations
 
 import pytest
+from support import RWM, Vm, expect_errno, invariants
 
-from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
+from hypervisor.kernel import Kernel
 from shared.mte import HPAGE_SIZE
-
-from support import RWM, Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000

@@ -12,10 +12,10 @@ the DIRTY-LOG-COMPLETE oracle catches the page missing from the log).
 
 from __future__ import annotations
 
+from support import Vm, expect_errno, invariants
+
 from hypervisor.kernel import Kernel
 from shared.mte import HPAGE_SIZE
-
-from support import Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -260,7 +260,8 @@ class TestCopyTagsAndTheLog:
         assert k.oracle.violations == []
 
     async def test_bug_copy_tags_during_dirty_log_is_caught(self):
-        """With bug ``copy-tags-during-dirty-log`` TO_GUEST changes tags the log never sees: DIRTY-LOG-COMPLETE fires."""
+        """With bug ``copy-tags-during-dirty-log`` TO_GUEST changes tags the log never sees: DIRTY-LOG-COMPLETE
+        fires."""
         k = Kernel(bugs=["copy-tags-during-dirty-log"])
         vm, _ = await logging_vm(k)
         await vm.stg(RAM + PAGE, 16, 2)

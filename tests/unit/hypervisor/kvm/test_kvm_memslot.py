@@ -12,12 +12,11 @@ overlap (EEXIST), delete and move rules.
 from __future__ import annotations
 
 import pytest
+from support import RW, Vm, expect_errno, invariants
 
 from hypervisor.kernel import Kernel
 from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED
 from shared.mte import HPAGE_SIZE
-
-from support import RW, Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000

@@ -34,12 +34,11 @@ import random
 
 import attrs
 import pytest
+from support import RWM, Vm, explore, explore_bounded, run_once
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
 from shared.errno import KernelError
-
-from support import RWM, Vm, explore, explore_bounded, run_once
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -238,7 +237,8 @@ class TestGuestFaultVsMapFixedFile:
             assert file_vma.backing == "file"
             # the file page was never sanitised either: the fault re-checks mmu_invalidate_seq before sanitising
             assert not any(p.flags & PG_mte_tagged for p in file_vma.obj.pages.values())
-            assert not {"MTE-VM-MEMORY-IS-TAG-CAPABLE", "STAGE-2-COHERENT", "GUEST-VISIBLE-IMPLIES-TAGGED"} & violations(run)
+            assert not ({"MTE-VM-MEMORY-IS-TAG-CAPABLE", "STAGE-2-COHERENT", "GUEST-VISIBLE-IMPLIES-TAGGED"}
+                        & violations(run))
         assert outcomes == {"ok", "EFAULT"}  # the guest won the race in some runs and lost it in others
 
     async def test_fixed_model_never_maps_the_file_page_nor_reads_a_freed_vma(self):

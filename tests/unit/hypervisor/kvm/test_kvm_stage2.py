@@ -19,15 +19,14 @@ exit as MMIO, and mixing RAM with MMIO is EFAULT.
 from __future__ import annotations
 
 import pytest
+from support import RWM, Vm, expect_errno, invariants
 
-from hypervisor.kernel import Kernel
-from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
-from hypervisor.kvm.mmu import kvm_uninit_mmu_notifier
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.tags import ZERO_TAGS
+from hypervisor.kernel import Kernel
+from hypervisor.kvm.mmu import kvm_uninit_mmu_notifier
+from hypervisor.syscalls import host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.mte import HPAGE_SIZE, PAGES_PER_HPAGE
-
-from support import RWM, Vm, expect_errno, invariants
 
 PAGE = 4096
 RAM = 0x4000_0000
@@ -56,7 +55,8 @@ class TestSanitise:
         assert invariants(k) == []
 
     async def test_page_the_vmm_wrote_untagged_gets_zero_tags_and_keeps_its_data(self):
-        """A page the VMM filled (untagged, stale tag memory) is zero-tagged on the guest's first fault; data is kept."""
+        """A page the VMM filled (untagged, stale tag memory) is zero-tagged on the guest's first fault; data is
+        kept."""
         k = Kernel()
         vm, hva = await mte_vm(k)
         await vm.vmm("store", addr=hva, data=b"firmware")
@@ -179,7 +179,8 @@ class TestZeroPage:
         assert r.fault == {"kind": "tag-check-fault", "offset": 0, "pointer_tag": 4, "memory_tag": 0}
 
     async def test_write_after_read_gets_a_sanitised_private_page(self):
-        """A write after the zero-page read replaces it with a new zero-tagged, flagged page; the zero page stays clean."""
+        """A write after the zero-page read replaces it with a new zero-tagged, flagged page; the zero page stays
+        clean."""
         k = Kernel()
         vm, _ = await mte_vm(k)
         await vm.load(RAM, 1)
@@ -351,7 +352,8 @@ class TestVmmChangesGuestRam:
         assert invariants(k) == []
 
     async def test_ksm_merge_of_a_plain_vms_page_unmaps_stage2(self):
-        """KSM replacing a guest page of a plain VM (replace_page) invalidates stage 2: no entry keeps the freed frame."""
+        """KSM replacing a guest page of a plain VM (replace_page) invalidates stage 2: no entry keeps the freed
+        frame."""
         k = Kernel()
         vm = await Vm.create(k, mte=False)
         hva = await vm.ram(0, RAM, 2 * PAGE)
@@ -408,7 +410,8 @@ class TestHugetlb:
     """Hugetlb memslots: 2 MiB stage-2 blocks, tag state on the folio head."""
 
     async def test_one_fault_maps_512_gfns_and_tags_the_folio(self):
-        """A guest fault in hugetlb RAM maps the whole 2 MiB block and clears all 512 pages' tags under the head flag."""
+        """A guest fault in hugetlb RAM maps the whole 2 MiB block and clears all 512 pages' tags under the head
+        flag."""
         k = Kernel()
         vm, hva = await mte_vm(k, HPAGE_SIZE, backing="hugetlb")
         await vm.store(RAM + 5 * PAGE + 8, b"huge")

@@ -10,12 +10,12 @@ from a tagged source.
 
 from __future__ import annotations
 
+from support import RW, RWM, Proc, invariants
+
 from hypervisor.arm64.copypage import copy_highpage
-from hypervisor.kernel import Kernel
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
 from hypervisor.arm64.tags import ZERO_TAGS, write_tags
-
-from support import RW, RWM, Proc, invariants
+from hypervisor.kernel import Kernel
 
 PAGE = 4096
 
@@ -289,7 +289,8 @@ class TestCopyHighpage:
         assert dst.read(0, 1) == b"d" and dst.flags == 0
 
     async def test_hugetlb_copy_from_head_covers_every_subpage(self):
-        """A tagged hugetlb folio copied from its head gives every destination subpage its source's tags, flag on the head."""
+        """A tagged hugetlb folio copied from its head gives every destination subpage its source's tags, flag on the
+        head."""
         k = Kernel()
         src = k.alloc.alloc_hugetlb_folio()
         for i, sub in enumerate(src.subpages):
@@ -298,7 +299,7 @@ class TestCopyHighpage:
         dst = k.alloc.alloc_hugetlb_folio()
         await copy_highpage(k, dst, src)
         assert dst.flags & PG_mte_tagged
-        assert all(bytes(d.tags) == bytes(s.tags) for d, s in zip(dst.subpages, src.subpages))
+        assert all(bytes(d.tags) == bytes(s.tags) for d, s in zip(dst.subpages, src.subpages, strict=True))
         assert all(d.flags == 0 for d in dst.subpages[1:])
 
     async def test_hugetlb_copy_from_a_tail_does_nothing_to_tags(self):

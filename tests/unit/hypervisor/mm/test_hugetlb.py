@@ -21,12 +21,11 @@ Rules checked (mm/hugetlb.c, arch/arm64/mm/hugetlbpage.c, arch/arm64/kvm/mmu.c
 from __future__ import annotations
 
 import pytest
+from support import RW, RWM, Proc, Vm, expect_errno, invariants, run_once, run_until_then
 
-from hypervisor.kernel import Kernel
-from hypervisor.fork import do_exit
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
-
-from support import RW, RWM, Proc, Vm, expect_errno, invariants, run_until_then, run_once
+from hypervisor.fork import do_exit
+from hypervisor.kernel import Kernel
 
 PAGE = 4096
 K64, M2, M32, G1 = 64 << 10, 2 << 20, 32 << 20, 1 << 30

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from hypervisor.kernel import Kernel
 from hypervisor.fork import do_exit
+from hypervisor.kernel import Kernel
 from hypervisor.mm.mmu_notifier import mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.syscalls import PROCESS_OPS, host_migrate_pages, host_swap_out
 from shared.abi import validate_args

@@ -10,17 +10,16 @@ the flag to the new frame.
 from __future__ import annotations
 
 import pytest
+from support import RW, RWM, Proc, expect_errno, frame_problems, invariants, phases, run_once
 
-from hypervisor.kernel import Kernel
-from hypervisor.fork import do_exit
 from hypervisor.arm64.mte import memcmp_pages
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged, set_page_mte_tagged, try_page_mte_tagging
-from hypervisor.syscalls import HOST_OPS, host_ksm_merge, host_migrate_pages, host_swap_out
 from hypervisor.arm64.tags import write_tags
+from hypervisor.fork import do_exit
+from hypervisor.kernel import Kernel
+from hypervisor.syscalls import HOST_OPS, host_ksm_merge, host_migrate_pages, host_swap_out
 from shared.abi import validate_args
 from shared.mte import HPAGE_SIZE
-
-from support import RW, RWM, Proc, expect_errno, frame_problems, invariants, phases, run_once
 
 PAGE = 4096
 PATTERN = [(i * 7) % 16 for i in range(256)]  # a distinct tag per granule
@@ -59,7 +58,8 @@ class TestSwapRoundTrip:
 
     @pytest.mark.parametrize("first_toucher", ["untagged", "tagged"])
     async def test_shared_page_swapped_through_an_untagged_mapping_keeps_its_tags(self, first_toucher):
-        """MAP_SHARED memfd tagged in A, swapped out through B's untagged mapping: the tags come back whoever faults first."""
+        """MAP_SHARED memfd tagged in A, swapped out through B's untagged mapping: the tags come back whoever faults
+        first."""
         k = Kernel()
         a = Proc.new(k, "A")
         b = Proc.new(k, "B", session=a.task.session)  # one session: they share named objects
@@ -295,7 +295,8 @@ class TestMigrate:
     """migrate_pages: folio_copy -> copy_highpage, then the PTEs point at the new frame."""
 
     async def test_tagged_anon_page_moves_with_tags_and_flag(self):
-        """A tagged anonymous page moves to a new frame with its data, tags and PG_mte_tagged; the old frame is freed."""
+        """A tagged anonymous page moves to a new frame with its data, tags and PG_mte_tagged; the old frame is
+        freed."""
         k = Kernel()
         p = Proc.new(k, "A")
         addr = await p("mmap", size=PAGE, prot=RWM)
@@ -503,7 +504,8 @@ class TestConcurrentMigrationAndReclaim:
 
     @pytest.mark.parametrize("host_op", [swap_q, migrate_q], ids=["swap-out", "migrate"])
     async def test_shmem_fault_holds_its_page(self, host_op):
-        """A's fault found the page-cache page; reclaim/migration then runs; A must not map a freed or replaced frame."""
+        """A's fault found the page-cache page; reclaim/migration then runs; A must not map a freed or replaced
+        frame."""
 
         def fault(k, st):
             return st["a"]("load", addr=st["am"], size=6)
@@ -590,7 +592,8 @@ class TestReplayIsDeterministic:
     """A recorded schedule, replayed, must reproduce the run (DESIGN.md, the concurrency model)."""
 
     async def test_migration_of_a_page_mapped_twice_replays_identically(self):
-        """Migrating a page mapped by two processes while one of them faults on it replays to the same trace every time."""
+        """Migrating a page mapped by two processes while one of them faults on it replays to the same trace every
+        time."""
 
         async def setup(k):
             st = await one_page_host(k)

@@ -192,7 +192,8 @@ class TestExhaustive:
             assert preemptions <= 1 and switches <= 2, order
 
     async def test_dfs_reports_a_program_that_does_not_repeat_itself(self):
-        """If a replayed prefix asks for an option the next execution does not have, the run fails as not deterministic."""
+        """If a replayed prefix asks for an option the next execution does not have, the run fails as not
+        deterministic."""
         policy = Dfs()
         assert policy.new_execution()
         await run_program(ControlledScheduler(policy), {"a": 1, "b": 1})
