@@ -61,7 +61,7 @@ def tag_check_fault_kind(tcf: str, write: bool) -> str:
     return TAG_CHECK_FAULT if sync else ASYNC_TAG_CHECK_FAULT
 
 
-def mte_check_access(spans: Iterable[tuple[object, int, int]], tag: int, tcf: str,
+def mte_check_access(spans: Iterable[tuple[bytes | bytearray | None, int, int]], tag: int, tcf: str,
                      write: bool) -> TagMismatch | None:
     """The tag check of one access (the CPU's ``CheckTag``, per granule; see the module docstring).
 
