@@ -80,7 +80,7 @@ def main(argv=None) -> int:
             lifeline.check_fd(args.lifeline_fd)
         except ValueError as exc:
             p.error(str(exc))
-    if args.remove_dir and not (kind == "unix" and _inside(where, args.remove_dir)):
+    if args.remove_dir and not (isinstance(where, str) and _inside(where, args.remove_dir)):  # unix:PATH
         p.error("--remove-dir must be the folder holding the unix:PATH socket (it is removed on exit)")
     secret = None
     if args.secret_file:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         secret = os.environ["MTEKVM_SECRET"]
     if secret is not None and not secret:
         p.error("the secret is empty: put a real secret in the file (or delete it to have one made)")
-    if kind == "tcp":
+    if not isinstance(where, str):  # tcp:HOST:PORT
         host = where[0]
         try:
             loopback = ipaddress.ip_address(host).is_loopback

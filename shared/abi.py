@@ -512,7 +512,7 @@ def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> 
     extra = [k for k in args if k not in known]
     if extra:
         raise AbiError(EINVAL, f"{op}: unknown argument {brief(extra[0])}")
-    out = {}
+    out: dict[str, Any] = {}
     for f in d.fields:
         if f.name in args and args[f.name] is None and f.default is None:
             out[f.name] = None  # an optional argument given as nil

@@ -245,8 +245,9 @@ class RequestLoop:
         except trio.Cancelled:
             raise
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-            errno = getattr(exc, "errno", None)
+            errno = exc.errno if isinstance(exc, ErrnoError) else getattr(exc, "errno", None)
             if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
+                assert isinstance(errno, int)  # ErrnoError.errno is always the number
                 msg = wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
             else:
                 number, text = self.on_internal_error(op, exc)

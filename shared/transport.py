@@ -26,7 +26,7 @@ class AddressError(ValueError):
     """An address that is not ``unix:PATH`` or ``tcp:HOST:PORT``."""
 
 
-def parse_address(text: str) -> tuple[str, object]:
+def parse_address(text: str) -> tuple[str, str | tuple[str, int]]:
     """Split ``unix:PATH`` / ``tcp:HOST:PORT``.
 
     Raises:
@@ -48,8 +48,8 @@ async def open_listener(text: str) -> trio.SocketListener:
         AddressError: malformed address.
         OSError: the kernel refused the bind (EADDRINUSE, EACCES, ...).
     """
-    kind, where = parse_address(text)
-    if kind == "unix":
+    _kind, where = parse_address(text)
+    if isinstance(where, str):  # unix:PATH
         path = where
         if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
             probe = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -85,8 +85,8 @@ async def open_connection(text: str) -> trio.SocketStream:
         AddressError: malformed address.
         OSError: nobody listening (ECONNREFUSED, ENOENT).
     """
-    kind, where = parse_address(text)
-    if kind == "unix":
+    _kind, where = parse_address(text)
+    if isinstance(where, str):  # unix:PATH
         return await trio.open_unix_socket(where)
     return await trio.open_tcp_stream(*where)
 

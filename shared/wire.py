@@ -278,7 +278,7 @@ class _FrameGuard:
             self.stack.pop()
         self.frame = 0  # a whole top-level message is complete
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray) -> None:
         """Account for ``data``.
 
         Raises:
@@ -425,7 +425,7 @@ class FramedStream:
                 self._error = exc
         return self._ready.popleft()
 
-    def _take(self, data: bytes) -> None:
+    def _take(self, data: bytes | bytearray) -> None:
         """Decode every complete message in ``data``; bound the incomplete one that remains."""
         try:
             self._unpacker.feed(data)
@@ -511,7 +511,7 @@ class Client:
         if self._closed is not None:
             raise ConnectionClosed(str(self._closed))
         rid = next(self._ids)
-        slot = [trio.Event(), None]
+        slot: list[Any] = [trio.Event(), None]  # [set when answered, the response]
         self._waiting[rid] = slot
         await self.framed.send(request(rid, op, args or {}, ctx))
         await slot[0].wait()

@@ -64,7 +64,7 @@ async def run(args: argparse.Namespace, secret: str | None) -> int:
     Returns:
         The exit status.
     """
-    path = parse_address(args.listen)[1]
+    path = str(parse_address(args.listen)[1])  # a unix:PATH (main() refuses anything else)
     status = 0
     async with trio.open_nursery() as nursery:
         host = Connector(nursery, args.hypervisor, secret)
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
             lifeline.check_fd(args.lifeline_fd)
         except ValueError as exc:
             p.error(str(exc))
-    path = parse_address(args.listen)[1]
+    path = str(parse_address(args.listen)[1])  # a unix:PATH (checked above)
     socket_dir = os.path.realpath(os.path.dirname(os.path.abspath(path)))
     if args.remove_dir and socket_dir != os.path.realpath(args.remove_dir):
         p.error("--remove-dir must be the folder holding the --listen socket (it is removed on exit)")

@@ -32,7 +32,7 @@ from __future__ import annotations
 import collections
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -44,6 +44,9 @@ from shared.rpc import serve_requests
 from shared.wire import Client, ConnectionClosed, RemoteError, Reply
 from vmm import dma
 from vmm.errors import VmmError
+
+if TYPE_CHECKING:
+    from vmm.guestlink import GuestHandle
 
 __all__ = ["Vmm", "VmmError"]
 
@@ -88,7 +91,7 @@ class Vmm:
         self.slots: dict[int, dma.Memslot] = {}
         self.ram: list[tuple[int, int]] = []  # guest RAM the VMM mapped itself (vm-setup)
         self.vcpus: list[int] = []
-        self.guest = None  # a vmm.guestlink.GuestHandle once started
+        self.guest: GuestHandle | None = None  # set once started
         self.guest_state = "not-started"
         self.guest_detail = ""
         self.exits: collections.deque = collections.deque(maxlen=MAX_EXITS)
@@ -143,9 +146,16 @@ class Vmm:
         """Serve the guest's EXIT_CHANNEL (vCPU exits) until it closes."""
         await serve_requests(stream, EXIT_CHANNEL, self._handle_exit, name=f"vmm:{self.name}:exits")
 
+    @property
+    def _hv(self) -> Client:
+        """The hypervisor connection (EIO before ``connect`` made it)."""
+        if self.hv is None:
+            raise VmmError(EIO, "not connected to the hypervisor")
+        return self.hv
+
     async def _call(self, op: str, args: dict, ctx: str | None) -> Reply:
         try:
-            return await self.hv.call(op, args, ctx=ctx)
+            return await self._hv.call(op, args, ctx=ctx)
         except ConnectionClosed as exc:
             raise VmmError(EIO, f"lost the hypervisor connection: {exc}") from None
 
@@ -246,6 +256,8 @@ class Vmm:
     # ---- the guest -----------------------------------------------------------------
     async def _guest_call(self, op: str, args: dict, ctx: str | None) -> Reply:
         guest = self.guest
+        if guest is None:
+            raise VmmError(ESRCH, "the guest has not started")
         try:
             return await guest.client.call(op, args, ctx=ctx)
         except ConnectionClosed:
@@ -253,7 +265,7 @@ class Vmm:
                 await self._reaped.wait()
             raise VmmError(ESRCH, f"the guest is gone ({guest.detail or 'its channel closed'})") from None
 
-    async def _on_guest_exit(self, guest) -> None:
+    async def _on_guest_exit(self, guest: GuestHandle) -> None:
         """Supervision: the guest died (launcher callback)."""
         if guest is not self.guest:
             return
@@ -379,16 +391,16 @@ class Vmm:
     async def _kvm_dma_write(self, a: dict, ctx: str | None) -> Reply:
         if a["data"] is None and (a["fill"] is None or a["size"] is None):
             raise VmmError(EINVAL, "dma-write: give data, or fill and size")
-        fault = await dma.write_guest(self.hv, self.slots.values(), a["ipa"], a["data"],
+        fault = await dma.write_guest(self._hv, self.slots.values(), a["ipa"], a["data"],
                                       fill=a["fill"] or 0, size=a["size"] or 0, ctx=ctx)
         return Reply(None, fault)
 
     async def _kvm_dma_read(self, a: dict, ctx: str | None) -> Reply:
-        data, fault = await dma.read_guest(self.hv, self.slots.values(), a["ipa"], a["size"], ctx=ctx)
+        data, fault = await dma.read_guest(self._hv, self.slots.values(), a["ipa"], a["size"], ctx=ctx)
         return Reply(data, fault)
 
     async def _device_fill(self, ipa: int, length: int, byte: int, ctx: str | None) -> dict | None:
-        return await dma.write_guest(self.hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
+        return await dma.write_guest(self._hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
 
     # ---- exits, status, shutdown ---------------------------------------------------
     async def _handle_exit(self, op: str, a: dict, ctx: str | None) -> Any:

@@ -54,7 +54,7 @@ class Where:
         self.path, self.step, self.prefix = path, step, prefix
 
     def at(self, prefix: str) -> Where:
-        return Where(self.path, self.step, self.key(prefix))
+        return Where(self.path, self.step, self.key(prefix) or "")
 
     def key(self, key: str | None) -> str | None:
         if key is None:
