@@ -101,7 +101,8 @@ class ChildLog:
         """Everything the child wrote so far."""
         if self._fd is None:
             return ""
-        chunks, offset = [], 0
+        chunks: list[bytes] = []
+        offset = 0
         while True:
             chunk = os.pread(self._fd, 1 << 16, offset)
             if not chunk:
@@ -141,14 +142,14 @@ async def start_listening_process(cmd: list[str], env: dict, *, timeout: float =
     Raises:
         HostStartError: it exited or did not announce an address in time.
     """
-    own_log = log is None and bool(log_path)
-    if own_log:
-        log = ChildLog(log_path)
+    own_log = None
+    if log is None and log_path:
+        log = own_log = ChildLog(log_path)
     try:
         return await _start_listening(cmd, env, timeout, log, pass_fds)
     finally:
-        if own_log:
-            log.close()
+        if own_log is not None:
+            own_log.close()
 
 
 async def _start_listening(cmd: list[str], env: dict, timeout: float, log: ChildLog | None,
@@ -160,11 +161,13 @@ async def _start_listening(cmd: list[str], env: dict, timeout: float, log: Child
     finally:
         if err is not None:
             err.close()  # the child has its own descriptor
+    stdout = process.stdout
+    assert stdout is not None  # opened with stdout=PIPE
     line = b""
     try:
         with trio.move_on_after(timeout):
             while not line.endswith(b"\n"):
-                chunk = await process.stdout.receive_some(1)
+                chunk = await stdout.receive_some(1)
                 if not chunk:
                     break
                 line += chunk
@@ -172,7 +175,7 @@ async def _start_listening(cmd: list[str], env: dict, timeout: float, log: Child
         with trio.CancelScope(shield=True):
             process.kill()
             await process.wait()
-            await process.stdout.aclose()
+            await stdout.aclose()
         raise
     if not line.startswith(b"listening on "):
         await stop_process(process)
@@ -329,12 +332,14 @@ class ProcessHost(HostLink):
         Raises:
             HostStartError: nobody listens there.
         """
+        if self.address is None:
+            raise HostStartError("the hypervisor has not started")
         try:
             return await open_connection(self.address)
         except OSError as exc:
             raise HostStartError(f"cannot reach the hypervisor at {self.address}: {exc}") from None
 
-    async def why_lost(self) -> str:
+    async def why_lost(self) -> str | None:
         """The private hypervisor's death (how it ended, its last words), or that the host at ADDR went away."""
         if self.process is not None:
             how = await _reaped_status(self.process)
@@ -446,6 +451,8 @@ class InProcessVmm(VmmLink):
 
     async def connect(self) -> Client:
         """A control connection over an in-memory stream."""
+        if self._inner is None or self.vmm is None:
+            raise RuntimeError(f"VMM {self.name} has not started")
         client_end, server_end = trio.testing.memory_stream_pair()
         self._inner.start_soon(self.vmm.serve, server_end)
         client = Client(client_end)
@@ -523,8 +530,9 @@ class ProcessVmm(VmmLink):
         """Why the control channel broke: the hypervisor under the VMM died, or the VMM itself did."""
         if await unreachable(self.hv_address) is not None:
             host = _PRIVATE_HOSTS.get(self.hv_address)
-            if host is not None:
-                return await host.why_lost()
+            why = await host.why_lost() if host is not None else None
+            if why is not None:
+                return why
             return f"the hypervisor at {self.hv_address} is gone: {await unreachable(self.hv_address)}"
         how = await _reaped_status(self.process)
         pid = self.process.pid if self.process is not None else "?"
@@ -545,6 +553,8 @@ class ProcessVmm(VmmLink):
         Raises:
             HostStartError: the VMM is not listening (it exited).
         """
+        if self.address is None:
+            raise HostStartError(f"VMM {self.name} has not started")
         try:
             stream = await open_connection(self.address)
         except OSError as exc:

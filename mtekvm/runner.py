@@ -305,8 +305,8 @@ class _Run:
                         raise InfraError(f"the host is busy: {exc.message or 'another client is attached'}") \
                             from None
                     raise
-        for name, spec in self.scn.processes.items():
-            client, hello = await self.hosts[spec.host].connect("process", name=name, session=self.session)
+        for name, pspec in self.scn.processes.items():
+            client, hello = await self.hosts[pspec.host].connect("process", name=name, session=self.session)
             self.procs[name] = client
             self.pids[name] = hello["pid"]
         for name, vm in self.scn.vms.items():
@@ -450,9 +450,9 @@ class _Run:
         for c in list(self.procs.values()) + list(self.host_clients.values()):
             with trio.CancelScope(shield=True):
                 await c.aclose()
-        for link in self.hosts.values():
+        for host in self.hosts.values():
             with trio.CancelScope(shield=True):
-                await link.stop()
+                await host.stop()
 
 
 def boot_extras(spec) -> dict:
