@@ -61,7 +61,7 @@ class Page:
     mapcount: int = 0
     zone: str = "normal"  # "normal", "zero" (ZERO_PAGE) or "device" (PFNMAP, no struct page in Linux)
     head: Page | None = None  # hugetlb: the folio's head page (itself for the head)
-    subpages: list[Page] | None = None  # hugetlb head only
+    subpages: list[Page] = attrs.Factory(list)  # hugetlb head only: the folio's frames (empty otherwise)
     rmap: Rmap = attrs.Factory(Rmap)  # (mm, vpn) of the PTEs mapping this frame
     mapping: object | None = None  # page-cache owner (a shmem/file object) or None for anon
     index: int = 0

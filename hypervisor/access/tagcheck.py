@@ -76,6 +76,7 @@ def mte_check_access(spans: Iterable[tuple[bytes | bytearray | None, int, int]],
     """
     if tcf == "none":
         return None
+    tags: bytes | bytearray | None  # mypy joins the unpacked tuple's bytes and bytearray to object
     for i, (tags, off, n) in enumerate(spans):
         if tags is None:
             continue

@@ -73,25 +73,25 @@ async def set_pte_at(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int = 1, expect=
     the slot still holds ``expect`` (the entry the caller saw), nothing is
     installed and False is returned (the caller backs off, a fault retries).
     """
-    page = pte.page
-    hold = page is not None and not pte.special
-    if hold:
-        get_page(page)  # held across the sync points
+    hold = pte.page if not pte.special else None
+    if hold is not None:
+        get_page(hold)  # held across the sync points
     try:
-        if k.mte and pte.tagged and hold and page.zone == "normal" and pte_accessible(mm, vpn):
-            await mte_sync_tags(k, page, nr)
+        if k.mte and pte.tagged and hold is not None and hold.zone == "normal" and pte_accessible(mm, vpn):
+            await mte_sync_tags(k, hold, nr)
         await k.sched.point("set_pte_at")
         if expect is not ANY and mm.pt.get(vpn) is not expect:
             return False
         _install(k, mm, vpn, pte, nr)
         return True
     finally:
-        if hold:
-            put_page(k, page)
+        if hold is not None:
+            put_page(k, hold)
 
 
 def _install(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int) -> None:
     page = pte.page
+    assert page is not None  # set_pte_at installs present entries
     for i in range(nr):
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
         old = mm.pt.get(vpn + i)
@@ -178,7 +178,8 @@ async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool =
         pte = mm.pt.get(vpn)
         if pte is not None and pte.migrating:
             # migration_entry_wait(): sleep until the migration finishes
-            await k.sched.wait_until(lambda pte=pte: mm.pt.get(vpn) is not pte, "migration_entry_wait")
+            # the predicate is used (awaited) before the loop rebinds pte
+            await k.sched.wait_until(lambda: mm.pt.get(vpn) is not pte, "migration_entry_wait")  # noqa: B023
             continue
         if pte is None:
             if vma.flags & VM_PFNMAP:
@@ -189,8 +190,8 @@ async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool =
                 await do_fault(k, mm, vma, vpn, write)
         elif pte.swap is not None:
             await do_swap_page(k, mm, vma, vpn, pte, write)
-        elif forced and not pte.special and pte.page.mapping is None and pte.page.mapcount == 1 \
-                and not pte.page.ksm:
+        elif forced and not pte.special and pte.page is not None and pte.page.mapping is None \
+                and pte.page.mapcount == 1 and not pte.page.ksm:
             return pte  # the private copy exists: FOLL_FORCE writes it through the kernel mapping
         elif write and not pte.write and vma.flags & VM_HUGETLB:
             await hugetlb_wp(k, mm, vma, vpn, pte)
@@ -256,6 +257,7 @@ async def shmem_get_folio(k: Kernel, obj: MemObject, index: int) -> Page:
 async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
     """do_fault(): do_read_fault / do_shared_fault / do_cow_fault for object-backed VMAs."""
     obj = vma.obj
+    assert obj is not None  # handle_mm_fault sends anonymous VMAs to do_anonymous_page
     index = vma.index_of(vpn << PAGE_SHIFT)
     if obj.kind == "hugetlbfs":
         # hugetlb_fault() -> hugetlb_no_page(): map the whole folio (set_huge_pte_at, nr = its pages).
@@ -268,8 +270,8 @@ async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
             # MAP_PRIVATE|MAP_HUGETLB: hugetlb_no_page() gives this mm an anonymous folio of its
             # own, never added to the page cache (else a child faulting after fork shared it)
             cur = next((e for e in (mm.pt.get(v) for v in range(first, first + nr))
-                        if e is not None and e.present and e.page.is_hugetlb), None)
-            if cur is not None:  # part of the folio is still mapped (a 4 KiB zap): map it whole again
+                        if e is not None and e.present and e.page is not None and e.page.is_hugetlb), None)
+            if cur is not None and cur.page is not None:  # part of the folio is still mapped (a 4 KiB zap): map it
                 await set_pte_at(k, mm, first, Pte(page=cur.page.folio, write=cur.write, tagged=cur.tagged), nr=nr,
                                  expect=mm.pt.get(first))
                 return
@@ -304,6 +306,7 @@ async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
 async def do_swap_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte, write: bool) -> None:
     """do_swap_page(): bring the page back (tags restored first), then map it."""
     entry = pte.swap
+    assert entry is not None  # handle_mm_fault calls this for swap entries only
     page = await k.swap.swapin(k, entry)
     if mm.pt.get(vpn) is not pte:  # someone else handled it while we slept
         put_page(k, page)
@@ -317,6 +320,7 @@ async def do_swap_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte, write: b
 async def do_wp_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     """do_wp_page(): reuse an exclusive anonymous page, else wp_page_copy()."""
     page = pte.page
+    assert page is not None  # a write fault on a present entry
     if vma.flags & VM_SHARED and not vma.is_anon:
         _pte_mkwrite(mm, vpn, pte)  # a shared mapping only needs its write bit back
         return
@@ -354,13 +358,14 @@ async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     then mapped writable in place of the old one. A shared mapping only gets
     its write bit back.
     """
+    assert pte.page is not None  # a write fault on a present entry
     old = pte.page.folio
     nr = len(old.subpages)
     first = vpn - (pte.page.pfn - old.pfn)
     if vma.flags & VM_SHARED or _hugetlb_exclusive(mm, vma, old):
         for v in range(first, first + nr):
             e = mm.pt.get(v)
-            if e is not None and e.present and e.page.folio is old:
+            if e is not None and e.present and e.page is not None and e.page.folio is old:
                 _pte_mkwrite(mm, v, e)
         return
     head_pte = mm.pt.get(first)
@@ -382,6 +387,7 @@ async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
 async def wp_page_copy(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     """wp_page_copy(): copy-on-write into a new page through copy_user_highpage()."""
     old = pte.page
+    assert old is not None  # a write fault on a present entry
     if pte.special:  # the zero page: a fresh zeroed page (__GFP_ZEROTAGS under VM_MTE)
         new = await vma_alloc_zeroed_movable_folio(k, vma)
     else:
@@ -413,7 +419,7 @@ def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
             pte.write = False
         child = Pte(page=pte.page, write=pte.write, tagged=pte.tagged, special=pte.special)
         dst.pt[vpn] = child
-        if not pte.special:
+        if not pte.special and pte.page is not None:
             pte.page.rmap.add((dst, vpn))
             pte.page.mapcount += 1
             get_page(pte.page)
