@@ -183,7 +183,7 @@ class Ghost:
             return "none", None
         if isinstance(cur, int):
             return "swap", cur
-        if cur.subpages is not None:
+        if cur.subpages:
             return "page", cur.subpages[index % len(cur.subpages)]
         return "page", cur
 
