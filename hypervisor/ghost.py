@@ -161,7 +161,7 @@ class Ghost:
         return e
 
     @staticmethod
-    def _backing(loc) -> tuple[str, object]:
+    def _backing(loc) -> tuple[str, Page | int | None]:
         """What holds the location's content now: ("page", Page), ("swap", entry) or ("none", None)."""
         space, index, fallback = loc
         if isinstance(space, MemObject):
@@ -176,7 +176,7 @@ class Ghost:
         return "page", pte.page
 
     @staticmethod
-    def _object_backing(obj: MemObject, index: int) -> tuple[str, object]:
+    def _object_backing(obj: MemObject, index: int) -> tuple[str, Page | int | None]:
         nr = getattr(obj, "hpage_pages", PAGES_PER_HPAGE) if obj.kind == "hugetlbfs" else 1
         cur = obj.pages.get(index // nr)
         if cur is None:
@@ -194,7 +194,7 @@ class Ghost:
         if loc is None:
             return
         kind, cur = self._backing(loc)
-        if kind == "none" or (kind == "page" and cur is not page and cur.zone != "normal"):
+        if kind == "none" or (isinstance(cur, Page) and cur is not page and cur.zone != "normal"):
             return  # the location was dropped (MADV_DONTNEED, munmap): the write went to an orphan
         self._record_tags(loc, first, tags)
         if len(page.rmap) > 1:
@@ -269,7 +269,7 @@ class Ghost:
                 loc = (space, index, None)
                 kind, cur = self._backing(loc)
                 want = e.expected_tags()
-                if kind == "page":
+                if isinstance(cur, Page):  # kind == "page"
                     if cur.zone == "device":
                         continue
                     if cur is zero_page:
@@ -280,7 +280,7 @@ class Ghost:
                         tags = ZERO_TAGS  # untagged: zeroed when first mapped tagged
                     data = data_hash(cur.data)
                     page = cur
-                elif kind == "swap":
+                elif isinstance(cur, int):  # kind == "swap"
                     saved = self.k.swap.tags.store.get(cur)
                     tags = ZERO_TAGS if saved is None else unpack_tags(saved[0])
                     slot = self.k.swap.slots.get(cur)

@@ -64,7 +64,7 @@ class Violation:
         return {"invariant": self.invariant, "message": self.message, "actor": self.actor, "pfn": self.pfn}
 
 
-def _granules(a: bytes, b: bytes) -> str:
+def _granules(a: bytes | bytearray, b: bytes | bytearray) -> str:
     diff = [i for i in range(min(len(a), len(b))) if a[i] != b[i]]
     show = ", ".join(f"g{i}: {a[i]}" + (f" (expected {b[i]})" if b[i] != 0xFF else " (never written)")
                      for i in diff[:4])
@@ -205,13 +205,14 @@ class Oracle:
                     self.report("VM_MTE-IMPLIES-VM_MTE_ALLOWED",
                                 f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
             for vpn, pte in mm.pt.items():
-                if not pte.present or not pte.tagged or pte.special or pte.page.zone != "normal":
+                page = pte.page
+                if not pte.present or page is None or not pte.tagged or pte.special or page.zone != "normal":
                     continue
-                v = mm.find_vma(vpn << 12)
-                if v is not None and v.flags & VM_READ and not pte.page.folio.flags & PG_mte_tagged:
+                vma = mm.find_vma(vpn << 12)
+                if vma is not None and vma.flags & VM_READ and not page.folio.flags & PG_mte_tagged:
                     self.report("USER-VISIBLE-IMPLIES-TAGGED",
-                                f"pid {task.pid} maps untagged pfn {pte.page.pfn:#x} at {vpn << 12:#x} "
-                                f"through a tagged PTE ({flag_names(v.flags & VM_MTE)})", pte.page)
+                                f"pid {task.pid} maps untagged pfn {page.pfn:#x} at {vpn << 12:#x} "
+                                f"through a tagged PTE ({flag_names(vma.flags & VM_MTE)})", page)
         for kvm in list(k.kvm.vms.values()):
             self._check_vm(kvm)
         self.ghost.check()

@@ -70,7 +70,7 @@ class Page:
     ksm: bool = False  # a KSM stable page (never reused in place by CoW)
     isolated: bool = False  # taken off the LRU by reclaim or migration (folio_isolate_lru)
     # ghost state for the oracles
-    shadow: bytearray | None = None
+    shadow: bytes | bytearray | None = None  # bytes while shared with ZERO_TAGS or a copy (write_tags copies)
     inits: int = 0
     initialiser: str | None = None
 

@@ -45,6 +45,7 @@ import trio
 
 from hypervisor.fork import do_exit
 from hypervisor.kernel import Kernel
+from hypervisor.process import Task
 from hypervisor.sched import current_actor
 from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
@@ -119,7 +120,7 @@ class _Connection:
         self.framed = framed
         framed.limit_frames(MAX_FRAME_BEFORE_HELLO)  # raised by a successful hello
         self.role: str | None = None
-        self.task = None
+        self.task: Task | None = None
         self.vcpus: dict = {}  # index -> Vcpu this guest connection attached
         self.seq = 0
         self.loop = RequestLoop(framed, self._dispatch, max_outstanding=MAX_OUTSTANDING, name="hypervisor",

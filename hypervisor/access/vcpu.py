@@ -149,7 +149,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
                 k.oracle.ghost.tags_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, tags)
                 note_guest_write(kvm, ipa >> PAGE_SHIFT)
         return AccessResult(None)
-    out = bytearray()
+    ldg = bytearray()
     for (ipa, n, attr), e in zip(segs, entries, strict=True):
         g = n // MTE_GRANULE_SIZE
         if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
@@ -157,7 +157,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
             got = read_tags(k, e.page, first, g, f"guest ldg on vCPU {vcpu.index}")
             k.oracle.ghost.check_read_tags(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, got,
                                            f"guest ldg on vCPU {vcpu.index}")
-            out += got
+            ldg += got
         else:
-            out += bytes(g)
-    return AccessResult(bytes(out))
+            ldg += bytes(g)
+    return AccessResult(bytes(ldg))

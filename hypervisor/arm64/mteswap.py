@@ -24,7 +24,7 @@ class MteSwapTags:
     """``static DEFINE_XARRAY(mte_pages)``: saved tags by swap entry."""
 
     def __init__(self, capacity: int | None = None):
-        self.store: dict[int, tuple[bytes, bytearray | None]] = {}
+        self.store: dict[int, tuple[bytes, bytes | bytearray | None]] = {}
         self.capacity = capacity  # fault injection: kmalloc fails past this many entries
 
     def mte_save_tags(self, k: Kernel, page: Page, entry: int) -> None:
