@@ -99,7 +99,7 @@ class Kernel:
         """PG_mte_tagged / PG_mte_lock of the frame mapped at ``addr`` (the folio head for hugetlb)."""
         task = self.task(pid)
         pte = task.mm.pt.get(addr >> PAGE_SHIFT)
-        if pte is None or not pte.present:
+        if pte is None or not pte.present or pte.page is None:
             return {"present": False, "tagged": False, "locked": False}
         head = pte.page.folio
         return {"present": True, "tagged": bool(head.flags & PG_mte_tagged),

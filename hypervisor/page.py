@@ -18,10 +18,15 @@ know which tags a correct kernel would hold (see hypervisor/oracles.py).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SIZE, PAGES_PER_HPAGE
+
+if TYPE_CHECKING:
+    from hypervisor.mm_types import MemObject
 
 #: Stale tags a frame holds at boot: nonzero, different per pfn.
 _BOOT_PATTERN = bytes((i % 15) + 1 for i in range(MTE_GRANULES_PER_PAGE + 15))
@@ -63,7 +68,7 @@ class Page:
     head: Page | None = None  # hugetlb: the folio's head page (itself for the head)
     subpages: list[Page] = attrs.Factory(list)  # hugetlb head only: the folio's frames (empty otherwise)
     rmap: Rmap = attrs.Factory(Rmap)  # (mm, vpn) of the PTEs mapping this frame
-    mapping: object | None = None  # page-cache owner (a shmem/file object) or None for anon
+    mapping: MemObject | None = None  # page-cache owner (a shmem/file object) or None for anon
     index: int = 0
     swap_entry: int | None = None  # set while the page is in the swap cache
     free: bool = True

@@ -69,6 +69,7 @@ async def mte_ptrace_copy_tags(k: Kernel, tracer: Task, target: Task, addr: int,
                 err = "EIO"
                 break
             page = pte.page
+            assert page is not None  # handle_mm_fault returns a present entry
             hold = not pte.special and not _OLD_ORDERING
             if hold:
                 get_page(page)  # GUP's FOLL_GET reference: reclaim and migration leave the page alone
@@ -98,5 +99,5 @@ async def mte_ptrace_copy_tags(k: Kernel, tracer: Task, target: Task, addr: int,
             addr = ((addr >> PAGE_SHIFT) + 1) << PAGE_SHIFT
     if done == 0 and want > 0:
         why = {"EIO": "address not mapped", "EOPNOTSUPP": "VMA not mapped with PROT_MTE (EOPNOTSUPP, returned as EIO)"}
-        raise KernelError("EIO", f"PTRACE_*MTETAGS at {addr:#x}: {why[err]}")
+        raise KernelError("EIO", f"PTRACE_*MTETAGS at {addr:#x}: {why[err or 'EIO']}")
     return bytes(out) if poke is None else done

@@ -71,6 +71,7 @@ async def __gfn_to_page(k: Kernel, kvm: Kvm, gfn: int, write: bool) -> Page | No
         pte = await handle_mm_fault(k, kvm.mm, slot.hva(gfn), write)
     except KernelError:
         return None
+    assert pte.page is not None  # handle_mm_fault returns a present entry
     if not pte.special:
         get_page(pte.page)
     return pte.page

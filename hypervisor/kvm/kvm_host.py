@@ -18,7 +18,10 @@ from hypervisor.locks import ModelMutex
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from hypervisor.kernel import Kernel
+    from hypervisor.mm.mmu_notifier import MmuNotifierRange
     from hypervisor.mm_types import MM
     from hypervisor.process import Task
 
@@ -72,7 +75,7 @@ class Kvm:
     nr_memslots_dirty_logging: int = 0
     manual_dirty_log_protect: int = 0  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0]
     destroyed: bool = False
-    notifier: object = None
+    notifier: Callable[[MmuNotifierRange], None] | None = None
     ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
 
     @property

@@ -144,6 +144,7 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
             kvm.memslots[slot_id] = slot
             _set_logging(kvm, slot, slot.dirty_tracked)
             return
+        assert old is not None  # a move or a flags change is of an existing slot
         if change == "move":
             # kvm_prepare_memory_region(): a slot that keeps logging keeps old->dirty_bitmap
             kvm_arch_flush_shadow_memslot(k, kvm, old)

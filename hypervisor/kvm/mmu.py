@@ -181,6 +181,7 @@ async def __kvm_faultin_pfn(k: Kernel, kvm: Kvm, hva: int, write: bool) -> tuple
     except KernelError as exc:
         raise KernelError("EFAULT", f"user_mem_abort: no page at hva {hva:#x} ({exc.message})") from None
     page = pte.page
+    assert page is not None  # handle_mm_fault returns a present entry
     if not pte.special:
         get_page(page)
     return page, pte.write

@@ -38,9 +38,11 @@ async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:
                 continue
             for vpn in mm.vpns_in(max(start, vma.start), min(end, vma.end)):
                 pte = mm.pt.get(vpn)
-                if pte is None or not pte.present or pte.special or pte.page.zone != "normal":
+                if pte is None or not pte.present or pte.special:
                     continue
                 page = pte.page
+                if page is None or page.zone != "normal":
+                    continue
                 if page.ksm or page.is_hugetlb or page.isolated:
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")

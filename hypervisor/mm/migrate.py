@@ -38,7 +38,7 @@ async def migrate_range(k: Kernel, mm: MM, start: int, end: int) -> int:
     folios: dict[int, Page] = {}  # each folio once, chosen before any moves
     for vpn in mm.vpns_in(start, end):
         pte = mm.pt.get(vpn)
-        if pte is None or not pte.present or pte.special:
+        if pte is None or not pte.present or pte.special or pte.page is None:
             continue
         page = pte.page.folio
         if page.zone == "normal" and not page.ksm and page.swap_entry is None:
@@ -104,6 +104,7 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
     anon = old.mapping is None
     if not anon:
         obj = old.mapping
+        assert obj is not None  # not anon: a page-cache page
         for n, o in zip(news, olds, strict=True):
             n.mapping, n.index = o.mapping, o.index
             o.mapping = None

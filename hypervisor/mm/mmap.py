@@ -124,6 +124,7 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
         raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
     obj = None if backing == "anon" else get_object(k, backing, obj_name, mm.session)
     if backing == "hugetlb":
+        assert obj is not None  # get_object gives every non-anon backing one
         if obj.named and (obj.pages or obj.mappings) and obj.hpage_pages != hugepage_size >> PAGE_SHIFT:
             raise KernelError("EINVAL", f"mmap: hugetlb object {obj_name!r} has {obj.hpage_pages * PAGE_SIZE >> 10} "
                                         "KiB pages")
@@ -157,13 +158,15 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
 
 async def _remap_pfn_range(k: Kernel, mm: MM, vma: Vma) -> None:
     """remap_pfn_range(): a device region is mapped up front, special PTEs, never tagged."""
+    obj = vma.obj
+    assert obj is not None  # a device VMA maps its device object
     for i, vpn in enumerate(range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT)):
         index = vma.pgoff + i
-        page = vma.obj.pages.get(index)
+        page = obj.pages.get(index)
         if page is None:
-            page = Page(pfn=0x1_0000_0000 + id(vma.obj) % 0x10000 * 0x1000 + index, tags=bytearray(256),
-                        zone="device", free=False, refcount=1, mapping=vma.obj, index=index)
-            vma.obj.pages[index] = page
+            page = Page(pfn=0x1_0000_0000 + id(obj) % 0x10000 * 0x1000 + index, tags=bytearray(256),
+                        zone="device", free=False, refcount=1, mapping=obj, index=index)
+            obj.pages[index] = page
         mm.pt[vpn] = Pte(page=page, write=bool(vma.flags & VM_WRITE), tagged=False, special=True)
 
 
@@ -270,7 +273,7 @@ async def change_protection(k: Kernel, mm: MM, vma: Vma) -> None:
             continue
         await k.sched.point("change_protection")
         pte = mm.pt.get(vpn)
-        if pte is None or not pte.present:
+        if pte is None or not pte.present or pte.page is None:
             continue
         tagged = bool(vma.flags & VM_MTE) and pte.page.zone != "device"
         write = pte.write and bool(vma.flags & VM_WRITE)
@@ -318,7 +321,7 @@ async def do_madvise(k: Kernel, mm: MM, addr: int, size: int, advice: str) -> No
             if advice == "free" and not v.is_anon:
                 raise KernelError("EINVAL", "madvise: MADV_FREE works on private anonymous memory only")
             lo, hi = max(addr, v.start), min(end, v.end)
-            if v.flags & VM_HUGETLB:  # madvise_dontneed_free_valid_vma(): whole huge pages only
+            if v.flags & VM_HUGETLB and v.obj is not None:  # madvise_dontneed_free_valid_vma(): whole huge pages
                 hsz = v.obj.hpage_pages << PAGE_SHIFT
                 if lo % hsz:
                     raise KernelError("EINVAL", f"madvise: {lo:#x} is not aligned to the huge page size {hsz:#x}")

@@ -141,7 +141,7 @@ async def madvise_pageout(k: Kernel, mm: MM, start: int, end: int) -> int:
     pages: list[Page] = []
     for vpn in mm.vpns_in(start, end):
         pte = mm.pt.get(vpn)
-        if pte is not None and pte.present and not pte.special and pte.page not in pages:
+        if pte is not None and pte.present and not pte.special and pte.page is not None and pte.page not in pages:
             pages.append(pte.page)
     return await shrink_folio_list(k, pages)
 
