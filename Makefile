@@ -18,6 +18,8 @@ run: $(STAMP)
 	$(BIN)/mtekvm run scenarios/vm-shared-memfd.toml
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
