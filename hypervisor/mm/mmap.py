@@ -96,7 +96,8 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
 
     Raises:
         KernelError: EINVAL (zero length, unaligned addr/offset, PROT_MTE without
-            VM_MTE_ALLOWED, bad hugetlb size or alignment, a named hugetlb object
+            VM_MTE_ALLOWED, bad hugetlb size or address/offset alignment (the
+            length is rounded up to the huge page size, as ksys_mmap_pgoff does), a named hugetlb object
             of another size, private anon-shared), ENOMEM (no room).
     """
     if size == 0:
@@ -115,9 +116,10 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
             raise KernelError("EINVAL", f"mmap: no hugetlb pool of {hugepage_size:#x} bytes (arm64 with 4 KiB pages: "
                                         "64 KiB, 2 MiB, 32 MiB, 1 GiB)")
         hs = hugepage_size
-        if size % hs or (addr is not None and addr % hs) or offset % hs:
-            raise KernelError("EINVAL", f"mmap: hugetlb length, address and offset must be multiples of the "
+        if (addr is not None and addr % hs) or offset % hs:
+            raise KernelError("EINVAL", f"mmap: a hugetlb address and offset must be multiples of the "
                                         f"{hs >> 10} KiB huge page size")
+        size = -(-size // hs) * hs  # ksys_mmap_pgoff(): len = ALIGN(len, huge_page_size(hs))
         align = hs
     size = page_align_up(size)
     if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
@@ -170,8 +172,24 @@ async def _remap_pfn_range(k: Kernel, mm: MM, vma: Vma) -> None:
         mm.pt[vpn] = Pte(page=page, write=bool(vma.flags & VM_WRITE), tagged=False, special=True)
 
 
+def hugetlb_vm_op_split(mm: MM, addr: int) -> None:
+    """hugetlb_vm_op_split() (mm/hugetlb.c): a hugetlb VMA splits only at a huge page boundary.
+
+    Raises:
+        KernelError: EINVAL when ``addr`` falls inside a hugetlb VMA off its huge page size.
+    """
+    for v in mm.vmas_in(addr, addr + 1):
+        if v.flags & VM_HUGETLB and v.obj is not None and v.start < addr < v.end:
+            hsz = v.obj.hpage_pages << PAGE_SHIFT
+            if addr % hsz:
+                raise KernelError("EINVAL", f"{addr:#x} is inside a {hsz >> 10} KiB huge page of a hugetlb "
+                                            "mapping: it can only be split at a huge page boundary")
+
+
 async def _unmap_locked(k: Kernel, mm: MM, addr: int, size: int) -> None:
     end = addr + size
+    hugetlb_vm_op_split(mm, addr)
+    hugetlb_vm_op_split(mm, end)
     mm._split(addr)
     mm._split(end)
     for v in mm.vmas_in(addr, end):
@@ -213,7 +231,8 @@ async def do_munmap(k: Kernel, mm: MM, addr: int, size: int) -> None:
     """do_munmap().
 
     Raises:
-        KernelError: EINVAL for an unaligned address or a zero length.
+        KernelError: EINVAL for an unaligned address, a zero length, or a
+            range that would split a hugetlb VMA off a huge page boundary.
     """
     if addr & (PAGE_SIZE - 1):
         raise KernelError("EINVAL", f"munmap: address {addr:#x} is not page aligned")
@@ -231,7 +250,8 @@ async def do_mprotect_pkey(k: Kernel, mm: MM, addr: int, size: int, prot) -> Non
 
     Raises:
         KernelError: EINVAL (unaligned, PROT_MTE without MTE or without
-            VM_MTE_ALLOWED; VMAs earlier in the range may already be changed),
+            VM_MTE_ALLOWED; a split of a hugetlb VMA off a huge page boundary;
+            VMAs earlier in the range may already be changed),
             ENOMEM (a hole in the range).
     """
     if addr & (PAGE_SIZE - 1):
@@ -245,6 +265,8 @@ async def do_mprotect_pkey(k: Kernel, mm: MM, addr: int, size: int, prot) -> Non
     async with mm.mmap_lock.write():
         if not mm.covered(addr, end):
             raise KernelError("ENOMEM", f"mprotect: [{addr:#x}, {end:#x}) is not fully mapped")
+        hugetlb_vm_op_split(mm, addr)
+        hugetlb_vm_op_split(mm, end)
         mm._split(addr)
         mm._split(end)
         for v in mm.vmas_in(addr, end):

@@ -74,11 +74,28 @@ class TestSizes:
                                              hugepage_size=hs))
 
     @pytest.mark.parametrize("hs,size", [(K64, K64 + PAGE), (M32, M2), (M32, M32 + M2)])
-    async def test_length_must_be_a_multiple(self, hs, size):
-        """A length that is not a multiple of the huge page size is EINVAL."""
+    async def test_length_rounds_up_to_the_huge_page_size(self, hs, size):
+        """A length that is not a multiple of the huge page size maps whole huge pages (ksys_mmap_pgoff ALIGN)."""
         k = Kernel()
         p = Proc.new(k, "p")
-        await expect_errno("EINVAL", huge_map(p, size, hs))
+        addr = await huge_map(p, size, hs)
+        want = -(-size // hs) * hs
+        vma = [v for v in p.task.mm.vmas if v.start == addr][0]
+        assert vma.end - vma.start == want
+        await p("store", addr=addr + want - PAGE, data=b"x")  # the rounded-up tail is mapped
+
+    @pytest.mark.parametrize("op", ["munmap", "mprotect"])
+    async def test_split_inside_a_huge_page_is_einval(self, op):
+        """munmap or mprotect of 4 KiB inside a 2 MiB hugetlb mapping is EINVAL (hugetlb_vm_op_split), nothing changes."""
+        k = Kernel()
+        p = Proc.new(k, "p")
+        addr = await huge_map(p, 2 * M2, M2)
+        args = {"addr": addr + PAGE, "size": PAGE}
+        if op == "mprotect":
+            args["prot"] = ["read"]
+        await expect_errno("EINVAL", p(op, **args))
+        assert [(v.start, v.end) for v in p.task.mm.vmas] == [(addr, addr + 2 * M2)]
+        await p(op, **dict(args, addr=addr + M2, size=M2))  # at a huge page boundary it splits
 
     async def test_address_must_be_aligned(self):
         """A MAP_FIXED address aligned to 2 MiB but not to 32 MiB is EINVAL for 32 MiB pages."""
