@@ -48,7 +48,7 @@ Decisions where the contract is silent:
 - ``guest:VM:N`` needs ``N < vcpus``; a ``setup = "manual"`` VM creates its vCPUs in steps, so
   any index up to 511 parses (a vCPU that was never created is ENODEV when the step runs).
 - Memslots: ``backing`` defaults to ``anon``; ``ipa`` and ``size`` are page aligned (for
-  ``hugetlb``, aligned to its ``hugepage-size``, 2 MiB by default), ``size > 0``, slots do not
+  ``hugetlb`` too, as KVM asks), ``size > 0``, slots do not
   overlap and fit in ``ipa_bits``. ``object`` is only
   for ``memfd``, ``shmem`` and ``file``, and one object keeps one backing everywhere.
 - mmap ``share`` defaults to ``private`` for ``anon`` and ``hugetlb``, ``shared`` otherwise.
@@ -315,11 +315,11 @@ def _parse_memslots(raw: Any, vm: str, ipa_bits: int, st: _State,
             huge = _hugepage_size(t["hugepage-size"], w, f"{p}.hugepage-size")
         slot = MemslotSpec(i, _size(t["ipa"], w, f"{p}.ipa"), _size(t["size"], w, f"{p}.size"),
                            backing, obj, _bool(t.get("prot_mte", False), w, f"{p}.prot_mte"), huge)
-        align = (huge or HUGE_PAGE_SIZE) if backing == "hugetlb" else PAGE_SIZE
+        # KVM needs page alignment only; a hugetlb slot off its huge page size maps
+        # 4 KiB at stage 2 (user_mem_abort), and the VMM's mmap rounds its length up.
         for k in ("ipa", "size"):
-            if getattr(slot, k) % align:
-                raise w.error(f"{p}.{k}", f"must be a multiple of {align:#x} for backing "
-                              f"{backing!r} (got {getattr(slot, k):#x})")
+            if getattr(slot, k) % PAGE_SIZE:
+                raise w.error(f"{p}.{k}", f"must be a multiple of {PAGE_SIZE:#x} (got {getattr(slot, k):#x})")
         if not slot.size:
             raise w.error(f"{p}.size", "must not be 0")
         if slot.ipa + slot.size > 1 << ipa_bits:

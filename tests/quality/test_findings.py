@@ -50,10 +50,11 @@ def _params():
 
 
 def test_every_finding_3_trigger_has_a_scenario():
-    """Finding 3 is shown by one scenario per trigger: dirty logging, 64 KiB, 32 MiB, 1 GiB fallback, COPY_TAGS."""
+    """Finding 3 is shown by one scenario per trigger: dirty logging, 64 KiB, 32 MiB, 1 GiB fallback, COPY_TAGS, a slot off 2 MiB."""
     assert FINDING_3 == sorted([
         "hugetlb-dirty-log-stale-tags.toml", "hugetlb-64k-stale-tags.toml", "hugetlb-32m-stale-tags.toml",
-        "hugetlb-1g-pmd-fallback-stale-tags.toml", "hugetlb-copy-tags-to-guest-stale-tags.toml"])
+        "hugetlb-1g-pmd-fallback-stale-tags.toml", "hugetlb-copy-tags-to-guest-stale-tags.toml",
+        "hugetlb-unaligned-slot-stale-tags.toml"])
     for name in FINDING_3:
         scn = load_scenario(FINDINGS / name)
         assert set(scn.expect_violations) == {"NO-PUBLISH-BEFORE-VALID", "LAST-TAG-WRITTEN"}, name

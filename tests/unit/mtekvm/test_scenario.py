@@ -510,7 +510,7 @@ class TestVms:
         ({"ipa": 0x800, "size": 4096}, "vms.v.memory[0].ipa"),
         ({"ipa": 0, "size": 100}, "vms.v.memory[0].size"),
         ({"ipa": 0, "size": 0}, "vms.v.memory[0].size"),
-        ({"ipa": 0, "size": 4096, "backing": "hugetlb"}, "vms.v.memory[0].size"),
+        ({"ipa": 0x800, "size": 4096, "backing": "hugetlb"}, "vms.v.memory[0].ipa"),
         ({"ipa": 0, "size": 4096, "object": "o"}, "vms.v.memory[0].object"),
         ({"ipa": 0, "size": 4096, "colour": 1}, "vms.v.memory[0].colour"),
         ({"size": 4096}, "vms.v.memory[0].ipa"),
@@ -600,14 +600,17 @@ class TestContractAdditions:
         """A size arm64 hugetlb does not have, or hugepage-size on a non-hugetlb mapping, is an error."""
         assert step_error("p", "mmap", size="4MiB", **args).key == key
 
-    def test_memslot_hugepage_size_sets_alignment(self):
-        """A hugetlb memslot's hugepage-size is kept in bytes and its ipa/size must be multiples of it."""
+    def test_memslot_hugepage_size_is_kept_and_slots_need_page_alignment_only(self):
+        """A hugetlb memslot's hugepage-size is kept in bytes; like KVM, its ipa/size need only page alignment."""
         ok = parse_scenario({"name": "t", "vms": {"v": {"memory": [
             {"ipa": 0x4000_0000, "size": "64KiB", "backing": "hugetlb", "hugepage-size": "64KiB"}]}}})
         assert ok.vms["v"].memory[0].hugepage_size == 64 << 10
+        off = parse_scenario({"name": "t", "vms": {"v": {"memory": [
+            {"ipa": 0x4000_1000, "size": "2MiB", "backing": "hugetlb", "hugepage-size": "32MiB"}]}}})
+        assert (off.vms["v"].memory[0].ipa, off.vms["v"].memory[0].size) == (0x4000_1000, 2 << 20)
         e = error({"name": "t", "vms": {"v": {"memory": [
-            {"ipa": 0x4000_0000, "size": "2MiB", "backing": "hugetlb", "hugepage-size": "32MiB"}]}}})
-        assert e.key == "vms.v.memory[0].size"
+            {"ipa": 0x4000_0800, "size": "2MiB", "backing": "hugetlb"}]}}})
+        assert e.key == "vms.v.memory[0].ipa"
         e = error({"name": "t", "vms": {"v": {"memory": [
             {"ipa": 0, "size": "2MiB", "backing": "memfd", "hugepage-size": "2MiB"}]}}})
         assert e.key == "vms.v.memory[0].hugepage-size"
