@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shared import wire
+from shared import lifeline, wire
 from shared.transport import open_connection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,8 +181,11 @@ def start_hypervisor(workdir: Path, listen: str | None = None, *extra: str, secr
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     stderr_path = workdir / f"hv-{time.monotonic_ns()}.stderr"
     with open(stderr_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "--listen", listen, *extra],
-                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=str(ROOT))
+        # the test session's lifeline: a SIGKILLed pytest leaves no hypervisor behind
+        fd = lifeline.child_fd()
+        proc = subprocess.Popen([sys.executable, "-m", "hypervisor", "--listen", listen, "--lifeline-fd", str(fd),
+                                 *extra], stdout=subprocess.PIPE, stderr=err, env=env, cwd=str(ROOT),
+                                pass_fds=(fd,))
     line = b""
     deadline = time.monotonic() + timeout
     while not line.endswith(b"\n"):
