@@ -65,7 +65,6 @@ from typing import Any
 from mtekvm.scenario import ops
 from mtekvm.scenario.model import (
     FAULT_REPLAY_LIMIT,
-    HUGE_PAGE_SIZE,
     PAGE_SIZE,
     Expect,
     HostSpec,

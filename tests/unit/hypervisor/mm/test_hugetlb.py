@@ -86,7 +86,7 @@ class TestSizes:
 
     @pytest.mark.parametrize("op", ["munmap", "mprotect"])
     async def test_split_inside_a_huge_page_is_einval(self, op):
-        """munmap or mprotect of 4 KiB inside a 2 MiB hugetlb mapping is EINVAL (hugetlb_vm_op_split), nothing changes."""
+        """munmap/mprotect of 4 KiB inside a 2 MiB hugetlb mapping is EINVAL (hugetlb_vm_op_split); nothing changes."""
         k = Kernel()
         p = Proc.new(k, "p")
         addr = await huge_map(p, 2 * M2, M2)
