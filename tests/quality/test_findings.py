@@ -50,7 +50,7 @@ def _params():
 
 
 def test_every_finding_3_trigger_has_a_scenario():
-    """Finding 3 has one scenario per trigger: dirty logging, 64 KiB, 32 MiB, 1 GiB fallback, COPY_TAGS, slot off 2 MiB."""
+    """Finding 3 has a scenario per trigger: dirty log, 64 KiB, 32 MiB, 1 GiB fallback, COPY_TAGS, slot off 2 MiB."""
     assert FINDING_3 == sorted([
         "hugetlb-dirty-log-stale-tags.toml", "hugetlb-64k-stale-tags.toml", "hugetlb-32m-stale-tags.toml",
         "hugetlb-1g-pmd-fallback-stale-tags.toml", "hugetlb-copy-tags-to-guest-stale-tags.toml",
