@@ -226,6 +226,15 @@ BOOT = {"mte": True, "ram": 256 << 20, "swap": 64 << 20, "bugs": []}
 WITH_HOST = ["vmm", "guest"]
 
 
+async def run_on_shared_host(mtekvm_run, hv, tmp_path) -> Run:
+    """Start `mtekvm run --host` on ``hv`` (its secret in a file) and wait until its VM is up."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(hv.secret + "\n")
+    run = mtekvm_run("--host", hv.address, "--secret-file", str(secret_file))
+    await run.wait_vm_up(WITH_HOST)
+    return run
+
+
 def one_line_error(run: Run) -> str:
     """mtekvm's stderr, asserted to be a single line without a traceback."""
     err = run.stderr().strip()
@@ -250,10 +259,7 @@ class TestSigkillOfTheClient:
     async def test_shared_host_is_freed(self, mtekvm_run, spawn_hypervisor, tmp_path):
         """SIGKILL of `mtekvm run --host`: its VMM and guest exit, and the shared host accepts `boot` again."""
         hv = spawn_hypervisor()
-        secret_file = tmp_path / "secret"
-        secret_file.write_text(hv.secret + "\n")
-        run = mtekvm_run("--host", hv.address, "--secret-file", str(secret_file))
-        await run.wait_vm_up(WITH_HOST)
+        run = await run_on_shared_host(mtekvm_run, hv, tmp_path)
         stats = await hv.stats()
         assert stats["vms"] == 1 and stats["tasks"] >= 1, stats
         async with hv.client("host") as host:
@@ -312,10 +318,7 @@ class TestSigkillInsideTheRun:
     async def test_killed_shared_host_ends_the_run_with_one_line(self, mtekvm_run, spawn_hypervisor, tmp_path):
         """SIGKILL of the `--host` hypervisor: the VMM and guest exit, `mtekvm run` says so in one line, exit 3."""
         hv = spawn_hypervisor()
-        secret_file = tmp_path / "secret"
-        secret_file.write_text(hv.secret + "\n")
-        run = mtekvm_run("--host", hv.address, "--secret-file", str(secret_file))
-        await run.wait_vm_up(WITH_HOST)
+        run = await run_on_shared_host(mtekvm_run, hv, tmp_path)
         hv.proc.kill()
         hv.proc.wait()
         await until(lambda: not run.left(), f"the VMM and the guest exited (left: {run.left()})")
