@@ -394,6 +394,14 @@ _OPS = [
           "PTRACE_POKEMTETAGS.", _P),
     OpDef("batch", "process", (F("ops", BATCH),), "Run several process ops in order in one round trip."),
     OpDef("getpid", "process", (), "getpid(2)."),
+    OpDef("mincore", "process", (F("addr", ADDR), F("size", SIZE)),
+          "mincore(2): one byte per page, 1 where the page is resident (mapped, in the object's page cache, or "
+          "in swap: the model counts swapped pages, so a VMM never skips memory that holds data)."),
+    OpDef("ghost-export", "process", (F("vm", U64),),
+          "Oracle equipment, not a kernel interface: the TAGS-AS-WRITTEN record of the VM's memory, by guest page."),
+    OpDef("ghost-import", "process", (F("vm", U64), F("entries", MAP)),
+          "Oracle equipment: replace the TAGS-AS-WRITTEN record of the VM's memory with ``entries`` "
+          "(a ghost-export of the VM's source, installed just before a migrated VM resumes)."),
     # ---- KVM: ioctls of a process (the VMM) on the VMs it created -----------
 ]
 #: The memory accesses a guest's vCPU makes (``vcpu-access`` ``kind``): the guest ops with an address.
@@ -448,6 +456,11 @@ _OPS += [
     OpDef("migrate-pages", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "Move pages to new frames.",
           ("host",)),
     OpDef("page-flags", "host", (F("pid", PID), F("addr", ADDR)), "PG_mte_tagged/PG_mte_lock of the page at addr.",
+          ("host",)),
+    OpDef("meminfo", "host", (), "{ram-pages, free-pages, vms}: the host's RAM and the VMs it runs now, by name.",
+          ("host",)),
+    OpDef("kill", "host", (F("pid", PID),),
+          "SIGKILL a host process: it exits at once (its VMs destroyed, its memory freed); ESRCH when it is gone.",
           ("host",)),
     OpDef("check-invariants", "host", (), "Run every oracle now; returns the violations found so far."),
     OpDef("stats", "host", (), "Memory and object counts."),

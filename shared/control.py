@@ -166,6 +166,24 @@ def _u32(v):
     return v
 
 
+#: What ``migrate``'s ``fail`` may break (SCENARIOS.md, "Fault injection").
+MIGRATION_FAILS = ("kill-destination", "kill-source", "cut")
+
+
+def _fail_at(v):
+    """``precopy:N`` (N >= 1), ``switchover`` or ``after-resume``."""
+    if isinstance(v, str):
+        if v in ("switchover", "after-resume"):
+            return v
+        head, _, n = v.partition(":")
+        if head == "precopy" and n.isdigit() and int(n) >= 1 and n == str(int(n)):
+            return v
+    raise ValueError('must be "precopy:N" (N >= 1), "switchover" or "after-resume"')
+
+
+FAIL_AT = Kind("name", _fail_at)
+
+
 #: KVM capabilities a VMM op may name (KVM_CAP_ARM_MTE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
 KVM_CAPS = ("arm-mte", "manual-dirty-log-protect2")
 SLOT = Kind("int", _u32, hi=0xFFFFFFFF)        # a memslot id (struct kvm_userspace_memory_region.slot)
@@ -199,6 +217,18 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
     ), "Device DMA write through the VMM's mapping.", _VMM),
     OpDef("dma-read", "any", (F("ipa", ADDR), F("size", IO_SIZE)), "Device DMA read through the VMM's mapping.",
           _VMM, returns="bytes"),
+    OpDef("migrate", "any", (
+        F("to", NAME), F("max_passes", U64, 8, "pre-copy passes before stop-and-copy (0: stop-and-copy only)"),
+        F("fail", opt(enum(*MIGRATION_FAILS)), None, "fault injection: what to break"),
+        F("fail_at", opt(FAIL_AT), None, "fault injection: precopy:N, switchover or after-resume"),
+    ), "Live-migrate the VM to host ``to`` (the orchestrator starts the destination VMM); returns "
+       "{passes, pages, tagged-pages, stop-pages}.", _VMM, ("kvm-copy-tags", "kvm-get-dirty-log",
+                                                           "kvm-clear-dirty-log", "kvm-set-memory-region")),
+    OpDef("snapshot", "any", (F("name", opt(NAME), None), F("path", opt(NAME), None)),
+          "Pause, save memory, tags and vCPU state to a named snapshot or a file, resume; returns "
+          "{pages, tagged-pages}.", _VMM, ("kvm-copy-tags",)),
+    OpDef("restore", "any", (F("name", opt(NAME), None), F("path", opt(NAME), None)),
+          "Load a snapshot into this VM (same layout); returns {pages, tagged-pages}.", _VMM, ("kvm-copy-tags",)),
 ]}
 
 
