@@ -35,6 +35,7 @@ from typing import Any
 
 import trio
 
+from guest import cpu as cpu_state
 from guest.cpu import VcpuRegs
 from guest.stage1 import Stage1, Stage1Error
 from shared import wire
@@ -103,6 +104,10 @@ class GuestAgent:
         """
         if op == "vcpu-add":
             return await self.add_vcpu(args["index"], args["token"], ctx)
+        if op == "vcpu-state-get":
+            return self.get_state()
+        if op == "vcpu-state-set":
+            return self.set_state(args["vcpus"], args["stage1"])
         return await self.run_op(args["vcpu"], args["op"], args["args"], ctx)
 
     async def add_vcpu(self, index: int, token: str, ctx: str | None = None) -> dict:
@@ -124,6 +129,46 @@ class GuestAgent:
         self.vcpus[index] = regs
         log.info("vCPU %d attached (hypervisor vcpu %s, vm %s, MTE %d)", index, regs.vcpu, regs.vm, regs.mte)
         return {"index": index, "vcpu": regs.vcpu, "vm": regs.vm, "mte": regs.mte}
+
+    def get_state(self) -> dict:
+        """Every vCPU's registers and stage 1, msgpack-safe (the guest half of a migration or snapshot).
+
+        Returns:
+            ``{"vcpus": {str(index): state}, "stage1": [[va, size, ipa, attr], ...]}``
+            (state as :func:`guest.cpu.get_state`).
+        """
+        return {"vcpus": {str(i): cpu_state.get_state(r) for i, r in sorted(self.vcpus.items())},
+                "stage1": self.stage1.export()}
+
+    def set_state(self, vcpus: dict, stage1: list) -> None:
+        """Install a :meth:`get_state` result; the vCPUs must already be added. All or nothing.
+
+        Raises:
+            GuestError: EINVAL for a malformed state, ENODEV for a vCPU this guest does not run
+                (or one it runs that the state lacks).
+        """
+        if not isinstance(vcpus, dict):
+            raise GuestError(EINVAL, "vcpu-state-set: vcpus must be a map of index -> state")
+        checked = {}
+        for key, state in vcpus.items():
+            if not isinstance(key, str) or not key.isdigit() or str(int(key)) != key:
+                raise GuestError(EINVAL, f"vcpu-state-set: vCPU key {str(key)[:20]!r} is not an index")
+            if int(key) not in self.vcpus:
+                raise GuestError(ENODEV, f"vcpu-state-set: no vCPU {key} in this guest (vcpu-add it first)")
+            try:
+                checked[int(key)] = cpu_state.check_state(state)
+            except ValueError as exc:
+                raise GuestError(EINVAL, f"vcpu-state-set: vCPU {key}: {exc}") from None
+        if set(checked) != set(self.vcpus):
+            raise GuestError(ENODEV, f"vcpu-state-set: the state has vCPUs {sorted(checked)}, "
+                                     f"this guest runs {sorted(self.vcpus)}")
+        try:
+            stage1_new = Stage1.from_export(stage1)
+        except Stage1Error as exc:
+            raise GuestError(exc.errno, f"vcpu-state-set: {exc.message}") from None
+        for index, state in checked.items():
+            cpu_state.set_state(self.vcpus[index], state)
+        self.stage1 = stage1_new
 
     async def run_op(self, index: int, op: str, args: dict, ctx: str | None = None) -> Any:
         """Run one guest op of SCENARIOS.md on vCPU ``index``.

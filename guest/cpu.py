@@ -193,3 +193,78 @@ class VcpuRegs:
         if not allowed or not self.sctlr_ata:
             return 0
         return self.rng.choice(allowed)
+
+
+#: The keys of one vCPU's saved state (:meth:`VcpuRegs.get_state`).
+STATE_KEYS = ("mte", "sctlr_ata", "tcf", "gcr_excl", "tco", "tfsr", "mair", "rng")
+
+
+def _check_state(state: object) -> dict:
+    """Validate one vCPU's saved state (msgpack shapes); raise ValueError saying what is wrong."""
+    if not isinstance(state, dict):
+        raise ValueError("a vCPU state must be a map")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"a vCPU state lacks {', '.join(missing)}")
+    extra = sorted(set(state) - set(STATE_KEYS), key=repr)
+    if extra:
+        raise ValueError(f"a vCPU state has unknown key {repr(extra[0])[:40]}")
+
+    def uint(name: str, hi: int) -> int:
+        v = state[name]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= hi:
+            raise ValueError(f"{name} must be an integer 0..{hi:#x}")
+        return v
+
+    def flag(name: str) -> bool:
+        if not isinstance(state[name], bool):
+            raise ValueError(f"{name} must be a boolean")
+        return state[name]
+
+    if state["tcf"] not in TCF_MODES:
+        raise ValueError(f"tcf must be one of {', '.join(TCF_MODES)}")
+    rng = state["rng"]
+    if not (isinstance(rng, (list, tuple)) and len(rng) == 3 and isinstance(rng[0], int)
+            and isinstance(rng[1], (list, tuple)) and len(rng[1]) == 625
+            and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 32 for x in rng[1])
+            and (rng[2] is None or isinstance(rng[2], float))):
+        raise ValueError("rng must be [version, 625 32-bit words, gauss_next] (random.Random.getstate())")
+    return {"mte": uint("mte", 15), "sctlr_ata": flag("sctlr_ata"), "tcf": state["tcf"],
+            "gcr_excl": uint("gcr_excl", 0xFFFF), "tco": flag("tco"), "tfsr": uint("tfsr", TFSR_TF0 | TFSR_TF1),
+            "mair": uint("mair", (1 << 64) - 1), "rng": (rng[0], tuple(rng[1]), rng[2])}
+
+
+def get_state(regs: VcpuRegs) -> dict:
+    """The vCPU's architectural state as msgpack-safe values (what KVM_GET_ONE_REG would save).
+
+    Holds SCTLR_EL1.ATA/TCF, GCR_EL1.Exclude, TFSR_EL1, PSTATE.TCO, MAIR_EL1,
+    ID_AA64PFR1_EL1.MTE (for checking, not restored) and IRG's random state, so a
+    restored vCPU behaves identically. The attach details (token, vcpu, vm) are the
+    host's, not the vCPU's, and are not part of it.
+    """
+    version, words, gauss = regs.rng.getstate()
+    return {"mte": regs.mte, "sctlr_ata": regs.sctlr_ata, "tcf": regs.tcf, "gcr_excl": regs.gcr_excl,
+            "tco": regs.tco, "tfsr": regs.tfsr, "mair": regs.mair, "rng": [version, list(words), gauss]}
+
+
+def check_state(state: object) -> dict:
+    """Validate a saved vCPU state (see :func:`get_state`).
+
+    Raises:
+        ValueError: the state is malformed (what is wrong is said).
+    """
+    return _check_state(state)
+
+
+def set_state(regs: VcpuRegs, state: dict) -> None:
+    """Install a state :func:`check_state` accepted (KVM_SET_ONE_REG of each register).
+
+    ID_AA64PFR1_EL1.MTE stays what this host's KVM exposes.
+    """
+    regs.sctlr_ata = state["sctlr_ata"]
+    regs.tcf = state["tcf"]
+    regs.gcr_excl = state["gcr_excl"]
+    regs.tco = state["tco"]
+    regs.tfsr = state["tfsr"]
+    regs.mair = state["mair"]
+    regs.rng.setstate(state["rng"])

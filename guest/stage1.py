@@ -159,3 +159,25 @@ class Stage1:
             segs.append([ipa, n, attr])
             va += n
         return segs
+
+    def export(self) -> list[list]:
+        """The explicit mappings as ``[[va, size, ipa, attr], ...]`` (msgpack-safe; see :meth:`replace`)."""
+        return [[e.va, e.size, e.ipa, e.attr] for e in self._extents]
+
+    @classmethod
+    def from_export(cls, extents: object) -> Stage1:
+        """A new address space holding ``extents`` as :meth:`export` gave them.
+
+        Raises:
+            Stage1Error: EINVAL if ``extents`` is not such a list, or an extent is one :meth:`map` refuses.
+        """
+        if not isinstance(extents, (list, tuple)):
+            raise Stage1Error(EINVAL, "stage1 must be a list of [va, size, ipa, attr]")
+        s = cls()
+        for e in extents:
+            if (not isinstance(e, (list, tuple)) or len(e) != 4
+                    or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in e[:3])
+                    or not isinstance(e[3], str)):
+                raise Stage1Error(EINVAL, "each stage1 extent must be [va, size, ipa, attr]")
+            s.map(e[0], e[2], e[1], e[3])
+        return s

@@ -86,6 +86,16 @@ def _memory(v):
 
 MEMORY = Kind("list", _memory)
 
+
+def _state_list(v):
+    """A list (checked item by item by its user: the guest's stage 1 extents)."""
+    if not isinstance(v, (list, tuple)):
+        raise ValueError("must be a list")
+    return list(v)
+
+
+STATE_LIST = Kind("list", _state_list)
+
 _VMM_CONTROL = [
     OpDef("vm-create", "any", (F("name", NAME), F("ipa_bits", U64, 40)),
           "KVM_CREATE_VM only: the scenario builds the rest with VMM ops (setup = \"manual\")."),
@@ -107,6 +117,10 @@ _GUEST_CHANNEL = [
     OpDef("vcpu-add", "any", (F("index", U64), F("token", NAME)), "Run this vCPU from now on."),
     OpDef("guest-op", "any", (F("vcpu", U64, 0), F("op", NAME), F("args", MAP, {})),
           "One guest op of the scenario contract on one vCPU."),
+    OpDef("vcpu-state-get", "any", (),
+          "{vcpus: {str(index): registers}, stage1: [[va, size, ipa, attr], ...]} (migration, snapshots)."),
+    OpDef("vcpu-state-set", "any", (F("vcpus", MAP), F("stage1", STATE_LIST, ())),
+          "Install a vcpu-state-get result (the vCPUs must already be added)."),
 ]
 
 _EXIT_CHANNEL = [
@@ -223,10 +237,11 @@ KVM_OPS: dict[str, OpDef] = {d.name: d for d in [
         F("fail_at", opt(FAIL_AT), None, "fault injection: precopy:N, switchover or after-resume"),
     ), "Live-migrate the VM to host ``to`` (the orchestrator starts the destination VMM); returns "
        "{passes, pages, tagged-pages, stop-pages}.", _VMM, ("kvm-copy-tags", "kvm-get-dirty-log",
-                                                           "kvm-clear-dirty-log", "kvm-set-memory-region")),
+                                                           "kvm-clear-dirty-log", "kvm-set-memory-region",
+                                                           "mincore", "ghost-export", "ghost-import")),
     OpDef("snapshot", "any", (F("name", opt(NAME), None), F("path", opt(NAME), None)),
           "Pause, save memory, tags and vCPU state to a named snapshot or a file, resume; returns "
-          "{pages, tagged-pages}.", _VMM, ("kvm-copy-tags",)),
+          "{pages, tagged-pages}.", _VMM, ("kvm-copy-tags", "mincore")),
     OpDef("restore", "any", (F("name", opt(NAME), None), F("path", opt(NAME), None)),
           "Load a snapshot into this VM (same layout); returns {pages, tagged-pages}.", _VMM, ("kvm-copy-tags",)),
 ]}

@@ -25,11 +25,18 @@ Errors (as :class:`VmmError` or passed through from the hypervisor/guest):
     EINVAL: bad arguments; dirty-log on an unknown slot.
     ENOSYS: unknown VMM op.
     EIO: the hypervisor connection was lost, or the guest could not be started.
+    ESTALE: the VM has migrated away (``moved_to``); the orchestrator retries on the destination.
+
+Pause (:meth:`Vmm.pause`/:meth:`Vmm.resume`) holds every ``guest-op`` and ``vmm-op`` (but
+migrate, snapshot and restore, which pause themselves) at a gate and waits for those in flight,
+as kicking the vCPUs out of KVM_RUN does; :meth:`Vmm.guest_state` and :meth:`Vmm.set_guest_state`
+save and install the vCPUs' registers and stage 1 (:mod:`vmm.guestram` reads and writes RAM).
 """
 
 from __future__ import annotations
 
 import collections
+import importlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -38,11 +45,11 @@ import trio
 
 from shared.abi import MAX_IO, OPS, ops_of, validate_args
 from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
-from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, errno_name
+from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, ESTALE, errno_name
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
 from shared.rpc import serve_requests
 from shared.wire import Client, ConnectionClosed, RemoteError, Reply
-from vmm import dma
+from vmm import dma, guestram
 from vmm.errors import VmmError
 
 if TYPE_CHECKING:
@@ -56,6 +63,8 @@ log = logging.getLogger("mtekvm.vmm")
 HOST_PROCESS_OPS = frozenset(ops_of(OPS, "vmm"))
 #: KVM_ARM_MTE_COPY_TAGS refuses lengths over INT_MAX.
 INT_MAX = (1 << 31) - 1
+#: VMM ops that pause the vCPUs themselves, so they do not wait at (or count for) the pause gate.
+UNGATED_KVM_OPS = frozenset({"migrate", "snapshot", "restore"})
 #: Exits kept for ``status`` (the oldest are dropped).
 MAX_EXITS = 1024
 
@@ -74,10 +83,14 @@ class Vmm:
         session: the scenario's session (named memory objects are shared per session).
         copy_chunk: guest bytes per KVM_ARM_MTE_COPY_TAGS call when a copy is
             split (a page multiple; default: the most one reply may carry).
+        migration: the migration transport (:mod:`vmm.migration`: ``listen``/``dial``);
+            None: this VMM cannot migrate (EOPNOTSUPP).
+        die: ``await die()`` kills this VMM at once (fault injection: SIGKILL itself).
     """
 
     def __init__(self, connect: Connect, guests, *, name: str, session: str | None,
-                 copy_chunk: int = MAX_IO * MTE_GRANULE_SIZE):
+                 copy_chunk: int = MAX_IO * MTE_GRANULE_SIZE, migration: Any = None,
+                 die: Callable[[], Awaitable[None]] | None = None):
         if copy_chunk <= 0 or copy_chunk % PAGE_SIZE:
             raise ValueError("copy_chunk must be a positive multiple of the page size")
         self.connect = connect
@@ -85,6 +98,8 @@ class Vmm:
         self.name = name
         self.session = session
         self.copy_chunk = copy_chunk
+        self.migration = migration
+        self.die = die
         self.hv: Client | None = None
         self.pid: int | None = None
         self.vm: int | None = None
@@ -92,12 +107,24 @@ class Vmm:
         self.ram: list[tuple[int, int]] = []  # guest RAM the VMM mapped itself (vm-setup)
         self.vcpus: list[int] = []
         self.guest: GuestHandle | None = None  # set once started
-        self.guest_state = "not-started"
+        self.guest_status = "not-started"
         self.guest_detail = ""
         self.exits: collections.deque = collections.deque(maxlen=MAX_EXITS)
         self.device = dma.DmaDevice(self._device_fill)
         self.closing = False
         self.done = trio.Event()  # set once shut down
+        #: every mapping the VMM made of its own address space (vm-setup and forwarded mmaps), for guestram
+        self.mappings: list = []
+        #: the host the VM migrated to: every later guest/vmm op fails ESTALE
+        self.moved_to: str | None = None
+        #: dirty pages a failed migration consumed from slots that logged before it (slot -> page indexes),
+        #: ORed into ``dirty-log get`` as QEMU layers its own bitmaps over KVM's
+        self.dirty_extra: dict[int, set[int]] = {}
+        self._pause_gate: trio.Event | None = None  # set while paused: guest/vmm ops wait on it
+        self._pauses = 0
+        self._inflight = 0  # guest/vmm ops running (pause waits for them)
+        self._idle = trio.Event()
+        self._idle.set()
         self._start_lock = trio.Lock()
         self._guest_lock = trio.Lock()
         self._reaped = trio.Event()  # the current guest's death has been handled
@@ -164,8 +191,71 @@ class Vmm:
             return await self._op_status(a, ctx)
         if self.closing:
             raise VmmError(ENODEV, "the VMM has shut down")
+        if op in ("guest-op", "vmm-op") and not (op == "vmm-op" and a["op"] in UNGATED_KVM_OPS):
+            await self._enter_gate()
+            try:
+                await self.start()
+                return await self.CONTROL_HANDLERS[op](self, a, ctx)
+            finally:
+                self._leave_gate()
+        if op != "shutdown":
+            self._check_moved()
         await self.start()
         return await self.CONTROL_HANDLERS[op](self, a, ctx)
+
+    # ---- pause (vCPUs kicked out of KVM_RUN) ---------------------------------------
+    def _check_moved(self) -> None:
+        if self.moved_to is not None:
+            raise VmmError(ESTALE, f"the VM has migrated to host {self.moved_to}")
+
+    async def _enter_gate(self) -> None:
+        """Wait while paused; then count this guest/vmm op as in flight (ESTALE once the VM moved away)."""
+        while self._pause_gate is not None:
+            await self._pause_gate.wait()
+        self._check_moved()
+        if self._inflight == 0:
+            self._idle = trio.Event()
+        self._inflight += 1
+
+    def _leave_gate(self) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def pause(self, ctx: str | None = None) -> None:
+        """Stop the vCPUs: new guest/vmm ops wait, and this returns once those in flight have completed.
+
+        Models kicking every vCPU thread out of KVM_RUN (``kvm_vcpu_kick``) and holding it there, as
+        QEMU's ``vm_stop`` does; ops that waited run after :meth:`resume`, or fail ESTALE if the VM
+        has moved away meanwhile. Pauses nest (each needs its resume).
+        """
+        self._pauses += 1
+        if self._pause_gate is None:
+            self._pause_gate = trio.Event()
+        await self._idle.wait()
+
+    async def resume(self) -> None:
+        """Undo one :meth:`pause`; the last one lets the waiting ops go."""
+        if self._pauses == 0:
+            return
+        self._pauses -= 1
+        if self._pauses == 0 and self._pause_gate is not None:
+            gate, self._pause_gate = self._pause_gate, None
+            gate.set()
+
+    @property
+    def paused(self) -> bool:
+        """The vCPUs are paused."""
+        return self._pause_gate is not None
+
+    async def guest_state(self, ctx: str | None) -> dict:
+        """Every vCPU's registers and the guest's stage 1 (GUEST_CHANNEL ``vcpu-state-get``)."""
+        return (await self._guest_call("vcpu-state-get", {}, ctx)).value
+
+    async def set_guest_state(self, state: dict, ctx: str | None) -> None:
+        """Install a :meth:`guest_state` result into this VM's guest (its vCPUs already added)."""
+        await self._guest_call("vcpu-state-set", {"vcpus": state.get("vcpus"), "stage1": state.get("stage1", [])},
+                               ctx)
 
     # ---- building the VM -----------------------------------------------------------
     def _need_vm(self) -> int:
@@ -176,7 +266,7 @@ class Vmm:
     async def _op_vm_create(self, a: dict, ctx: str | None) -> int:
         if self.vm is not None:
             raise VmmError(EEXIST, f"this VMM already runs VM {self.vm}")
-        if self.guest_state == "exited":
+        if self.guest_status == "exited":
             raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail}); start a new VMM")
         self.vm = (await self._call("kvm-create-vm", {"ipa_bits": a["ipa_bits"]}, ctx)).value
         return self.vm
@@ -198,6 +288,7 @@ class Vmm:
                 if m["backing"] == "hugetlb":
                     mmap["hugepage_size"] = m["hugepage_size"]
                 hva = (await self._call("mmap", mmap, ctx)).value
+                guestram.record_mmap(self, hva, validate_args("mmap", mmap))
                 self.ram.append((hva, m["size"]))
                 await self._call("kvm-set-memory-region", {"vm": vm, "slot": i, "ipa": m["ipa"],
                                                            "size": m["size"], "addr": hva}, ctx)
@@ -210,7 +301,7 @@ class Vmm:
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._teardown(ctx)
-                if self.guest is not None and self.guest_state == "running":
+                if self.guest is not None and self.guest_status == "running":
                     await self.guest.stop()
             raise
         return {"vm": vm, "pid": self.pid, "vcpus": list(self.vcpus),
@@ -222,7 +313,7 @@ class Vmm:
         index = vcpu["index"]
         self.vcpus.append(index)
         async with self._guest_lock:
-            if self.guest_state == "exited":
+            if self.guest_status == "exited":
                 raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail})")
             if self.guest is None:
                 self._reaped = trio.Event()
@@ -233,13 +324,16 @@ class Vmm:
                 except Exception as exc:  # noqa: BLE001 - a launcher failure is a reply, not a crash
                     log.exception("vmm:%s: starting the guest failed", self.name)
                     raise VmmError(EIO, f"cannot start the guest: {exc}") from exc
-                self.guest_state = "running"
+                self.guest_status = "running"
         await self._guest_call("vcpu-add", {"index": index, "token": vcpu["token"]}, ctx)
 
     async def _teardown(self, ctx: str | None) -> None:
         """Destroy the VM and unmap guest RAM; errors are logged, not raised."""
         vm, self.vm = self.vm, None
         ranges = list(dict.fromkeys(self.ram + [(s.addr, s.size) for s in self.slots.values()]))
+        for addr, size in ranges:
+            guestram.forget_range(self, addr, size)
+        self.dirty_extra.clear()
         self.ram.clear()
         self.slots.clear()
         self.vcpus.clear()
@@ -269,7 +363,7 @@ class Vmm:
         """Supervision: the guest died (launcher callback)."""
         if guest is not self.guest:
             return
-        self.guest_state = "exited"
+        self.guest_status = "exited"
         self.guest_detail = guest.detail or ""
         try:
             if not self.closing:
@@ -280,7 +374,7 @@ class Vmm:
             self._reaped.set()
 
     async def _op_guest_op(self, a: dict, ctx: str | None) -> Reply:
-        if self.guest_state == "exited":
+        if self.guest_status == "exited":
             raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail})")
         if self.guest is None or not self.vcpus:
             raise VmmError(ENODEV, "the VM has no vCPU yet")
@@ -289,7 +383,7 @@ class Vmm:
         return await self._guest_call("guest-op", a, ctx)
 
     async def _op_kill_guest(self, a: dict, ctx: str | None) -> dict:
-        if self.guest is None or self.guest_state != "running":
+        if self.guest is None or self.guest_status != "running":
             raise VmmError(ESRCH, "no guest is running")
         await self.guest.kill()
         await self._reaped.wait()
@@ -299,7 +393,9 @@ class Vmm:
     async def _op_vmm_op(self, a: dict, ctx: str | None) -> Any:
         op, args = a["op"], a["args"]
         if op in HOST_PROCESS_OPS:
-            return await self._call(op, args, ctx)
+            reply = await self._call(op, args, ctx)
+            guestram.note_host_op(self, op, args, reply.value)
+            return reply
         if op not in KVM_OPS:
             raise VmmError(ENOSYS, f"unknown VMM op {op!r}")
         v = validate_args(op, args, KVM_OPS)
@@ -373,14 +469,22 @@ class Vmm:
     async def _kvm_dirty_log(self, a: dict, ctx: str | None) -> Any:
         vm, n, action = self._need_vm(), a["slot"], a["action"]
         if action == "get":
-            return list((await self._call("kvm-get-dirty-log", {"vm": vm, "slot": n}, ctx)).value)
+            pages = list((await self._call("kvm-get-dirty-log", {"vm": vm, "slot": n}, ctx)).value)
+            extra = self.dirty_extra.get(n)
+            return sorted(extra.union(pages)) if extra else pages
         if action == "clear":
-            return (await self._call("kvm-clear-dirty-log", {"vm": vm, "slot": n, "first": a["first"],
+            done = (await self._call("kvm-clear-dirty-log", {"vm": vm, "slot": n, "first": a["first"],
                                                              "num": a["count"]}, ctx)).value
+            extra = self.dirty_extra.get(n)
+            if extra:
+                end = None if a["count"] is None else a["first"] + a["count"]
+                extra.difference_update([p for p in extra if p >= a["first"] and (end is None or p < end)])
+            return done
         slot = self.slots.get(n)
         if slot is None:
             raise VmmError(EINVAL, f"dirty-log {action}: no memslot {n}")
         flags = tuple(f for f in slot.flags if f != "log-dirty-pages")
+        self.dirty_extra.pop(n, None)
         if action == "enable":
             flags += ("log-dirty-pages",)
         await self._call("kvm-set-memory-region", {"vm": vm, "slot": n, "ipa": slot.ipa, "size": slot.size,
@@ -398,6 +502,20 @@ class Vmm:
     async def _kvm_dma_read(self, a: dict, ctx: str | None) -> Reply:
         data, fault = await dma.read_guest(self._hv, self.slots.values(), a["ipa"], a["size"], ctx=ctx)
         return Reply(data, fault)
+
+    async def _kvm_migrate(self, a: dict, ctx: str | None) -> None:
+        raise VmmError(EINVAL, "migrate: a VMM cannot migrate on its own; the orchestrator (mtekvm) starts the "
+                               "destination VMM and sends migrate-incoming/migrate-out")
+
+    async def _kvm_snapshot(self, a: dict, ctx: str | None) -> Any:
+        self._check_moved()
+        snapshot = importlib.import_module("vmm.snapshot")  # written apart from the machine; imported when used
+        return await snapshot.snapshot(self, a, ctx)
+
+    async def _kvm_restore(self, a: dict, ctx: str | None) -> Any:
+        self._check_moved()
+        snapshot = importlib.import_module("vmm.snapshot")  # written apart from the machine; imported when used
+        return await snapshot.restore(self, a, ctx)
 
     async def _device_fill(self, ipa: int, length: int, byte: int, ctx: str | None) -> dict | None:
         return await dma.write_guest(self._hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
@@ -430,7 +548,7 @@ class Vmm:
 
     async def _op_status(self, a: dict, ctx: str | None) -> dict:
         return {"pid": self.pid, "vm": self.vm,
-                "guest": {"state": self.guest_state, "detail": self.guest_detail},
+                "guest": {"state": self.guest_status, "detail": self.guest_detail},
                 "exits": list(self.exits)}
 
     async def _op_shutdown(self, a: dict, ctx: str | None) -> None:
@@ -446,6 +564,7 @@ class Vmm:
         "check-extension": _kvm_check_extension, "enable-cap": _kvm_enable_cap, "create-vcpu": _kvm_create_vcpu,
         "set-memory-region": _kvm_set_memory_region, "copy-tags": _kvm_copy_tags, "dirty-log": _kvm_dirty_log,
         "dma-write": _kvm_dma_write, "dma-read": _kvm_dma_read,
+        "migrate": _kvm_migrate, "snapshot": _kvm_snapshot, "restore": _kvm_restore,
     }
 
     async def shutdown(self, ctx: str | None = None) -> None:
@@ -462,7 +581,7 @@ class Vmm:
                     except (RemoteError, ConnectionClosed) as exc:
                         log.info("vmm:%s: kvm-destroy-vm at shutdown: %s", self.name, exc)
                     self.vm = None
-                if self.guest is not None and self.guest_state == "running":
+                if self.guest is not None and self.guest_status == "running":
                     await self.guest.stop()
             if self.hv is not None:
                 try:
