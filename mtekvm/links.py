@@ -29,6 +29,8 @@ how.
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import os
 import secrets
 import shutil
@@ -222,6 +224,11 @@ class HostLink(Connector):
         """The scheduler of an in-process host (``None`` for a process: its own, out of reach)."""
         return None
 
+    @property
+    def transport(self) -> str:
+        """How the host is reached: ``tcp`` (a VMM migrating to it uses TCP too) or ``unix``."""
+        return "tcp" if isinstance(self.address, str) and self.address.startswith("tcp:") else "unix"
+
     def schedule(self) -> str:
         """The run's schedule so far (empty unless the host runs under a controlled scheduler)."""
         return self.scheduler.schedule if self.scheduler is not None else ""
@@ -239,18 +246,31 @@ class InProcessHost(HostLink):
         kernel: the modelled host kernel (:meth:`boot` builds one).
     """
 
-    def __init__(self, nursery: trio.Nursery, kernel: Kernel):
+    def __init__(self, nursery: trio.Nursery, kernel: Kernel, *, drive: bool = True, migration=None):
         super().__init__(nursery)
         self.hv = Hypervisor(kernel)
+        self.drive = drive
+        self.migration = migration
 
     @classmethod
-    def boot(cls, nursery: trio.Nursery, sched: Scheduler, **kernel_args) -> InProcessHost:
+    def boot(cls, nursery: trio.Nursery, sched: Scheduler, *, drive: bool = True, pid_base: int | None = None,
+             migration=None, **kernel_args) -> InProcessHost:
         """A host whose kernel boots with ``kernel_args`` (mte, ram, swap, bugs, boot extras) under ``sched``.
+
+        Several in-process hosts of one run share one scheduler (one driver: ``drive`` on exactly
+        one of them), so that every host's contexts interleave under one policy. ``pid_base``: the
+        first pid this kernel hands out (each host of a run gets its own range, so that kernel
+        contexts named after a pid, such as a process's exit, never meet one of another host's
+        under the shared scheduler). ``migration``: the run's in-process migration transport, given
+        to the VMMs started on this host.
 
         Raises:
             TypeError: an argument this build's kernel does not take.
         """
-        return cls(nursery, Kernel(sched=sched, **kernel_args))
+        kernel = Kernel(sched=sched, **kernel_args)
+        if pid_base is not None:
+            kernel._pids = itertools.count(pid_base)  # the model's pid allocator (Kernel.create_task)
+        return cls(nursery, kernel, drive=drive, migration=migration)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -258,8 +278,8 @@ class InProcessHost(HostLink):
         return self.hv.kernel.sched
 
     async def start(self) -> None:
-        """Start the controlled scheduler's driver, if there is one."""
-        if isinstance(self.scheduler, ControlledScheduler):
+        """Start the controlled scheduler's driver, if there is one and this host drives it."""
+        if self.drive and isinstance(self.scheduler, ControlledScheduler):
             await self.nursery.start(self.scheduler.run_driver)
 
     async def stop(self, timeout: float = 60) -> None:
@@ -270,7 +290,7 @@ class InProcessHost(HostLink):
 
     def vmm_link(self, name: str, session: str | None) -> VmmLink:
         """An in-process VMM (and guest) on this hypervisor."""
-        return InProcessVmm(self.nursery, self, name, session)
+        return InProcessVmm(self.nursery, self, name, session, migration=self.migration)
 
     def failures(self) -> list[str]:
         """What the hypervisor recorded of its scheduler's failures."""
@@ -287,9 +307,12 @@ class ProcessHost(HostLink):
     """A ``python -m hypervisor`` process: started privately, or already running at ``address``."""
 
     def __init__(self, nursery: trio.Nursery, *, address: str | None = None, secret: str | None = None,
-                 mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=()):
+                 mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=(), listen: str = "unix"):
         super().__init__(nursery, address, secret)
+        if listen not in ("unix", "tcp"):
+            raise ValueError(f"listen must be 'unix' or 'tcp' (got {listen!r})")
         self._args = (mte, ram, swap, tuple(bugs))
+        self.listen = listen  # a private hypervisor: on a 0600 Unix socket, or on TCP loopback (any free port)
         self.process: trio.Process | None = None
         self.folder: str | None = None  # the private hypervisor's folder (it removes it itself if we die)
         self.log: ChildLog | None = None
@@ -298,7 +321,9 @@ class ProcessHost(HostLink):
         """Start the private hypervisor process (unless an address was given).
 
         The process gets our lifeline and its folder to remove: if we die, it
-        exits and removes the folder on its own.
+        exits and removes the folder on its own. It listens on a Unix socket in
+        that folder, or (``listen = "tcp"``) on a free TCP port of 127.0.0.1;
+        either way with a fresh secret.
 
         Raises:
             HostStartError: it exited or never said it was listening.
@@ -309,7 +334,8 @@ class ProcessHost(HostLink):
         self.folder = tempfile.mkdtemp(prefix="mtekvm-")
         path = os.path.join(self.folder, "hv.sock")
         self.secret = secrets.token_hex(16)
-        cmd = [sys.executable, "-m", "hypervisor", "--listen", f"unix:{path}", "--ram", str(ram), "--swap", str(swap)]
+        where = f"unix:{path}" if self.listen == "unix" else "tcp:127.0.0.1:0"  # TCP: the secret is required
+        cmd = [sys.executable, "-m", "hypervisor", "--listen", where, "--ram", str(ram), "--swap", str(swap)]
         if not mte:
             cmd.append("--no-mte")
         for b in bugs:
@@ -376,6 +402,26 @@ from vmm.guestlink import InProcessGuests  # noqa: E402
 from vmm.machine import Vmm  # noqa: E402
 
 
+def in_process_migration():
+    """The migration transport the in-process VMMs of one run share (``vmm.migration.InProcessTransport``:
+    ``listen(handler) -> "mem:N"``, ``dial(address, secret) -> stream``), or ``None`` in a build
+    without one (a ``migrate`` step then fails in the VMM)."""
+    try:
+        from vmm.migration import InProcessTransport  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return InProcessTransport()
+
+
+async def _close_quietly(client: Client) -> None:
+    """Close a connection, ignoring one that is already broken."""
+    with trio.CancelScope(shield=True):
+        try:
+            await client.aclose()
+        except Exception:  # noqa: BLE001 - closing something broken
+            pass
+
+
 class VmmLink:
     """A VMM the orchestrator drives through its control channel (:data:`shared.control.VMM_CONTROL`).
 
@@ -410,6 +456,12 @@ class VmmLink:
         """Raise :class:`HostDied` if the VMM or the hypervisor under it has died (an error reply
         may be the first sign of that: a guest that lost its hypervisor answers ESRCH)."""
 
+    async def kill(self) -> None:
+        """SIGKILL the VMM: it stops at once, without a shutdown (the hypervisor sees its
+        connections close and exits the process: its VM destroyed, its memory freed). Returns once
+        the VMM is dead; idempotent."""
+        raise NotImplementedError
+
 
 class InProcessVmm(VmmLink):
     """A :class:`vmm.machine.Vmm` in this trio run, with an in-process guest.
@@ -423,12 +475,23 @@ class InProcessVmm(VmmLink):
     """
 
     def __init__(self, nursery: trio.Nursery, host: HostLink, name: str, session: str | None, *,
-                 copy_chunk: int | None = None):
+                 copy_chunk: int | None = None, migration=None):
         super().__init__(nursery, name, session)
         self.host = host
         self.copy_chunk = copy_chunk
+        self.migration = migration
         self.vmm: Vmm | None = None
+        self.dead = False
         self._inner: trio.Nursery | None = None
+        self._hv_clients: list[Client] = []  # every hypervisor connection of the VMM and its guest
+
+    async def _connect(self, role: str, **hello):
+        """The host's ``connect``, remembering the connection (to close it if the VMM is killed)."""
+        client, reply = await self.host.connect(role, **hello)
+        self._hv_clients.append(client)
+        if self.dead:  # opened while being killed: a dead process holds no connection
+            await _close_quietly(client)
+        return client, reply
 
     async def start(self) -> None:
         """Start the VMM's tasks and connect it to the hypervisor.
@@ -442,12 +505,17 @@ class InProcessVmm(VmmLink):
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as inner:
             self._inner = inner
-            extra = {} if self.copy_chunk is None else {"copy_chunk": self.copy_chunk}
-            self.vmm = Vmm(self.host.connect, InProcessGuests(inner, self.host.connect, GuestAgent), name=self.name,
+            extra: dict = {} if self.copy_chunk is None else {"copy_chunk": self.copy_chunk}
+            accepted = inspect.signature(Vmm).parameters
+            if "migration" in accepted and self.migration is not None:
+                extra["migration"] = self.migration
+            if "die" in accepted:
+                extra["die"] = self.kill
+            self.vmm = Vmm(self._connect, InProcessGuests(inner, self._connect, GuestAgent), name=self.name,
                            session=self.session, **extra)
             await self.vmm.start()
             task_status.started()
-            await trio.sleep_forever()  # stop() cancels
+            await trio.sleep_forever()  # stop() or kill() cancels
 
     async def connect(self) -> Client:
         """A control connection over an in-memory stream."""
@@ -461,11 +529,25 @@ class InProcessVmm(VmmLink):
 
     async def stop(self) -> None:
         """Shut the VMM down, then cancel its tasks (control clients see their connection close)."""
-        if self.vmm is not None:
+        if self.vmm is not None and not self.dead:
             await self.vmm.shutdown()
         if self._inner is not None:
             self._inner.cancel_scope.cancel()
             self._inner = None
+
+    async def kill(self) -> None:
+        """Kill the VMM as SIGKILL would: close its and its guest's hypervisor connections without
+        a shutdown (the hypervisor exits the process), cancel its tasks (control clients and the
+        migration peer see their connections close). Called by the VMM itself too (its ``die``,
+        for fault injection): then the calling task is cancelled as the process would vanish."""
+        if self.dead:
+            return
+        self.dead = True
+        inner, self._inner = self._inner, None
+        for client in self._hv_clients:
+            await _close_quietly(client)
+        if inner is not None:
+            inner.cancel_scope.cancel()
 
 
 class ProcessVmm(VmmLink):
@@ -562,6 +644,13 @@ class ProcessVmm(VmmLink):
         client = ExplainedClient(stream, self.why_lost, HostDied)
         await self.nursery.start(client.run)
         return client
+
+    async def kill(self) -> None:
+        """SIGKILL the VMM process and reap it (its guest follows it through its lifeline)."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            with trio.CancelScope(shield=True):
+                await self.process.wait()
 
     async def stop(self) -> None:
         """Ask for a shutdown, wait for the process to exit (SIGTERM, then SIGKILL if it does not)."""

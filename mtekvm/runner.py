@@ -29,7 +29,10 @@ This is the Python API the CLI uses; tests and users can call it directly::
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -37,12 +40,12 @@ import attrs
 import trio
 
 from hypervisor.sched import ControlledScheduler, make_scheduler
-from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink
+from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink, in_process_migration
 from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 from shared.control import ACTOR_CHANNEL, ACTOR_OPS
 from shared.errno import ScheduleDivergence
 from shared.invariants import canonical
-from shared.wire import Client, RemoteError, WireError
+from shared.wire import Client, RemoteError, Reply, WireError
 
 
 class RunError(Exception):
@@ -58,6 +61,11 @@ class InfraError(Exception):
     """The machinery under a scenario failed: a hypervisor or VMM could not be started or
     reached, was busy, or died mid-run. The message is one line."""
 
+
+#: A step follows its VM through at most this many VMMs (ESTALE from one that migrated it away).
+MAX_FOLLOW = 16
+#: Pids of the i-th in-process host of a run start at 100 + i * PID_RANGE (distinct contexts across hosts).
+PID_RANGE = 100_000
 
 #: Exceptions that mean a host or VMM connection broke (wire.ConnectionClosed is a WireError).
 _INFRA = (HostStartError, WireError, trio.BrokenResourceError, trio.ClosedResourceError, OSError, EOFError)
@@ -93,6 +101,7 @@ class RunOptions:
     secret: str | None = None
     bugs: tuple[str, ...] = ()
     scheduler: SchedulerSpec | None = None
+    listen: str = "unix"  # private hypervisors: on a Unix socket, or "tcp" (127.0.0.1, a free port, a secret)
 
 
 @attrs.frozen
@@ -271,24 +280,38 @@ class _Run:
         self.vmms: dict[str, Client] = {}  # VM name -> the VMM's control channel
         self.session = f"scenario:{id(self)}"
         self.ata: set[tuple[str, int]] = set()  # (VM, vCPU) whose guest enabled MTE (SCTLR_EL1.ATA = 1)
+        self.vm_host: dict[str, str] = {n: v.host for n, v in scn.vms.items()}  # where each VM runs now
+        self.gone: dict[str, str] = {}  # VMs that died (their VMM killed), and how
+        self.changing: dict[str, trio.Event] = {}  # VMs whose VMM a step is replacing or killing; set when done
+        self.may_die: dict[str, str] = {}  # VMs whose VMM a fault injection may kill after the step (and how)
+        self.killed: set[str] = set()  # host processes a `kill` step killed
+        self.snapshots: str | None = None  # the run's private folder of named snapshots
+        self.scheduler: ControlledScheduler | None = None  # the one scheduler every in-process host shares
 
     async def setup(self) -> None:
         if self.opts.host is not None and (self.controlled or len(self.scn.hosts) > 1):
             raise RunError("--host runs one host under the free scheduler; controlled schedulers and several "
                            "hosts need the embedded hypervisor")
-        for name, spec in self.scn.hosts.items():
+        migration = in_process_migration() if self.controlled else None
+        for i, (name, spec) in enumerate(self.scn.hosts.items()):
             if self.controlled:
-                sched = make_scheduler(self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule,
-                                       self.sched_spec.depth, policy=self.sched_spec.policy)
+                sched = self.scheduler or make_scheduler(
+                    self.sched_spec.kind, self.sched_spec.seed, self.sched_spec.schedule, self.sched_spec.depth,
+                    policy=self.sched_spec.policy)
                 try:
-                    link: HostLink = InProcessHost.boot(self.nursery, sched, mte=spec.mte, ram=spec.ram,
-                                                        swap=spec.swap, bugs=self.bugs, **boot_extras(spec))
+                    link: HostLink = InProcessHost.boot(
+                        self.nursery, sched, drive=self.scheduler is None, migration=migration,
+                        pid_base=100 + PID_RANGE * i if len(self.scn.hosts) > 1 else None,
+                        mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, **boot_extras(spec))
                 except TypeError as exc:  # a host setting this build's kernel does not take yet
                     raise RunError(f"host {name!r}: this build cannot boot it as asked ({exc})") from None
+                if isinstance(sched, ControlledScheduler):
+                    self.scheduler = sched
             elif self.opts.host is not None:
                 link = ProcessHost(self.nursery, address=self.opts.host, secret=self.opts.secret)
             else:
-                link = ProcessHost(self.nursery, mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs)
+                link = ProcessHost(self.nursery, mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs,
+                                   listen=self.opts.listen)
             await link.start()
             self.hosts[name] = link
             client, _ = await link.connect("host")
@@ -340,7 +363,7 @@ class _Run:
         resolved from process names, and only the op's own fields are sent."""
         d = ACTOR_OPS[step.actor_kind][step.op]
         a = _plain(step.args)
-        if step.actor_kind == "host":  # {process, vm, addr, size}: the VM's pid comes with its address
+        if step.actor_kind == "host" and "process" in a:  # {process, vm, addr, size}: a VM's pid comes later
             a = dict(a, pid=self.pids.get(a["process"]))
         for f in d.fields:
             if f.kind.name == "pid" and isinstance(a.get(f.name), str):
@@ -354,26 +377,203 @@ class _Run:
         return step.op, a
 
     async def _resolve_vm(self, step: Step, args: dict) -> dict:
-        """A host op on ``vm`` + ``ipa``: the VMM's pid and the address it maps the IPA at."""
-        hva = (await self.vmms[step.args["vm"]].call("ipa-to-hva", {"ipa": step.args["addr"]})).value
+        """A host op on ``vm`` + ``ipa``: the VMM's pid and the address it maps the IPA at (ESRCH
+        when the VM is gone or runs on another host than the acting one)."""
+        vm = step.args["vm"]
+        self._vm_here(vm, step.actor_target)
+        hva = (await self._vm_call(vm, "ipa-to-hva", {"ipa": step.args["addr"]}, None)).value
+        self._vm_here(vm, step.actor_target)  # it may have moved meanwhile
         return dict(args, pid=hva["pid"], addr=hva["hva"])
+
+    def _vm_here(self, vm: str, host: str) -> None:
+        """Raise ESRCH unless ``vm`` runs on ``host`` now."""
+        if vm in self.gone:
+            raise RemoteError("ESRCH", f"VM {vm} is gone ({self.gone[vm]})")
+        if self.vm_host[vm] != host:
+            raise RemoteError("ESRCH", f"VM {vm} runs on host {self.vm_host[vm]!r}, not {host!r}")
+
+    async def _dispatch(self, step: Step, ctx: str) -> Reply:
+        """Send the step to whoever serves it now and return the reply (RemoteError: its errno).
+
+        A ``vmm:``/``guest:`` step goes to the VM's current VMM (see :meth:`_vm_call`); ``migrate``,
+        ``snapshot``/``restore`` and the host's ``kill`` are orchestrated here.
+        """
+        kind = step.actor_kind
+        if kind == "host" and step.op == "kill":
+            return await self._kill(step, ctx)
+        if kind == "vmm" and step.op == "migrate":
+            return await self._migrate(step, ctx)
+        op, args = self._request(step)
+        if kind in ("vmm", "guest"):
+            if step.op in ("snapshot", "restore"):
+                args = {"op": step.op, "args": {"path": self._snapshot_path(step)}}
+            return await self._vm_call(step.actor_target, op, args, ctx)
+        if kind == "host":
+            if step.args.get("vm") is not None:
+                args = await self._resolve_vm(step, args)
+            elif step.args.get("process") in self.killed:
+                raise RemoteError("ESRCH", f"process {step.args['process']} was killed")
+            return await self.host_clients[step.actor_target].call(op, args, ctx=ctx)
+        if step.actor_target in self.killed:
+            raise RemoteError("ESRCH", f"process {step.actor_target} was killed")
+        return await self.procs[step.actor_target].call(op, args, ctx=ctx)
+
+    async def _vm_call(self, vm: str, op: str, args: dict, ctx: str | None) -> Reply:
+        """Call the VM's current VMM; follow the VM when it moves, ESRCH once it is gone.
+
+        A VMM whose VM migrated away answers ESTALE, and a VMM killed during the call closes its
+        connection: then, once the step replacing or killing it has finished, the call goes to
+        the VM's new VMM, or fails with ESRCH if the VM is gone. A VMM that dies unasked is an
+        infrastructure failure (the connection error is raised).
+        """
+        for _ in range(MAX_FOLLOW):
+            if vm in self.gone:
+                raise RemoteError("ESRCH", f"VM {vm} is gone ({self.gone[vm]})")
+            client = self.vmms[vm]
+            try:
+                return await client.call(op, args, ctx=ctx)
+            except RemoteError as exc:
+                if exc.name != "ESTALE":
+                    raise
+                await self._settled(vm)
+                if self.vmms[vm] is client and vm not in self.gone:
+                    raise RemoteError("EIO", f"the VMM of {vm} answered ESTALE but the VM did not move: "
+                                      f"{exc.message}") from None
+            except _INFRA:
+                await self._settled(vm)
+                if vm not in self.gone and self.vmms[vm] is client:
+                    if vm not in self.may_die:
+                        raise
+                    await self._vm_died(vm, self.may_die.pop(vm), f"{ctx or 'vmm:' + vm}>reap")
+        raise RemoteError("EIO", f"VM {vm} kept moving: the step was sent {MAX_FOLLOW} times")
+
+    async def _settled(self, vm: str) -> None:
+        """Wait until no step is replacing or killing the VM's VMM."""
+        while vm in self.changing:
+            await self.changing[vm].wait()
+
+    def _snapshot_path(self, step: Step) -> str:
+        """The absolute file of a ``snapshot``/``restore``: ``path`` relative to the scenario's folder,
+        or ``name`` in the run's private folder (removed at teardown)."""
+        if step.args.get("path") is not None:
+            return os.path.join(os.path.dirname(os.path.abspath(self.scn.path)), step.args["path"])
+        if self.snapshots is None:
+            self.snapshots = tempfile.mkdtemp(prefix="mtekvm-snapshots-")
+        return os.path.join(self.snapshots, f"{step.args['name']}.snap")
+
+    # ---- migration and SIGKILL ------------------------------------------------------------
+
+    async def _migrate(self, step: Step, ctx: str) -> Reply:
+        """``migrate``: start a VMM for the VM on host ``to``, let the two VMMs move it, then route
+        the VM's steps to its new VMM (module docstring of :mod:`mtekvm.runner`, "Migration")."""
+        vm, a = step.actor_target, step.args
+        if vm in self.gone:
+            raise RemoteError("ESRCH", f"VM {vm} is gone ({self.gone[vm]})")
+        await self._settled(vm)
+        if vm in self.gone:
+            raise RemoteError("ESRCH", f"VM {vm} is gone ({self.gone[vm]})")
+        src_host, to = self.vm_host[vm], a["to"]
+        if to == src_host:
+            raise RemoteError("EINVAL", f"VM {vm} already runs on host {to!r}")
+        done = trio.Event()
+        self.changing[vm] = done
+        try:
+            return await self._migrate_to(vm, src_host, to, a, ctx)
+        finally:
+            del self.changing[vm]
+            done.set()
+
+    async def _migrate_to(self, vm: str, src_host: str, to: str, a: dict, ctx: str) -> Reply:
+        fault = {"fail": a["fail"], "fail_at": a["fail_at"]}
+        dst_host = self.hosts[to]
+        dst_link = dst_host.vmm_link(vm, self.session)
+        self.vmm_links[f"{vm}>{to}#{ctx}"] = dst_link  # torn down with the others if anything below raises
+        await dst_link.start()
+        dst = await dst_link.connect()
+        dst_pid = (await dst.call("status")).value["pid"]
+        try:
+            incoming = await dst.call("migrate-incoming", {"bugs": list(self.bugs), **fault,
+                                                           "transport": dst_host.transport}, ctx=f"{ctx}>dst")
+        except BaseException:
+            await self._discard(dst_link, to, dst_pid, ctx)
+            raise
+        src, src_link, src_pid = self.vmms[vm], self.vmm_links[vm], self.pids[f"vmm:{vm}"]
+        try:
+            out = await src.call("migrate-out", {"address": incoming.value["address"], "secret": dst_host.secret,
+                                                 "max_passes": a["max_passes"], **fault, "bugs": list(self.bugs)},
+                                 ctx=ctx)
+        except RemoteError:
+            await self._discard(dst_link, to, dst_pid, ctx)
+            raise
+        except _INFRA:
+            if a["fail"] != "kill-source":
+                await self._discard(dst_link, to, dst_pid, ctx)
+                raise
+            if a["fail_at"] != "after-resume":  # the VM died with its VMM before the destination resumed it
+                await self._discard(dst_link, to, dst_pid, ctx)
+                await self._vm_died(vm, "killed with its VMM during a migration (fail = kill-source)", ctx)
+                raise RemoteError("ECONNRESET", "the source VMM was killed during the migration: the VM is "
+                                  "gone") from None
+            out = Reply({})  # the destination runs the VM; the source died before it could say how it went
+            await src_link.kill()
+        self.vmms[vm], self.vmm_links[vm], self.vm_host[vm] = dst, dst_link, to
+        self.vmm_links.pop(f"{vm}>{to}#{ctx}", None)
+        self.pids[f"vmm:{vm}"], self.proc_host[f"vmm:{vm}"] = dst_pid, to
+        if a["fail"] == "kill-destination" and a["fail_at"] == "after-resume":
+            self.may_die[vm] = "killed with its VMM after a migration (fail = kill-destination)"
+        with trio.CancelScope(shield=True):  # the source exits: nothing of the VM stays on its host
+            await src_link.stop()
+            await self._host_kill(src_host, src_pid, f"{ctx}>src")
+        return out
+
+    async def _discard(self, link: VmmLink, host: str, pid: int, ctx: str) -> None:
+        """Kill a VMM and make sure its host has finished its exit (the VM destroyed, memory freed)."""
+        with trio.CancelScope(shield=True):
+            await link.kill()
+            await link.stop()
+            await self._host_kill(host, pid, f"{ctx}>{host}")
+
+    async def _host_kill(self, host: str, pid: int, ctx: str) -> None:
+        """Host op ``kill`` of ``pid``: returns once its exit is complete (ESRCH: it already has)."""
+        try:
+            await self.host_clients[host].call("kill", {"pid": pid}, ctx=ctx)
+        except RemoteError as exc:
+            if exc.name not in ("ESRCH", "ENOSYS"):  # ENOSYS: a host that cannot kill (its exit is under way)
+                raise
+
+    async def _vm_died(self, vm: str, why: str, ctx: str) -> None:
+        """The VM's VMM is dead (or is killed now): the VM is gone, its host keeps nothing of it."""
+        self.gone[vm] = why
+        await self._discard(self.vmm_links[vm], self.vm_host[vm], self.pids[f"vmm:{vm}"], ctx)
+
+    async def _kill(self, step: Step, ctx: str) -> Reply:
+        """Host op ``kill``: SIGKILL a host process, or a VMM (its VM destroyed, its memory freed)."""
+        process, host = step.args["process"], step.args["host"]
+        if process.startswith("vmm:"):
+            vm = process[4:]
+            await self._settled(vm)
+            self._vm_here(vm, host)
+            done = trio.Event()
+            self.changing[vm] = done
+            try:
+                await self._vm_died(vm, "killed by SIGKILL", ctx)
+            finally:
+                del self.changing[vm]
+                done.set()
+            return Reply(None)
+        if process in self.killed or self.proc_host[process] != host:
+            raise RemoteError("ESRCH", f"no process {process} on host {host!r}")
+        reply = await self.host_clients[host].call("kill", {"pid": self.pids[process]}, ctx=ctx)
+        self.killed.add(process)
+        return reply
 
     async def run_step(self, step: Step, results: list) -> None:
         index = str(step.number) if step.path_in_parallel is None else f"{step.number}.{step.path_in_parallel}"
         ctx = f"{step.actor}/{index}"
-        if step.actor_kind == "host":
-            client = self.host_clients[step.actor_target]
-        elif step.actor_kind in ("vmm", "guest"):
-            client = self.vmms[step.actor_target]
-        else:
-            client = self.procs[step.actor_target]
         message = ""
         started = time.monotonic()
         try:
-            op, args = self._request(step)
-            if step.actor_kind == "host" and step.args.get("vm") is not None:
-                args = await self._resolve_vm(step, args)
-            reply = await client.call(op, args, ctx=ctx)
+            reply = await self._dispatch(step, ctx)
         except RemoteError as exc:
             outcome, value, message = exc.name, None, exc.message
         else:
@@ -438,7 +638,9 @@ class _Run:
         return ""
 
     async def teardown(self) -> None:
-        for c in self.vmms.values():
+        for vm, c in self.vmms.items():
+            if vm in self.gone:
+                continue
             with trio.move_on_after(30), trio.CancelScope(shield=True):
                 try:
                     await c.call("shutdown")
@@ -453,6 +655,9 @@ class _Run:
         for host in self.hosts.values():
             with trio.CancelScope(shield=True):
                 await host.stop()
+        if self.snapshots is not None:
+            shutil.rmtree(self.snapshots, ignore_errors=True)
+            self.snapshots = None
 
 
 def boot_extras(spec) -> dict:
@@ -498,8 +703,7 @@ def replay_command(scn: Scenario, schedule: str, bugs: tuple[str, ...]) -> str:
 
 def _replay_check(run: _Run) -> None:
     """Replay is strict: a divergence, or an entry the run never reached, is a ReplayError."""
-    for link in run.hosts.values():
-        sched = link.scheduler
+    for sched in {id(link.scheduler): link.scheduler for link in run.hosts.values()}.values():
         if not isinstance(sched, ControlledScheduler) or sched.replay is None:
             continue
         hint = " (was it recorded with other --bug options, or from another version of the scenario?)"

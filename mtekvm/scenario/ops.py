@@ -36,7 +36,7 @@ from typing import Any
 
 from mtekvm.scenario.model import GRANULE, ScenarioError, Where
 from shared.abi import U64_MAX, Field, Kind, OpDef
-from shared.control import ACTOR_OPS
+from shared.control import ACTOR_OPS, FAIL_AT, MIGRATION_FAILS
 
 _UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 _SIZE_RE = re.compile(r"([0-9]+) ?(B|KiB|MiB|GiB|TiB)?")
@@ -280,8 +280,12 @@ def normalise(actor_kind: str, op: str, raw: dict, st: Any, who: str, w: Where) 
     """
     d = ACTOR_OPS[actor_kind][op]
     a = Args(op, raw, w)
+    if actor_kind == "host" and op == "kill":
+        return _kill(a, st, who)
     a.allow(*_keys(d))
     names = {f.name for f in d.fields}
+    if actor_kind == "vmm" and op in _VMM_SPECIAL:
+        return _VMM_SPECIAL[op](a, d, st, w)
     if "pid" in names:
         return _host_op(a, d, st, who)
     if len(d.fields) > 1 and all(f.default is None for f in d.fields) and not any(f.key in a for f in d.fields):
@@ -315,6 +319,64 @@ def normalise(actor_kind: str, op: str, raw: dict, st: Any, who: str, w: Where) 
             if key in a and out["action"] != "clear":
                 raise w.error(key, "only for action 'clear'")
     return out
+
+
+def fail_at(v: Any, w: Where, k: str) -> str:
+    """``fail-at``: ``precopy:N`` (N >= 1), ``switchover`` or ``after-resume``."""
+    try:
+        return FAIL_AT.check(v)
+    except (ValueError, TypeError):
+        raise w.error(k, f'must be "precopy:N" (N >= 1), "switchover" or "after-resume" (got {v!r})') from None
+
+
+def _migrate(a: Args, d: OpDef, st: Any, w: Where) -> dict:
+    """``migrate``: ``to`` a declared host; ``fail`` and ``fail-at`` both or neither.
+
+    Whether ``to`` is the VM's own host is known only when the step runs (the VM may have
+    moved): that is the op's EINVAL, not a file error.
+    """
+    to = a.get("to", name)
+    if to not in st.hosts:
+        raise w.error("to", f"unknown host {to!r}; hosts: {', '.join(st.hosts)}")
+    if ("fail" in a) != ("fail-at" in a):
+        given, missing = ("fail", "fail-at") if "fail" in a else ("fail-at", "fail")
+        raise w.error(missing, f"missing; '{given}' and '{missing}' go together (fault injection)")
+    return {"to": to, "max_passes": a.get("max-passes", integer(0, 1 << 20), d.field("max_passes").default),
+            "fail": a.get("fail", choice(*MIGRATION_FAILS), None), "fail_at": a.get("fail-at", fail_at, None)}
+
+
+def _snapshot_file(a: Args, d: OpDef, st: Any, w: Where) -> dict:
+    """``snapshot``/``restore``: exactly one of ``name`` (kept by the run) or ``path`` (a file)."""
+    if ("name" in a) == ("path" in a):
+        raise w.error("name", f"op '{a.op}' needs exactly one of 'name' (kept until the scenario ends) "
+                      "or 'path' (a file, relative to the scenario's folder)")
+    if "name" in a:
+        return {"name": a.get("name", name), "path": None}
+    path = a.get("path", string)
+    if "\0" in path:
+        raise w.error("path", "must not contain a NUL character")
+    return {"name": None, "path": path}
+
+
+_VMM_SPECIAL: dict[str, Callable[[Args, OpDef, Any, Where], dict]] = {
+    "migrate": _migrate, "snapshot": _snapshot_file, "restore": _snapshot_file,
+}
+
+
+def _kill(a: Args, st: Any, host: str) -> dict:
+    """Host op ``kill``: ``process`` (a process name or ``vmm:VM``) and optionally ``host`` (the host
+    it runs on, instead of the actor's). A process must live on that host; whether a VM runs there
+    is known only when the step runs (it may have moved: ESRCH otherwise)."""
+    a.allow("process", "host")
+    process = a.get("process", string)
+    if "host" in a:
+        host = a.get("host", name)
+        if host not in st.hosts:
+            raise a.where.error("host", f"unknown host {host!r}; hosts: {', '.join(st.hosts)}")
+    owner = st.process_host(process, a.where, "process")
+    if not process.startswith("vmm:") and owner != host:
+        raise a.where.error("process", f"{process!r} runs on host {owner!r}, not {host!r}")
+    return {"process": process, "host": host}
 
 
 def _child(a: Args, st: Any, who: str) -> str:
@@ -368,7 +430,6 @@ def _host_op(a: Args, d: OpDef, st: Any, host: str) -> dict:
         if vm not in st.vms:
             raise a.where.error("vm", f"unknown VM {vm!r}; VMs: {', '.join(st.vms) or 'none'}")
         owner, addr = st.vms[vm].host, a.get("ipa", size)
-    if owner != host:
-        raise a.where.error("process" if process else "vm",
-                            f"{process or vm!r} runs on host {owner!r}, not {host!r}")
+    if process and owner != host:  # a VM may move between hosts: elsewhere it is ESRCH when the step runs
+        raise a.where.error("process", f"{process!r} runs on host {owner!r}, not {host!r}")
     return {"process": process, "vm": vm, "addr": addr, "size": a.get("size", size) if sized else None}

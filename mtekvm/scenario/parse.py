@@ -37,9 +37,14 @@ Decisions where the contract is silent:
   called ``host``. A ``fork`` child takes its parent's host and becomes an actor from the next
   step on (not for its siblings in the same ``parallel``).
 - ``ptrace-*`` ``target`` and the host ops' ``process`` accept a process name or ``vmm:VM``.
-  The host ops' process or VM must live on the acting host. Their args are normalised to
-  ``{process, vm, addr, size}`` where ``addr`` is the ``ipa`` for a VM and ``size`` is ``None``
-  for ``page-flags``.
+  The host ops' process must live on the acting host; a VM may move between hosts
+  (``migrate``), so a host op on a VM that is not on the acting host when the step runs is
+  ESRCH, not a file error. Their args are normalised to ``{process, vm, addr, size}`` where
+  ``addr`` is the ``ipa`` for a VM and ``size`` is ``None`` for ``page-flags``; ``kill`` to
+  ``{process, host}`` and ``meminfo`` to ``{}``.
+- ``migrate``: ``to`` must be a declared host (whether it is the VM's own is the op's EINVAL
+  when the step runs); ``fail`` and ``fail-at`` go together. ``snapshot``/``restore`` take
+  exactly one of ``name`` and ``path``.
 - ``ptrace-poke-tags`` needs a list of tags (with no count, a single integer is ambiguous);
   ``copy-tags`` to-guest takes a list or one integer meaning ``length // 16`` copies, and its
   ``flags`` is ``None`` unless given raw (the runner derives it from ``direction``).
