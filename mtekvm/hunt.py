@@ -22,8 +22,9 @@ runner, Hypothesis's engine):
 3. **confirm**: the shrunk schedule is replayed strictly (``HuntResult.shrunk``,
    whose replay command is the hunt's).
 
-Exhaustive policies need the scenario's controlled contexts on one host (one
-scheduler per execution); a scenario with several hosts is a :class:`RunError`.
+A scenario with several hosts runs every host's kernel under one scheduler per
+execution (the runner shares it), so every policy, and shrinking, works on it as
+on one host.
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
         progress: called after each search execution with its number and result.
 
     Raises:
-        RunError: an exhaustive policy on a scenario with several hosts, or what
-            :func:`run_scenario` raises (a replay that does not fit is a ``ReplayError``).
+        RunError: what :func:`run_scenario` raises (a replay that does not fit is a ``ReplayError``),
+            or a scenario an exhaustive policy cannot walk (not deterministic).
         InfraError: as :func:`run_scenario`.
     """
     scn = load_scenario(scenario) if isinstance(scenario, str) else scenario
@@ -184,9 +185,6 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
     spec = scheduler or options.scheduler or scn.scheduler
     if runs is not None and runs < 1:
         raise ValueError(f"runs must be at least 1 (got {runs})")
-    if spec.kind in EXHAUSTIVE and len(scn.hosts) > 1:
-        raise RunError(f"--scheduler {spec.kind} explores one host's contexts; this scenario has "
-                       f"{len(scn.hosts)} hosts (use random or pct)")
 
     async def execute(s: SchedulerSpec) -> ScenarioResult:
         return await run_scenario(scn, attrs.evolve(options, scheduler=s))
@@ -231,7 +229,7 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
 
     found = failures[0].result.schedule if failures else ""
     schedule, shrink_runs, shrunk = found, 0, None
-    if failures and spec.kind != "free" and shrink and found and len(scn.hosts) == 1:
+    if failures and spec.kind != "free" and shrink and found:
         schedule, shrink_runs = await _shrink(execute, failures[0].result, spec.depth)
         shrunk = await execute(SchedulerSpec("replay", None, schedule, spec.depth))
         if shrunk.passed:  # cannot happen if the model is deterministic; say so rather than hide it
