@@ -70,7 +70,33 @@ async def exit_mmap(k: Kernel, mm: MM) -> None:
 
 
 async def do_exit(k: Kernel, task: Task) -> None:
-    """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the mm."""
-    await k.kvm.release_task(task)
-    await exit_mmap(k, task.mm)
-    k.tasks.pop(task.pid, None)
+    """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the mm.
+
+    A second caller (a SIGKILL racing the connection's close) waits until the
+    first one has finished, so either returns with the process gone.
+    """
+    if task.exiting:
+        await k.sched.wait_until(lambda: task.dead, "do_exit:wait")
+        return
+    task.exiting = True  # PF_EXITING
+    try:
+        await k.kvm.release_task(task)
+        await exit_mmap(k, task.mm)
+    finally:
+        k.tasks.pop(task.pid, None)
+        task.dead = True
+        k.sched.wake()
+
+
+async def kill_task(k: Kernel, task: Task) -> None:
+    """SIGKILL (kernel/signal.c, the fatal-signal path to do_exit()): the process exits now.
+
+    Deliberate difference: the model's process exits in the caller's context
+    rather than its own, so that the caller returns once the exit (its VMs
+    destroyed, its memory freed) is done; then the server closes its
+    connection, as the socket of a dead process closes.
+    """
+    await do_exit(k, task)
+    close, task.on_kill = task.on_kill, None
+    if close is not None:
+        await close()

@@ -59,12 +59,14 @@ orphaned frame and is not recorded.
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import shared_tags
 from hypervisor.mm_types import VM_SHARED, MemObject
 from hypervisor.page import Page
+from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE, unpack_tags
 
 if TYPE_CHECKING:
@@ -79,16 +81,25 @@ UNKNOWN = b"\xff"
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
+_HALF = PAGE_SIZE // 2
+
+
 def data_hash(data) -> int | None:
     """The ghost's digest of a page's data (None for an all-zero page).
 
-    Python's 64-bit SipHash of the bytes: the ghost lives in one process, and
-    at about 5 us a page it is five times cheaper than hashlib on the bench
-    machine; a collision hiding a lost store is a 2^-64 event.
+    The CRC-32 of each half of the page, as one 64-bit number: stable across
+    processes (``ghost-export`` on one host is compared on another after a
+    migration, so Python's per-process salted ``hash()`` will not do), and
+    cheaper than hashlib (zlib's CRC runs at several GB/s and reads the
+    bytearray without a copy). CRC detects every burst of up to 32 changed
+    bits in a half; a larger change goes unseen with odds of about 2^-64.
     """
     if data is None or data == _ZERO_PAGE:
         return None
-    return hash(bytes(data))
+    if len(data) != PAGE_SIZE:
+        return zlib.crc32(data) | (len(data) << 32)
+    view = memoryview(data)
+    return zlib.crc32(view[_HALF:]) << 32 | zlib.crc32(view[:_HALF])
 
 
 class Entry:
@@ -241,6 +252,96 @@ class Ghost:
         if pages:
             self.spaces[child] = {vpn: e.copy() for vpn, e in pages.items()}
 
+    # ---- a VM's record, for a migration (ghost-export / ghost-import) ----------------
+
+    def _slot_spans(self, kvm, slot):
+        """``(vma, gfn0, vpn0, vpn1)`` for each VMA part of the VMM's mm behind a memslot (device VMAs aside)."""
+        mm = kvm.mm
+        start = slot.userspace_addr
+        end = start + (slot.npages << PAGE_SHIFT)
+        for vma in mm.vmas_in(start, end):
+            if vma.obj is not None and vma.obj.kind == "device":
+                continue
+            v0, v1 = max(vma.start, start) >> PAGE_SHIFT, min(vma.end, end) >> PAGE_SHIFT
+            yield vma, slot.base_gfn + v0 - (start >> PAGE_SHIFT), v0, v1
+
+    def vm_entries(self, kvm) -> dict[int, Entry]:
+        """Every entry behind the VM's memslots, by guest frame number (what a read there must match)."""
+        out: dict[int, Entry] = {}
+        mm = kvm.mm
+        for slot in kvm.memslots.values():
+            for vma, gfn0, v0, v1 in self._slot_spans(kvm, slot):
+                obj = vma.obj
+                if obj is not None:  # the object's entries (read through a private mapping until written)
+                    i0 = vma.index_of(v0 << PAGE_SHIFT)
+                    for index, e in _in_range(self.spaces.get(obj), i0, i0 + v1 - v0):
+                        out[gfn0 + index - i0] = e
+                    if vma.flags & VM_SHARED:
+                        continue
+                for vpn, e in _in_range(self.spaces.get(mm), v0, v1):
+                    out[gfn0 + vpn - v0] = e
+        return out
+
+    def export_vm(self, kvm) -> dict[str, list]:
+        """``ghost-export``: ``{str(gfn): [tags or None, data hash or None]}`` for every page with an entry."""
+        return {str(gfn): [e.tags, e.data] for gfn, e in sorted(self.vm_entries(kvm).items())}
+
+    def import_vm(self, kvm, entries: dict) -> int:
+        """``ghost-import``: the VM's pages hold ``entries`` (``export_vm``'s form); the others read fresh.
+
+        Returns the number of entries installed. Nothing changes when an entry is refused.
+
+        Raises:
+            KernelError: EINVAL for a key that is not a guest frame number inside
+                one of the VM's memslots (device memory aside), tags that are not
+                256 bytes, or a data hash that is not a 64-bit number.
+        """
+        todo = []
+        for key, value in entries.items():
+            try:
+                gfn = int(key)
+            except (TypeError, ValueError):
+                raise KernelError("EINVAL", f"ghost-import: key {key!r} is not a guest frame number") from None
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
+                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: want [tags, data hash]")
+            tags, data = value
+            if tags is not None and (not isinstance(tags, (bytes, bytearray)) or len(tags) != MTE_GRANULES_PER_PAGE):
+                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: tags must be nil or "
+                                            f"{MTE_GRANULES_PER_PAGE} bytes")
+            if data is not None and (type(data) is not int or not 0 <= data < 1 << 64):
+                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: the data hash must be nil or a u64")
+            loc = loc_of_ipa(kvm, gfn) if gfn >= 0 else None
+            if loc is None:
+                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x} is not RAM of the VM's memslots")
+            todo.append((loc, None if tags is None else shared_tags(tags), data))
+        mm = kvm.mm
+        for slot in kvm.memslots.values():  # every page of the slots loses its entry...
+            for vma, _gfn0, v0, v1 in self._slot_spans(kvm, slot):
+                obj = vma.obj
+                shared = vma.flags & VM_SHARED
+                if obj is not None:
+                    i0 = vma.index_of(v0 << PAGE_SHIFT)
+                    theirs = self.spaces.get(obj, {})
+                    if shared:
+                        for index, _ in _in_range(theirs, i0, i0 + v1 - v0):
+                            del theirs[index]
+                        continue
+                    # a private mapping reads the object's entry until written: a fresh entry hides it
+                    for index, _ in _in_range(theirs, i0, i0 + v1 - v0):
+                        self._entry((mm, v0 + index - i0, None))
+                mine = self.spaces.get(mm, {})
+                for vpn, _ in _in_range(mine, v0, v1):
+                    if obj is None:
+                        del mine[vpn]
+                    else:
+                        mine[vpn] = Entry()
+        for space in [s for s, left in self.spaces.items() if not left]:
+            del self.spaces[space]
+        for loc, tags, data in todo:  # ...then holds what the source recorded
+            e = self._entry(loc)
+            e.tags, e.data = tags, data
+        return len(todo)
+
     # ---- checks ------------------------------------------------------------------
 
     def check_read_tags(self, loc, page: Page, first: int, got: bytes, who: str) -> None:
@@ -302,6 +403,15 @@ class Ghost:
                  else f"object {space.name!r} page offset {index:#x}")
         pfn = "" if page is None else f" (pfn {page.pfn:#x})"
         self.k.oracle.report_ghost(f"{where}{pfn}: {what}", page, (id(space), index))
+
+
+def _in_range(pages: dict | None, lo: int, hi: int) -> list:
+    """``(index, entry)`` of ``pages`` with lo <= index < hi, by index (cheap for a huge, sparse range)."""
+    if not pages:
+        return []
+    if hi - lo <= len(pages):
+        return [(i, pages[i]) for i in range(lo, hi) if i in pages]
+    return sorted((i, e) for i, e in pages.items() if lo <= i < hi)
 
 
 def _same(got: bytes, want: bytes) -> bool:

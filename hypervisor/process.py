@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 
 import attrs
 
@@ -30,3 +31,7 @@ class Task:
     parent: int | None = None
     fork_token: str | None = None  # set until a connection attaches to this child
     attached: bool = False
+    exiting: bool = False  # do_exit() has begun (PF_EXITING)
+    dead: bool = False  # do_exit() has finished: VMs destroyed, mm torn down, pid released
+    #: set by the server for a process with a connection: closes it (a SIGKILLed process's socket goes)
+    on_kill: Callable[[], Awaitable[None]] | None = None

@@ -58,7 +58,7 @@ log = logging.getLogger("mtekvm.hypervisor")
 MAX_OUTSTANDING = 256
 #: Largest frame accepted from a connection before its ``hello`` succeeds (a hello is a few hundred bytes).
 MAX_FRAME_BEFORE_HELLO = 64 * 1024
-OBSERVERS = frozenset({"check-invariants", "stats"})
+OBSERVERS = frozenset({"check-invariants", "stats", "meminfo"})
 
 
 class Hypervisor:
@@ -160,6 +160,8 @@ class _Connection:
             raise KernelError(EPERM, f"{op} is a {d.role} op; this connection is a {self.role}")
         if op == "boot":
             return self._boot(a)
+        if self.task is not None and self.task.exiting:
+            raise KernelError("ESRCH", f"{op}: process {self.task.pid} was killed")
         self.seq += 1
         if op == "vcpu-attach":
             return self._attach_vcpu(a["token"])
@@ -222,6 +224,7 @@ class _Connection:
             task = self.k.create_task(a["name"] or "", a["session"])
         task.attached = True
         task.fork_token = None
+        task.on_kill = self._close
         self.task = task
         self.role = "process"
         self.framed.limit_frames(None)
@@ -237,6 +240,13 @@ class _Connection:
         except ValueError as exc:
             raise KernelError("EINVAL", f"boot: {exc}") from None
         return {"booted": True}
+
+    async def _close(self) -> None:
+        """The process was killed: close its connection (reading stops; requests in flight finish)."""
+        try:
+            await self.framed.stream.aclose()
+        except Exception:  # noqa: BLE001 - closing a broken stream
+            pass
 
     async def cleanup(self) -> None:
         for vcpu in self.vcpus.values():

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 from hypervisor.access.user import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
 from hypervisor.access.vcpu import guest_memory_access
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
-from hypervisor.fork import copy_process
+from hypervisor.fork import copy_process, kill_task
 from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
 from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.mm.migrate import migrate_range
+from hypervisor.mm.mincore import do_mincore
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
@@ -98,6 +99,22 @@ async def sys_peek(k, t, a):
 
 async def sys_poke(k, t, a):
     return await mte_ptrace_copy_tags(k, t, k.task(a["target"]), a["addr"], 0, a["tags"])
+
+
+async def sys_mincore(k, t, a):
+    return await do_mincore(k, t.mm, a["addr"], a["size"])
+
+
+# ---- oracle equipment: the TAGS-AS-WRITTEN record of a VM, for a migration ------
+
+async def ghost_export(k, t, a):
+    """The VM's TAGS-AS-WRITTEN record: ``{"entries": {str(gfn): [tags or nil, data hash or nil]}}``."""
+    return {"entries": k.oracle.ghost.export_vm(k.kvm.vm(t, a["vm"]))}
+
+
+async def ghost_import(k, t, a):
+    """Replace the VM's TAGS-AS-WRITTEN record with a ``ghost-export``'s entries; returns None."""
+    k.oracle.ghost.import_vm(k.kvm.vm(t, a["vm"]), a["entries"])
 
 
 # ---- KVM ioctls of the VMM (a process) ---------------------------------------
@@ -189,7 +206,8 @@ PROCESS_OPS: dict[str, Callable[..., Awaitable]] = bind(
     kvm_create_vm=kvm_create_vm, kvm_check_extension=kvm_check_extension, kvm_enable_cap=kvm_enable_cap,
     kvm_create_vcpu=kvm_create_vcpu, kvm_set_memory_region=kvm_set_memory_region_op,
     kvm_get_dirty_log=kvm_get_dirty_log, kvm_clear_dirty_log=kvm_clear_dirty_log,
-    kvm_copy_tags=kvm_copy_tags, kvm_destroy_vm=kvm_destroy_vm,
+    kvm_copy_tags=kvm_copy_tags, kvm_destroy_vm=kvm_destroy_vm, mincore=sys_mincore, ghost_export=ghost_export,
+    ghost_import=ghost_import,
 )
 
 
@@ -232,11 +250,32 @@ async def host_stats(k, a):
     return k.stats()
 
 
+def vm_name(kvm) -> str:
+    """A VM's name: its VMM process ``vmm:NAME`` owns VM ``NAME`` (another owner's VM goes by the owner's name)."""
+    name = kvm.owner.name
+    return name[4:] if name.startswith("vmm:") else name
+
+
+async def host_meminfo(k, a):
+    """/proc/meminfo, reduced: RAM and free pages (4 KiB frames), and the names of the VMs running now, sorted."""
+    return {"ram-pages": k.alloc.nr_frames, "free-pages": k.alloc.nr_frames - k.alloc.allocated,
+            "vms": sorted({vm_name(kvm) for kvm in k.kvm.vms.values() if not kvm.destroyed})}
+
+
+async def host_kill(k, a):
+    """kill(pid, SIGKILL): the process exits before this returns (ESRCH when there is no such process)."""
+    task = k.tasks.get(a["pid"])
+    if task is None:
+        raise KernelError("ESRCH", f"kill: no process {a['pid']}")
+    await kill_task(k, task)
+
+
 HOST_OPS = {
     "swap-out": lambda k, a: host_swap_out(k, a["pid"], a["addr"], a["size"]),
     "ksm-merge": lambda k, a: host_ksm_merge(k, a["pid"], a["addr"], a["size"]),
     "migrate-pages": lambda k, a: host_migrate_pages(k, a["pid"], a["addr"], a["size"]),
     "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
+    "meminfo": host_meminfo, "kill": host_kill,
 }
 
 
