@@ -127,7 +127,48 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--schedule", help="the schedule for --scheduler replay")
     r.add_argument("-v", "--verbose", action="store_true", help="show the model's log messages (one line each)")
     sub.add_parser("bugs", help="list the bug zoo: historical races that --bug switches back on")
+    _stress_parser(sub)
     return p
+
+
+def _stress_parser(sub) -> None:
+    """``mtekvm stress`` (generated concurrency campaigns) and ``mtekvm stress merge``."""
+    s = sub.add_parser("stress", help="generated concurrency campaigns: scenarios from seeds, under a controlled "
+                                      "policy, until a budget runs out",
+                       description="Generate scenarios from seeds and run each under a controlled scheduling "
+                                   "policy until the budget runs out; every failure is shrunk (scenario, then "
+                                   "schedule) and written to --out. Exit status: 0 the budget ran out clean, "
+                                   "1 a failure was found, 2 bad usage, 3 the infrastructure failed, "
+                                   "130 interrupted. See docs/concurrency.md.")
+    s.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
+                   help=f"switch on a bug-zoo race (repeatable; {', '.join(sorted(BUGS))})")
+    s.add_argument("--budget", default="60s", help="a time (60s, 2m) or a number of runs (5000runs); default 60s")
+    s.add_argument("--policy", default="random", help="random (default), pct or coverage")
+    s.add_argument("--depth", type=int, help="bug depth for --policy pct (default 3)")
+    s.add_argument("--ops", help="op families to draw from, comma-separated (default all; -NAME drops one): "
+                                 "fault, tags, mmap, fork, ptrace, swap, ksm, migrate, guest, memslot, copy-tags, "
+                                 "dirty-log, dma")
+    s.add_argument("--weights", help="family=N,... relative weights over the defaults (0 drops a family)")
+    s.add_argument("--no-hugetlb", action="store_true", help="never back memory with hugetlb")
+    s.add_argument("--no-kernel-fixes", action="store_true",
+                   help="boot generated hosts without the proposed fix for finding 3 (docs/findings.md), so "
+                        "campaigns report that hugetlb behaviour too")
+    s.add_argument("--runs-per-scenario", type=int, default=4, metavar="K",
+                   help="schedules tried per generated scenario (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="the first seed of the seed space (default 0)")
+    s.add_argument("--shard", metavar="I/N", help="take the seeds s with s %% N == I (a deterministic slice)")
+    s.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (default 1)")
+    s.add_argument("--max-failures", type=int, metavar="N", help="stop after N distinct failures")
+    s.add_argument("--no-shrink", action="store_true", help="report failures as found (no shrinking)")
+    s.add_argument("--out", default=".", metavar="DIR",
+                   help="where each failure's scenario, schedule and trace go (default: the current folder)")
+    s.add_argument("--json", metavar="PATH", help="write the campaign report as JSON (schema mtekvm-stress/1)")
+    s.add_argument("--trace", metavar="FILE", help="write the first failure's execution as Chrome trace JSON")
+    s.add_argument("-v", "--verbose", action="store_true", help="show the model's log messages (one line each)")
+    ss = s.add_subparsers(dest="stress_cmd", parser_class=_Parser)
+    m = ss.add_parser("merge", help="combine stress JSON reports (shards, machines) into one")
+    m.add_argument("reports", nargs="+", metavar="REPORT")
+    m.add_argument("--json", dest="merge_json", metavar="OUT", help="write the merged report here")
 
 
 def _scheduler_kind(text: str) -> str:
@@ -422,6 +463,19 @@ def _write_reports(args, argv, results, problems, status, duration) -> int:
     return status
 
 
+def _stress(args, argv: list[str]) -> int:
+    """``mtekvm stress`` / ``mtekvm stress merge`` (:mod:`mtekvm.stress.command`)."""
+    from mtekvm.stress import command
+    try:
+        if args.stress_cmd == "merge":
+            args.json = args.merge_json
+            return command.merge_command(args)
+        _setup_logging(args.verbose)
+        return command.stress_command(args, argv, version())
+    except command.StressUsage as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv=None) -> int:
     """Entry point of the ``mtekvm`` console command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -432,6 +486,8 @@ def main(argv=None) -> int:
         if args.cmd == "bugs":
             list_bugs()
             return report.EXIT_OK
+        if args.cmd == "stress":
+            return _stress(args, argv)
         _setup_logging(args.verbose)
         return run_command(args, argv)
     except UsageError as exc:

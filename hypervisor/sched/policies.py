@@ -13,7 +13,8 @@ A policy answers two questions (:class:`SchedulingPolicy`):
   the runnable contexts.
 
 Implementations: :class:`Random` (a uniform random walk), :class:`Pct`
-(probabilistic concurrency testing), :class:`Replay` (a recorded schedule,
+(probabilistic concurrency testing), :class:`Coverage` (a random walk that
+prefers pairs of scheduling points not seen yet), :class:`Replay` (a recorded schedule,
 strict or lenient), :class:`Dfs` (every interleaving, depth first),
 :class:`Bounded` (every interleaving with at most N preemptions, CHESS's
 bound) and :class:`Scripted` (a function, for hand-written interleavings in
@@ -181,6 +182,49 @@ class Pct(_Policy):
         return f"pct(seed={self.seed}, depth={self.depth})"
 
 
+class Coverage(_Policy):
+    """A random walk that prefers new pairs of scheduling points (coverage-guided choice).
+
+    A *pair* is (the point the context that ran last stopped at, the point a
+    candidate is parked at): the two kernel paths that meet when that candidate
+    runs next. At a decision with a choice, the candidates whose pair was never
+    taken, in this execution or any earlier one of the same object, are
+    preferred (uniformly among them); with probability ``explore``, or when
+    every pair is known, any runnable context (uniformly). ``covered`` keeps
+    the pairs, so one object over a campaign steers each run towards
+    interleavings the earlier runs did not reach. Like the ideas in
+    AFL-style greybox fuzzing of schedules (e.g. Wolff et al., "Greybox fuzzing
+    for concurrency testing", ASPLOS 2024), with pairs of points as the
+    feedback.
+    """
+
+    def __init__(self, seed: int, explore: float = 0.1):
+        super().__init__()
+        self.seed = seed
+        self.explore = explore
+        self.covered: set[tuple[str, str]] = set()
+        self._rng = random.Random(seed)
+        self._at = "start"  # the label the last released context was parked at
+
+    def _next_execution(self) -> bool:
+        self._at = "start"
+        return True
+
+    def _choose(self, d: Decision) -> Any:
+        if len(d.runnable) == 1:
+            choice = d.runnable[0]
+        else:
+            fresh = [a for a in d.runnable if (self._at, a.label) not in self.covered]
+            pool = fresh if fresh and self._rng.random() >= self.explore else d.runnable
+            choice = self._rng.choice(pool)
+        self.covered.add((self._at, choice.label))
+        self._at = choice.label
+        return choice
+
+    def describe(self) -> str:
+        return f"coverage(seed={self.seed})"
+
+
 class Replay(_Policy):
     """Follow a recorded schedule; the default rule everywhere else. One execution.
 
@@ -338,7 +382,7 @@ class Scripted(_Policy):
 
 
 def parse_policy(text: str, *, seed: int = 0, depth: int = 3) -> SchedulingPolicy:
-    """A policy from its command-line name: ``random``, ``pct``, ``dfs``, ``bounded:N``.
+    """A policy from its command-line name: ``random``, ``pct``, ``coverage``, ``dfs``, ``bounded:N``.
 
     Raises:
         ValueError: an unknown name or a bad bound.
@@ -347,6 +391,8 @@ def parse_policy(text: str, *, seed: int = 0, depth: int = 3) -> SchedulingPolic
         return Random(seed)
     if text == "pct":
         return Pct(seed, depth)
+    if text == "coverage":
+        return Coverage(seed)
     if text == "dfs":
         return Dfs()
     if text.startswith("bounded:"):
@@ -354,4 +400,4 @@ def parse_policy(text: str, *, seed: int = 0, depth: int = 3) -> SchedulingPolic
         if not n.isdigit():
             raise ValueError(f"bounded:N needs a preemption bound N >= 0 (got {n!r})")
         return Bounded(int(n))
-    raise ValueError(f"unknown policy {text!r} (random, pct, dfs, bounded:N)")
+    raise ValueError(f"unknown policy {text!r} (random, pct, coverage, dfs, bounded:N)")

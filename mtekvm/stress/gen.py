@@ -1,0 +1,514 @@
+"""The scenario generator of ``mtekvm stress``: a seed in, a scenario file out.
+
+A generated scenario is a small world aimed at collisions: a host, up to two
+host processes (``p0``, ``p1``) and a forked child (``c0``), and a VM
+(``vm0``, built with VMM steps so its addresses are known) whose guest RAM is
+anonymous, a MAP_SHARED memfd the processes map too, or hugetlb (64 KiB
+folios). A set-up part maps, touches, forks and tags; then one or two
+``parallel`` blocks of 2-4 operations drawn from the op families, all aimed at
+the same one or two pages (so they share pages, VMAs and folios); then reads
+of those pages by every actor, so the oracles see what each one observes.
+Steps carry no ``expect``: a generated scenario fails only when an oracle
+(an invariant, the ghost) breaks.
+
+The generator writes TOML text and loads it with the project's parser
+(:func:`load`), so what ``--out`` receives replays with ``mtekvm run``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tomllib
+from typing import Any
+
+import attrs
+
+from mtekvm.scenario import Scenario, parse_scenario
+
+PAGE = 4096
+GUEST_IPA = 0x4000_0000  # guest RAM (slot 0), mapped 1:1 by the guest's stage 1
+VMM_RAM = 0x1000_0000  # where the VMM maps guest RAM
+SHARED = 0x2000_0000  # p0's MAP_SHARED window onto the shared object
+PEER = 0x2800_0000  # p1's window onto the same object
+PRIVATE = 0x3000_0000  # p0's private anonymous pages (CoW after fork, KSM)
+
+#: Op families and their default weights (``--ops``, ``--weights``).
+FAMILIES: dict[str, int] = {
+    "fault": 3,  # host-process loads and stores: page faults, CoW breaks, first touches
+    "tags": 3,  # stg / ldg by processes and the VMM: tag initialisation
+    "mmap": 2,  # mmap MAP_FIXED over live pages, mprotect(PROT_MTE) on and off, munmap
+    "fork": 2,  # fork before the race; parent and child race on the CoW pages
+    "ptrace": 1,  # PTRACE_PEEKMTETAGS / POKEMTETAGS by a peer on a target's pages
+    "swap": 1,  # host reclaim: swap out (and in, on the next access)
+    "ksm": 1,  # madvise(MADV_MERGEABLE) then a KSM pass
+    "migrate": 1,  # host page migration
+    "guest": 4,  # guest loads, stores, STG and LDG: stage-2 faults, sanitise_mte_tags
+    "memslot": 1,  # memslot delete / re-add, a VMM MAP_FIXED over guest RAM
+    "copy-tags": 2,  # KVM_ARM_MTE_COPY_TAGS both ways
+    "dirty-log": 2,  # dirty logging on / get / clear / off
+    "dma": 1,  # device DMA through the VMM's mapping (no tag checks)
+}
+VM_FAMILIES = ("guest", "memslot", "copy-tags", "dirty-log", "dma")
+PROCESS_FAMILIES = ("fault", "mmap", "fork", "ptrace", "ksm")
+#: Backings of guest RAM; "hugetlb" is also a family-like switch (``--ops`` may leave it out).
+VM_BACKINGS = ("anon", "memfd", "hugetlb")
+
+
+def parse_ops(text: str | None) -> tuple[str, ...]:
+    """``--ops``: a comma list of families (``all``, or ``-NAME`` to drop one from all).
+
+    Raises:
+        ValueError: an unknown family.
+    """
+    if not text or text == "all":
+        return tuple(FAMILIES)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if all(p.startswith("-") for p in parts):
+        chosen = list(FAMILIES)
+        for p in parts:
+            _known(p[1:])
+            chosen.remove(p[1:])
+    else:
+        chosen = []
+        for p in parts:
+            _known(p)
+            if p not in chosen:
+                chosen.append(p)
+    if not chosen:
+        raise ValueError("--ops leaves no op family")
+    return tuple(chosen)
+
+
+def _known(name: str) -> None:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown op family {name!r}; known: {', '.join(FAMILIES)}")
+
+
+def parse_weights(text: str | None) -> dict[str, int]:
+    """``--weights``: ``family=N,...`` over the defaults (N >= 0; 0 drops the family).
+
+    Raises:
+        ValueError: an unknown family or a bad weight.
+    """
+    out = dict(FAMILIES)
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        name, eq, n = part.partition("=")
+        _known(name.strip())
+        if not eq or not n.strip().isdigit():
+            raise ValueError(f"--weights entry {part!r} is not family=N (N >= 0)")
+        out[name.strip()] = int(n)
+    return out
+
+
+@attrs.frozen
+class GenConfig:
+    """What the generator may use: families, their weights, guest RAM backings, hugetlb."""
+
+    ops: tuple[str, ...] = tuple(FAMILIES)
+    weights: dict[str, int] = attrs.field(factory=lambda: dict(FAMILIES))
+    hugetlb: bool = True
+    #: proposed kernel fixes the generated host applies: by default the one for finding 3
+    #: (docs/findings.md), so that campaigns hunt races rather than that known hugetlb behaviour
+    kernel_fixes: tuple[str, ...] = ("sanitise-whole-hugetlb-folio",)
+    blocks: tuple[int, int] = (1, 2)  # parallel blocks per scenario (min, max)
+    width: tuple[int, int] = (2, 4)  # operations per block
+
+
+@attrs.define
+class Generated:
+    """A generated scenario as data: header tables and a list of steps (a step is a dict, or
+    ``{"parallel": [dicts]}``); :func:`to_toml` writes it, :func:`load` parses it."""
+
+    seed: int
+    name: str
+    processes: list[str]
+    vm: dict | None  # {"backing", "size", "prot_mte", "hugepage"} or None
+    steps: list[dict]
+    bugs: tuple[str, ...] = ()
+    description: str = ""
+    kernel_fixes: tuple[str, ...] = ()
+
+    def with_steps(self, steps: list[dict]) -> Generated:
+        """The same world with other steps (for shrinking)."""
+        return attrs.evolve(self, steps=[dict(s) for s in steps])
+
+    def step_count(self) -> int:
+        """Steps, counting each operation of a parallel block."""
+        return sum(len(s["parallel"]) if "parallel" in s else 1 for s in self.steps)
+
+    def actors(self) -> set[str]:
+        """Every actor a step names."""
+        out = set()
+        for s in self.steps:
+            for sub in s.get("parallel", [s]):
+                out.add(sub["actor"])
+        return out
+
+
+class _World:
+    """The generator's state while it draws one scenario."""
+
+    def __init__(self, seed: int, cfg: GenConfig):
+        self.rng = random.Random(seed)
+        self.cfg = cfg
+        self.fams = [f for f in cfg.ops if cfg.weights.get(f, 0) > 0]
+        if not self.fams:
+            raise ValueError("every chosen op family has weight 0")
+        self.steps: list[dict] = []
+        self.procs: list[str] = []
+        self.vm: dict | None = None
+        self.child: str | None = None
+        self.shared_pages = 2
+        self.object = "obj"
+
+    def chance(self, p: float) -> bool:
+        return self.rng.random() < p
+
+    def tag(self) -> int:
+        return self.rng.randrange(1, 16)
+
+    def page(self) -> int:
+        return 0 if self.chance(0.7) else 1  # collisions: most operations aim at page 0
+
+    def build(self) -> None:
+        r = self.rng
+        want_vm = any(f in VM_FAMILIES for f in self.fams)
+        want_proc = any(f in PROCESS_FAMILIES for f in self.fams) or not want_vm
+        if want_vm and want_proc:
+            want_vm, want_proc = (True, True) if self.chance(0.5) else ((True, False) if self.chance(0.6)
+                                                                        else (False, True))
+        if want_vm:
+            backings = ["anon", "memfd"] + (["hugetlb"] if self.cfg.hugetlb else [])
+            backing = r.choice(backings)
+            size = 16 * PAGE if backing == "hugetlb" else 4 * PAGE
+            self.vm = {"backing": backing, "size": size, "prot_mte": self.chance(0.6)}
+            if backing == "memfd":
+                self.object = "ram"
+        if want_proc or (self.vm and self.vm["backing"] == "memfd" and self.chance(0.5)):
+            self.procs.append("p0")
+            if self.chance(0.5) or "ptrace" in self.fams:
+                self.procs.append("p1")
+        self._setup_vm()
+        self._setup_procs()
+        fams = self._usable()
+        weights = [self.cfg.weights.get(f, 1) for f in fams]
+        for _ in range(r.randint(*self.cfg.blocks)):
+            block = []
+            for _ in range(r.randint(*self.cfg.width)):
+                fam = r.choices(fams, weights)[0]
+                op = getattr(self, "op_" + fam.replace("-", "_"))()
+                if op is not None:
+                    block.append(op)
+            if len(block) >= 2:
+                self.steps.append({"parallel": block})
+            elif block:
+                self.steps.append(block[0])
+        self._finish()
+
+    def _usable(self) -> list[str]:
+        out = []
+        for f in self.fams:
+            if f in VM_FAMILIES and self.vm is None:
+                continue
+            if f in ("fault", "mmap", "ptrace", "ksm") and not self.procs and self.vm is None:
+                continue
+            if f == "fork" and self.child is None:
+                continue
+            out.append(f)
+        return out or ["tags"]
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def _setup_vm(self) -> None:
+        vm = self.vm
+        if vm is None:
+            return
+        prot = ["read", "write"] + (["mte"] if vm["prot_mte"] else [])
+        mm: dict[str, Any] = {"actor": "vmm:vm0", "op": "mmap", "addr": VMM_RAM, "size": vm["size"], "prot": prot,
+                              "backing": vm["backing"]}
+        if vm["backing"] == "memfd":
+            mm["object"] = "ram"
+        if vm["backing"] == "hugetlb":
+            mm["hugepage-size"] = "64KiB"
+        self.steps += [
+            mm,
+            {"actor": "vmm:vm0", "op": "enable-cap", "cap": "arm-mte"},
+            {"actor": "vmm:vm0", "op": "set-memory-region", "slot": 0, "ipa": GUEST_IPA, "size": vm["size"],
+             "addr": VMM_RAM},
+            {"actor": "vmm:vm0", "op": "create-vcpu"},
+            {"actor": "guest:vm0", "op": "enable-mte", "tcf": self.rng.choice(["sync", "none", "async"])},
+            {"actor": "guest:vm0", "op": "map", "va": GUEST_IPA, "ipa": GUEST_IPA, "size": vm["size"],
+             "attr": "tagged"},
+        ]
+        if "dirty-log" in self.fams and self.chance(0.3):
+            self.steps.append({"actor": "vmm:vm0", "op": "dirty-log", "slot": 0, "action": "enable"})
+        for pg in range(2):
+            if self.chance(0.35):
+                self.steps.append(self._guest_write(pg))
+
+    def _setup_procs(self) -> None:
+        if not self.procs:
+            return
+        mte = self.chance(0.6)
+        prot = ["read", "write"] + (["mte"] if mte else [])
+        self.steps.append({"actor": "p0", "op": "mmap", "addr": SHARED, "size": self.shared_pages * PAGE,
+                           "prot": prot, "backing": "memfd", "object": self.object})
+        if "p1" in self.procs:
+            prot1 = ["read", "write"] + (["mte"] if self.chance(0.5) else [])
+            self.steps.append({"actor": "p1", "op": "mmap", "addr": PEER, "size": self.shared_pages * PAGE,
+                               "prot": prot1, "backing": "memfd", "object": self.object})
+        hugetlb = self.cfg.hugetlb and self.chance(0.15)
+        priv: dict[str, Any] = {"actor": "p0", "op": "mmap", "addr": PRIVATE, "size": (16 if hugetlb else 2) * PAGE,
+                                "prot": ["read", "write"] + (["mte"] if self.chance(0.3) else [])}
+        if hugetlb:
+            priv.update(backing="hugetlb")
+            priv["hugepage-size"] = "64KiB"
+        self.steps.append(priv)
+        for pg in range(2):
+            if self.chance(0.5):
+                self.steps.append({"actor": "p0", "op": "store", "addr": PRIVATE + pg * PAGE, "fill": 0xAA,
+                                   "size": 64})
+            if self.chance(0.3):
+                self.steps.append({"actor": self.rng.choice(self.procs), "op": "store",
+                                   "addr": self._shared_addr("p0", pg), "fill": 0x5A, "size": 64})
+        if "ksm" in self.fams:
+            self.steps.append({"actor": "p0", "op": "madvise", "addr": PRIVATE, "size": 2 * PAGE,
+                               "advice": "mergeable"})
+        if "fork" in self.fams and self.chance(0.7):
+            self.steps.append({"actor": "p0", "op": "fork", "child": "c0"})
+            self.child = "c0"
+
+    def _shared_addr(self, proc: str, pg: int) -> int:
+        return (PEER if proc == "p1" else SHARED) + pg * PAGE
+
+    def _guest_write(self, pg: int) -> dict:
+        if self.chance(0.5):
+            return {"actor": "guest:vm0", "op": "stg", "addr": GUEST_IPA + pg * PAGE, "tag": self.tag(),
+                    "size": self.rng.choice([16, 64, PAGE])}
+        return {"actor": "guest:vm0", "op": "store", "addr": GUEST_IPA + pg * PAGE, "fill": 0x11, "size": 16}
+
+    # -- op families: each returns one step aimed at page 0 or 1 of something shared -------------
+
+    def _proc_target(self) -> tuple[str, int]:
+        """A process actor and an address it maps: the shared window, the private pages, or
+        (as the VMM) guest RAM."""
+        pg = self.page()
+        options: list[tuple[str, int]] = []
+        for p in self.procs:
+            options.append((p, self._shared_addr(p, pg)))
+        if self.procs:
+            options.append(("p0", PRIVATE + pg * PAGE))
+        if self.child:
+            options += [(self.child, PRIVATE + pg * PAGE), (self.child, SHARED + pg * PAGE)]
+        if self.vm is not None:
+            options.append(("vmm:vm0", VMM_RAM + pg * PAGE))
+        return self.rng.choice(options)
+
+    def op_fault(self) -> dict | None:
+        if not self.procs and self.vm is None:
+            return None
+        who, addr = self._proc_target()
+        if self.chance(0.6):
+            return {"actor": who, "op": "store", "addr": addr, "fill": self.rng.choice([0xBB, 0xCC]), "size": 16}
+        return {"actor": who, "op": "load", "addr": addr, "size": 16}
+
+    def op_tags(self) -> dict | None:
+        if not self.procs and self.vm is None:
+            return None
+        who, addr = self._proc_target()
+        if self.chance(0.6):
+            return {"actor": who, "op": "stg", "addr": addr, "tag": self.tag(),
+                    "size": self.rng.choice([16, 64, PAGE])}
+        return {"actor": who, "op": "ldg", "addr": addr, "size": 64}
+
+    def op_mmap(self) -> dict | None:
+        who, addr = self._proc_target()
+        r = self.rng.random()
+        if r < 0.45:
+            prot = ["read", "write"] + (["mte"] if self.chance(0.75) else [])
+            return {"actor": who, "op": "mprotect", "addr": addr, "size": PAGE, "prot": prot}
+        if r < 0.85:
+            backing = self.rng.choice(["anon", "memfd", "file"])
+            step: dict[str, Any] = {"actor": who, "op": "mmap", "addr": addr, "size": PAGE,
+                                    "prot": ["read", "write"] + (["mte"] if self.chance(0.5) else []),
+                                    "backing": backing}
+            if backing == "memfd":
+                step["object"] = self.object
+                step["offset"] = self.page() * PAGE
+            elif backing == "file":
+                step["object"] = "img"
+            return step
+        return {"actor": who, "op": "munmap", "addr": addr, "size": PAGE}
+
+    def op_fork(self) -> dict | None:
+        if self.child is None:
+            return None
+        pg = self.page()
+        who = self.rng.choice(["p0", self.child])
+        r = self.rng.random()
+        if r < 0.4:
+            return {"actor": who, "op": "store", "addr": PRIVATE + pg * PAGE, "fill": 0xBB, "size": 16}
+        if r < 0.75:
+            return {"actor": who, "op": "mprotect", "addr": PRIVATE + pg * PAGE, "size": PAGE,
+                    "prot": ["read", "write", "mte"]}
+        return {"actor": who, "op": "stg", "addr": PRIVATE + pg * PAGE, "tag": self.tag(), "size": 64}
+
+    def op_ptrace(self) -> dict | None:
+        tracers = [p for p in self.procs if p != "p0"] + ([self.child] if self.child else [])
+        if not tracers:
+            return None
+        targets: list[tuple[str, int]] = []
+        pg = self.page()
+        if self.procs:
+            targets += [("p0", SHARED + pg * PAGE), ("p0", PRIVATE + pg * PAGE)]
+        if self.vm is not None:
+            targets.append(("vmm:vm0", VMM_RAM + pg * PAGE))
+        target, addr = self.rng.choice(targets)
+        who = self.rng.choice(tracers)
+        if self.chance(0.5):
+            return {"actor": who, "op": "ptrace-peek-tags", "target": target, "addr": addr, "count": 4}
+        return {"actor": who, "op": "ptrace-poke-tags", "target": target, "addr": addr,
+                "tags": [self.tag()] * 4}
+
+    def _host_target(self) -> dict:
+        pg = self.page()
+        if self.vm is not None and (not self.procs or self.chance(0.5)):
+            return {"vm": "vm0", "ipa": GUEST_IPA + pg * PAGE}
+        if self.procs and self.chance(0.5):
+            return {"process": "p0", "addr": SHARED + pg * PAGE}
+        if self.procs:
+            return {"process": self.child or "p0", "addr": PRIVATE + pg * PAGE}
+        return {"vm": "vm0", "ipa": GUEST_IPA + pg * PAGE}
+
+    def op_swap(self) -> dict | None:
+        return {"actor": "host", "op": "swap-out", **self._host_target(), "size": PAGE}
+
+    def op_ksm(self) -> dict | None:
+        if self.procs and self.chance(0.6):
+            return {"actor": "host", "op": "ksm-merge", "process": "p0", "addr": PRIVATE, "size": 2 * PAGE}
+        return {"actor": "host", "op": "ksm-merge", **self._host_target(), "size": PAGE}
+
+    def op_migrate(self) -> dict | None:
+        return {"actor": "host", "op": "migrate-pages", **self._host_target(), "size": PAGE}
+
+    def op_guest(self) -> dict | None:
+        pg = self.page()
+        addr = GUEST_IPA + pg * PAGE
+        r = self.rng.random()
+        if r < 0.3:
+            return {"actor": "guest:vm0", "op": "ldg", "addr": addr, "size": 16}
+        if r < 0.5:
+            return {"actor": "guest:vm0", "op": "load", "addr": addr, "size": 8}
+        if r < 0.8:
+            return {"actor": "guest:vm0", "op": "stg", "addr": addr, "tag": self.tag(),
+                    "size": self.rng.choice([16, 64, PAGE])}
+        return {"actor": "guest:vm0", "op": "store", "addr": addr, "data": "01"}
+
+    def op_memslot(self) -> dict | None:
+        assert self.vm is not None
+        r = self.rng.random()
+        if r < 0.4:
+            return {"actor": "vmm:vm0", "op": "mmap", "addr": VMM_RAM + self.page() * PAGE, "size": PAGE,
+                    "backing": "file", "object": "img"}
+        if r < 0.7:
+            return {"actor": "vmm:vm0", "op": "set-memory-region", "slot": 0, "ipa": GUEST_IPA, "size": 0,
+                    "addr": VMM_RAM}
+        return {"actor": "vmm:vm0", "op": "set-memory-region", "slot": 1, "ipa": GUEST_IPA + 0x100_0000,
+                "size": PAGE, "addr": VMM_RAM + self.page() * PAGE}
+
+    def op_copy_tags(self) -> dict | None:
+        addr = GUEST_IPA + self.page() * PAGE
+        if self.chance(0.5):
+            return {"actor": "vmm:vm0", "op": "copy-tags", "ipa": addr, "length": PAGE, "direction": "to-guest",
+                    "tags": self.tag()}
+        return {"actor": "vmm:vm0", "op": "copy-tags", "ipa": addr, "length": PAGE, "direction": "from-guest"}
+
+    def op_dirty_log(self) -> dict | None:
+        action = self.rng.choice(["enable", "enable", "get", "clear", "disable"])
+        return {"actor": "vmm:vm0", "op": "dirty-log", "slot": 0, "action": action}
+
+    def op_dma(self) -> dict | None:
+        addr = GUEST_IPA + self.page() * PAGE
+        if self.chance(0.6):
+            return {"actor": "vmm:vm0", "op": "dma-write", "ipa": addr, "fill": 0x77, "size": 64}
+        return {"actor": "vmm:vm0", "op": "dma-read", "ipa": addr, "size": 64}
+
+    def _finish(self) -> None:
+        """Read back what the race touched, as each actor sees it (the oracles judge it)."""
+        for pg in range(2):
+            if self.vm is not None:
+                self.steps.append({"actor": "guest:vm0", "op": "ldg", "addr": GUEST_IPA + pg * PAGE, "size": 64})
+            for p in self.procs:
+                self.steps.append({"actor": p, "op": "ldg", "addr": self._shared_addr(p, pg), "size": 64})
+            if self.child:
+                self.steps.append({"actor": self.child, "op": "ldg", "addr": PRIVATE + pg * PAGE, "size": 64})
+        if self.vm is not None and self.chance(0.3):
+            self.steps.append({"actor": "vmm:vm0", "op": "dirty-log", "slot": 0, "action": "get"})
+
+
+def generate(seed: int, cfg: GenConfig | None = None, bugs: tuple[str, ...] = ()) -> Generated:
+    """The scenario of ``seed`` under ``cfg`` (deterministic: the same seed, the same scenario)."""
+    w = _World(seed, cfg or GenConfig())
+    w.build()
+    procs = list(w.procs)
+    return Generated(seed, f"stress seed {seed}", procs, w.vm, w.steps, tuple(bugs),
+                     f"generated by mtekvm stress from seed {seed} (families: {', '.join(w.fams)})",
+                     tuple(w.cfg.kernel_fixes))
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return hex(v) if v >= 0x10000 else str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _key(k: str) -> str:
+    return k if all(c.isalnum() or c in "-_" for c in k) else json.dumps(k)
+
+
+def to_toml(g: Generated, *, scheduler: dict | None = None, note: str = "") -> str:
+    """The scenario as a TOML scenario file (docs/scenarios.md)."""
+    lines = [f"name = {_value(g.name)}", f'description = """\n{g.description}{note}\n"""']
+    if g.bugs:
+        lines.append(f"bugs = {_value(list(g.bugs))}")
+    lines.append("")
+    if g.kernel_fixes:
+        lines += ["[host]", f"kernel-fixes = {_value(list(g.kernel_fixes))}", ""]
+    if scheduler:
+        lines.append("[scheduler]")
+        lines += [f"{_key(k)} = {_value(v)}" for k, v in scheduler.items()]
+        lines.append("")
+    used = g.actors() | {s[k] for s in _flat(g.steps) for k in ("target", "process", "vm") if k in s}
+    for p in g.processes:
+        if p in used:
+            lines += [f"[processes.{p}]", ""]
+    if g.vm is not None and used & {"vmm:vm0", "guest:vm0", "vm0"}:
+        lines += ["[vms.vm0]", 'setup = "manual"', ""]
+    for s in g.steps:
+        lines.append("[[steps]]")
+        if "parallel" in s:
+            lines.append("parallel = [")
+            lines += [f"  {_value(sub)}," for sub in s["parallel"]]
+            lines.append("]")
+        else:
+            lines += [f"{_key(k)} = {_value(v)}" for k, v in s.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _flat(steps: list[dict]) -> list[dict]:
+    return [sub for s in steps for sub in s.get("parallel", [s])]
+
+
+def load(g: Generated, path: str = "<generated>") -> Scenario:
+    """Parse the generated scenario's TOML with the project's parser (``ScenarioError`` if invalid)."""
+    return parse_scenario(tomllib.loads(to_toml(g)), path)
