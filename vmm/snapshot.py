@@ -1,0 +1,285 @@
+"""VM snapshots: the ``snapshot`` and ``restore`` VMM ops (SCENARIOS.md, "Migration, snapshots and faults").
+
+``snapshot`` pauses the vCPUs, streams guest RAM (data through the VMM's own mapping, tags with
+KVM_ARM_MTE_COPY_TAGS FROM_GUEST) and the vCPUs' state into a file in the format of
+:mod:`shared.snapfile`, resumes, and renames the finished file over ``path`` (it is written to a
+temporary file in the same folder first, so a failed snapshot never leaves half a file). Pages
+``mincore`` reports non-resident are not read (they read zero data and zero tags), and pages whose
+data and tags are all zero are left out of the file.
+
+``restore`` maps the file, parses and validates all of it (:func:`shared.snapfile.parse`), checks
+it fits this VM, then pauses, zeroes every resident page the file has no record for (data with
+``store``, tags with COPY_TAGS TO_GUEST; a non-resident page already reads zero data and zero tags),
+writes the saved pages (data, then tags TO_GUEST), installs the vCPUs' state and resumes.
+
+Errors, in the contract's order; none changes anything of the VM:
+    ENOENT: no such file (``path``), or its folder does not exist (snapshot).
+    EINVAL: not a snapshot file, a damaged one, another version (restore); a relative path, or
+        neither name nor path.
+    EINVAL: another layout (RAM memslots' IPA, size, backing kind), vCPU count or MTE setting.
+    EBUSY: a memslot of the VM logs dirty pages (COPY_TAGS TO_GUEST would be refused).
+    Others from the file system (EACCES, ENOSPC, EISDIR ...) with their Linux errno, and ENODEV
+    when there is no VM.
+
+The orchestrator turns a snapshot ``name`` into an absolute ``path`` (names are kept per
+scenario); a VMM given a name alone refuses it with EINVAL.
+"""
+
+from __future__ import annotations
+
+import errno as pyerrno
+import mmap
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import trio
+
+from shared import snapfile
+from shared.errno import EBUSY, EINVAL, EIO, ENOENT, ERRNO_BY_NAME
+from shared.mte import PAGE_SIZE
+from shared.wire import RemoteError
+from vmm import guestram
+from vmm.errors import VmmError
+
+if TYPE_CHECKING:
+    from vmm.guestram import RamSlot
+    from vmm.machine import Vmm
+
+#: Pages read or written per hypervisor round trip (data with load/store, tags with one COPY_TAGS).
+RUN_PAGES = guestram.CHUNK_PAGES
+#: The file's write buffer (record headers are small; page runs bypass it).
+WRITE_BUFFER = 1 << 20
+
+
+def _os_error(exc: OSError, what: str) -> VmmError:
+    """An OSError as a VmmError with the Linux errno of the same name."""
+    name = pyerrno.errorcode.get(exc.errno or 0, "EIO")
+    return VmmError(ERRNO_BY_NAME.get(name, EIO), f"{what}: {exc.strerror or exc}")
+
+
+def _path(args: dict, op: str) -> str:
+    path = args.get("path")
+    if path is None:
+        if args.get("name") is not None:
+            raise VmmError(EINVAL, f"{op}: the VMM needs a path (the orchestrator keeps named snapshots as files)")
+        raise VmmError(EINVAL, f"{op}: give name or path")
+    if not os.path.isabs(path):
+        raise VmmError(EINVAL, f"{op}: path {path!r} is not absolute")
+    return path
+
+
+async def vm_has_mte(vmm: Vmm, ctx: str | None) -> bool:
+    """Whether the VM has KVM_CAP_ARM_MTE: an empty COPY_TAGS is EINVAL exactly when it does not."""
+    try:
+        await vmm._call("kvm-copy-tags", {"vm": vmm._need_vm(), "guest_ipa": 0, "length": 0, "flags": 1,
+                                          "reserved": [0, 0], "tags": b""}, ctx)
+    except RemoteError as exc:
+        if exc.errno == EINVAL:
+            return False
+        raise
+    return True
+
+
+def layout_of(slots: list[RamSlot]) -> tuple[snapfile.SlotLayout, ...]:
+    """The RAM memslots as a snapshot header records them."""
+    return tuple(snapfile.SlotLayout(s.slot, s.ipa, s.size, s.backing, tuple(s.flags)) for s in slots)
+
+
+# ---- snapshot -----------------------------------------------------------------------------------
+
+async def snapshot(vmm: Vmm, args: dict, ctx: str | None) -> dict:
+    """The ``snapshot`` VMM op: save memory, tags and vCPU state to ``path``; returns {pages, tagged-pages}.
+
+    Raises:
+        VmmError: ENOENT (no such folder), EINVAL (a relative path), ENODEV (no VM), a file
+            system error; RemoteError from the hypervisor or the guest.
+    """
+    path = _path(args, "snapshot")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise VmmError(ENOENT, f"snapshot: no folder {folder!r}")
+    if os.path.isdir(path):
+        raise VmmError(ERRNO_BY_NAME["EISDIR"], f"snapshot: {path!r} is a folder")
+    vmm._need_vm()
+    mte = await vm_has_mte(vmm, ctx)
+    await vmm.pause(ctx)
+    try:
+        with _temp_file(folder, os.path.basename(path)) as (tmp, f):
+            writer = None
+            try:
+                slots = guestram.ram_slots(vmm)  # under the pause: no memslot changes meanwhile
+                state = await vmm.guest_state(ctx)
+                header = snapfile.Header(layout_of(slots), len(vmm.vcpus), mte, state)
+                writer = snapfile.SnapshotWriter(f.write, header)
+                for slot in slots:
+                    await _save_slot(vmm, writer, slot, mte, ctx)
+                writer.finish()
+                f.flush()
+            except OSError as exc:
+                raise _os_error(exc, f"snapshot: writing {tmp!r}") from None
+            f.close()
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise _os_error(exc, f"snapshot: renaming to {path!r}") from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await vmm.resume()
+    return {"pages": writer.pages, "tagged-pages": writer.tagged_pages}
+
+
+@contextmanager
+def _temp_file(folder: str, base: str) -> Iterator[tuple[str, BinaryIO]]:
+    """A new file in ``folder`` (removed unless renamed away before the block ends)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
+    except OSError as exc:
+        raise _os_error(exc, f"snapshot: creating a file in {folder!r}") from None
+    f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
+    try:
+        yield tmp, f
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
+async def _save_slot(vmm: Vmm, writer: snapfile.SnapshotWriter, slot: RamSlot, mte: bool,
+                     ctx: str | None) -> None:
+    """Stream one slot's resident pages (data and, for an MTE VM, tags) into ``writer``."""
+    vec = await guestram.mincore(vmm, slot, 0, slot.pages, ctx)
+    for start, n in guestram.resident_runs(vec):
+        for lo in range(start, start + n, RUN_PAGES):
+            k = min(RUN_PAGES, start + n - lo)
+            for run in await guestram.read_pages(vmm, slot, lo, k, ctx, tags=mte, resident_only=False):
+                writer.add_run(slot.slot, run.first, run.data, run.tags)
+
+
+# ---- restore ------------------------------------------------------------------------------------
+
+async def restore(vmm: Vmm, args: dict, ctx: str | None) -> dict:
+    """The ``restore`` VMM op: load a snapshot into this VM; returns {pages, tagged-pages} restored.
+
+    Raises:
+        VmmError: ENOENT, EINVAL, EINVAL, EBUSY in that order (see the module docstring), with
+            nothing of the VM changed; RemoteError if the hypervisor or guest fails midway.
+    """
+    path = _path(args, "restore")
+    try:
+        f = open(path, "rb")  # kept open while the mapping is used
+    except FileNotFoundError:
+        raise VmmError(ENOENT, f"restore: no snapshot {path!r}") from None
+    except IsADirectoryError:
+        raise VmmError(EINVAL, f"restore: {path!r} is a folder, not a snapshot file") from None
+    except OSError as exc:
+        raise _os_error(exc, f"restore: opening {path!r}") from None
+    with f, _map(f, path) as buf:
+        try:
+            snap = snapfile.parse(buf)
+        except snapfile.SnapfileError as exc:
+            raise VmmError(EINVAL, f"restore: {path}: {exc.message}") from None
+        try:
+            return await _restore(vmm, snap, ctx)
+        finally:
+            del snap  # the records are views of the mapping: release them before it closes
+
+
+@contextmanager
+def _map(f: BinaryIO, path: str) -> Iterator[Any]:
+    """The file mapped read-only (an empty file is an empty buffer)."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except OSError as exc:
+        raise _os_error(exc, f"restore: reading {path!r}") from None
+    try:
+        yield m if m is not None else b""
+    finally:
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a view still exported: the mapping goes with the last reference
+                pass
+
+
+def _check_state(header: snapfile.Header) -> None:
+    state = header.vcpu_state
+    if not (isinstance(state, dict) and isinstance(state.get("vcpus"), dict)
+            and len(state["vcpus"]) == header.vcpus and isinstance(state.get("stage1", []), list)):
+        raise VmmError(EINVAL, "restore: damaged snapshot: the vCPU state is not one map per vCPU and stage 1")
+
+
+async def _restore(vmm: Vmm, snap: snapfile.Snapshot, ctx: str | None) -> dict:
+    vmm._need_vm()
+    slots = guestram.ram_slots(vmm)
+    _check_state(snap.header)
+    try:
+        snapfile.check_compatible(snap.header, layout_of(slots), len(vmm.vcpus), await vm_has_mte(vmm, ctx))
+    except snapfile.SnapfileError as exc:
+        raise VmmError(EINVAL, f"restore: {exc.message}") from None
+    logging = [s.slot for s in vmm.slots.values() if "log-dirty-pages" in s.flags]
+    if logging:
+        raise VmmError(EBUSY, f"restore: memslot(s) {logging} log dirty pages (KVM_ARM_MTE_COPY_TAGS TO_GUEST "
+                              "would be refused)")
+    mine = {s.slot: s for s in slots}
+    target = {theirs: mine[s.slot] for theirs, s in snapfile.slot_map(snap.header, layout_of(slots)).items()}
+    by_slot: dict[int, list[snapfile.Record]] = {}
+    for r in snap.records:
+        by_slot.setdefault(target[r.slot].slot, []).append(r)
+    await vmm.pause(ctx)
+    try:
+        # the vCPU state first: the guest checks it whole and refuses it before any memory changes
+        before = await vmm.guest_state(ctx)
+        await vmm.set_guest_state(snap.header.vcpu_state, ctx)
+        try:
+            for slot in slots:
+                await _zero_left_out(vmm, slot, by_slot.get(slot.slot, []), snap.header.mte, ctx)
+            for r in snap.records:
+                await _write_record(vmm, target[r.slot], r, snap.header.mte, ctx)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await vmm.set_guest_state(before, ctx)
+            raise
+    finally:
+        with trio.CancelScope(shield=True):
+            await vmm.resume()
+    return {"pages": snap.pages, "tagged-pages": snap.tagged_pages}
+
+
+def _left_out(vec: bytes, records: list[snapfile.Record]) -> list[tuple[int, int]]:
+    """Runs of pages resident in ``vec`` (mincore) that no record covers."""
+    need = bytearray(vec)
+    for r in records:
+        need[r.first:r.first + r.count] = bytes(r.count)
+    return guestram.resident_runs(bytes(need))
+
+
+async def _zero_left_out(vmm: Vmm, slot: RamSlot, records: list[snapfile.Record], mte: bool,
+                         ctx: str | None) -> None:
+    """Zero data and tags of every resident page of ``slot`` the snapshot has no record for."""
+    vec = await guestram.mincore(vmm, slot, 0, slot.pages, ctx)
+    for start, n in _left_out(vec, records):
+        for lo in range(start, start + n, RUN_PAGES):
+            k = min(RUN_PAGES, start + n - lo)
+            await guestram.write_data(vmm, slot, lo, bytes(k * PAGE_SIZE), ctx)
+            if mte:
+                await guestram.write_tags(vmm, slot.ipa + lo * PAGE_SIZE, bytes(k * snapfile.TAGS_PER_PAGE), ctx)
+
+
+async def _write_record(vmm: Vmm, slot: RamSlot, r: snapfile.Record, mte: bool, ctx: str | None) -> None:
+    """Write one record's pages: data with store, then tags (zeros when the record has none) TO_GUEST."""
+    for lo in range(0, r.count, RUN_PAGES):
+        k = min(RUN_PAGES, r.count - lo)
+        await guestram.write_data(vmm, slot, r.first + lo, bytes(r.data[lo * PAGE_SIZE:(lo + k) * PAGE_SIZE]), ctx)
+        if mte:
+            tags = (bytes(r.tags[lo * snapfile.TAGS_PER_PAGE:(lo + k) * snapfile.TAGS_PER_PAGE])
+                    if r.tags is not None else bytes(k * snapfile.TAGS_PER_PAGE))
+            await guestram.write_tags(vmm, slot.ipa + (r.first + lo) * PAGE_SIZE, tags, ctx)
