@@ -167,7 +167,7 @@ class TestRoundTrip:
         assert await rig.guest("ldg", addr=RAM2 + 7 * PAGE_SIZE, size=64) == [0, 0, 0, 0]
 
     async def test_vcpu_state_round_trip(self, rig, tmp_path):
-        """SCTLR_EL1 ATA/TCF, GCR_EL1, TFSR_EL1, PSTATE.TCO and stage 1 of every vCPU are the snapshot's after restore."""
+        """SCTLR_EL1 ATA/TCF, GCR_EL1, TFSR_EL1, PSTATE.TCO and stage 1 of every vCPU are restored as saved."""
         await rig.setup(vcpus=2)
         await rig.guest("enable-mte", vcpu=1, tcf="asymm", include=0x00F0)
         await rig.guest("tco", vcpu=1, on=True)
@@ -261,7 +261,7 @@ class TestErrors:
         await rig.fails(EINVAL, "restore", path=str(tmp_path))
 
     async def test_errors_come_in_the_contract_order_and_change_nothing(self, rig, nursery, host, tmp_path):
-        """ENOENT, then EINVAL (damaged), then EINVAL (layout), then EBUSY: each with data, tags and registers unchanged."""
+        """ENOENT, then EINVAL (damaged), EINVAL (layout), EBUSY: each leaves data, tags and registers unchanged."""
         await tagged_vm(rig)
         await fill(rig)
         good = str(tmp_path / "good")
@@ -313,7 +313,7 @@ class TestErrors:
         assert await rig.everything() == before
 
     async def test_truncated_and_corrupted_files_are_einval_and_change_nothing(self, rig, tmp_path):
-        """A file cut or with one byte changed in any region (magic ... trailer, trailing garbage) is EINVAL, VM unchanged."""
+        """A file cut, extended or with a byte changed in any region (magic ... trailer) is EINVAL, VM unchanged."""
         await tagged_vm(rig)
         await fill(rig)
         good = tmp_path / "good"
