@@ -118,7 +118,8 @@ class ControlledScheduler(Scheduler):
     async def context(self, actor: str):
         if actor in self._actors and self._actors[actor].alive:
             raise ValueError(f"actor {actor!r} is already running")
-        a = _Actor(actor)
+        prev = self._actors.get(actor)  # a name's decisions count on across its contexts: (name, n) is unique
+        a = _Actor(actor, decisions=prev.decisions if prev is not None else 0)
         self._actors[actor] = a
         token = current_actor.set(actor)
         try:
