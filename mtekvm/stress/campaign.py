@@ -35,7 +35,7 @@ from typing import Any
 
 import attrs
 
-from hypervisor.sched.policies import PCT_STEPS, Coverage, Pct, Random, SchedulingPolicy
+from hypervisor.sched.policies import PCT_STEPS, Coverage, Pct, Random, Replay, SchedulingPolicy
 from mtekvm.hunt import failure_kinds, hunt
 from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, run_scenario
 from mtekvm.scenario import ScenarioError, SchedulerSpec
@@ -293,9 +293,18 @@ class Worker:
             return
         self.keys.add(fkey)
         self.found_keys.add(fkey)
+        without = None
+        if self.cfg.bugs:  # is it the switched-on bugs' doing? the same schedule, leniently, on the fixed model
+            try:
+                clean = await run_scenario(scn, RunOptions(scheduler=SchedulerSpec(
+                    "replay", None, schedule, policy=Replay(schedule, strict=False))))
+                without = not clean.passed and fkey[0] in failure_kinds(clean)[:1]
+            except (RunError, InfraError):
+                without = None
         steps = {f"{s.actor}/{s.index}": s.op for s in final.steps}
         record.update({
             "key": {"invariant": fkey[0], "path": list(fkey[1])},
+            "fails_without_bugs": without,
             "name": name, "steps_shrunk": shrunk_g.step_count(), "actors_shrunk": len(shrunk_g.actors()),
             "preemptions_scenario_shrunk": _count(shrunk_r.schedule), "preemptions_shrunk": pre_after,
             "shrink_runs": runs + hunt_runs + 1, "shrink_s": round(time.monotonic() - t0, 3),

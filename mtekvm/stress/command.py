@@ -243,6 +243,8 @@ def failure_lines(f: dict) -> list[str]:
         f"(worker {f['worker']}); steps {f['steps_found']} -> {f['steps_shrunk']}, actors {f['actors_found']} -> "
         f"{f['actors_shrunk']}, preemptions {f['preemptions_found']} -> {f['preemptions_shrunk']}",
         f"  replay: {f['replay']}",
+        *([f"  also fails without {', '.join(f['bugs'])} (the same schedule on the fixed model)"]
+          if f.get("fails_without_bugs") else []),
         "  interleaving:",
         *f["interleaving"][-40:],
     ]

@@ -185,7 +185,8 @@ class _World:
             self.vm = {"backing": backing, "size": size, "prot_mte": self.chance(0.6)}
             if backing == "memfd":
                 self.object = "ram"
-        if want_proc or (self.vm and self.vm["backing"] == "memfd" and self.chance(0.5)):
+        shares = self.vm is not None and self.vm["backing"] == "memfd" and any(f not in VM_FAMILIES for f in self.fams)
+        if want_proc or (shares and self.chance(0.5)):  # a process sharing guest RAM with the guest
             self.procs.append("p0")
             if self.chance(0.5) or "ptrace" in self.fams:
                 self.procs.append("p1")
