@@ -15,12 +15,18 @@ run): no-tag-lock in its KVM form (sanitise_mte_tags racing the VMM's
 set_pte_at) 61/100, 4 of the first 10 losing tags; mte-allowed-outside-lock
 44/100 (the VMA read after munmap freed it); copy-tags-during-dirty-log 23/50;
 kvm-tags-zero-page is deterministic (every run). The fixed model: 0 of each.
+
+Migration (VMM side, two in-process hosts under one scheduler): each
+``scenarios/migration-*.toml`` zoo file names its bug, the invariant it breaks
+and a seed that shows it; it is hunted here without them (a failure is the
+bug showing), and the fixed VMM must run the same seeds clean.
 """
 
 from __future__ import annotations
 
 import pathlib
 
+import attrs
 import pytest
 
 import mtekvm.hunt
@@ -178,6 +184,71 @@ class TestKvmTagsZeroPage:
         assert failures == []
 
 
+MIGRATION_BUDGET = 20  # seeds per migration hunt (two in-process hosts, two VMMs, a guest)
+
+
+def as_hunted(path: str, bug: bool):
+    """A migration zoo file without its own bugs and ``expect-violations``, so that a run shows the bug as a
+    failure (``bug``: with the file's bugs given as options, as ``--bug`` does)."""
+    scn = load_scenario(SCENARIOS / path)
+    return attrs.evolve(scn, bugs=(), expect_violations=()), (scn.bugs if bug else ())
+
+
+async def migration_hunt(path: str, bug: bool, seeds: range):
+    """Hunt a migration zoo file with or without its bug; the failing (seed, result) pairs, in seed order."""
+    scn, bugs = as_hunted(path, bug)
+    res = await mtekvm.hunt.hunt(scn, SchedulerSpec("random", seeds.start), runs=len(seeds),
+                                 options=RunOptions(bugs=bugs), collect=True, shrink=False)
+    return [(f.seed, f.result) for f in res.failures]
+
+
+MIGRATION_ZOO = ["migration-zero-page-drops-tags.toml", "migration-tags-before-final-sync.toml",
+                 "migration-resume-before-tags.toml"]
+
+
+class TestMigrationZoo:
+    """The VMM-side bugs of live migration: each file names its bug and the invariant it breaks."""
+
+    @pytest.mark.parametrize("path", MIGRATION_ZOO)
+    async def test_file_shows_its_bug(self, path):
+        """Run as written (its bug, its seed), the file passes: the invariants it expects break, nothing else."""
+        scn = load_scenario(SCENARIOS / path)
+        assert scn.bugs and scn.expect_violations and scn.scheduler.kind == "random"
+        r = await run_scenario(scn)
+        assert r.passed, (r.failures, r.violations)
+
+    @pytest.mark.parametrize("path", MIGRATION_ZOO)
+    async def test_found_within_budget(self, path):
+        """The random scheduler finds the bug within a few seeds, breaking the invariant the file expects."""
+        failures = await migration_hunt(path, True, range(MIGRATION_BUDGET))
+        assert failures, f"{path}: not found in {MIGRATION_BUDGET} seeds"
+        expected = set(load_scenario(SCENARIOS / path).expect_violations)
+        assert expected <= invariants(failures[0][1]), failures[0][1].violations
+
+    @pytest.mark.parametrize("path", MIGRATION_ZOO)
+    async def test_fixed_vmm_clean(self, path):
+        """The same seeds run clean on the fixed VMM."""
+        assert await migration_hunt(path, False, range(MIGRATION_BUDGET)) == []
+
+    async def test_zero_page_loses_the_tags_of_zero_data(self):
+        """With migration-zero-page-drops-tags the destination reads zero tags where the guest tagged a page
+        that holds no data; the page with data keeps its tags."""
+        failures = await migration_hunt("migration-zero-page-drops-tags.toml", True, range(1))
+        r = failures[0][1]
+        zero, data = [s for s in r.steps if s.op == "ldg"]
+        assert zero.value == [0, 0, 0, 0] and data.value == [6, 6, 6, 6]
+
+    async def test_failure_replays(self):
+        """A migration race's failing schedule (two hosts, one scheduler) replays to the same failure."""
+        path = "migration-tags-before-final-sync.toml"
+        failures = await migration_hunt(path, True, range(MIGRATION_BUDGET))
+        scn, bugs = as_hunted(path, True)
+        r = failures[0][1]
+        again = await run_scenario(scn, RunOptions(bugs=bugs, scheduler=SchedulerSpec("replay", None, r.schedule)))
+        assert not again.passed and invariants(again) == invariants(r)
+        assert [(s.outcome, s.value) for s in again.steps] == [(s.outcome, s.value) for s in r.steps]
+
+
 class TestPct:
     """The PCT scheduler finds the same races, and its runs replay."""
 
@@ -207,8 +278,11 @@ class TestScenariosPassUnderRandomSchedules:
 
     @pytest.mark.parametrize("path", sorted(p.name for p in SCENARIOS.glob("*.toml")))
     async def test_example_clean(self, path):
-        """The example holds its expectations and breaks no invariant under seeds 0..9."""
+        """The example (a zoo file without its bug) holds its expectations and breaks no invariant under seeds
+        0..9."""
         scn = load_scenario(SCENARIOS / path)
+        if path in MIGRATION_ZOO:  # a zoo file shows its bug as written; the fixed model must run it clean
+            scn = attrs.evolve(scn, bugs=(), expect_violations=())
         assert not scn.bugs, "examples run the fixed model; bugs are switched on by --bug"
         for seed in range(10):
             r = await run_scenario(scn, RunOptions(scheduler=SchedulerSpec("random", seed)))
