@@ -101,9 +101,9 @@ def _check_writable(opt: str, path: str) -> None:
 class _Live:
     """The progress line on stderr (a terminal only): runs/s, seeds done, failures, time left."""
 
-    def __init__(self, cfg: CampaignConfig, out=sys.stderr):
-        self.cfg, self.out = cfg, out
-        self.live = out.isatty()
+    def __init__(self, cfg: CampaignConfig, out=None):
+        self.cfg, self.out = cfg, out if out is not None else sys.stderr
+        self.live = self.out.isatty()
         self.started = time.monotonic()
         self._last = 0.0
         self.shown = False

@@ -103,8 +103,7 @@ def _handoffs(points: list[Point]) -> list[tuple[int, int]]:
                 if nxt is not None:
                     out.append((i - 1, nxt))
             blocked -= run
-            prev_ran = points[i - 1].context
-            blocked |= {c for c in seen - run if c != prev_ran}
+            blocked |= seen - run  # every context is parked at a decision: absent means blocked (or ended)
         seen |= run
     return out
 
