@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
 #: Pages read or written per hypervisor round trip (data with load/store, tags with one COPY_TAGS).
 RUN_PAGES = guestram.CHUNK_PAGES
+#: Runs read ahead of the one being written (each up to RUN_PAGES pages and their tags).
+PIPELINE_DEPTH = 1
 #: The file's write buffer (record headers are small; page runs bypass it).
 WRITE_BUFFER = 1 << 20
 
@@ -114,10 +116,8 @@ async def snapshot(vmm: Vmm, args: dict, ctx: str | None) -> dict:
                 state = await vmm.guest_state(ctx)
                 header = snapfile.Header(layout_of(slots), len(vmm.vcpus), mte, state)
                 writer = snapfile.SnapshotWriter(f.write, header)
-                for slot in slots:
-                    await _save_slot(vmm, writer, slot, mte, ctx)
-                writer.finish()
-                f.flush()
+                await _save(vmm, writer, slots, mte, ctx)
+                await trio.to_thread.run_sync(_finish, writer, f)
             except OSError as exc:
                 raise _os_error(exc, f"snapshot: writing {tmp!r}") from None
             f.close()
@@ -152,15 +152,54 @@ def _temp_file(folder: str, base: str) -> Iterator[tuple[str, BinaryIO]]:
             pass
 
 
-async def _save_slot(vmm: Vmm, writer: snapfile.SnapshotWriter, slot: RamSlot, mte: bool,
-                     ctx: str | None) -> None:
-    """Stream one slot's resident pages (data and, for an MTE VM, tags) into ``writer``."""
-    vec = await guestram.mincore(vmm, slot, 0, slot.pages, ctx)
-    for start, n in guestram.resident_runs(vec):
-        for lo in range(start, start + n, RUN_PAGES):
-            k = min(RUN_PAGES, start + n - lo)
-            for run in await guestram.read_pages(vmm, slot, lo, k, ctx, tags=mte, resident_only=False):
-                writer.add_run(slot.slot, run.first, run.data, run.tags)
+def _finish(writer: snapfile.SnapshotWriter, f: BinaryIO) -> None:
+    writer.finish()
+    f.flush()
+
+
+async def _save(vmm: Vmm, writer: snapfile.SnapshotWriter, slots: list[RamSlot], mte: bool,
+                ctx: str | None) -> None:
+    """Stream every slot's resident pages (data and, for an MTE VM, tags) into ``writer``.
+
+    Two stages: one task reads runs from the hypervisor while a worker thread checksums and writes
+    the run before (hashing and file writes release the GIL, and the hypervisor is another process),
+    with at most :data:`PIPELINE_DEPTH` runs waiting between them.
+    """
+    send, recv = trio.open_memory_channel[tuple[int, guestram.PageRun]](PIPELINE_DEPTH)
+
+    async def read_all() -> None:
+        async with send:
+            for slot in slots:
+                vec = await guestram.mincore(vmm, slot, 0, slot.pages, ctx)
+                for start, n in guestram.resident_runs(vec):
+                    for lo in range(start, start + n, RUN_PAGES):
+                        k = min(RUN_PAGES, start + n - lo)
+                        for run in await guestram.read_pages(vmm, slot, lo, k, ctx, tags=mte, resident_only=False):
+                            await send.send((slot.slot, run))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            async with recv:
+                async for slot_id, run in recv:
+                    await trio.to_thread.run_sync(writer.add_run, slot_id, run.first, run.data, run.tags)
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a failed pipeline: the first one that is not a cancellation."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for e in exc.exceptions:
+                walk(e)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), leaves[0] if leaves else group)
 
 
 # ---- restore ------------------------------------------------------------------------------------
@@ -278,8 +317,10 @@ async def _write_record(vmm: Vmm, slot: RamSlot, r: snapfile.Record, mte: bool, 
     """Write one record's pages: data with store, then tags (zeros when the record has none) TO_GUEST."""
     for lo in range(0, r.count, RUN_PAGES):
         k = min(RUN_PAGES, r.count - lo)
-        await guestram.write_data(vmm, slot, r.first + lo, bytes(r.data[lo * PAGE_SIZE:(lo + k) * PAGE_SIZE]), ctx)
+        # views of the mapped file: msgpack sends them without a copy
+        data: Any = r.data[lo * PAGE_SIZE:(lo + k) * PAGE_SIZE]
+        await guestram.write_data(vmm, slot, r.first + lo, data, ctx)
         if mte:
-            tags = (bytes(r.tags[lo * snapfile.TAGS_PER_PAGE:(lo + k) * snapfile.TAGS_PER_PAGE])
-                    if r.tags is not None else bytes(k * snapfile.TAGS_PER_PAGE))
+            tags: Any = (r.tags[lo * snapfile.TAGS_PER_PAGE:(lo + k) * snapfile.TAGS_PER_PAGE]
+                         if r.tags is not None else bytes(k * snapfile.TAGS_PER_PAGE))
             await guestram.write_tags(vmm, slot.ipa + (r.first + lo) * PAGE_SIZE, tags, ctx)
