@@ -278,7 +278,11 @@ async def _restore(vmm: Vmm, snap: snapfile.Snapshot, ctx: str | None) -> dict:
         # the vCPU state first: the guest checks it whole and refuses it before any memory changes
         before = await vmm.guest_state(ctx)
         await vmm.set_guest_state(snap.header.vcpu_state, ctx)
+        # COPY_TAGS TO_GUEST refuses read-only slots (EFAULT): register them writable for the copy
+        readonly = [s.slot for s in slots if "readonly" in vmm.slots[s.slot].flags] if snap.header.mte else []
         try:
+            for n in readonly:
+                await _set_readonly(vmm, n, False, ctx)
             for slot in slots:
                 await _zero_left_out(vmm, slot, by_slot.get(slot.slot, []), snap.header.mte, ctx)
             for r in snap.records:
@@ -287,10 +291,26 @@ async def _restore(vmm: Vmm, snap: snapfile.Snapshot, ctx: str | None) -> dict:
             with trio.CancelScope(shield=True):
                 await vmm.set_guest_state(before, ctx)
             raise
+        finally:
+            with trio.CancelScope(shield=True):
+                for n in readonly:
+                    if "readonly" not in vmm.slots[n].flags:
+                        await _set_readonly(vmm, n, True, ctx)
     finally:
         with trio.CancelScope(shield=True):
             await vmm.resume()
     return {"pages": snap.pages, "tagged-pages": snap.tagged_pages}
+
+
+async def _set_readonly(vmm: Vmm, n: int, readonly: bool, ctx: str | None) -> None:
+    """Register memslot ``n`` again with or without KVM_MEM_READONLY (KVM wants a delete first)."""
+    slot, vm = vmm.slots[n], vmm._need_vm()
+    flags = tuple(f for f in slot.flags if f != "readonly") + (("readonly",) if readonly else ())
+    await vmm._call("kvm-set-memory-region", {"vm": vm, "slot": n, "ipa": slot.ipa, "size": 0, "addr": slot.addr,
+                                              "flags": []}, ctx)
+    await vmm._call("kvm-set-memory-region", {"vm": vm, "slot": n, "ipa": slot.ipa, "size": slot.size,
+                                              "addr": slot.addr, "flags": list(flags)}, ctx)
+    slot.flags = flags
 
 
 def _left_out(vec: bytes, records: list[snapfile.Record]) -> list[tuple[int, int]]:

@@ -197,6 +197,23 @@ class TestRoundTrip:
         assert await other.vmm.guest_state(None) == await rig.vmm.guest_state(None)
         await other.vmm.shutdown()
 
+    async def test_a_read_only_slot_is_restored_and_stays_read_only(self, rig, tmp_path):
+        """Tags of a read-only memslot are restored (registered writable for the copy), and it is read-only after."""
+        await tagged_vm(rig)
+        await fill(rig)
+        before = await rig.memory()
+        path = str(tmp_path / "ro")
+        await rig.vmm_op("snapshot", path=path)
+        await scribble(rig)
+        hva = rig.vmm.slots[1].addr
+        await rig.vmm_op("set-memory-region", slot=1, ipa=RAM2, size=0, addr=hva)
+        await rig.vmm_op("set-memory-region", slot=1, ipa=RAM2, size=MiB, addr=hva, flags=["readonly"])
+        await rig.vmm_op("restore", path=path)
+        assert await rig.memory() == before
+        assert rig.vmm.slots[1].flags == ("readonly",)
+        with pytest.raises(RemoteError):  # KVM refuses to change READONLY in place: it really is registered so
+            await rig.vmm_op("set-memory-region", slot=1, ipa=RAM2, size=MiB, addr=hva)
+
     async def test_a_vm_without_mte_round_trips_its_data(self, rig, tmp_path):
         """A VM without MTE snapshots and restores its data; tagged-pages is 0."""
         await rig.setup(mte=False)
