@@ -140,6 +140,12 @@ def _temp_file(folder: str, base: str) -> Iterator[tuple[str, BinaryIO]]:
         raise _os_error(exc, f"snapshot: creating a file in {folder!r}") from None
     f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # the mode open(2) would give, not mkstemp's 0600
+    except OSError:
+        pass
+    try:
         yield tmp, f
     finally:
         try:

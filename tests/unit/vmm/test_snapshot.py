@@ -197,6 +197,24 @@ class TestRoundTrip:
         assert await other.vmm.guest_state(None) == await rig.vmm.guest_state(None)
         await other.vmm.shutdown()
 
+    @pytest.mark.parametrize("backing", ["anon", "anon-shared", "memfd", "shmem", "hugetlb"])
+    async def test_every_ram_backing_round_trips(self, rig, tmp_path, backing):
+        """Data and tags of a slot of each RAM backing kind come back, and its untouched pages read zero."""
+        await rig.setup(memory=[{"ipa": RAM, "size": 2 * MiB, "backing": backing}])
+        await rig.guest("enable-mte", tcf="sync")
+        await rig.guest("map", va=RAM, ipa=RAM, size=2 * MiB, attr="tagged")
+        await rig.guest("stg", addr=RAM + 3 * PAGE_SIZE, tag=4, size=PAGE_SIZE)
+        await rig.guest("store", addr=RAM + 3 * PAGE_SIZE, tag=4, data=b"hello")
+        await rig.guest("stg", addr=RAM + 400 * PAGE_SIZE, tag=2, size=16)
+        before = await rig.memory()
+        path = str(tmp_path / backing)
+        assert await rig.vmm_op("snapshot", path=path) == {"pages": 2, "tagged-pages": 2}
+        for p in (3, 10, 400, 511):
+            await rig.guest("stg", addr=RAM + p * PAGE_SIZE, tag=8, size=PAGE_SIZE)
+            await rig.guest("store", addr=RAM + p * PAGE_SIZE, tag=8, data=b"\xaa" * PAGE_SIZE)
+        await rig.vmm_op("restore", path=path)
+        assert await rig.memory() == before
+
     async def test_a_read_only_slot_is_restored_and_stays_read_only(self, rig, tmp_path):
         """Tags of a read-only memslot are restored (registered writable for the copy), and it is read-only after."""
         await tagged_vm(rig)
@@ -240,7 +258,7 @@ class TestRoundTrip:
         assert (snap.header.vcpus, snap.header.mte, snap.pages, snap.tagged_pages) == (2, True, 5, 3)
 
     async def test_an_existing_file_is_replaced_and_no_temporary_file_remains(self, rig, tmp_path):
-        """snapshot over an existing file replaces it whole and leaves nothing else in the folder."""
+        """snapshot over an existing file replaces it whole (mode as open(2) gives) and leaves nothing else behind."""
         await tagged_vm(rig)
         path = tmp_path / "again"
         path.write_bytes(b"old contents")
@@ -248,6 +266,9 @@ class TestRoundTrip:
         await rig.vmm_op("snapshot", path=str(path))
         assert snapfile.parse(path.read_bytes()).pages == 5
         assert os.listdir(tmp_path) == ["again"]
+        umask = os.umask(0)
+        os.umask(umask)
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
     async def test_a_failed_snapshot_keeps_the_old_file_and_resumes(self, rig, tmp_path, monkeypatch):
         """A snapshot failing midway leaves the existing file as it was, no temporary file, and the VM running."""
