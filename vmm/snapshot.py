@@ -30,6 +30,7 @@ from __future__ import annotations
 import errno as pyerrno
 import mmap
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,7 +114,7 @@ async def snapshot(vmm: Vmm, args: dict, ctx: str | None) -> dict:
             writer = None
             try:
                 slots = guestram.ram_slots(vmm)  # under the pause: no memslot changes meanwhile
-                state = await vmm.guest_state(ctx)
+                state = await vmm.guest_state(ctx) if vmm.vcpus else {"vcpus": {}, "stage1": []}
                 header = snapfile.Header(layout_of(slots), len(vmm.vcpus), mte, state)
                 writer = snapfile.SnapshotWriter(f.write, header)
                 await _save(vmm, writer, slots, mte, ctx)
@@ -219,30 +220,39 @@ async def restore(vmm: Vmm, args: dict, ctx: str | None) -> dict:
     """
     path = _path(args, "restore")
     try:
-        f = open(path, "rb")  # kept open while the mapping is used
+        # O_NONBLOCK: a FIFO or a device must not hang the VMM (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise VmmError(ENOENT, f"restore: no snapshot {path!r}") from None
-    except IsADirectoryError:
-        raise VmmError(EINVAL, f"restore: {path!r} is a folder, not a snapshot file") from None
     except OSError as exc:
         raise _os_error(exc, f"restore: opening {path!r}") from None
-    with f, _map(f, path) as buf:
-        try:
-            snap = snapfile.parse(buf)
-        except snapfile.SnapfileError as exc:
-            raise VmmError(EINVAL, f"restore: {path}: {exc.message}") from None
-        try:
-            return await _restore(vmm, snap, ctx)
-        finally:
-            del snap  # the records are views of the mapping: release them before it closes
+    try:
+        with _map(fd, path) as buf:
+            try:
+                # the checksum of a whole file takes a while: off the event loop (hashlib releases the GIL)
+                snap = await trio.to_thread.run_sync(snapfile.parse, buf)
+            except snapfile.SnapfileError as exc:
+                raise VmmError(EINVAL, f"restore: {path}: {exc.message}") from None
+            try:
+                return await _restore(vmm, snap, ctx)
+            finally:
+                del snap  # the records are views of the mapping: release them before it closes
+    finally:
+        os.close(fd)
 
 
 @contextmanager
-def _map(f: BinaryIO, path: str) -> Iterator[Any]:
-    """The file mapped read-only (an empty file is an empty buffer)."""
+def _map(fd: int, path: str) -> Iterator[Any]:
+    """The regular file ``fd`` mapped read-only (an empty file is an empty buffer).
+
+    Raises:
+        VmmError: EINVAL when it is not a regular file (a folder, a FIFO, a device).
+    """
     try:
-        size = os.fstat(f.fileno()).st_size
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise VmmError(EINVAL, f"restore: {path!r} is not a snapshot file (not a regular file)")
+        m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if st.st_size else None
     except OSError as exc:
         raise _os_error(exc, f"restore: reading {path!r}") from None
     try:
@@ -264,48 +274,60 @@ def _check_state(header: snapfile.Header) -> None:
 
 async def _restore(vmm: Vmm, snap: snapfile.Snapshot, ctx: str | None) -> dict:
     vmm._need_vm()
-    slots = guestram.ram_slots(vmm)
     _check_state(snap.header)
+    mte = await vm_has_mte(vmm, ctx)
+    await vmm.pause(ctx)  # before looking at the memslots: no vmm-op changes them from here on
     try:
-        snapfile.check_compatible(snap.header, layout_of(slots), len(vmm.vcpus), await vm_has_mte(vmm, ctx))
-    except snapfile.SnapfileError as exc:
-        raise VmmError(EINVAL, f"restore: {exc.message}") from None
-    logging = [s.slot for s in vmm.slots.values() if "log-dirty-pages" in s.flags]
-    if logging:
-        raise VmmError(EBUSY, f"restore: memslot(s) {logging} log dirty pages (KVM_ARM_MTE_COPY_TAGS TO_GUEST "
-                              "would be refused)")
+        slots = guestram.ram_slots(vmm)
+        try:
+            snapfile.check_compatible(snap.header, layout_of(slots), len(vmm.vcpus), mte)
+        except snapfile.SnapfileError as exc:
+            raise VmmError(EINVAL, f"restore: {exc.message}") from None
+        logging = [s.slot for s in vmm.slots.values() if "log-dirty-pages" in s.flags]
+        if logging:
+            raise VmmError(EBUSY, f"restore: memslot(s) {logging} log dirty pages (KVM_ARM_MTE_COPY_TAGS "
+                                  "TO_GUEST would be refused)")
+        await _load(vmm, snap, slots, ctx)
+    finally:
+        with trio.CancelScope(shield=True):
+            await vmm.resume()
+    return {"pages": snap.pages, "tagged-pages": snap.tagged_pages}
+
+
+async def _load(vmm: Vmm, snap: snapfile.Snapshot, slots: list[RamSlot], ctx: str | None) -> None:
+    """Write a checked snapshot into the paused VM: vCPU state, zeros where it has no page, its pages."""
+    mte = snap.header.mte
     mine = {s.slot: s for s in slots}
     target = {theirs: mine[s.slot] for theirs, s in snapfile.slot_map(snap.header, layout_of(slots)).items()}
     by_slot: dict[int, list[snapfile.Record]] = {}
     for r in snap.records:
         by_slot.setdefault(target[r.slot].slot, []).append(r)
-    await vmm.pause(ctx)
-    try:
-        # the vCPU state first: the guest checks it whole and refuses it before any memory changes
-        before = await vmm.guest_state(ctx)
+    # every question first (a mincore refused changes nothing), then the writes
+    zero = {s.slot: _left_out(await guestram.mincore(vmm, s, 0, s.pages, ctx), by_slot.get(s.slot, []))
+            for s in slots}
+    # the vCPU state before memory: the guest checks it whole and refuses it before anything changes
+    before = await vmm.guest_state(ctx) if vmm.vcpus else None
+    if before is not None:
         await vmm.set_guest_state(snap.header.vcpu_state, ctx)
-        # COPY_TAGS TO_GUEST refuses read-only slots (EFAULT): register them writable for the copy
-        readonly = [s.slot for s in slots if "readonly" in vmm.slots[s.slot].flags] if snap.header.mte else []
-        try:
-            for n in readonly:
-                await _set_readonly(vmm, n, False, ctx)
-            for slot in slots:
-                await _zero_left_out(vmm, slot, by_slot.get(slot.slot, []), snap.header.mte, ctx)
-            for r in snap.records:
-                await _write_record(vmm, target[r.slot], r, snap.header.mte, ctx)
-        except BaseException:
+    # COPY_TAGS TO_GUEST refuses read-only slots (EFAULT): register them writable for the copy
+    readonly = [s.slot for s in slots if "readonly" in vmm.slots[s.slot].flags] if mte else []
+    try:
+        for n in readonly:
+            await _set_readonly(vmm, n, False, ctx)
+        for slot in slots:
+            await _zero(vmm, slot, zero[slot.slot], mte, ctx)
+        for r in snap.records:
+            await _write_record(vmm, target[r.slot], r, mte, ctx)
+    except BaseException:
+        if before is not None:
             with trio.CancelScope(shield=True):
                 await vmm.set_guest_state(before, ctx)
-            raise
-        finally:
-            with trio.CancelScope(shield=True):
-                for n in readonly:
-                    if "readonly" not in vmm.slots[n].flags:
-                        await _set_readonly(vmm, n, True, ctx)
+        raise
     finally:
         with trio.CancelScope(shield=True):
-            await vmm.resume()
-    return {"pages": snap.pages, "tagged-pages": snap.tagged_pages}
+            for n in readonly:
+                if "readonly" not in vmm.slots[n].flags:
+                    await _set_readonly(vmm, n, True, ctx)
 
 
 async def _set_readonly(vmm: Vmm, n: int, readonly: bool, ctx: str | None) -> None:
@@ -327,11 +349,9 @@ def _left_out(vec: bytes, records: list[snapfile.Record]) -> list[tuple[int, int
     return guestram.resident_runs(bytes(need))
 
 
-async def _zero_left_out(vmm: Vmm, slot: RamSlot, records: list[snapfile.Record], mte: bool,
-                         ctx: str | None) -> None:
-    """Zero data and tags of every resident page of ``slot`` the snapshot has no record for."""
-    vec = await guestram.mincore(vmm, slot, 0, slot.pages, ctx)
-    for start, n in _left_out(vec, records):
+async def _zero(vmm: Vmm, slot: RamSlot, runs: list[tuple[int, int]], mte: bool, ctx: str | None) -> None:
+    """Zero data and (MTE VM) tags of the page runs ``runs`` of ``slot``."""
+    for start, n in runs:
         for lo in range(start, start + n, RUN_PAGES):
             k = min(RUN_PAGES, start + n - lo)
             await guestram.write_data(vmm, slot, lo, bytes(k * PAGE_SIZE), ctx)

@@ -232,6 +232,22 @@ class TestRoundTrip:
         with pytest.raises(RemoteError):  # KVM refuses to change READONLY in place: it really is registered so
             await rig.vmm_op("set-memory-region", slot=1, ipa=RAM2, size=MiB, addr=hva)
 
+    async def test_a_vm_without_vcpus_round_trips_its_memory(self, rig, tmp_path):
+        """A manually built VM with memory but no vCPU (no guest yet) snapshots and restores its memory."""
+        await rig.call("vm-create", name="vm0")
+        await rig.vmm_op("enable-cap", cap="arm-mte")
+        hva = await rig.vmm_op("mmap", size=MiB, prot=["read", "write"], share="shared", backing="memfd")
+        await rig.vmm_op("set-memory-region", slot=0, ipa=RAM, size=MiB, addr=hva)
+        await rig.vmm_op("dma-write", ipa=RAM + PAGE_SIZE, data=b"device wrote this")
+        await rig.vmm_op("copy-tags", ipa=RAM + 2 * PAGE_SIZE, length=PAGE_SIZE, direction="to-guest", tags=7)
+        before = await rig.memory()
+        path = str(tmp_path / "novcpu")
+        assert await rig.vmm_op("snapshot", path=path) == {"pages": 2, "tagged-pages": 1}
+        await rig.vmm_op("dma-write", ipa=RAM + PAGE_SIZE, data=b"overwritten")
+        await rig.vmm_op("copy-tags", ipa=RAM, length=3 * PAGE_SIZE, direction="to-guest", tags=1)
+        await rig.vmm_op("restore", path=path)
+        assert await rig.memory() == before
+
     async def test_a_vm_without_mte_round_trips_its_data(self, rig, tmp_path):
         """A VM without MTE snapshots and restores its data; tagged-pages is 0."""
         await rig.setup(mte=False)
@@ -297,6 +313,15 @@ class TestErrors:
         await rig.fails(ENOENT, "snapshot", path=str(tmp_path / "no" / "such"))
         await rig.fails(ENOENT, "restore", path=str(tmp_path / "missing"))
         await rig.fails(EINVAL, "restore", path=str(tmp_path))
+
+    async def test_a_fifo_or_device_is_einval_without_blocking(self, rig, tmp_path):
+        """restore of a FIFO (which would block a reader) or a character device is EINVAL, at once."""
+        await tagged_vm(rig)
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        with trio.fail_after(10):
+            await rig.fails(EINVAL, "restore", path=str(fifo))
+            await rig.fails(EINVAL, "restore", path="/dev/null")
 
     async def test_errors_come_in_the_contract_order_and_change_nothing(self, rig, nursery, host, tmp_path):
         """ENOENT, then EINVAL (damaged), EINVAL (layout), EBUSY: each leaves data, tags and registers unchanged."""
