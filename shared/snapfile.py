@@ -190,6 +190,8 @@ def tagged_pages_of(tags: bytes | memoryview, count: int) -> int:
     t = bytes(tags)
     if t.count(0) == len(t):
         return 0
+    if t.find(ZERO_TAGS) < 0:  # no 256 zero bytes anywhere: every page has a non-zero tag
+        return count
     return sum(1 for i in range(count) if t[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE] != ZERO_TAGS)
 
 
@@ -199,6 +201,10 @@ def kept_runs(data: bytes, tags: bytes | None, count: int) -> Iterator[tuple[int
     A page whose data and tags are all zero may be left out of a snapshot; a page with zero
     data and a non-zero tag is kept.
     """
+    if data.find(ZERO_PAGE) < 0:  # no 4 KiB of zeros anywhere: every page is kept
+        if count:
+            yield 0, count
+        return
     if tags is not None and tags.count(0) == len(tags):
         tags = None
     start = None

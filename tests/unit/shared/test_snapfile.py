@@ -306,6 +306,15 @@ class TestHelpers:
         assert list(sf.kept_runs(data, None, 5)) == [(1, 1), (4, 1)]
         assert list(sf.kept_runs(data, tags_of(0, 0, 0, 3, 0), 5)) == [(1, 1), (3, 2)]
 
+    def test_zeros_across_a_page_boundary_do_not_make_a_zero_page(self):
+        """4 KiB of zeros straddling two pages leaves both pages kept, and 256 zero tags straddling two both tagged."""
+        data = b"\x01" * 2048 + bytes(PAGE_SIZE) + b"\x01" * 2048
+        assert list(sf.kept_runs(data, None, 2)) == [(0, 2)]
+        assert list(sf.kept_runs(page(3) * 3, None, 3)) == [(0, 3)]
+        tags = b"\x02" * 128 + bytes(T) + b"\x02" * 128
+        assert sf.tagged_pages_of(tags, 2) == 2
+        assert sf.tagged_pages_of(tags_of(1, 1, 1), 3) == 3
+
     def test_tagged_pages_of_counts_pages_with_any_non_zero_tag(self):
         """A page counts as tagged when any one granule's tag is non-zero."""
         tags = bytearray(tags_of(0, 0, 0))
