@@ -286,6 +286,43 @@ class TestRoundTrip:
         os.umask(umask)
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
+    async def test_guest_steps_wait_while_the_snapshot_reads_memory(self, rig, nursery, tmp_path, monkeypatch):
+        """A guest store issued during a snapshot runs only after it, so the file holds the memory from before."""
+        await tagged_vm(rig)
+        await fill(rig)
+        reading, release = trio.Event(), trio.Event()
+        real = guestram.read_pages
+
+        async def slow(*a, **k):
+            reading.set()
+            await release.wait()
+            return await real(*a, **k)
+
+        monkeypatch.setattr(guestram, "read_pages", slow)
+        path = str(tmp_path / "paused")
+        done: list[str] = []
+
+        async def snap():
+            await rig.vmm_op("snapshot", path=path)
+            done.append("snapshot")
+
+        async def store():
+            await rig.guest("store", addr=RAM, data=b"late")
+            done.append("store")
+
+        nursery.start_soon(snap)
+        await reading.wait()
+        nursery.start_soon(store)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [] and rig.vmm.paused
+        release.set()
+        with trio.fail_after(10):
+            while len(done) < 2:
+                await trio.sleep(0.01)
+        assert await rig.guest("load", addr=RAM, size=4) == b"late"
+        await rig.vmm_op("restore", path=path)
+        assert await rig.guest("load", addr=RAM, size=5) == b"first"
+
     async def test_a_failed_snapshot_keeps_the_old_file_and_resumes(self, rig, tmp_path, monkeypatch):
         """A snapshot failing midway leaves the existing file as it was, no temporary file, and the VM running."""
         await tagged_vm(rig)
