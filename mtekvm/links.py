@@ -261,8 +261,8 @@ class InProcessHost(HostLink):
         one of them), so that every host's contexts interleave under one policy. ``pid_base``: the
         first pid this kernel hands out (each host of a run gets its own range, so that kernel
         contexts named after a pid, such as a process's exit, never meet one of another host's
-        under the shared scheduler). ``migration``: the run's in-process migration transport, given
-        to the VMMs started on this host.
+        under the shared scheduler). ``migration``: how this host's VMMs make their migration
+        transport (:func:`in_process_migration`).
 
         Raises:
             TypeError: an argument this build's kernel does not take.
@@ -403,14 +403,16 @@ from vmm.machine import Vmm  # noqa: E402
 
 
 def in_process_migration():
-    """The migration transport the in-process VMMs of one run share (``vmm.migration.InProcessTransport``:
-    ``listen(handler) -> "mem:N"``, ``dial(address, secret) -> stream``), or ``None`` in a build
-    without one (a ``migrate`` step then fails in the VMM)."""
+    """How in-process VMMs make their migration transport: ``factory(nursery, secret)`` ->
+    ``vmm.migration.InProcessTransport`` (``listen(handler) -> "mem:N"``, ``dial(address, secret)
+    -> stream``; the addresses of every in-process VMM meet in one registry, and an accepted
+    connection runs in the listening VMM's nursery, so it dies with that VMM), or ``None`` in a
+    build without one (a ``migrate`` step then fails in the VMM)."""
     try:
-        from vmm.migration import InProcessTransport  # type: ignore[import-not-found]
+        from vmm.migration import InProcessTransport
     except ImportError:
         return None
-    return InProcessTransport()
+    return InProcessTransport
 
 
 async def _close_quietly(client: Client) -> None:
@@ -472,6 +474,7 @@ class InProcessVmm(VmmLink):
         name: the VM's name.
         session: the scenario's session.
         copy_chunk: passed to :class:`~vmm.machine.Vmm` when given.
+        migration: ``factory(nursery, secret)`` -> the VMM's migration transport, or None.
     """
 
     def __init__(self, nursery: trio.Nursery, host: HostLink, name: str, session: str | None, *,
@@ -508,7 +511,7 @@ class InProcessVmm(VmmLink):
             extra: dict = {} if self.copy_chunk is None else {"copy_chunk": self.copy_chunk}
             accepted = inspect.signature(Vmm).parameters
             if "migration" in accepted and self.migration is not None:
-                extra["migration"] = self.migration
+                extra["migration"] = self.migration(inner, self.host.secret)
             if "die" in accepted:
                 extra["die"] = self.kill
             self.vmm = Vmm(self._connect, InProcessGuests(inner, self._connect, GuestAgent), name=self.name,

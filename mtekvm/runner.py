@@ -444,7 +444,7 @@ class _Run:
                 if vm not in self.gone and self.vmms[vm] is client:
                     if vm not in self.may_die:
                         raise
-                    await self._vm_died(vm, self.may_die.pop(vm), f"{ctx or 'vmm:' + vm}>reap")
+                    await self._vm_died(vm, self.may_die.pop(vm), f"{ctx or 'vmm:' + vm}:reap")
         raise RemoteError("EIO", f"VM {vm} kept moving: the step was sent {MAX_FOLLOW} times")
 
     async def _settled(self, vm: str) -> None:
@@ -493,15 +493,15 @@ class _Run:
         dst_pid = (await dst.call("status")).value["pid"]
         try:
             incoming = await dst.call("migrate-incoming", {"bugs": list(self.bugs), **fault,
-                                                           "transport": dst_host.transport}, ctx=f"{ctx}>dst")
+                                                           "transport": dst_host.transport}, ctx=f"{ctx}:dst")
         except BaseException:
             await self._discard(dst_link, to, dst_pid, ctx)
             raise
         src, src_link, src_pid = self.vmms[vm], self.vmm_links[vm], self.pids[f"vmm:{vm}"]
         try:
             out = await src.call("migrate-out", {"address": incoming.value["address"], "secret": dst_host.secret,
-                                                 "max_passes": a["max_passes"], **fault, "bugs": list(self.bugs)},
-                                 ctx=ctx)
+                                                 "to": to, "max_passes": a["max_passes"], **fault,
+                                                 "bugs": list(self.bugs)}, ctx=ctx)
         except RemoteError:
             await self._discard(dst_link, to, dst_pid, ctx)
             raise
@@ -523,7 +523,7 @@ class _Run:
             self.may_die[vm] = "killed with its VMM after a migration (fail = kill-destination)"
         with trio.CancelScope(shield=True):  # the source exits: nothing of the VM stays on its host
             await src_link.stop()
-            await self._host_kill(src_host, src_pid, f"{ctx}>src")
+            await self._host_kill(src_host, src_pid, f"{ctx}:kill-src")
         return out
 
     async def _discard(self, link: VmmLink, host: str, pid: int, ctx: str) -> None:
@@ -531,7 +531,7 @@ class _Run:
         with trio.CancelScope(shield=True):
             await link.kill()
             await link.stop()
-            await self._host_kill(host, pid, f"{ctx}>{host}")
+            await self._host_kill(host, pid, f"{ctx}:kill-{host}")
 
     async def _host_kill(self, host: str, pid: int, ctx: str) -> None:
         """Host op ``kill`` of ``pid``: returns once its exit is complete (ESRCH: it already has)."""

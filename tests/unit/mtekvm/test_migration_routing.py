@@ -240,12 +240,12 @@ async def test_a_migrated_vm_is_served_by_its_new_vmm(nursery):
     await rig.all()
     assert rig.outcome("1") == ("ok", {"passes": 2, "pages": 3, "tagged-pages": 1, "stop-pages": 0})
     op, args, ctx = dst.client.calls[1]
-    assert (op, ctx) == ("migrate-incoming", "vmm:vm0/1>dst")
+    assert (op, ctx) == ("migrate-incoming", "vmm:vm0/1:dst")
     assert args == {"bugs": ["migration-zero-page-drops-tags"], "fail": None, "fail_at": None, "transport": "tcp"}
     op, args, ctx = src.client.calls[0]
     assert (op, ctx) == ("migrate-out", "vmm:vm0/1")
-    assert args == {"address": "mem:7", "secret": "sekrit", "max_passes": 8, "fail": None, "fail_at": None,
-                    "bugs": ["migration-zero-page-drops-tags"]}
+    assert args == {"address": "mem:7", "secret": "sekrit", "to": "dst", "max_passes": 8, "fail": None,
+                    "fail_at": None, "bugs": ["migration-zero-page-drops-tags"]}
     assert src.events == ["stop"] and rig.src.killed == [11] and rig.dst.killed == []
     assert rig.outcome("2") == ("ok", {"served-by": "b"})
     assert rig.outcome("3")[0] == "ok" and rig.outcome("4")[0] == "ESRCH"
