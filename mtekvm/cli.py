@@ -153,8 +153,8 @@ def _stress_parser(sub) -> None:
     s.add_argument("--no-kernel-fixes", action="store_true",
                    help="boot generated hosts without the proposed fix for finding 3 (docs/findings.md), so "
                         "campaigns report that hugetlb behaviour too")
-    s.add_argument("--runs-per-scenario", type=int, default=4, metavar="K",
-                   help="schedules tried per generated scenario (default 4)")
+    s.add_argument("--runs-per-scenario", type=int, default=2, metavar="K",
+                   help="schedules tried per generated scenario (default 2)")
     s.add_argument("--seed", type=int, default=0, help="the first seed of the seed space (default 0)")
     s.add_argument("--shard", metavar="I/N", help="take the seeds s with s %% N == I (a deterministic slice)")
     s.add_argument("--jobs", type=int, default=1, metavar="N", help="worker processes (default 1)")

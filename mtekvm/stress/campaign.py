@@ -107,7 +107,7 @@ class CampaignConfig:
     policy: str = "random"
     depth: int = 3
     budget: Budget = Budget(runs=100)
-    runs_per_scenario: int = 4
+    runs_per_scenario: int = 2
     first_seed: int = 0
     shard: tuple[int, int] = (0, 1)
     jobs: int = 1
@@ -220,6 +220,9 @@ class Worker:
                                                                                policy=rec)))
             except (RunError, InfraError) as exc:
                 self._error(f"seed {seed}: {type(exc).__name__}: {exc}")
+                return
+            except Exception as exc:  # noqa: BLE001 - an internal error is reported, and the campaign goes on
+                self._error(f"seed {seed}: internal error: {type(exc).__name__}: {exc}")
                 return
             self.stats.runs += 1
             self.stats.points += len(rec.points)

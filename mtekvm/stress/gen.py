@@ -161,6 +161,8 @@ class _World:
         self.child: str | None = None
         self.shared_pages = 2
         self.object = "obj"
+        self.focus = "shared"  # the region the current parallel block aims at
+        self.block_page = 0
 
     def chance(self, p: float) -> bool:
         return self.rng.random() < p
@@ -169,7 +171,24 @@ class _World:
         return self.rng.randrange(1, 16)
 
     def page(self) -> int:
-        return 0 if self.chance(0.7) else 1  # collisions: most operations aim at page 0
+        """The page a block's operation aims at: mostly the block's own (collisions)."""
+        return self.block_page if self.chance(0.85) else 1 - self.block_page
+
+    def _regions(self) -> list[str]:
+        """What a block can focus on: the shared object (processes and, for a memfd, guest RAM),
+        the private CoW pages, guest RAM."""
+        out = []
+        if self.procs:
+            out += ["shared", "private"]
+        if self.vm is not None:
+            out.append("guest")
+        return out
+
+    def _pick(self, options: list[tuple[str, str, int]]) -> tuple[str, int]:
+        """One (actor, address) of ``options`` (region, actor, address), the block's region preferred."""
+        focused = [o for o in options if o[0] == self.focus]
+        _region, who, addr = self.rng.choice(focused if focused and self.chance(0.85) else options)
+        return who, addr
 
     def build(self) -> None:
         r = self.rng
@@ -195,6 +214,8 @@ class _World:
         fams = self._usable()
         weights = [self.cfg.weights.get(f, 1) for f in fams]
         for _ in range(r.randint(*self.cfg.blocks)):
+            self.focus = r.choice(self._regions() or ["guest"])
+            self.block_page = 0 if self.chance(0.75) else 1
             block = []
             for _ in range(r.randint(*self.cfg.width)):
                 fam = r.choices(fams, weights)[0]
@@ -295,16 +316,19 @@ class _World:
         """A process actor and an address it maps: the shared window, the private pages, or
         (as the VMM) guest RAM."""
         pg = self.page()
-        options: list[tuple[str, int]] = []
+        guest_ram = "shared" if self.object == "ram" else "guest"  # a memfd guest RAM is the shared object
+        options: list[tuple[str, str, int]] = []
         for p in self.procs:
-            options.append((p, self._shared_addr(p, pg)))
+            options.append(("shared", p, self._shared_addr(p, pg)))
         if self.procs:
-            options.append(("p0", PRIVATE + pg * PAGE))
+            options.append(("private", "p0", PRIVATE + pg * PAGE))
         if self.child:
-            options += [(self.child, PRIVATE + pg * PAGE), (self.child, SHARED + pg * PAGE)]
+            options += [("private", self.child, PRIVATE + pg * PAGE), ("shared", self.child, SHARED + pg * PAGE)]
         if self.vm is not None:
-            options.append(("vmm:vm0", VMM_RAM + pg * PAGE))
-        return self.rng.choice(options)
+            options.append((guest_ram, "vmm:vm0", VMM_RAM + pg * PAGE))
+            if guest_ram == "shared":
+                options.append(("guest", "vmm:vm0", VMM_RAM + pg * PAGE))
+        return self._pick(options)
 
     def op_fault(self) -> dict | None:
         if not self.procs and self.vm is None:
@@ -359,13 +383,13 @@ class _World:
         tracers = [p for p in self.procs if p != "p0"] + ([self.child] if self.child else [])
         if not tracers:
             return None
-        targets: list[tuple[str, int]] = []
+        targets: list[tuple[str, str, int]] = []
         pg = self.page()
         if self.procs:
-            targets += [("p0", SHARED + pg * PAGE), ("p0", PRIVATE + pg * PAGE)]
+            targets += [("shared", "p0", SHARED + pg * PAGE), ("private", "p0", PRIVATE + pg * PAGE)]
         if self.vm is not None:
-            targets.append(("vmm:vm0", VMM_RAM + pg * PAGE))
-        target, addr = self.rng.choice(targets)
+            targets.append(("guest", "vmm:vm0", VMM_RAM + pg * PAGE))
+        target, addr = self._pick(targets)
         who = self.rng.choice(tracers)
         if self.chance(0.5):
             return {"actor": who, "op": "ptrace-peek-tags", "target": target, "addr": addr, "count": 4}
@@ -374,13 +398,13 @@ class _World:
 
     def _host_target(self) -> dict:
         pg = self.page()
-        if self.vm is not None and (not self.procs or self.chance(0.5)):
-            return {"vm": "vm0", "ipa": GUEST_IPA + pg * PAGE}
-        if self.procs and self.chance(0.5):
-            return {"process": "p0", "addr": SHARED + pg * PAGE}
+        options: list[tuple[str, str, int]] = []
+        if self.vm is not None:
+            options.append(("shared" if self.object == "ram" else "guest", "vm0", GUEST_IPA + pg * PAGE))
         if self.procs:
-            return {"process": self.child or "p0", "addr": PRIVATE + pg * PAGE}
-        return {"vm": "vm0", "ipa": GUEST_IPA + pg * PAGE}
+            options += [("shared", "p0", SHARED + pg * PAGE), ("private", self.child or "p0", PRIVATE + pg * PAGE)]
+        who, addr = self._pick(options)
+        return {"vm": who, "ipa": addr} if who == "vm0" else {"process": who, "addr": addr}
 
     def op_swap(self) -> dict | None:
         return {"actor": "host", "op": "swap-out", **self._host_target(), "size": PAGE}
@@ -438,6 +462,8 @@ class _World:
     def _finish(self) -> None:
         """Read back what the race touched, as each actor sees it (the oracles judge it)."""
         for pg in range(2):
+            if pg != self.block_page and self.chance(0.7):
+                continue
             if self.vm is not None:
                 self.steps.append({"actor": "guest:vm0", "op": "ldg", "addr": GUEST_IPA + pg * PAGE, "size": 64})
             for p in self.procs:
