@@ -76,14 +76,21 @@ def actor_of(context: str) -> str:
     return context.rsplit("/", 1)[0]
 
 
-def kernel_path(points: list[Point], actor: str, width: int = 4) -> tuple[str, ...]:
-    """The scheduling-point labels the violating context (or actor) went through, last ``width``
-    distinct ones, ``enter`` left out: the kernel path a failure is deduplicated on."""
-    mine = [p.label for p in points if p.label != "enter" and (p.context == actor or actor_of(p.context) == actor)]
+#: Labels that say where a context waits, not which kernel path it is on.
+_GENERIC = ("enter", "uaccess", "guest_access")
+
+
+def kernel_path(points: list[Point], actor: str, width: int = 3) -> tuple[str, ...]:
+    """The kernel functions the violating context (or actor) went through last: the function
+    part of its last ``width`` distinct scheduling-point labels (``mte_sync_tags:clear`` ->
+    ``mte_sync_tags``), lock waits and generic points left out, sorted. A failure is
+    deduplicated on its invariant and this path."""
+    mine = [p.label.split(":")[0] for p in points if p.context == actor or actor_of(p.context) == actor]
     out: list[str] = []
-    for label in reversed(mine):
-        if label not in out:
-            out.append(label)
+    for fn in reversed(mine):
+        if fn in _GENERIC or "lock" in fn or fn in out:
+            continue
+        out.append(fn)
         if len(out) == width:
             break
     return tuple(sorted(out))

@@ -51,10 +51,15 @@ def test_text_interleaving_marks_switches():
 
 
 def test_kernel_path():
-    """The kernel path is the violating context's last distinct labels, without enter, sorted."""
-    assert kernel_path(_points(), "b/2") == ("lock:take",)
-    assert kernel_path(_points(), "a") == ("lock:take", "work")
-    assert kernel_path(_points(), "nobody") == ()
+    """The kernel path is the functions of the violating context's last labels, without lock waits, sorted."""
+    pts = [Point(1, "a/1", "enter", ("a/1",)), Point(2, "a/1", "handle_mm_fault", ("a/1",)),
+           Point(3, "a/1", "mte_sync_tags:clear", ("a/1",)), Point(4, "a/1", "mte_sync_tags:set", ("a/1",)),
+           Point(5, "a/1", "mmap_lock[p0]:read_lock", ("a/1",)), Point(6, "a/1", "uaccess", ("a/1",)),
+           Point(7, "b/2", "set_pte_at", ("b/2",))]
+    assert kernel_path(pts, "a/1") == ("handle_mm_fault", "mte_sync_tags")
+    assert kernel_path(pts, "a") == ("handle_mm_fault", "mte_sync_tags")
+    assert kernel_path(pts, "b/2") == ("set_pte_at",)
+    assert kernel_path(pts, "nobody") == ()
 
 
 async def test_recorded_run_is_valid_chrome_json(tmp_path):
