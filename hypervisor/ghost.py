@@ -79,6 +79,7 @@ UNKNOWN = b"\xff"
 
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
+_NO_ENTRIES: dict = {}
 
 
 _HALF = PAGE_SIZE // 2
@@ -341,6 +342,51 @@ class Ghost:
             e = self._entry(loc)
             e.tags, e.data = tags, data
         return len(todo)
+
+    # ---- runs of pages (the free scheduler's bulk paths) -------------------------------
+
+    @staticmethod
+    def run_loc(mm: MM, vma, vpn: int):
+        """``locate`` for a page already known to be inside ``vma`` (no VMA lookup)."""
+        obj = vma.obj
+        if obj is None:
+            return mm, vpn, None
+        if obj.kind == "device":
+            return None
+        index = vma.index_of(vpn << PAGE_SHIFT)
+        if vma.flags & VM_SHARED:
+            return obj, index, None
+        return mm, vpn, (obj, index)
+
+    def run_view(self, mm: MM, vma, vpn0: int) -> tuple[dict, int, dict | None, int]:
+        """The entries behind pages ``vpn0 + i`` of ``vma``: ``(pages, off, fallback, fb_off)``.
+
+        The entry of page ``vpn0 + i`` is ``pages.get(off + i)``, else (a private
+        mapping of an object never written privately) ``fallback.get(fb_off + i)``:
+        ``lookup`` for a run, without a location tuple per page. Valid until the
+        next scheduling point (an entry added to an empty space is not seen).
+        """
+        obj = vma.obj
+        empty: dict = {}
+        if obj is None:
+            return self.spaces.get(mm, empty), vpn0, None, 0
+        i0 = vma.index_of(vpn0 << PAGE_SHIFT)
+        if vma.flags & VM_SHARED:
+            return self.spaces.get(obj, empty), i0, None, 0
+        return self.spaces.get(mm, empty), vpn0, self.spaces.get(obj), i0
+
+    def expected_data(self, mm: MM, vma, vpn: int) -> int | None:
+        """The data hash a load of page ``vpn`` (inside ``vma``) must find: ``lookup`` without a location tuple."""
+        obj = vma.obj
+        if obj is None:
+            e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
+        elif vma.flags & VM_SHARED:
+            e = self.spaces.get(obj, _NO_ENTRIES).get(vma.index_of(vpn << PAGE_SHIFT))
+        else:
+            e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
+            if e is None:
+                e = self.spaces.get(obj, _NO_ENTRIES).get(vma.index_of(vpn << PAGE_SHIFT))
+        return None if e is None else e.data
 
     # ---- checks ------------------------------------------------------------------
 

@@ -28,6 +28,8 @@ from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SIZE, PAGES_PER_HPAGE
 if TYPE_CHECKING:
     from hypervisor.mm_types import MemObject
 
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
 #: Stale tags a frame holds at boot: nonzero, different per pfn.
 _BOOT_PATTERN = bytes((i % 15) + 1 for i in range(MTE_GRANULES_PER_PAGE + 15))
 
@@ -98,13 +100,17 @@ class Page:
             return bytes(n)
         return bytes(self.data[off:off + n])
 
-    def write(self, off: int, data: bytes) -> None:
-        """Write data at offset ``off`` in the frame."""
+    def write(self, off: int, data) -> None:
+        """Write data (bytes-like) at offset ``off`` in the frame."""
+        n = len(data)
         if self.data is None:
-            if not any(data):
+            if data == _ZERO_PAGE[:n]:  # a C comparison, not a loop over the bytes
+                return
+            if off == 0 and n == PAGE_SIZE:
+                self.data = bytearray(data)
                 return
             self.data = bytearray(PAGE_SIZE)
-        self.data[off:off + len(data)] = data
+        self.data[off:off + n] = data
 
     def busy(self, held: int = 1) -> bool:
         """Someone else holds a reference: more than the mappings, the page/swap cache and ``held`` of ours.

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.tags import read_tags, write_tags
-from hypervisor.ghost import loc_of
+from hypervisor.ghost import Ghost, data_hash, loc_of
 from hypervisor.mm.memory import handle_mm_fault
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
@@ -49,6 +49,7 @@ __all__ = ["AccessResult", "effective_tcf", "user_irg", "user_ldg", "user_load",
 
 #: The zero page's tags (all zero), for a special (zero-page) PTE.
 ZERO_PAGE_TAGS = bytes(MTE_GRANULES_PER_PAGE)
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 def _pages(va: int, size: int):
@@ -71,14 +72,18 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
                 await handle_mm_fault(k, mm, vpn << PAGE_SHIFT, write)
         await k.sched.point("uaccess")
         ptes = []
+        pt = mm.pt
+        vma = None
         for vpn, off, n in _pages(va, size):
-            pte = mm.pt.get(vpn)
+            pte = pt.get(vpn)
             if pte is None or not pte.present or (write and not pte.write):
                 break
-            vma = mm.find_vma(vpn << PAGE_SHIFT)
-            if vma is None:
-                raise KernelError("EFAULT", f"SIGSEGV (SEGV_MAPERR) at {vpn << PAGE_SHIFT:#x}")
-            ptes.append((pte, off, n, vpn))
+            addr = vpn << PAGE_SHIFT
+            if vma is None or not vma.start <= addr < vma.end:  # one lookup per VMA, not per page
+                vma = mm.find_vma(addr)
+                if vma is None:
+                    raise KernelError("EFAULT", f"SIGSEGV (SEGV_MAPERR) at {addr:#x}")
+            ptes.append((pte, off, n, vpn, vma))
         else:
             return ptes
     raise KernelError("EFAULT", f"access at {va:#x} kept losing its pages")
@@ -94,8 +99,10 @@ def effective_tcf(k: Kernel, task: Task) -> str:
 def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
     """The tag check (:func:`~hypervisor.access.tagcheck.mte_check_access`) with the thread's TCF and TCO."""
     tcf = "none" if task.tco else effective_tcf(k, task)
+    if tcf == "none":
+        return None  # nothing is checked: no spans to build
     spans = [(None if not pte.tagged or pte.page.zone == "device"
-              else ZERO_PAGE_TAGS if pte.special else pte.page.tags, off, n) for pte, off, n, _vpn in ptes]
+              else ZERO_PAGE_TAGS if pte.special else pte.page.tags, off, n) for pte, off, n, _vpn, _vma in ptes]
     m = mte_check_access(spans, tag, tcf, write)
     if m is None:
         return None
@@ -115,11 +122,14 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
         return AccessResult(None, fault)
     if fault:
         task.tfsr |= 1
-    data = b"".join(pte.page.read(off, n) for pte, off, n, _ in ptes)
+    data = b"".join([_ZERO_PAGE[:n] if pte.page.data is None else memoryview(pte.page.data)[off:off + n]
+                     for pte, off, n, _vpn, _vma in ptes])
     ghost = k.oracle.ghost
-    for pte, _off, _n, vpn in ptes:
-        if pte.page.zone != "device":
-            ghost.check_read_data(loc_of(k, task.mm, vpn), pte.page, f"load by pid {task.pid}")
+    mm = task.mm
+    for pte, _off, _n, vpn, vma in ptes:
+        page = pte.page
+        if page.zone != "device" and ghost.expected_data(mm, vma, vpn) != data_hash(page.data):
+            ghost.check_read_data(Ghost.run_loc(mm, vma, vpn), page, f"load by pid {task.pid}")  # reports
     return AccessResult(data, fault)
 
 
@@ -136,10 +146,13 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     if fault:
         task.tfsr |= 1
     pos = 0
-    for pte, off, n, vpn in ptes:
-        pte.page.write(off, data[pos:pos + n])
+    view = memoryview(data)
+    ghost = k.oracle.ghost
+    mm = task.mm
+    for pte, off, n, vpn, vma in ptes:
+        pte.page.write(off, view[pos:pos + n])
         if pte.page.zone != "device":
-            k.oracle.ghost.data_written(loc_of(k, task.mm, vpn), pte.page)
+            ghost.data_written(Ghost.run_loc(mm, vma, vpn), pte.page)
         pos += n
     return AccessResult(None, fault)
 
@@ -160,7 +173,7 @@ async def user_stg(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acce
     if size == 0:
         return AccessResult(None)
     ptes = await _fault_in(k, task, va, size, True)  # a tag store is a write
-    for pte, off, n, vpn in ptes:
+    for pte, off, n, vpn, _vma in ptes:
         if pte.tagged and pte.page.zone == "normal":  # STG to untagged memory writes no tag (RAZ/WI)
             tags = bytes([tag]) * (n // MTE_GRANULE_SIZE)
             write_tags(k, pte.page, off // MTE_GRANULE_SIZE, tags)
@@ -178,7 +191,7 @@ async def user_ldg(k: Kernel, task: Task, ptr: int, size: int) -> AccessResult:
         return AccessResult([])
     ptes = await _fault_in(k, task, va, size, False)
     out = bytearray()
-    for pte, off, n, vpn in ptes:
+    for pte, off, n, vpn, _vma in ptes:
         g = n // MTE_GRANULE_SIZE
         if pte.tagged and not pte.special and pte.page.zone == "normal":
             got = read_tags(k, pte.page, off // MTE_GRANULE_SIZE, g, f"ldg by pid {task.pid}")
