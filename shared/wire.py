@@ -328,6 +328,10 @@ class _FrameGuard:
                 self._item_done()
 
 
+#: A packer that has packed a message larger than this is replaced (its buffer is freed).
+PACKER_KEEP = 1 << 20
+
+
 def _default(obj):
     if isinstance(obj, (set, frozenset, tuple)):
         return list(obj)
@@ -367,7 +371,10 @@ class FramedStream:
 
     def pack(self, msg: Any) -> bytes:
         """The bytes of one message (for callers that batch their own sends)."""
-        return self._packer.pack(msg)
+        data = self._packer.pack(msg)
+        if len(data) > PACKER_KEEP:  # msgpack's Packer keeps its buffer as large as the largest message
+            self._packer = msgpack.Packer(default=_default, use_bin_type=True)  # so a 16 MiB reply is not kept
+        return data
 
     @property
     def buffered(self) -> int:
@@ -389,7 +396,7 @@ class FramedStream:
         Raises:
             ConnectionClosed: the peer has gone.
         """
-        await self.send_packed(self._packer.pack(msg))
+        await self.send_packed(self.pack(msg))
 
     async def send_packed(self, data: bytes) -> None:
         """Send bytes from :meth:`pack` (one or more whole messages).
