@@ -17,7 +17,7 @@ class Bug:
     name: str
     reintroduces: str
     fixed_by: str
-    issue: int  # the issue that modelled it (2: host kernel, 3: KVM)
+    issue: int  # the issue that modelled it (2: host kernel, 3: KVM, 9: the VMM's live migration)
 
 
 BUGS: dict[str, Bug] = {
@@ -56,8 +56,33 @@ BUGS: dict[str, Bug] = {
             "2986a6257400 (2026)",
             3,
         ),
+        Bug(
+            "migration-zero-page-drops-tags",
+            "the migration source sends a page whose data is all zero as a zero-page marker "
+            "without its tags (QEMU's zero-page shortcut), so an MTE guest loses the tags of zeroed memory",
+            "VMM rule: an MTE VM's zero pages carry their tags (only a page whose data and tags are both "
+            "zero may be skipped)",
+            9,
+        ),
+        Bug(
+            "migration-tags-before-final-sync",
+            "the stop-and-copy reads the tags of the pages it will send before pausing the vCPUs and "
+            "syncing the dirty log a last time, so a tag store in between is lost",
+            "VMM rule: pause, then sync the dirty log, then read data and tags together",
+            9,
+        ),
+        Bug(
+            "migration-resume-before-tags",
+            "the migration destination resumes the vCPUs (and acks) before it writes the tags, so the "
+            "guest sees zero tags for a moment",
+            "VMM rule: every page's data and tags are in before the destination resumes",
+            9,
+        ),
     )
 }
+
+#: The bug-zoo entries the VMM applies (its live migration); the hypervisor ignores them.
+VMM_BUGS = frozenset(n for n, b in BUGS.items() if b.issue == 9)
 
 
 def check_bug_names(names) -> tuple[str, ...]:

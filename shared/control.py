@@ -44,6 +44,7 @@ from shared.abi import (
     OPS,
     SEG_ATTRS,
     SIZE,
+    STRLIST,
     U64,
     U64_PAIR,
     U64LIST,
@@ -96,6 +97,24 @@ def _state_list(v):
 
 STATE_LIST = Kind("list", _state_list)
 
+#: What ``migrate``'s ``fail`` may break (SCENARIOS.md, "Fault injection").
+MIGRATION_FAILS = ("kill-destination", "kill-source", "cut")
+
+
+def _fail_at(v):
+    """``precopy:N`` (N >= 1), ``switchover`` or ``after-resume``."""
+    if isinstance(v, str):
+        if v in ("switchover", "after-resume"):
+            return v
+        head, _, n = v.partition(":")
+        if head == "precopy" and n.isdigit() and int(n) >= 1 and n == str(int(n)):
+            return v
+    raise ValueError('must be "precopy:N" (N >= 1), "switchover" or "after-resume"')
+
+
+FAIL_AT = Kind("name", _fail_at)
+
+
 _VMM_CONTROL = [
     OpDef("vm-create", "any", (F("name", NAME), F("ipa_bits", U64, 40)),
           "KVM_CREATE_VM only: the scenario builds the rest with VMM ops (setup = \"manual\")."),
@@ -111,6 +130,19 @@ _VMM_CONTROL = [
     OpDef("status", "any", (), "{pid, vm, guest: {state, detail}, exits: [...]}."),
     OpDef("kill-guest", "any", (), "SIGKILL the guest process (supervision tests)."),
     OpDef("shutdown", "any", (), "Tear the VM down and exit."),
+    OpDef("migrate-incoming", "any", (
+        F("bugs", STRLIST, (), "VMM-side bug-zoo entries to apply (shared.bugs)"),
+        F("fail", opt(enum(*MIGRATION_FAILS)), None), F("fail_at", opt(FAIL_AT), None),
+        F("transport", enum("unix", "tcp"), "unix"),
+    ), "Become a migration destination: listen for ONE migration connection (returns at once); "
+       "returns {address}. The VM is built from the stream; the VMM exits if the migration fails."),
+    OpDef("migrate-out", "any", (
+        F("address", NAME), F("secret", opt(NAME), None, "the destination host's secret"),
+        F("to", opt(NAME), None, "the destination host's name (for ESTALE messages)"),
+        F("max_passes", U64, 8), F("fail", opt(enum(*MIGRATION_FAILS)), None), F("fail_at", opt(FAIL_AT), None),
+        F("bugs", STRLIST, (), "VMM-side bug-zoo entries to apply (shared.bugs)"),
+    ), "Live-migrate this VM to the destination VMM listening at address; returns "
+       "{passes, pages, tagged-pages, stop-pages}."),
 ]
 
 _GUEST_CHANNEL = [
@@ -180,22 +212,6 @@ def _u32(v):
     return v
 
 
-#: What ``migrate``'s ``fail`` may break (SCENARIOS.md, "Fault injection").
-MIGRATION_FAILS = ("kill-destination", "kill-source", "cut")
-
-
-def _fail_at(v):
-    """``precopy:N`` (N >= 1), ``switchover`` or ``after-resume``."""
-    if isinstance(v, str):
-        if v in ("switchover", "after-resume"):
-            return v
-        head, _, n = v.partition(":")
-        if head == "precopy" and n.isdigit() and int(n) >= 1 and n == str(int(n)):
-            return v
-    raise ValueError('must be "precopy:N" (N >= 1), "switchover" or "after-resume"')
-
-
-FAIL_AT = Kind("name", _fail_at)
 
 
 #: KVM capabilities a VMM op may name (KVM_CAP_ARM_MTE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).

@@ -7,6 +7,11 @@ guest process it starts), creates the Unix socket PATH (mode 0600), prints
 (:mod:`shared.control`) until a ``shutdown`` request or SIGTERM/SIGINT, which
 destroy the VM and stop the guest before it exits.
 
+Live migration (:mod:`vmm.migration`): ``migrate-incoming`` listens on a Unix socket in
+a private folder of this process (removed on exit) or on TCP 127.0.0.1:0; a hello must
+prove ``MTEKVM_SECRET`` when it is set. Fault injection SIGKILLs this process. A
+destination whose incoming migration fails discards the VM and exits (status 0).
+
 Nothing outlives its run: the VMM also shuts down (the same way) when its
 last control connection closes (the harness that drives it has gone), when
 its hypervisor connection is lost (exit status 1), and when its
@@ -35,6 +40,7 @@ from shared.transport import AddressError, Connector, open_listener, parse_addre
 from shared.wire import RemoteError
 from vmm.guestlink import ProcessGuests
 from vmm.machine import Vmm, VmmError
+from vmm.migration import ProcessTransport
 
 PROG = "python -m vmm"
 log = logging.getLogger("mtekvm.vmm")
@@ -68,8 +74,9 @@ async def run(args: argparse.Namespace, secret: str | None) -> int:
     status = 0
     async with trio.open_nursery() as nursery:
         host = Connector(nursery, args.hypervisor, secret)
+        transport = ProcessTransport(nursery, secret)
         vmm = Vmm(host.connect, ProcessGuests(nursery, args.hypervisor, secret), name=args.name,
-                  session=args.session)
+                  session=args.session, migration=transport, die=_sigkill_self)
         stop = trio.Event()  # set (with a logged reason) when the VMM should shut down
 
         def stop_because(why: str) -> None:
@@ -122,7 +129,14 @@ async def run(args: argparse.Namespace, secret: str | None) -> int:
         finally:
             nursery.cancel_scope.cancel()
             _remove(path, None)
+            transport.close()
     return status
+
+
+async def _sigkill_self() -> None:
+    """Fault injection (a migration's kill-source/kill-destination): SIGKILL this process, now."""
+    os.kill(os.getpid(), signal.SIGKILL)
+    await trio.sleep_forever()  # not reached
 
 
 class _ControlCount:

@@ -45,17 +45,21 @@ import trio
 
 from shared.abi import MAX_IO, OPS, ops_of, validate_args
 from shared.control import EXIT_CHANNEL, KVM_OPS, VMM_CONTROL
-from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, ESRCH, ESTALE, errno_name
+from shared.errno import EEXIST, EINVAL, EIO, ENODEV, ENOSYS, EOPNOTSUPP, ESRCH, ESTALE, errno_name
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SIZE
 from shared.rpc import serve_requests
 from shared.wire import Client, ConnectionClosed, RemoteError, Reply
-from vmm import dma, guestram
+from vmm import dma, guestram, migration
 from vmm.errors import VmmError
 
 if TYPE_CHECKING:
     from vmm.guestlink import GuestHandle
 
 __all__ = ["Vmm", "VmmError"]
+
+
+async def _no_hook(point: str) -> None:
+    """The default migration hook: nothing."""
 
 log = logging.getLogger("mtekvm.vmm")
 
@@ -120,6 +124,14 @@ class Vmm:
         #: dirty pages a failed migration consumed from slots that logged before it (slot -> page indexes),
         #: ORed into ``dirty-log get`` as QEMU layers its own bitmaps over KVM's
         self.dirty_extra: dict[int, set[int]] = {}
+        self.mte = False  # KVM_CAP_ARM_MTE is enabled on the VM
+        self.ipa_bits = 40
+        self.manual_protect = False  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled (GET does not clear)
+        self.migrating = False
+        #: while a migration runs: pages the VMM itself wrote (DMA), slot -> page indexes (KVM logs guest writes only)
+        self.mig_dirty: dict[int, set[int]] | None = None
+        #: ``await migration_hook(point)`` at named points of a migration (tests direct interleavings with it)
+        self.migration_hook: Callable[[str], Awaitable[None]] = _no_hook
         self._pause_gate: trio.Event | None = None  # set while paused: guest/vmm ops wait on it
         self._pauses = 0
         self._inflight = 0  # guest/vmm ops running (pause waits for them)
@@ -264,11 +276,12 @@ class Vmm:
         return self.vm
 
     async def _op_vm_create(self, a: dict, ctx: str | None) -> int:
-        if self.vm is not None:
+        if self.vm is not None or self.migrating:
             raise VmmError(EEXIST, f"this VMM already runs VM {self.vm}")
         if self.guest_status == "exited":
             raise VmmError(ESRCH, f"the guest is gone ({self.guest_detail}); start a new VMM")
         self.vm = (await self._call("kvm-create-vm", {"ipa_bits": a["ipa_bits"]}, ctx)).value
+        self.ipa_bits = a["ipa_bits"]
         return self.vm
 
     async def _op_vm_setup(self, a: dict, ctx: str | None) -> dict:
@@ -276,10 +289,12 @@ class Vmm:
         try:
             if a["mte"]:
                 await self._call("kvm-enable-cap", {"vm": vm, "cap": "arm-mte", "flags": 0}, ctx)
+                self.mte = True
             # as QEMU does, when the kernel offers it; without INITIALLY_SET (QEMU asks for it too), so a
             # slot starts logging with an empty bitmap and write-protected, and GET never clears
             await self._call("kvm-enable-cap", {"vm": vm, "cap": "manual-dirty-log-protect2", "flags": 0,
                                                 "args": [1]}, ctx)
+            self.manual_protect = True
             for i, m in enumerate(a["memory"]):
                 prot = ["read", "write"] + (["mte"] if m["prot_mte"] else [])
                 share = "private" if m["backing"] in ("anon", "hugetlb") else "shared"
@@ -363,6 +378,9 @@ class Vmm:
         """Supervision: the guest died (launcher callback)."""
         if guest is not self.guest:
             return
+        if self.guest_status == "migrated":  # stopped on purpose: the VM runs elsewhere now
+            self._reaped.set()
+            return
         self.guest_status = "exited"
         self.guest_detail = guest.detail or ""
         try:
@@ -407,6 +425,10 @@ class Vmm:
     async def _kvm_enable_cap(self, a: dict, ctx: str | None) -> None:
         await self._call("kvm-enable-cap", {"vm": self._need_vm(), "cap": a["cap"], "flags": a["flags"],
                                             "args": list(a["args"])}, ctx)
+        if a["cap"] == "arm-mte":
+            self.mte = True
+        elif a["cap"] == "manual-dirty-log-protect2":
+            self.manual_protect = bool(a["args"] and a["args"][0] & 1)
 
     async def _kvm_create_vcpu(self, a: dict, ctx: str | None) -> int:
         vm = self._need_vm()
@@ -497,6 +519,7 @@ class Vmm:
             raise VmmError(EINVAL, "dma-write: give data, or fill and size")
         fault = await dma.write_guest(self._hv, self.slots.values(), a["ipa"], a["data"],
                                       fill=a["fill"] or 0, size=a["size"] or 0, ctx=ctx)
+        self._mark_dirty(a["ipa"], len(a["data"]) if a["data"] is not None else a["size"] or 0)
         return Reply(None, fault)
 
     async def _kvm_dma_read(self, a: dict, ctx: str | None) -> Reply:
@@ -518,7 +541,41 @@ class Vmm:
         return await snapshot.restore(self, a, ctx)
 
     async def _device_fill(self, ipa: int, length: int, byte: int, ctx: str | None) -> dict | None:
-        return await dma.write_guest(self._hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
+        fault = await dma.write_guest(self._hv, self.slots.values(), ipa, None, fill=byte, size=length, ctx=ctx)
+        self._mark_dirty(ipa, length)
+        return fault
+
+    def _mark_dirty(self, ipa: int, size: int) -> None:
+        """During a migration, remember the pages the VMM wrote itself (KVM's log sees only guest writes)."""
+        if self.mig_dirty is None or size <= 0:
+            return
+        for s in self.slots.values():
+            lo, hi = max(ipa, s.ipa), min(ipa + size, s.ipa + s.size)
+            if lo < hi:
+                self.mig_dirty.setdefault(s.slot, set()).update(
+                    range((lo - s.ipa) // PAGE_SIZE, (hi - 1 - s.ipa) // PAGE_SIZE + 1))
+
+    # ---- migration -----------------------------------------------------------------
+    async def _op_migrate_incoming(self, a: dict, ctx: str | None) -> dict:
+        return await migration.Destination(self, a, ctx).start()
+
+    async def _op_migrate_out(self, a: dict, ctx: str | None) -> dict:
+        return await migration.Source(self, a, ctx).run()
+
+    async def kill_self(self) -> None:
+        """Fault injection: SIGKILL this VMM (the ``die`` it was given)."""
+        if self.die is None:
+            raise VmmError(EOPNOTSUPP, "this VMM cannot kill itself (no die callable)")
+        await self.die()
+
+    async def stop_guest_after_migration(self) -> None:
+        """The VM runs on another host: stop this host's guest without recording it as a death."""
+        guest = self.guest
+        if guest is None or self.guest_status != "running":
+            return
+        self.guest_status = "migrated"
+        self.guest_detail = f"migrated to host {self.moved_to}"
+        await guest.stop()
 
     # ---- exits, status, shutdown ---------------------------------------------------
     async def _handle_exit(self, op: str, a: dict, ctx: str | None) -> Any:
@@ -558,6 +615,7 @@ class Vmm:
     CONTROL_HANDLERS: dict[str, Callable[..., Awaitable[Any]]] = {
         "vm-create": _op_vm_create, "vm-setup": _op_vm_setup, "vmm-op": _op_vmm_op, "guest-op": _op_guest_op,
         "ipa-to-hva": _op_ipa_to_hva, "status": _op_status, "kill-guest": _op_kill_guest, "shutdown": _op_shutdown,
+        "migrate-incoming": _op_migrate_incoming, "migrate-out": _op_migrate_out,
     }
     #: KVM_OPS op (a ``vmm-op``) -> its handler
     KVM_HANDLERS: dict[str, Callable[..., Awaitable[Any]]] = {
