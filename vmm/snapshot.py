@@ -2,15 +2,22 @@
 
 ``snapshot`` pauses the vCPUs, streams guest RAM (data through the VMM's own mapping, tags with
 KVM_ARM_MTE_COPY_TAGS FROM_GUEST) and the vCPUs' state into a file in the format of
-:mod:`shared.snapfile`, resumes, and renames the finished file over ``path`` (it is written to a
-temporary file in the same folder first, so a failed snapshot never leaves half a file). Pages
-``mincore`` reports non-resident are not read (they read zero data and zero tags), and pages whose
-data and tags are all zero are left out of the file.
+:mod:`shared.snapfile` (documented in ``docs/snapshot-format.md``), resumes, and renames the
+finished file over ``path`` (it is written to a temporary file in the same folder first, so a
+failed snapshot never leaves half a file; there is no fsync: the model keeps no promise across a
+host crash). Pages ``mincore`` reports non-resident are not read (they read zero data and zero
+tags), and pages whose data and tags are all zero are left out of the file. One task reads runs
+from the hypervisor while a worker thread checksums and writes the one before.
 
-``restore`` maps the file, parses and validates all of it (:func:`shared.snapfile.parse`), checks
-it fits this VM, then pauses, zeroes every resident page the file has no record for (data with
-``store``, tags with COPY_TAGS TO_GUEST; a non-resident page already reads zero data and zero tags),
-writes the saved pages (data, then tags TO_GUEST), installs the vCPUs' state and resumes.
+``restore`` maps the file, parses and validates all of it (:func:`shared.snapfile.parse`, in a
+worker thread), pauses, checks the snapshot fits this VM, asks ``mincore`` about every RAM slot,
+installs the vCPUs' state (the guest checks it whole, so a state it refuses changes nothing), then
+zeroes every resident page the file has no record for (data with ``store``, tags with COPY_TAGS
+TO_GUEST), writes the saved pages (data, then tags TO_GUEST; a read-only slot is registered
+writable for the copy and read-only again after), and resumes. If a memory write fails midway the
+vCPUs get their previous state back (memory cannot be taken back). ``mincore`` is trusted for every
+backing: the hypervisor counts an object's page cache and swap as resident, so a page it reports
+non-resident reads zero data and zero tags whoever maps it.
 
 Errors, in the contract's order; none changes anything of the VM:
     ENOENT: no such file (``path``), or its folder does not exist (snapshot).
@@ -136,7 +143,7 @@ async def snapshot(vmm: Vmm, args: dict, ctx: str | None) -> dict:
 def _temp_file(folder: str, base: str) -> Iterator[tuple[str, BinaryIO]]:
     """A new file in ``folder`` (removed unless renamed away before the block ends)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base[:200]}.", suffix=".tmp")  # within NAME_MAX
     except OSError as exc:
         raise _os_error(exc, f"snapshot: creating a file in {folder!r}") from None
     f = os.fdopen(fd, "wb", buffering=WRITE_BUFFER)
