@@ -155,6 +155,34 @@ class TestRoundTrip:
         assert await rig.guest("ldg", addr=RAM2 + 201 * PAGE_SIZE, size=16) == [15]
         assert not rig.vmm.paused
 
+    @pytest.mark.parametrize("seed", range(4))
+    async def test_random_memory_round_trips(self, rig, tmp_path, seed):
+        """Random pages of random (often zero) data and tags, then random scribbles: restore gives the memory back."""
+        rng = random.Random(seed)
+        await tagged_vm(rig)
+
+        async def scatter(k: int) -> None:
+            for _ in range(k):
+                base = rng.choice((RAM, RAM2)) + rng.randrange(256) * PAGE_SIZE
+                off = rng.randrange(0, PAGE_SIZE, 16)
+                n = min(rng.choice((16, 256, PAGE_SIZE)), PAGE_SIZE - off)
+                tag = rng.choice((0, 0, rng.randrange(1, 16)))
+                await rig.guest("stg", addr=base + off, tag=tag, size=n)
+                data = rng.choice((bytes(n), rng.randbytes(n)))
+                await rig.guest("store", addr=base + off, tag=tag, data=data)
+
+        await scatter(40)
+        before = await rig.memory()
+        path = str(tmp_path / f"r{seed}")
+        got = await rig.vmm_op("snapshot", path=path)
+        pages = [(d[i:i + PAGE_SIZE], t[i // 16:(i + PAGE_SIZE) // 16]) for d, t in before
+                 for i in range(0, len(d), PAGE_SIZE)]
+        assert got == {"pages": sum(1 for d, t in pages if any(d) or any(t)),
+                       "tagged-pages": sum(1 for _, t in pages if any(t))}
+        await scatter(40)
+        await rig.vmm_op("restore", path=path)
+        assert await rig.memory() == before
+
     async def test_left_out_pages_read_zero_data_and_zero_tags_after_restore(self, rig, tmp_path):
         """Pages the snapshot left out (never touched, or all zero) read zero data and zero tags after restore."""
         await tagged_vm(rig)
