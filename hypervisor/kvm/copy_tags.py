@@ -34,6 +34,7 @@ dump, as the VMM does).
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import (
@@ -131,7 +132,7 @@ async def _copy_tags_run(k: Kernel, kvm: Kvm, gfn: int, npages: int, write: bool
         n = min(npages, slot.base_gfn + slot.npages - gfn, (vma.end >> PAGE_SHIFT) - vpn0)
         if write:
             return await _copy_to_guest_run(k, kvm, slot, gfn, mm, vma, vpn0, n, tags, pos)
-        return await _copy_from_guest_run(k, mm, vma, vpn0, n, out)
+        return await _copy_from_guest_run(k, mm, vma, vpn0, n, out, pos)
     finally:
         mm.mmap_lock.read_unlock()
 
@@ -152,43 +153,111 @@ async def _faultin(k: Kernel, mm, vpn: int, write: bool) -> Pte | None:
     return pte
 
 
-async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytearray) -> int:
-    """FROM_GUEST over up to ``n`` pages from ``vpn0`` (see _copy_tags_run); returns the pages done."""
-    pt = mm.pt
+async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytearray, at: int) -> int:
+    """FROM_GUEST over up to ``n`` pages from ``vpn0`` into ``out[at:]`` (see _copy_tags_run); returns the pages done.
+
+    ``out`` is zero-filled: only pages whose tags are not all zero are copied.
+    The present pages are taken a batch at a time with C-level list
+    operations (one dict lookup per page; a batch of zero-page mappings costs
+    no Python statement per page); the ghost is consulted for the pages it
+    has an entry for and those that read non-zero tags. The batch grows while
+    pages are present; pages that are not present are faulted in one by one.
+    """
+    if vma.obj is not None and vma.obj.kind == "device":
+        return 0  # device memory: EFAULT from the per-page path
+    get = mm.pt.get
     zero_page = k.alloc.zero_page
     ghost = k.oracle.ghost
-    entries, off, fallback, fb_off = ghost.run_view(mm, vma, vpn0)
-    device = vma.obj is not None and vma.obj.kind == "device"
     who = "KVM_ARM_MTE_COPY_TAGS FROM_GUEST"
-    chunks = []
-    done = 0
-    for i in range(n):
-        pte = pt.get(vpn0 + i)
-        if pte is None or pte.page is None or pte.migrating:
-            pte = await _faultin(k, mm, vpn0 + i, False)
+    step = MTE_GRANULES_PER_PAGE
+    vpn, end, batch = vpn0, vpn0 + n, 64
+    while vpn < end:
+        # present pages, a batch at a time
+        ptes = list(map(get, range(vpn, min(end, vpn + batch))))
+        if None in ptes:
+            ptes = ptes[:ptes.index(None)]
+        if any(map(_MIGRATING, ptes)):
+            ptes = ptes[:[p.migrating for p in ptes].index(True)]
+        pages = list(map(_PAGE, ptes))
+        if None in pages:  # a swap entry
+            pages = pages[:pages.index(None)]
+        read = []  # (index, tags) of the pages that read non-zero tags
+        if pages.count(zero_page) != len(pages):
+            for i, page in enumerate(pages):
+                if page is zero_page:
+                    continue  # never PG_mte_tagged: reads as zeros
+                if page.zone != "normal":
+                    del pages[i:]  # device memory: EFAULT from the per-page path
+                    break
+                if (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
+                    got = read_tags(k, page, 0, step, who)
+                    if got != ZERO_TAGS:
+                        o = at + (vpn - vpn0 + i) * step
+                        out[o:o + step] = got
+                        read.append((i, got))
+                # else: clear_user(), untagged pages read as zeros
+        _check_run(ghost, mm, vma, vpn, pages, read, who)
+        vpn += len(pages)
+        if len(pages) == len(ptes) == batch:
+            batch = min(batch * 2, 4096)
+            continue
+        batch = 64
+        # then pages that are not present, one fault each, until a present one
+        while vpn < end:
+            pte = get(vpn)
+            if pte is not None and pte.page is not None and not pte.migrating:
+                break
+            pte = await _faultin(k, mm, vpn, False)
             if pte is None:
                 break
-            entries, off, fallback, fb_off = ghost.run_view(mm, vma, vpn0)  # the fault may have yielded
-        page = pte.page
-        assert page is not None  # present
-        if page is zero_page:
-            got = ZERO_TAGS  # never PG_mte_tagged: reads as zeros
-        elif page.zone != "normal" or device:
-            break  # device memory: EFAULT from the per-page path
-        elif (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
-            got = read_tags(k, page, 0, MTE_GRANULES_PER_PAGE, who)
+            page = pte.page
+            assert page is not None  # _faultin returns a present entry
+            if page is zero_page:
+                got = ZERO_TAGS
+            elif page.zone != "normal":
+                break
+            elif (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
+                got = read_tags(k, page, 0, step, who)
+                o = at + (vpn - vpn0) * step
+                out[o:o + step] = got
+            else:
+                got = ZERO_TAGS
+            ghost.check_read_tags(ghost.run_loc(mm, vma, vpn), page, 0, got, who)
+            vpn += 1
         else:
-            got = ZERO_TAGS  # clear_user(): untagged pages read as zeros
-        e = entries.get(off + i)
-        if e is None and fallback is not None:
-            e = fallback.get(fb_off + i)
-        if (ZERO_TAGS if e is None or e.tags is None else e.tags) != got:
-            # UNKNOWN granules, or a real loss: the ghost's own check decides and reports
-            ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), page, 0, got, who)
-        chunks.append(got)
-        done += 1
-    out += b"".join(chunks)
-    return done
+            break
+        pte = get(vpn)
+        if pte is None or pte.page is None or pte.migrating or pte.page.zone != "normal" and pte.page is not zero_page:
+            break  # a fault that failed, or device memory: the per-page path decides
+    return vpn - vpn0
+
+
+_MIGRATING = operator.attrgetter("migrating")
+_PAGE = operator.attrgetter("page")
+
+
+def _check_run(ghost, mm, vma, vpn0: int, pages: list, read: list, who: str) -> None:
+    """TAGS-AS-WRITTEN for whole-page tag reads of ``pages`` (mapped from ``vpn0``); ``read`` holds the
+    ``(index, tags)`` of those that read non-zero tags, the others read zeros.
+
+    Only pages with a ghost entry, or that read non-zero tags, can differ from
+    what was written (no entry: zeros expected), so only those are compared.
+    """
+    entries, off, fallback, _ = ghost.run_view(mm, vma, vpn0)
+    m = len(pages)
+    got = dict(read)
+    todo = range(m) if fallback else sorted({i - off for i, _ in _entries_in(entries, off, off + m)} | set(got))
+    for i in todo:  # a private mapping of an object (fallback): every page through the full lookup
+        ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), pages[i], 0, got.get(i, ZERO_TAGS), who)
+
+
+def _entries_in(pages: dict, lo: int, hi: int) -> list:
+    """``(index, entry)`` of ``pages`` with lo <= index < hi (cheap for a huge, sparse range)."""
+    if not pages:
+        return []
+    if hi - lo <= len(pages):
+        return [(i, pages[i]) for i in range(lo, hi) if i in pages]
+    return [(i, e) for i, e in pages.items() if lo <= i < hi]
 
 
 async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0: int, n: int, tags: bytes,
@@ -242,7 +311,8 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
     """kvm_vm_ioctl_mte_copy_tags() (arch/arm64/kvm/guest.c).
 
     Returns:
-        ``{"length": guest bytes done, "tags": bytes}`` (tags empty for TO_GUEST).
+        ``{"length": guest bytes done, "tags": bytearray}`` (tags empty for TO_GUEST; a bytearray
+        so that the reply is the one buffer the copy wrote into: msgpack encodes it as bin).
 
     Raises:
         KernelError: EINVAL, EBUSY, EFAULT as in the module docstring (only when
@@ -263,7 +333,8 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
     if not write and length // 16 > MAX_IO:
         raise KernelError("E2BIG", f"KVM_ARM_MTE_COPY_TAGS: {length // 16} tags exceed the {MAX_IO} one reply "
                                    "may carry; split the dump")
-    out = bytearray()
+    # FROM_GUEST's user buffer, zero-filled (calloc): a page whose tags are all zero needs no copy
+    out = bytearray(0 if write else length // 16)
     gfn = guest_ipa >> PAGE_SHIFT
     remaining = length
     pos = 0
@@ -278,7 +349,7 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
                 done = await _copy_tags_run(k, kvm, gfn, remaining >> PAGE_SHIFT, write, tags, pos, out)
                 if done:
                     gfn += done
-                    pos += done * MTE_GRANULES_PER_PAGE if write else 0
+                    pos += done * MTE_GRANULES_PER_PAGE
                     remaining -= done << PAGE_SHIFT
                     continue
             await k.sched.point("kvm_vm_ioctl_mte_copy_tags:page")
@@ -298,7 +369,8 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
                         got = ZERO_TAGS  # clear_user(): untagged pages read as zeros
                     k.oracle.ghost.check_read_tags(loc_of_ipa(kvm, gfn), page, 0, got,
                                                    "KVM_ARM_MTE_COPY_TAGS FROM_GUEST")
-                    out += got
+                    if got is not ZERO_TAGS:
+                        out[pos:pos + MTE_GRANULES_PER_PAGE] = got
                     num = MTE_GRANULES_PER_PAGE
                     k.oracle.check_copy_tags_read(page, before)
                 else:
@@ -338,7 +410,8 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
             pos += num
             remaining -= PAGE_SIZE
     if remaining != length:
-        return {"length": length - remaining, "tags": bytes(out)}
+        del out[pos:]  # the pages done (in place: no copy)
+        return {"length": length - remaining, "tags": out}
     if err is not None:
         raise err
-    return {"length": length, "tags": bytes(out)}
+    return {"length": length, "tags": out}
