@@ -12,7 +12,8 @@ from the hypervisor while a worker thread checksums and writes the one before.
 ``restore`` maps the file, parses and validates all of it (:func:`shared.snapfile.parse`, in a
 worker thread), pauses, checks the snapshot fits this VM, asks ``mincore`` about every RAM slot,
 installs the vCPUs' state (the guest checks it whole, so a state it refuses changes nothing), then
-zeroes every resident page the file has no record for (data with ``store``, tags with COPY_TAGS
+zeroes every resident page the file has no record for (private anonymous memory is discarded
+with MADV_DONTNEED; other backings get zero data with ``store`` and zero tags with COPY_TAGS
 TO_GUEST), writes the saved pages (data, then tags TO_GUEST; a read-only slot is registered
 writable for the copy and read-only again after), and resumes. If a memory write fails midway the
 vCPUs get their previous state back (memory cannot be taken back). ``mincore`` is trusted for every
@@ -357,7 +358,19 @@ def _left_out(vec: bytes, records: list[snapfile.Record]) -> list[tuple[int, int
 
 
 async def _zero(vmm: Vmm, slot: RamSlot, runs: list[tuple[int, int]], mte: bool, ctx: str | None) -> None:
-    """Zero data and (MTE VM) tags of the page runs ``runs`` of ``slot``."""
+    """Zero data and (MTE VM) tags of the page runs ``runs`` of ``slot``.
+
+    Private anonymous memory is discarded (MADV_DONTNEED, as QEMU's ``ram_block_discard_range``):
+    the next touch gets a fresh page, zero data and zero tags, and the memory goes back to the host.
+    Shared memory keeps its page cache under MADV_DONTNEED and a hugetlb range may not split a huge
+    page, so those are written: zeros with ``store``, zero tags with COPY_TAGS TO_GUEST.
+    """
+    m = guestram.mapping_at(vmm, slot.addr)
+    if m is not None and m.backing == "anon" and m.share == "private" and m.addr + m.size >= slot.addr + slot.size:
+        for start, n in runs:
+            await vmm._call("madvise", {"addr": slot.addr + start * PAGE_SIZE, "size": n * PAGE_SIZE,
+                                        "advice": "dontneed"}, ctx)
+        return
     for start, n in runs:
         for lo in range(start, start + n, RUN_PAGES):
             k = min(RUN_PAGES, start + n - lo)

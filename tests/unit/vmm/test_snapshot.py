@@ -197,6 +197,22 @@ class TestRoundTrip:
             assert data == bytes(MiB) and tags == bytes(MiB // 16)
         assert await rig.guest("ldg", addr=RAM2 + 7 * PAGE_SIZE, size=64) == [0, 0, 0, 0]
 
+    async def test_left_out_private_anon_pages_are_discarded(self, rig, tmp_path):
+        """Restore gives left-out private anonymous pages back to the host; shared (memfd) pages are zeroed in place."""
+        await tagged_vm(rig)
+        await rig.guest("store", addr=RAM2 + 9 * PAGE_SIZE, data=b"kept")
+        path = str(tmp_path / "s")
+        await rig.vmm_op("snapshot", path=path)
+        await scribble(rig)
+        await rig.vmm_op("restore", path=path)
+        memfd, anon = guestram.ram_slots(rig.vmm)
+        resident = await guestram.mincore(rig.vmm, anon, 0, anon.pages, None)
+        assert [i for i, r in enumerate(resident) if r] == [9]
+        assert sum(await guestram.mincore(rig.vmm, memfd, 0, memfd.pages, None)) == 8  # scribbled, now zero
+        (data, tags), (data2, tags2) = await rig.memory()
+        assert data == bytes(MiB) and tags == bytes(MiB // 16) and not any(tags2)
+        assert data2 == bytes(9 * PAGE_SIZE) + b"kept" + bytes(MiB - 9 * PAGE_SIZE - 4)
+
     async def test_vcpu_state_round_trip(self, rig, tmp_path):
         """SCTLR_EL1 ATA/TCF, GCR_EL1, TFSR_EL1, PSTATE.TCO and stage 1 of every vCPU are restored as saved."""
         await rig.setup(vcpus=2)
