@@ -229,6 +229,9 @@ class Source:
         self.pass_no = 0
         self._pass_sent = 0
         self.cut = False
+        #: migration-tags-before-final-sync: the tags each page last went with in pre-copy (slot -> page -> tags)
+        self.sent_tags: dict[int, dict[int, bytes]] | None = (
+            {} if "migration-tags-before-final-sync" in self.bugs and vmm.mte else None)
 
     # -- the run ----------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -306,8 +309,8 @@ class Source:
         await vmm.migration_hook("precopy-done")
         # stop-and-copy
         early: dict[int, dict[int, bytes]] | None = None
-        if "migration-tags-before-final-sync" in self.bugs and vmm.mte and max_passes:
-            early = await self._read_tags_early()
+        if self.sent_tags is not None and max_passes:
+            early = self.sent_tags  # the zoo: the tags the last passes read, before the final sync
         await vmm.migration_hook("pause")
         await vmm.pause(self.ctx)
         self.paused = True
@@ -356,7 +359,7 @@ class Source:
         by_id = {s.slot: s for s in self.slots}
         for slot_id, pages in dirty.items():
             await self._send_runs(by_id[slot_id], guestram.page_runs(pages), pass_no,
-                                  (early or {}).get(slot_id))
+                                  None if early is None else early.get(slot_id, {}))
 
     async def _send_runs(self, s: guestram.RamSlot, runs: list[tuple[int, int]], pass_no: int,
                          early: dict[int, bytes] | None = None) -> None:
@@ -369,17 +372,12 @@ class Source:
                 (run,) = await guestram.read_pages(self.vmm, s, lo, k, self.ctx, tags=mte and early is None,
                                                    resident_only=False)
                 if early is not None:
-                    run.tags = await self._tags_with_early(s, run, early)
+                    run.tags = b"".join(early.get(run.first + i, ZERO_PAGE_TAGS) for i in range(run.pages))
+                elif self.sent_tags is not None and pass_no and run.tags is not None:
+                    t = run.tags
+                    self.sent_tags.setdefault(s.slot, {}).update(
+                        {run.first + i: t[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE] for i in range(run.pages)})
                 await self._send_run(run, pass_no)
-
-    async def _tags_with_early(self, s: guestram.RamSlot, run: guestram.PageRun,
-                               early: dict[int, bytes]) -> bytes | None:
-        """The bug's tags: those read before the final sync where it read them, fresh ones elsewhere."""
-        if not self.vmm.mte:
-            return None
-        fresh = await guestram.read_tags(self.vmm, s.ipa + run.first * PAGE_SIZE, len(run.data), self.ctx)
-        return b"".join(early.get(run.first + i, fresh[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE])
-                        for i in range(run.pages))
 
     async def _send_run(self, run: guestram.PageRun, pass_no: int) -> None:
         rs = self.rs
@@ -474,19 +472,6 @@ class Source:
                     self.consumed.setdefault(s.slot, set()).update(pages)
             if pages:
                 out[s.slot] = sorted(pages)
-        return out
-
-    async def _read_tags_early(self) -> dict[int, dict[int, bytes]]:
-        """The zoo's mistake: read the tags of the pages the log reports dirty now, before pausing."""
-        out: dict[int, dict[int, bytes]] = {}
-        for s in self.slots:
-            if not self._loggable(s):
-                continue
-            tags: dict[int, bytes] = {}
-            for first, n in guestram.page_runs(await self._get_dirty(s)):
-                t = await guestram.read_tags(self.vmm, s.ipa + first * PAGE_SIZE, n * PAGE_SIZE, self.ctx)
-                tags.update({first + i: t[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE] for i in range(n)})
-            out[s.slot] = tags
         return out
 
     async def _witness(self) -> Any:
