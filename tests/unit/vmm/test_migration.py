@@ -8,6 +8,7 @@ do_exit for it, as for a SIGKILLed process).
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -16,7 +17,7 @@ from guest.agent import GuestAgent
 from hypervisor.kernel import Kernel
 from mtekvm.links import InProcessHost
 from shared import migstream
-from shared.errno import ECONNRESET, EINVAL, ENOMEM, ENOSYS, EPERM, ESTALE
+from shared.errno import ECONNRESET, EINVAL, ENOMEM, ENOSYS, EPERM, EPROTO, ESTALE
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, ConnectionClosed, RemoteError
 from vmm.guestlink import InProcessGuests
@@ -446,13 +447,21 @@ class TestMalformedStream:
 
     @staticmethod
     def frames(*records, header: bytes | None = None) -> bytes:
-        import msgpack
-
         out = [header if header is not None else migstream._HEADER.pack(migstream.MAGIC, migstream.VERSION)]
         for r in records:
             body = r if isinstance(r, bytes) else msgpack.packb(r, use_bin_type=True)
             out.append(migstream._LENGTH.pack(len(body)) + body)
         return b"".join(out)
+
+    @staticmethod
+    def records(data: bytes) -> list:
+        """The records in what a destination sent (after its header)."""
+        out, at = [], migstream._HEADER.size
+        while at < len(data):
+            (n,) = migstream._LENGTH.unpack_from(data, at)
+            out.append(msgpack.unpackb(data[at + 4:at + 4 + n]))
+            at += 4 + n
+        return out
 
     HELLO = {"t": "hello", "version": 1, "name": "vm0", "auth": None}
     LAYOUT = {"t": "layout", "mte": True, "ipa_bits": 40, "vcpus": 1,
@@ -490,9 +499,13 @@ class TestMalformedStream:
         }.get(payload, payload)
         stream = await dst.vmm.migration.dial(address, None)
         await stream.send_all(data)
-        with trio.move_on_after(5):
-            while await stream.receive_some(1 << 16):
-                pass
+        got = bytearray()
+        if payload != "truncated":  # (a truncated stream: the source goes away mid-record)
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(1 << 16):  # the destination answers, then closes
+                    got += chunk
+            last = self.records(bytes(got))[-1]
+            assert (last["t"], last["errno"]) == ("error", EPROTO), last
         await stream.aclose()
         with trio.fail_after(10):
             await dst.vmm.done.wait()
