@@ -47,11 +47,11 @@ from hypervisor.arm64.mte_lock import (
     set_page_mte_tagged,
     try_page_mte_tagging,
 )
-from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, write_tags
-from hypervisor.ghost import loc_of_ipa
+from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, shared_tags, write_tags
+from hypervisor.ghost import Entry, loc_of_ipa
 from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
-from hypervisor.mm_types import VM_READ, VM_WRITE, Pte
+from hypervisor.mm_types import VM_READ, VM_SHARED, VM_WRITE, Pte
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
 from shared.abi import MAX_IO
@@ -262,47 +262,80 @@ def _entries_in(pages: dict, lo: int, hi: int) -> list:
 
 async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0: int, n: int, tags: bytes,
                              pos: int) -> int:
-    """TO_GUEST over up to ``n`` pages from ``vpn0`` (see _copy_tags_run); returns the pages done."""
+    """TO_GUEST over up to ``n`` pages from ``vpn0`` (see _copy_tags_run); returns the pages done.
+
+    The whole buffer is masked at once (one ``bytes.translate``). For the
+    common page (not hugetlb, mapped once, anonymous or a shared object's) the
+    tag write, PG_mte_tagged, the shadow and the ghost's record are updated
+    inline, and the waiters are woken once at the end (nothing runs in
+    between); any other page goes through the helpers one by one.
+    """
     pt = mm.pt
     ghost = k.oracle.ghost
     logged = kvm.ghost_written.get(slot.id)
     sanitise = "sanitise-whole-hugetlb-folio" in k.fixes
+    step = MTE_GRANULES_PER_PAGE
+    masked = tags[pos:pos + n * step].translate(_LOW_NIBBLE)  # mte_copy_tags_from_user(), for the run
+    obj = vma.obj
+    if obj is None:  # the ghost's records of these pages: anonymous -> the mm's, by vpn
+        records, rec_off = ghost.spaces.setdefault(mm, {}), 0
+    elif vma.flags & VM_SHARED:  # a shared object's, by page index
+        records, rec_off = ghost.spaces.setdefault(obj, {}), vma.index_of(vpn0 << PAGE_SHIFT) - vpn0
+    else:
+        records, rec_off = None, 0  # a private mapping of an object: the ghost's own rules (tags_written)
     done = 0
-    for i in range(n):
-        pte = pt.get(vpn0 + i)
-        if pte is None or pte.page is None or pte.migrating or not pte.write:
-            pte = await _faultin(k, mm, vpn0 + i, True)
-            if pte is None:
+    try:
+        for i in range(n):
+            vpn = vpn0 + i
+            pte = pt.get(vpn)
+            if pte is None or pte.page is None or pte.migrating or not pte.write:
+                pte = await _faultin(k, mm, vpn, True)
+                if pte is None:
+                    break
+                if records is not None:  # the fault may have yielded: the spaces as they are now
+                    records = ghost.spaces.setdefault(mm if obj is None else obj, records)
+            page = pte.page
+            assert page is not None  # present
+            if pte.special or page.zone != "normal":
                 break
-        page = pte.page
-        assert page is not None  # present
-        if pte.special:
-            break
-        if page.zone != "normal":
-            break
-        folio = page.folio
-        if folio.flags & PG_mte_lock and not folio.flags & PG_mte_tagged:
-            break  # another initialiser holds the tag lock: the per-page path waits for it
-        hugetlb = page.is_hugetlb
-        if not folio.flags & PG_mte_lock:  # try_page_mte_tagging() / folio_try_hugetlb_mte_tagging() won
-            folio.flags |= PG_mte_lock
-            k.oracle.on_init_start(folio, current_actor.get())
-            if hugetlb and sanitise:
-                for sub in folio.subpages:
-                    if sub is not page:
-                        mte_clear_page_tags(k, sub)
-        at = pos + i * MTE_GRANULES_PER_PAGE
-        written = tags[at:at + MTE_GRANULES_PER_PAGE].translate(_LOW_NIBBLE)  # mte_copy_tags_from_user()
-        write_tags(k, page, 0, written)
-        ghost.tags_written(ghost.run_loc(mm, vma, vpn0 + i), page, 0, written)
-        if hugetlb:
-            folio_set_hugetlb_mte_tagged(k, folio)
-        else:
-            set_page_mte_tagged(k, page)
-        if logged is not None:
-            logged.add(gfn + i - slot.base_gfn)  # ghost_kvm_write()
-        k.oracle.check_copy_tags_write(page)
-        done += 1
+            folio = page.folio
+            if folio.flags & PG_mte_lock and not folio.flags & PG_mte_tagged:
+                break  # another initialiser holds the tag lock: the per-page path waits for it
+            hugetlb = page.head is not None
+            if not folio.flags & PG_mte_lock:  # try_page_mte_tagging() / folio_try_hugetlb_mte_tagging() won
+                folio.flags |= PG_mte_lock
+                k.oracle.on_init_start(folio, current_actor.get())
+                if hugetlb and sanitise:
+                    for sub in folio.subpages:
+                        if sub is not page:
+                            mte_clear_page_tags(k, sub)
+            written = masked[i * step:(i + 1) * step]
+            if hugetlb or records is None or len(page.rmap) > 1:
+                write_tags(k, page, 0, written)
+                ghost.tags_written(ghost.run_loc(mm, vma, vpn), page, 0, written)
+                if hugetlb:
+                    folio_set_hugetlb_mte_tagged(k, folio)
+                else:
+                    set_page_mte_tagged(k, page)
+                k.oracle.check_copy_tags_write(page)
+            else:
+                # write_tags() for a whole page: the shadow is the written tags (immutable, shared)
+                written = shared_tags(written)
+                page.tags[:] = written
+                page.shadow = written
+                page.initialiser = "write"
+                # Ghost.tags_written(): this location maps this very page, nobody else does
+                e = records.get(vpn + rec_off)
+                if e is None:
+                    records[vpn + rec_off] = Entry(written)
+                else:
+                    e.tags = written
+                page.flags |= PG_mte_tagged  # set_page_mte_tagged(); the waiters are woken below
+            if logged is not None:
+                logged.add(gfn + i - slot.base_gfn)  # ghost_kvm_write()
+            done += 1
+    finally:
+        k.sched.wake()
     return done
 
 
