@@ -31,7 +31,7 @@ SIGBUS (an unaligned STG) come back as EFAULT with the signal named.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
@@ -43,6 +43,7 @@ from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE
 
 if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
+    from hypervisor.mm_types import Pte
     from hypervisor.process import Task
 
 __all__ = ["AccessResult", "effective_tcf", "user_irg", "user_ldg", "user_load", "user_stg", "user_store"]
@@ -81,9 +82,12 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
                 await handle_mm_fault(k, mm, vpn << PAGE_SHIFT, write)
                 faulted = True
         await k.sched.point("uaccess")
-        got = list(map(pt.get, range(lo, hi)))
-        if None in got or not all(pte.present and (pte.write or not write) for pte in got):
+        found = list(map(pt.get, range(lo, hi)))
+        if None in found:
             continue  # a page went away after its fault: fault again
+        got = cast("list[Pte]", found)  # no None left
+        if not all(pte.present and (pte.write or not write) for pte in got):
+            continue
         ptes = []
         vpn = lo
         while vpn < hi:  # one VMA lookup per VMA, not per page
