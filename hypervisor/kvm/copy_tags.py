@@ -26,7 +26,10 @@ docs/findings.md, unless the host applies ``sanitise-whole-hugetlb-folio``,
 which clears them when the lock is won). The return is the guest bytes done when at least
 one page was, else the error: partial success wins over the error.
 
-Model notes: the user buffer is the request's ``tags`` (TO_GUEST); a shorter
+Model notes: under the free scheduler the pages are copied a run at a time
+(``_copy_tags_run``: one mmap_lock hold and one scheduling point per run of
+present pages, the fault path for the others), with the same results; a
+controlled scheduler keeps every per-page point. The user buffer is the request's ``tags`` (TO_GUEST); a shorter
 buffer faults where it ends. Replies larger than :data:`shared.abi.MAX_IO`
 tags get E2BIG after the kernel's own checks (the transport's limit: split the
 dump, as the VMM does).
