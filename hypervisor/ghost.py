@@ -284,8 +284,13 @@ class Ghost:
         return out
 
     def export_vm(self, kvm) -> dict[str, list]:
-        """``ghost-export``: ``{str(gfn): [tags or None, data hash or None]}`` for every page with an entry."""
-        return {str(gfn): [e.tags, e.data] for gfn, e in sorted(self.vm_entries(kvm).items())}
+        """``ghost-export``: ``{str(gfn): [tags or None, data hash or None]}`` for every page with an entry.
+
+        ``tags`` is the 256 granule tags, or one byte when all 256 are that value
+        (a page tagged by one STG run: the record of a 1 GiB guest then fits one
+        reply); ``import_vm`` takes either form.
+        """
+        return {str(gfn): [_short_tags(e.tags), e.data] for gfn, e in sorted(self.vm_entries(kvm).items())}
 
     def import_vm(self, kvm, entries: dict) -> int:
         """``ghost-import``: the VM's pages hold ``entries`` (``export_vm``'s form); the others read fresh.
@@ -306,9 +311,11 @@ class Ghost:
             if not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: want [tags, data hash]")
             tags, data = value
+            if isinstance(tags, (bytes, bytearray)) and len(tags) == 1:
+                tags = bytes(tags) * MTE_GRANULES_PER_PAGE  # a uniform page, as export_vm writes it
             if tags is not None and (not isinstance(tags, (bytes, bytearray)) or len(tags) != MTE_GRANULES_PER_PAGE):
-                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: tags must be nil or "
-                                            f"{MTE_GRANULES_PER_PAGE} bytes")
+                raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: tags must be nil, one byte (all granules) "
+                                            f"or {MTE_GRANULES_PER_PAGE} bytes")
             if data is not None and (type(data) is not int or not 0 <= data < 1 << 64):
                 raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x}: the data hash must be nil or a u64")
             loc = loc_of_ipa(kvm, gfn) if gfn >= 0 else None
@@ -449,6 +456,13 @@ class Ghost:
                  else f"object {space.name!r} page offset {index:#x}")
         pfn = "" if page is None else f" (pfn {page.pfn:#x})"
         self.k.oracle.report_ghost(f"{where}{pfn}: {what}", page, (id(space), index))
+
+
+def _short_tags(tags: bytes | None) -> bytes | None:
+    """A page's tags for export: one byte when every granule has that tag."""
+    if tags is not None and tags.count(tags[:1]) == len(tags):
+        return tags[:1]
+    return tags
 
 
 def _in_range(pages: dict | None, lo: int, hi: int) -> list:

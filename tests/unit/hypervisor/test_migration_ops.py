@@ -204,7 +204,7 @@ class TestGhostExportImport:
         out = (await vm("ghost-export"))["entries"]
         assert sorted(out) == [str((IPA >> 12) + i) for i in range(4)]
         tags, digest = out[str((IPA >> 12) + 1)]
-        assert tags == bytes([4]) * 256 and digest == data_hash(bytes([2]) * 64 + bytes(PAGE - 64))
+        assert tags == bytes([4]) and digest == data_hash(bytes([2]) * 64 + bytes(PAGE - 64))  # uniform: 1 byte
         msgpack.unpackb(msgpack.packb(out, use_bin_type=True), raw=False)  # msgpack-encodable as it is
 
     async def test_only_the_owner_may_ask(self):
@@ -248,7 +248,19 @@ class TestGhostExportImport:
         vm = await written_vm(k)
         await vm("ghost-import", entries={str((IPA >> 12) + 1): [bytes([9]) * 256, None]})
         out = (await vm("ghost-export"))["entries"]
-        assert out == {str((IPA >> 12) + 1): [bytes([9]) * 256, None]}
+        assert out == {str((IPA >> 12) + 1): [bytes([9]), None]}
+
+    async def test_mixed_tags_export_whole_and_one_byte_imports_as_a_uniform_page(self):
+        """A page with mixed tags exports all 256; a one-byte import stands for 256 granules of that tag."""
+        k = Kernel()
+        vm = await written_vm(k)
+        await vm.stg(IPA, 16, tag=9)
+        gfn = str(IPA >> 12)
+        assert (await vm("ghost-export"))["entries"][gfn][0] == bytes([9]) + bytes([3]) * 255
+        await vm("ghost-import", entries={gfn: [b"\x05", None]})
+        hva = vm.kvm.memslots[0].userspace_addr
+        ghost = k.oracle.ghost
+        assert ghost.lookup(ghost.run_loc(vm.vmm.task.mm, vm.vmm.vma(hva), hva >> 12)).tags == bytes([5]) * 256
 
     async def test_bad_entries_are_einval_and_change_nothing(self):
         """A gfn outside the memslots or tags of the wrong size is EINVAL and the record stays as it was."""
@@ -256,7 +268,7 @@ class TestGhostExportImport:
         vm = await written_vm(k)
         before = (await vm("ghost-export"))["entries"]
         await expect_errno("EINVAL", vm("ghost-import", entries={"5": [None, None]}))
-        await expect_errno("EINVAL", vm("ghost-import", entries={str(IPA >> 12): [b"\x01", None]}))
+        await expect_errno("EINVAL", vm("ghost-import", entries={str(IPA >> 12): [b"\x01\x02", None]}))
         assert (await vm("ghost-export"))["entries"] == before
 
     def test_data_hash_is_the_same_in_another_process(self):
