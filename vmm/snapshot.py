@@ -16,7 +16,10 @@ zeroes every resident page the file has no record for (private anonymous memory 
 with MADV_DONTNEED; other backings get zero data with ``store`` and zero tags with COPY_TAGS
 TO_GUEST), writes the saved pages (data, then tags TO_GUEST; a read-only slot is registered
 writable for the copy and read-only again after), and resumes. If a memory write fails midway the
-vCPUs get their previous state back (memory cannot be taken back). ``mincore`` is trusted for every
+vCPUs get their previous state back (memory cannot be taken back). The file is mapped, not copied: what was
+validated is what is written as long as nobody rewrites the file in place meanwhile (a snapshot
+to the same path renames a new file over it, which leaves the mapped one intact; truncating it
+in place under a running restore is not guarded against). ``mincore`` is trusted for every
 backing: the hypervisor counts an object's page cache and swap as resident, so a page it reports
 non-resident reads zero data and zero tags whoever maps it.
 
