@@ -74,7 +74,9 @@ async def run(args: argparse.Namespace, secret: str | None) -> int:
     status = 0
     async with trio.open_nursery() as nursery:
         host = Connector(nursery, args.hypervisor, secret)
-        transport = ProcessTransport(nursery, secret)
+        # the migration socket goes in the launcher's private folder when there is one (removed even if we
+        # are SIGKILLed), else in a temporary folder of our own
+        transport = ProcessTransport(nursery, secret, args.remove_dir)
         vmm = Vmm(host.connect, ProcessGuests(nursery, args.hypervisor, secret), name=args.name,
                   session=args.session, migration=transport, die=_sigkill_self)
         stop = trio.Event()  # set (with a logged reason) when the VMM should shut down

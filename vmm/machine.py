@@ -225,6 +225,8 @@ class Vmm:
         while self._pause_gate is not None:
             await self._pause_gate.wait()
         self._check_moved()
+        if self.closing:
+            raise VmmError(ENODEV, "the VMM has shut down")
         if self._inflight == 0:
             self._idle = trio.Event()
         self._inflight += 1
@@ -631,6 +633,9 @@ class Vmm:
             await self.done.wait()
             return
         self.closing = True
+        if self._pause_gate is not None:  # ops waiting at a pause learn that the VMM is gone (ENODEV)
+            gate, self._pause_gate, self._pauses = self._pause_gate, None, 0
+            gate.set()
         with trio.CancelScope(shield=True):
             with trio.move_on_after(15):
                 if self.hv is not None and self.vm is not None:

@@ -117,12 +117,16 @@ class ProcessTransport:
     Args:
         nursery: where the accepting task and the handler run.
         secret: this host's secret (a hello must prove it), or None.
+        folder: the VMM's private folder for the socket (its launcher removes it even if the VMM is
+            SIGKILLed); None: a temporary folder of our own, removed by :meth:`close`.
     """
 
-    def __init__(self, nursery: trio.Nursery, secret: str | None = None):
+    def __init__(self, nursery: trio.Nursery, secret: str | None = None, folder: str | None = None):
         self.nursery = nursery
         self.secret = secret
-        self.folder: str | None = None
+        self.folder = folder
+        self._own_folder = False
+        self._numbers = itertools.count(1)
 
     async def listen(self, handler: Handler, kind: str = "unix") -> str:
         """Listen for one connection; returns its address (``unix:PATH`` or ``tcp:127.0.0.1:PORT``)."""
@@ -131,8 +135,8 @@ class ProcessTransport:
             address, path = listener_address(listener, "tcp:127.0.0.1:0"), None
         else:
             if self.folder is None:
-                self.folder = tempfile.mkdtemp(prefix="mtekvm-migrate-")
-            path = os.path.join(self.folder, "incoming.sock")
+                self.folder, self._own_folder = tempfile.mkdtemp(prefix="mtekvm-migrate-"), True
+            path = os.path.join(self.folder, f"migrate-{next(self._numbers)}.sock")
             address = f"unix:{path}"
             listener = await open_listener(address)
         self.nursery.start_soon(self._accept_one, listener, handler, path)
@@ -155,8 +159,8 @@ class ProcessTransport:
         return await open_connection(address)
 
     def close(self) -> None:
-        """Remove the private folder (at exit)."""
-        if self.folder is not None:
+        """Remove the temporary folder we made (at exit); a folder we were given is its owner's."""
+        if self.folder is not None and self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
 
