@@ -8,7 +8,8 @@ the first failure, printing its schedule and the command that replays it; ``--sc
 every interleaving and ``--scheduler bounded:N`` every one with at most N preemptions, until one
 fails or the space is exhausted (``--seeds N``: at most N runs). A failure's schedule is then
 shrunk to fewer preemptions (:mod:`mtekvm.hunt`) and its replay printed too. ``mtekvm bugs`` lists
-the bug zoo; ``mtekvm --version`` prints the version.
+the bug zoo; ``mtekvm --version`` prints the version. ``mtekvm stress`` runs generated concurrency
+campaigns and ``mtekvm stress merge`` combines their reports (:mod:`mtekvm.stress.command`).
 
 Every failure is one line on stderr, never a traceback (``MTEKVM_DEBUG=1`` re-raises, for
 developers). Exit status, one meaning each (see :mod:`mtekvm.report`):
