@@ -8,7 +8,8 @@ does not exist, writes a fresh one there, mode 0600); clients present it in
 A launcher passes ``--lifeline-fd N`` (:mod:`shared.lifeline`): the host
 stops when that pipe reaches end-of-file, i.e. when the launcher has died, by
 whatever signal; ``--remove-dir DIR`` names the launcher's private folder
-(the socket's), removed when the host exits, for that reason too. SIGTERM
+(the socket's; with TCP a directory of ours with mode 0700), removed when
+the host exits, for that reason too. SIGTERM
 stops the host cleanly as well.
 """
 
@@ -22,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import sys
 
 import trio
@@ -55,6 +57,20 @@ def _read_secret(path: str) -> str:
 def _inside(path: str, folder: str) -> bool:
     """``path`` is directly inside ``folder`` (what --remove-dir may remove is the socket's own folder)."""
     return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(folder)
+
+
+def _private_folder(folder: str) -> bool:
+    """``folder`` is a launcher's private folder: a directory of ours that nobody else may enter (mkdtemp's 0700).
+
+    What --remove-dir may remove when the host listens on TCP (there is no socket file to tie it to).
+    """
+    try:
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    real = os.path.realpath(folder)
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+            and real not in ("/", os.path.realpath(os.path.expanduser("~"))))
 
 
 #: glibc's mallopt() parameter M_MMAP_THRESHOLD (malloc.h).
@@ -103,8 +119,10 @@ def main(argv=None) -> int:
             lifeline.check_fd(args.lifeline_fd)
         except ValueError as exc:
             p.error(str(exc))
-    if args.remove_dir and not (isinstance(where, str) and _inside(where, args.remove_dir)):  # unix:PATH
-        p.error("--remove-dir must be the folder holding the unix:PATH socket (it is removed on exit)")
+    if args.remove_dir and not (_inside(where, args.remove_dir) if isinstance(where, str)  # unix:PATH
+                                else _private_folder(args.remove_dir)):
+        p.error("--remove-dir must be the folder holding the unix:PATH socket, or with tcp a private folder "
+                "of ours (mode 0700); it is removed on exit")
     secret = None
     if args.secret_file:
         secret = _read_secret(args.secret_file)
