@@ -282,7 +282,8 @@ class RecordStream:
         buf = self._buf
         while len(buf) < n:
             try:
-                chunk = await self.stream.receive_some(min(max(n - len(buf), 1 << 16), 1 << 20))
+                # the whole rest of the record at once (a memory stream moves its buffer on every read)
+                chunk = await self.stream.receive_some(max(n - len(buf), 1 << 16))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise StreamError(ECONNRESET, f"the migration connection broke: {exc}") from None
             if not chunk:
