@@ -77,8 +77,9 @@ def config_from_args(args) -> CampaignConfig:
     for opt, path in (("--json", args.json), ("--trace", args.trace)):
         if path is not None:
             _check_writable(opt, path)
-    gen = GenConfig(ops=ops, weights=weights, hugetlb=not args.no_hugetlb,
-                    **({"kernel_fixes": ()} if args.no_kernel_fixes else {}))
+    gen = GenConfig(ops=ops, weights=weights, hugetlb=not args.no_hugetlb)
+    if args.no_kernel_fixes:
+        gen = attrs.evolve(gen, kernel_fixes=())
     return CampaignConfig(gen=gen, bugs=tuple(args.bug),
                           policy=args.policy, depth=depth, budget=budget, runs_per_scenario=args.runs_per_scenario,
                           first_seed=args.seed, shard=shard, jobs=args.jobs, shrink=not args.no_shrink,
@@ -181,7 +182,8 @@ def run_campaign(cfg: CampaignConfig, live: _Live | None = None) -> tuple[dict, 
         if msg[0] == "progress":
             progress[msg[1]] = msg[2:]
             if live:
-                live.update(*(sum(v[i] for v in progress.values()) for i in range(3)))
+                runs, scenarios, found = (sum(v[i] for v in progress.values()) for i in range(3))
+                live.update(runs, scenarios, found)
         elif msg[0] == "done":
             results[msg[1]] = (msg[2], msg[3])
         else:
