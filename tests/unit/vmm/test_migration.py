@@ -301,6 +301,26 @@ class TestMigration:
         await src.vmm_op("dirty-log", slot=0, action="clear")
         assert await src.vmm_op("dirty-log", slot=0, action="get") == []
 
+    async def test_readonly_and_logging_slots_keep_their_flags(self, pair):
+        """A read-only slot arrives read-only with its data; a slot that logged logs on with an empty bitmap."""
+        src, dst = pair
+        await src.call("vm-create", name="vm0")
+        await src.vmm_op("enable-cap", cap="arm-mte")
+        rw = await src.vmm_op("mmap", size=MiB, prot=["read", "write"], share="private", backing="anon")
+        ro = await src.vmm_op("mmap", size=MiB, prot=["read", "write"], share="shared", backing="memfd")
+        await src.vmm_op("set-memory-region", slot=0, ipa=RAM, size=MiB, addr=rw, flags=["log-dirty-pages"])
+        await src.vmm_op("set-memory-region", slot=1, ipa=RAM2, size=MiB, addr=ro, flags=["readonly"])
+        await src.vmm_op("create-vcpu")
+        await src.vmm_op("dma-write", ipa=RAM2 + 5 * PAGE_SIZE, data=b"firmware")
+        await src.guest("store", addr=RAM + PAGE_SIZE, data=b"ram")
+        assert await src.vmm_op("dirty-log", slot=0, action="get") == [1]
+        await migrate(src, dst)
+        assert dst.vmm.slots[1].flags == ("readonly",) and "log-dirty-pages" in dst.vmm.slots[0].flags
+        assert await dst.vmm_op("dirty-log", slot=0, action="get") == []
+        assert await dst.vmm_op("dma-read", ipa=RAM2 + 5 * PAGE_SIZE, size=8) == b"firmware"
+        assert await dst.guest("load", addr=RAM2 + 5 * PAGE_SIZE, size=8) == b"firmware"
+        assert await dst.guest("load", addr=RAM + PAGE_SIZE, size=3) == b"ram"
+
     async def test_dma_writes_during_precopy_are_resent(self, pair):
         """A device DMA write during pre-copy (which KVM's log does not see) reaches the destination."""
         src, dst = pair
