@@ -12,9 +12,11 @@ runner, Hypothesis's engine):
    ``free`` run once. The search stops at the first failing execution, or runs
    them all with ``collect=True``.
 2. **shrink** (controlled runs): the first failure's schedule is cut to fewer
-   preemptions. Each pass tries dropping one preemption (then two adjacent ones:
-   a switch away and the switch back) and replays the rest leniently (an entry
-   whose target is not runnable is skipped); if the run
+   preemptions. Chunks go first (half the schedule, then quarters, ...), then
+   each pass tries dropping one preemption (then two adjacent ones: a switch
+   away and the switch back); each candidate replays leniently (an entry
+   whose target is not runnable is skipped), at most :data:`SHRINK_BUDGET`
+   executions in all; if the run
    still fails with the same first invariant (or step, or missing expected
    violation), the run's own recorded schedule replaces the schedule. Repeats
    until no single drop keeps the failure. Deterministic: the same failure
@@ -240,26 +242,48 @@ async def hunt(scenario: Scenario | str, scheduler: SchedulerSpec | str | None =
                       shrink_runs, result, shrunk)
 
 
-async def _shrink(execute, failed: ScenarioResult, depth: int) -> tuple[str, int]:
+#: Executions a shrink may take (a random walk over a long run, such as a live migration, records
+#: hundreds of preemptions); the schedule found so far is kept when the budget runs out.
+SHRINK_BUDGET = 400
+
+
+async def _shrink(execute, failed: ScenarioResult, depth: int, budget: int = SHRINK_BUDGET) -> tuple[str, int]:
     """Drop preemptions from ``failed``'s schedule while the run keeps failing the same way.
+
+    First whole chunks (half the schedule, then quarters, ... as delta debugging does: a long
+    random schedule mostly holds preemptions the failure does not need), then single
+    preemptions and adjacent pairs until no drop keeps the failure, within ``budget`` executions.
 
     Returns the shrunk schedule and the executions it took.
     """
     target = failure_kinds(failed)[:1]
     current = _entries(failed.schedule)
     runs = 0
+
+    async def still_fails(candidate: list[str]) -> bool:
+        nonlocal current, runs
+        text = ",".join(candidate)
+        r = await execute(SchedulerSpec("replay", None, text, depth, policy=Replay(text, strict=False)))
+        runs += 1
+        if not r.passed and (not target or target[0] in failure_kinds(r)):
+            current = _entries(r.schedule)  # what that run really did (skipped entries gone)
+            return True
+        return False
+
+    chunk = len(current) // 2
+    while chunk > 2 and runs < budget:
+        i = 0
+        while i < len(current) and runs < budget:
+            if not await still_fails(current[:i] + current[i + chunk:]):
+                i += chunk
+        chunk //= 2
     changed = True
-    while changed:
+    while changed and runs < budget:
         changed = False
         for width in (1, 2):  # one preemption; then a switch away and back together
             i = 0
-            while i + width <= len(current):
-                candidate = ",".join(current[:i] + current[i + width:])
-                r = await execute(SchedulerSpec("replay", None, candidate, depth,
-                                                policy=Replay(candidate, strict=False)))
-                runs += 1
-                if not r.passed and (not target or target[0] in failure_kinds(r)):
-                    current = _entries(r.schedule)  # what that run really did (skipped entries gone)
+            while i + width <= len(current) and runs < budget:
+                if await still_fails(current[:i] + current[i + width:]):
                     changed = True
                 else:
                     i += 1

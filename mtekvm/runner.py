@@ -701,6 +701,23 @@ def replay_command(scn: Scenario, schedule: str, bugs: tuple[str, ...]) -> str:
     return " ".join(shlex.quote(c) for c in cmd)
 
 
+def _repeatable_task_order() -> None:
+    """Make trio's order among tasks woken together repeatable from here on.
+
+    The controlled scheduler decides which kernel context runs; code outside any context (a
+    VMM's own logic between its hypervisor calls, two VMMs streaming a migration to each other)
+    runs freely until every task is blocked. Trio shuffles the tasks woken in one batch with a
+    module-level ``random.Random``; seeding it at the start of each controlled run makes that
+    order, hence the run, a function of the schedule alone, so a recorded schedule replays to
+    the same run.
+    """
+    from trio._core import _run as trio_run
+
+    rng = getattr(trio_run, "_r", None)
+    if rng is not None and hasattr(rng, "seed"):
+        rng.seed(0)
+
+
 def _replay_check(run: _Run) -> None:
     """Replay is strict: a divergence, or an entry the run never reached, is a ReplayError."""
     for sched in {id(link.scheduler): link.scheduler for link in run.hosts.values()}.values():
@@ -730,6 +747,8 @@ async def run_scenario(scn: Scenario, opts: RunOptions = RunOptions()) -> Scenar
     error: BaseException | None = None
     violations: list[dict] = []
     schedule = ""
+    if (opts.scheduler or scn.scheduler).kind != "free":
+        _repeatable_task_order()
     async with trio.open_nursery() as nursery:
         run = _Run(scn, opts, nursery)
         try:

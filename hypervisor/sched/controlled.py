@@ -98,6 +98,7 @@ class ControlledScheduler(Scheduler):
         self.max_decisions = max_decisions
         self.decisions = 0
         self.points = 0
+        self._name_decisions: dict[str, int] = {}  # decisions taken while each name was the last to run
 
     @property
     def schedule(self) -> str:
@@ -118,8 +119,7 @@ class ControlledScheduler(Scheduler):
     async def context(self, actor: str):
         if actor in self._actors and self._actors[actor].alive:
             raise ValueError(f"actor {actor!r} is already running")
-        prev = self._actors.get(actor)  # a name's decisions count on across its contexts: (name, n) is unique
-        a = _Actor(actor, decisions=prev.decisions if prev is not None else 0)
+        a = _Actor(actor)
         self._actors[actor] = a
         token = current_actor.set(actor)
         try:
@@ -174,7 +174,11 @@ class ControlledScheduler(Scheduler):
         last = self._last
         default = last if (last.alive and last in runnable) else runnable[0]
         last.decisions += 1
-        key = (last.name, last.decisions)
+        # keyed on the name's count, not the context's: a name may be reused (a VMM makes many calls under
+        # one step's name), even while a dead context of that name is still the last one, and (name, n)
+        # must be reached once per run for a schedule to replay
+        n = self._name_decisions[last.name] = self._name_decisions.get(last.name, 0) + 1
+        key = (last.name, n)
         choice = self.policy.choose(Decision(tuple(runnable), last.name, default, key, self.decisions))
         if choice not in runnable:
             raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, "
