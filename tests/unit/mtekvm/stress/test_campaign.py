@@ -104,3 +104,21 @@ def test_generated_load_uses_the_given_path():
     """A loaded generated scenario carries the path the replay command will name."""
     from mtekvm.stress.gen import generate
     assert load(generate(3), "out/x.toml").path == "out/x.toml"
+
+
+async def test_pct_learns_its_step_bound():
+    """A PCT campaign replaces the first-execution bound of 40 with the contended decisions it saw."""
+    cfg = CampaignConfig(policy="pct", budget=Budget(runs=6), gen=GenConfig(ops=("fault", "tags")))
+    w = Worker(cfg)
+    stats, _ = await w.run()
+    assert stats.pct_bound != 40 and stats.pct_bound >= 1
+    assert w._policy(99).steps == stats.pct_bound
+
+
+async def test_coverage_campaign_accumulates_pairs():
+    """A coverage campaign keeps one policy object, whose covered pairs grow over the runs."""
+    cfg = CampaignConfig(policy="coverage", budget=Budget(runs=6), gen=GenConfig(ops=("fault", "tags")))
+    w = Worker(cfg)
+    stats, _ = await w.run()
+    assert w._policy(1) is w._policy(2)
+    assert stats.coverage_pairs == len(w.coverage.covered) > 5

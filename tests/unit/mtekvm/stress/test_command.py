@@ -76,7 +76,7 @@ def test_jobs_split_the_run_budget(tmp_path, capsys):
 
 def test_jobs_find_a_failure(tmp_path, capsys):
     """Worker processes report their failures to the parent, which writes them."""
-    rc, doc = _stress(tmp_path, *BUG, "--budget", "16runs", "--jobs", "2")
+    rc, doc = _stress(tmp_path, *BUG, "--budget", "16runs", "--jobs", "2", "--no-shrink")
     assert rc == 1 and doc["failures"]
     assert open(doc["failures"][0]["files"]["scenario"]).read()
 
