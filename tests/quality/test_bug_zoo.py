@@ -19,7 +19,8 @@ kvm-tags-zero-page is deterministic (every run). The fixed model: 0 of each.
 Migration (VMM side, two in-process hosts under one scheduler): each
 ``scenarios/migration-*.toml`` zoo file names its bug, the invariant it breaks
 and a seed that shows it; it is hunted here without them (a failure is the
-bug showing), and the fixed VMM must run the same seeds clean.
+bug showing), and the fixed VMM must run the same seeds clean. Measured (random,
+seeds 0..9): each of the three is found at every seed; the fixed VMM, 0 of 10.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class TestKvmTagsZeroPage:
         assert failures == []
 
 
-MIGRATION_BUDGET = 20  # seeds per migration hunt (two in-process hosts, two VMMs, a guest)
+MIGRATION_BUDGET = 8  # seeds per migration hunt (two in-process hosts, two VMMs, a guest: 0.1-0.3 s a run)
 
 
 def as_hunted(path: str, bug: bool):
