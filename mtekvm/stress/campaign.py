@@ -116,6 +116,7 @@ class CampaignConfig:
     shrink_runs: int = 400  # at most this many runs shrinking one scenario
     max_failures: int | None = None  # stop after this many distinct failures (None: the whole budget)
     out: str = "."  # where failure files will be written (the replay command names them there)
+    deadline: float | None = None  # time.time() when a time budget ends for every worker (set by the parent)
 
 
 def seeds(cfg: CampaignConfig, worker: int):
@@ -182,6 +183,8 @@ class Worker:
     def _out_of_budget(self) -> bool:
         b = self.cfg.budget
         if b.seconds is not None and time.monotonic() - self.started >= b.seconds:
+            return True
+        if self.cfg.deadline is not None and time.time() >= self.cfg.deadline:
             return True
         if self.max_runs is not None and self.stats.runs >= self.max_runs:
             return True

@@ -153,7 +153,11 @@ def run_campaign(cfg: CampaignConfig, live: _Live | None = None) -> tuple[dict, 
         except KeyboardInterrupt:
             interrupted = True
         return attrs.asdict(w.stats), dedupe(w.failures), interrupted
-    ctx = multiprocessing.get_context("spawn")
+    if cfg.budget.seconds is not None:  # the budget counts from now, not from each worker's start
+        cfg = attrs.evolve(cfg, deadline=time.time() + cfg.budget.seconds)
+    # fork where there is one: the workers start with mtekvm imported (the parent runs no trio loop and no
+    # threads before this); spawn elsewhere
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     q = ctx.Queue()
     stop = ctx.Event()
     procs = [ctx.Process(target=_worker_main, args=(cfg, i, q, stop), daemon=True) for i in range(cfg.jobs)]
