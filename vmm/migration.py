@@ -548,7 +548,10 @@ class Source:
 async def _die_after_reply(vmm: Vmm) -> None:
     """kill-source at after-resume: die once the migrate-out reply has gone out."""
     await trio.sleep(0.05)  # the reply is written as soon as migrate-out returns; this is a margin
-    await vmm.kill_self()
+    try:
+        await vmm.kill_self()
+    except Exception:  # noqa: BLE001 - a system task must not raise (it would end the whole trio run)
+        log.exception("vmm:%s: kill-source after resume failed", vmm.name)
 
 
 # ---- the destination ------------------------------------------------------------------------
