@@ -145,6 +145,9 @@ class ProcessTransport:
     async def _accept_one(self, listener: trio.SocketListener, handler: Handler, path: str | None) -> None:
         try:
             stream = await listener.accept()
+        except OSError as exc:  # nothing a peer does may take the VMM down
+            log.info("migration listener failed: %s", exc)
+            return
         finally:
             await listener.aclose()
             if path is not None:
@@ -256,6 +259,8 @@ class Source:
                 stream = await vmm.migration.dial(self.a["address"], self.a["secret"])
             except OSError as exc:
                 raise VmmError(ECONNREFUSED, f"migrate-out: cannot reach {self.a['address']}: {exc}") from None
+            except ValueError as exc:  # shared.transport.AddressError
+                raise VmmError(EINVAL, f"migrate-out: {exc}") from None
             self.rs = RecordStream(stream)
             try:
                 await self._migrate()

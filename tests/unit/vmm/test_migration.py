@@ -17,7 +17,7 @@ from guest.agent import GuestAgent
 from hypervisor.kernel import Kernel
 from mtekvm.links import InProcessHost
 from shared import migstream
-from shared.errno import ECONNRESET, EINVAL, ENOMEM, ENOSYS, EPERM, EPROTO, ESTALE
+from shared.errno import ECONNREFUSED, ECONNRESET, EINVAL, ENOMEM, ENOSYS, EPERM, EPROTO, ESTALE
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, ConnectionClosed, RemoteError
 from vmm.guestlink import InProcessGuests
@@ -266,6 +266,16 @@ class TestMigration:
         assert src.vmm.slots[0].flags == () and not src.vmm.paused
         assert await src.guest("load", addr=RAM + 2 * PAGE_SIZE, size=1) == b"x"
         await assert_gone_from(dst)
+
+    async def test_nobody_listening_is_econnrefused_and_changes_nothing(self, pair):
+        """migrate-out to an address nobody listens at fails ECONNREFUSED before touching the VM."""
+        src, _ = pair
+        await tagged_vm(src)
+        with pytest.raises(RemoteError) as info:
+            await src.call("migrate-out", address="mem:999999")
+        assert info.value.errno == ECONNREFUSED
+        assert src.vmm.slots[0].flags == () and not src.vmm.paused and not src.vmm.migrating
+        await src.guest("store", addr=RAM, data=b"still here")
 
     async def test_wrong_secret_is_eperm(self, nursery):
         """A destination with a secret refuses a source that does not know it (EPERM)."""
