@@ -40,7 +40,15 @@ import attrs
 import trio
 
 from hypervisor.sched import ControlledScheduler, make_scheduler
-from mtekvm.links import HostLink, HostStartError, InProcessHost, ProcessHost, VmmLink, in_process_migration
+from mtekvm.links import (
+    HostLink,
+    HostStartError,
+    InProcessHost,
+    ProcessHost,
+    VmmLink,
+    _close_quietly,
+    in_process_migration,
+)
 from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, SchedulerSpec, Step
 from shared.control import ACTOR_CHANNEL, ACTOR_OPS
 from shared.errno import ScheduleDivergence
@@ -522,6 +530,7 @@ class _Run:
         if a["fail"] == "kill-destination" and a["fail_at"] == "after-resume":
             self.may_die[vm] = "killed with its VMM after a migration (fail = kill-destination)"
         with trio.CancelScope(shield=True):  # the source exits: nothing of the VM stays on its host
+            await _close_quietly(src)  # a VMM waits for its control connections to close before it exits
             await src_link.stop()
             await self._host_kill(src_host, src_pid, f"{ctx}:kill-src")
         return out
@@ -646,6 +655,7 @@ class _Run:
                     await c.call("shutdown")
                 except Exception:  # noqa: BLE001 - a VMM that died is torn down anyway
                     pass
+                await _close_quietly(c)  # the VMM exits once its control connections have closed
         for link in self.vmm_links.values():
             with trio.move_on_after(30), trio.CancelScope(shield=True):
                 await link.stop()
