@@ -479,3 +479,12 @@ async def test_hosts_of_one_run_hand_out_distinct_pids():
         finally:
             await run.teardown()
             nursery.cancel_scope.cancel()
+
+
+async def test_exhaustive_hunts_walk_several_hosts():
+    """A bounded hunt runs on a scenario with two hosts (one scheduler per execution) instead of refusing it."""
+    from mtekvm.hunt import hunt
+
+    scn = parse_scenario(tomllib.loads(TWO_HOSTS), "two.toml")
+    res = await hunt(scn, "bounded:1", runs=3)
+    assert res.passed and res.runs == 3
