@@ -74,6 +74,12 @@ def config_from_args(args) -> CampaignConfig:
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise StressUsage(f"--out {out}: not a folder")
+    try:  # made up front, so that an unusable folder is found before a long campaign
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise StressUsage(f"--out {out}: cannot create it: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise StressUsage(f"--out {out}: cannot write there")
     for opt, path in (("--json", args.json), ("--trace", args.trace)):
         if path is not None:
             _check_writable(opt, path)
@@ -157,7 +163,7 @@ def run_campaign(cfg: CampaignConfig, live: _Live | None = None) -> tuple[dict, 
         cfg = attrs.evolve(cfg, deadline=time.time() + cfg.budget.seconds)
     # fork where there is one: the workers start with mtekvm imported (the parent runs no trio loop and no
     # threads before this); spawn elsewhere
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ctx: Any = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     q = ctx.Queue()
     stop = ctx.Event()
     procs = [ctx.Process(target=_worker_main, args=(cfg, i, q, stop), daemon=True) for i in range(cfg.jobs)]
