@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import ipaddress
 import logging
 import os
@@ -94,9 +95,22 @@ def _return_large_buffers_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def _collect_garbage_less_often() -> None:
+    """Run the cyclic garbage collector's youngest generation every 50,000 allocations, not 700.
+
+    The model of a 1 GiB guest holds millions of objects (a ``Pte``, a ``Page``
+    and their dict entries per page) and a bulk copy allocates a few per page,
+    so the default threshold ran a collection every few hundred pages: 20-35%
+    of the CPU time of a 16 MiB store or load. Little of the model's garbage is
+    cyclic, so memory does not grow for it.
+    """
+    gc.set_threshold(50_000, 20, 100)
+
+
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     _return_large_buffers_to_the_os()
+    _collect_garbage_less_often()
     p = argparse.ArgumentParser(prog="python -m hypervisor", description=__doc__.splitlines()[0])
     p.add_argument("--listen", required=True, help="unix:PATH or tcp:HOST:PORT")
     p.add_argument("--no-mte", action="store_true", help="model a CPU without MTE")
