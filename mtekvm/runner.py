@@ -421,6 +421,8 @@ class _Run:
                 args = await self._resolve_vm(step, args)
             elif step.args.get("process") in self.killed:
                 raise RemoteError("ESRCH", f"process {step.args['process']} was killed")
+            elif str(step.args.get("process")).startswith("vmm:"):
+                self._vm_here(step.args["process"][4:], step.actor_target)
             return await self.host_clients[step.actor_target].call(op, args, ctx=ctx)
         if step.actor_target in self.killed:
             raise RemoteError("ESRCH", f"process {step.actor_target} was killed")

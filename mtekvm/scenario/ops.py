@@ -430,6 +430,6 @@ def _host_op(a: Args, d: OpDef, st: Any, host: str) -> dict:
         if vm not in st.vms:
             raise a.where.error("vm", f"unknown VM {vm!r}; VMs: {', '.join(st.vms) or 'none'}")
         owner, addr = st.vms[vm].host, a.get("ipa", size)
-    if process and owner != host:  # a VM may move between hosts: elsewhere it is ESRCH when the step runs
+    if process and not process.startswith("vmm:") and owner != host:  # a VM (and its VMM) may move: ESRCH then
         raise a.where.error("process", f"{process!r} runs on host {owner!r}, not {host!r}")
     return {"process": process, "vm": vm, "addr": addr, "size": a.get("size", size) if sized else None}

@@ -213,9 +213,10 @@ class TestParse:
         assert error('[[steps]]\nactor = "host:dst"\nop = "meminfo"\nvm = "vm0"\n').key == "vm"
 
     def test_host_op_on_a_vm_of_another_host_parses(self):
-        """A host op on a VM declared on another host parses: the VM may have moved (ESRCH if not)."""
-        s = scenario('[[steps]]\nactor = "host:dst"\nop = "page-flags"\nvm = "vm0"\nipa = 0x4000_0000\n')
-        assert s.steps[0].args["vm"] == "vm0"
+        """A host op on a VM (or its VMM) declared on another host parses: the VM may have moved (ESRCH if not)."""
+        s = scenario('[[steps]]\nactor = "host:dst"\nop = "page-flags"\nvm = "vm0"\nipa = 0x4000_0000\n'
+                     '[[steps]]\nactor = "host:dst"\nop = "page-flags"\nprocess = "vmm:vm0"\naddr = 0\n')
+        assert s.steps[0].args["vm"] == "vm0" and s.steps[1].args["process"] == "vmm:vm0"
 
 
 # ---- routing ----------------------------------------------------------------------------
@@ -234,7 +235,9 @@ async def test_a_migrated_vm_is_served_by_its_new_vmm(nursery):
     dst = FakeVmm("b", 22, {"migrate-incoming": ok_incoming})
     rig = Rig(scenario(MIGRATE + LDG + '[[steps]]\nactor = "host:dst"\nop = "page-flags"\nvm = "vm0"\n'
                        'ipa = 0x4000_0000\n[[steps]]\nactor = "host:src"\nop = "page-flags"\nvm = "vm0"\n'
-                       'ipa = 0x4000_0000\n'), nursery, src)
+                       'ipa = 0x4000_0000\n[[steps]]\nactor = "host:src"\nop = "page-flags"\nprocess = "vmm:vm0"\n'
+                       'addr = 0\n[[steps]]\nactor = "host:dst"\nop = "page-flags"\nprocess = "vmm:vm0"\n'
+                       'addr = 0\n'), nursery, src)
     rig.dst.vmms.append(dst)
     rig.run.bugs = ("migration-zero-page-drops-tags",)
     await rig.all()
@@ -249,6 +252,8 @@ async def test_a_migrated_vm_is_served_by_its_new_vmm(nursery):
     assert src.events == ["stop"] and rig.src.killed == [11] and rig.dst.killed == []
     assert rig.outcome("2") == ("ok", {"served-by": "b"})
     assert rig.outcome("3")[0] == "ok" and rig.outcome("4")[0] == "ESRCH"
+    assert rig.outcome("5")[0] == "ESRCH" and rig.outcome("6") == ("ok", {"op": "page-flags", "args": {
+        "pid": 22, "addr": 0}})
     assert (rig.run.vm_host["vm0"], rig.run.pids["vmm:vm0"], rig.run.proc_host["vmm:vm0"]) == ("dst", 22, "dst")
 
 
