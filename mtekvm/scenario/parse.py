@@ -37,7 +37,7 @@ Decisions where the contract is silent:
   called ``host``. A ``fork`` child takes its parent's host and becomes an actor from the next
   step on (not for its siblings in the same ``parallel``).
 - ``ptrace-*`` ``target`` and the host ops' ``process`` accept a process name or ``vmm:VM``.
-  The host ops' process must live on the acting host; a VM may move between hosts
+  The host ops' process must live on the acting host; a VM (and its ``vmm:VM``) may move between hosts
   (``migrate``), so a host op on a VM that is not on the acting host when the step runs is
   ESRCH, not a file error. Their args are normalised to ``{process, vm, addr, size}`` where
   ``addr`` is the ``ipa`` for a VM and ``size`` is ``None`` for ``page-flags``; ``kill`` to
