@@ -196,7 +196,7 @@ class VcpuRegs:
 
 
 #: The keys of one vCPU's saved state (:meth:`VcpuRegs.get_state`).
-STATE_KEYS = ("mte", "sctlr_ata", "tcf", "gcr_excl", "tco", "tfsr", "mair", "rng")
+STATE_KEYS = ("mte", "sctlr_ata", "tcf", "gcr_excl", "pstate_tco", "tfsr", "mair", "rng")
 
 
 def _check_state(state: object) -> dict:
@@ -230,7 +230,8 @@ def _check_state(state: object) -> dict:
             and (rng[2] is None or isinstance(rng[2], float))):
         raise ValueError("rng must be [version, 625 32-bit words, gauss_next] (random.Random.getstate())")
     return {"mte": uint("mte", 15), "sctlr_ata": flag("sctlr_ata"), "tcf": state["tcf"],
-            "gcr_excl": uint("gcr_excl", 0xFFFF), "tco": flag("tco"), "tfsr": uint("tfsr", TFSR_TF0 | TFSR_TF1),
+            "gcr_excl": uint("gcr_excl", 0xFFFF), "pstate_tco": flag("pstate_tco"),
+            "tfsr": uint("tfsr", TFSR_TF0 | TFSR_TF1),
             "mair": uint("mair", (1 << 64) - 1), "rng": (rng[0], tuple(rng[1]), rng[2])}
 
 
@@ -244,7 +245,7 @@ def get_state(regs: VcpuRegs) -> dict:
     """
     version, words, gauss = regs.rng.getstate()
     return {"mte": regs.mte, "sctlr_ata": regs.sctlr_ata, "tcf": regs.tcf, "gcr_excl": regs.gcr_excl,
-            "tco": regs.tco, "tfsr": regs.tfsr, "mair": regs.mair, "rng": [version, list(words), gauss]}
+            "pstate_tco": regs.tco, "tfsr": regs.tfsr, "mair": regs.mair, "rng": [version, list(words), gauss]}
 
 
 def check_state(state: object) -> dict:
@@ -264,7 +265,7 @@ def set_state(regs: VcpuRegs, state: dict) -> None:
     regs.sctlr_ata = state["sctlr_ata"]
     regs.tcf = state["tcf"]
     regs.gcr_excl = state["gcr_excl"]
-    regs.tco = state["tco"]
+    regs.tco = state["pstate_tco"]
     regs.tfsr = state["tfsr"]
     regs.mair = state["mair"]
     regs.rng.setstate(state["rng"])

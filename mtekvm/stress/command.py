@@ -163,7 +163,8 @@ def run_campaign(cfg: CampaignConfig, live: _Live | None = None) -> tuple[dict, 
         cfg = attrs.evolve(cfg, deadline=time.time() + cfg.budget.seconds)
     # fork where there is one: the workers start with mtekvm imported (the parent runs no trio loop and no
     # threads before this); spawn elsewhere
-    ctx: Any = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    methods = multiprocessing.get_all_start_methods()
+    ctx: Any = multiprocessing.get_context(next(m for m in ("fork", "spawn") if m in methods))
     q = ctx.Queue()
     stop = ctx.Event()
     procs = [ctx.Process(target=_worker_main, args=(cfg, i, q, stop), daemon=True) for i in range(cfg.jobs)]

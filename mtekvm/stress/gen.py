@@ -37,7 +37,7 @@ PRIVATE = 0x3000_0000  # p0's private anonymous pages (CoW after fork, KSM)
 FAMILIES: dict[str, int] = {
     "fault": 3,  # host-process loads and stores: page faults, CoW breaks, first touches
     "tags": 3,  # stg / ldg by processes and the VMM: tag initialisation
-    "mmap": 2,  # mmap MAP_FIXED over live pages, mprotect(PROT_MTE) on and off, munmap
+    "vma": 2,  # mmap MAP_FIXED over live pages, mprotect(PROT_MTE) on and off, munmap
     "fork": 2,  # fork before the race; parent and child race on the CoW pages
     "ptrace": 1,  # PTRACE_PEEKMTETAGS / POKEMTETAGS by a peer on a target's pages
     "swap": 1,  # host reclaim: swap out (and in, on the next access)
@@ -50,7 +50,7 @@ FAMILIES: dict[str, int] = {
     "dma": 1,  # device DMA through the VMM's mapping (no tag checks)
 }
 VM_FAMILIES = ("guest", "memslot", "copy-tags", "dirty-log", "dma")
-PROCESS_FAMILIES = ("fault", "mmap", "fork", "ptrace", "ksm")
+PROCESS_FAMILIES = ("fault", "vma", "fork", "ptrace", "ksm")
 #: Backings of guest RAM; "hugetlb" is also a family-like switch (``--ops`` may leave it out).
 VM_BACKINGS = ("anon", "memfd", "hugetlb")
 
@@ -233,7 +233,7 @@ class _World:
         for f in self.fams:
             if f in VM_FAMILIES and self.vm is None:
                 continue
-            if f in ("fault", "mmap", "ptrace", "ksm") and not self.procs and self.vm is None:
+            if f in ("fault", "vma", "ptrace", "ksm") and not self.procs and self.vm is None:
                 continue
             if f == "fork" and self.child is None:
                 continue
@@ -347,7 +347,7 @@ class _World:
                     "size": self.rng.choice([16, 64, PAGE])}
         return {"actor": who, "op": "ldg", "addr": addr, "size": 64}
 
-    def op_mmap(self) -> dict | None:
+    def op_vma(self) -> dict | None:
         who, addr = self._proc_target()
         r = self.rng.random()
         if r < 0.45:

@@ -27,7 +27,7 @@ SLOW = os.environ.get("MTEKVM_SLOW") == "1"
 ZOO = {
     "flag-before-init": ("fork", 250, {"NO-PUBLISH-BEFORE-VALID", "PRESERVE-ON-MAP", "LAST-TAG-WRITTEN",
                                        "PRESERVE-ON-COPY", "TAGS-AS-WRITTEN"}),
-    "no-tag-lock": ("fault,tags,mmap", 100, {"EXCLUSIVE-INIT", "PRESERVE-ON-MAP", "INIT-ONCE"}),
+    "no-tag-lock": ("fault,tags,vma", 100, {"EXCLUSIVE-INIT", "PRESERVE-ON-MAP", "INIT-ONCE"}),
     "mte-allowed-outside-lock": ("guest,memslot", 100, {"VMA-USE-AFTER-FREE"}),
     "copy-tags-during-dirty-log": ("copy-tags,dirty-log", 100, {"DIRTY-LOG-COMPLETE"}),
     "kvm-tags-zero-page": ("guest", 40, {"ZERO-PAGE-NEVER-FLAGGED"}),

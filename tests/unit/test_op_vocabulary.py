@@ -135,25 +135,49 @@ class TestBind:
         assert set(HANDLERS) == {n for n, d in OPS.items() if d.role == "process"}
 
 
+#: Calls that name an op to use it: a request, a scheduling point's label, checking or noting an op's arguments.
+USES = ("call", "_call", "point", "validate_args", "note_host_op")
+
+
 def _literals(path: pathlib.Path, names: set[str]) -> list[tuple[str, int]]:
     """String constants in ``path`` equal to one of ``names`` that declare or dispatch on an op.
 
-    Left out: a client's request (the first argument of ``call``/``_call``, or the op of an
-    ``(op, args)`` pair), a scheduling point's label (``sched.point("munmap")``), and one of the
+    Left out: a client's request (an argument of ``call``/``_call``, :data:`USES`, or the op of an
+    ``(op, args)`` pair), a step's ``"op"`` value (a generated step names its op as a scenario file
+    does), a comparison (``op == "mmap"``), ``__all__``, a tuple, list, set or dict naming only one
+    op among other words (a stress family called ``fork``), a scheduling point's label
+    (``sched.point("munmap")``), and one of the
     four memory-access kinds (``shared.abi.ACCESS_KINDS``, vcpu-access's ``kind``) where the access
     path compares or keys on it: those use a name, they do not declare an op.
     """
     tree = ast.parse(path.read_text())
     skip: set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and node.args and isinstance(node.func, ast.Attribute) \
-                and node.func.attr in ("call", "_call", "point"):
-            skip.add(id(node.args[0]))
+        func = node.func if isinstance(node, ast.Call) else None
+        called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if isinstance(node, ast.Call) and node.args and called in USES:
+            skip.update(id(a) for a in node.args)
         elif isinstance(node, ast.Tuple) and len(node.elts) == 2 and isinstance(node.elts[1], ast.Dict):
             skip.add(id(node.elts[0]))
-        elif isinstance(node, (ast.Compare, ast.Dict)):
+        elif isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)):
+            elts = node.keys if isinstance(node, ast.Dict) else node.elts
+            named = [e for e in elts if isinstance(e, ast.Constant) and e.value in names]
+            if len(named) < 2:  # one op name among other words is a word (a family called fork), not a table
+                skip.update(id(e) for e in named)
+            if isinstance(node, ast.Dict):
+                for key, value in zip(node.keys, node.values, strict=True):
+                    if isinstance(key, ast.Constant) and key.value == "op":  # a step naming its op
+                        skip.add(id(value))
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Constant) and sub.value in ACCESS_KINDS:
+                        skip.add(id(sub))
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__"
+                                                  for t in node.targets):
+            for sub in ast.walk(node.value):  # names of Python objects (a function called load)
+                skip.add(id(sub))
+        elif isinstance(node, ast.Compare):  # a use of the name (``op == "mmap"``), not a declaration
             for sub in ast.walk(node):
-                if isinstance(sub, ast.Constant) and sub.value in ACCESS_KINDS:
+                if isinstance(sub, ast.Constant):
                     skip.add(id(sub))
     return [(node.value, node.lineno) for node in ast.walk(tree)
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names

@@ -22,7 +22,7 @@ def test_state_survives_msgpack_and_restores_every_register():
     assert [b.irg() for _ in range(10)] == [a.irg() for _ in range(10)]
 
 
-@pytest.mark.parametrize("change", [{"tcf": "loud"}, {"gcr_excl": 1 << 16}, {"tco": 1}, {"rng": [3, [], None]},
+@pytest.mark.parametrize("change", [{"tcf": "loud"}, {"gcr_excl": 1 << 16}, {"pstate_tco": 1}, {"rng": [3, [], None]},
                                     {"extra": 1}])
 def test_a_malformed_state_is_refused(change):
     """check_state refuses a wrong value, a bad random state or an unknown key with ValueError."""

@@ -174,7 +174,7 @@ class TestGuestState:
         state = await a.vmm.guest_state(None)
         assert set(state["vcpus"]) == {"0", "1"}
         v1 = state["vcpus"]["1"]
-        assert (v1["sctlr_ata"], v1["tcf"], v1["gcr_excl"], v1["tco"]) == (True, "asymm", 0xFF0F, True)
+        assert (v1["sctlr_ata"], v1["tcf"], v1["gcr_excl"], v1["pstate_tco"]) == (True, "asymm", 0xFF0F, True)
         assert state["stage1"] == [[0x10_0000, 8 * PAGE_SIZE, RAM, "tagged"]]
         await b.vmm.set_guest_state(state, None)
         assert await b.vmm.guest_state(None) == state

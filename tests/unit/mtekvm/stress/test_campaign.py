@@ -50,7 +50,7 @@ def test_shard_is_deterministic():
 
 async def test_run_budget_is_kept():
     """A run budget of N runs exactly N runs on the fixed model and finds nothing."""
-    w = Worker(CampaignConfig(budget=Budget(runs=12), gen=GenConfig(ops=("fault", "tags", "mmap"))))
+    w = Worker(CampaignConfig(budget=Budget(runs=12), gen=GenConfig(ops=("fault", "tags", "vma"))))
     stats, failures = await w.run()
     assert stats.runs == 12
     assert failures == []
@@ -60,7 +60,7 @@ async def test_run_budget_is_kept():
 async def test_finds_shrinks_and_replays_no_tag_lock(tmp_path):
     """With no-tag-lock on, a campaign finds a second tag initialiser, shrinks it, and the files replay it."""
     cfg = CampaignConfig(bugs=("no-tag-lock",), budget=Budget(runs=200), max_failures=1, out=str(tmp_path),
-                         gen=GenConfig(ops=("fault", "tags", "mmap")))
+                         gen=GenConfig(ops=("fault", "tags", "vma")))
     stats, failures = await Worker(cfg).run()
     assert failures, f"no failure in {stats.runs} runs"
     f = failures[0]
