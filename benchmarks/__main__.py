@@ -574,6 +574,12 @@ async def run(args) -> list[Row]:
                 print(f"figure 5: KVM_ARM_MTE_COPY_TAGS dump of a {args.dump_mib} MiB guest ...", file=sys.stderr,
                       flush=True)
                 kvm_rows += await bench_copy_tags(echo, args.dump_mib)
+            if args.migrate_mib:
+                from benchmarks.migration import bench_migration
+
+                print(f"figures 6 and 7: live migration and snapshot of a {args.migrate_mib} MiB guest "
+                      f"({args.migrate_mib // 4} MiB tagged) ...", file=sys.stderr, flush=True)
+                kvm_rows += [Row(**r) for r in await bench_migration(echo, args.migrate_mib, args.migrate_mib // 4)]
         finally:
             await hv.stop()
             await echo.stop()
@@ -589,8 +595,13 @@ def main(argv=None) -> int:
     p.add_argument("--touch", type=int, default=64, help="MiB touched by the memory figure (default 64)")
     p.add_argument("--dump-mib", type=int, default=1024,
                    help="guest RAM dumped by the COPY_TAGS figure, in MiB (default 1024; 0 skips it)")
+    p.add_argument("--migrate-mib", type=int, default=1024,
+                   help="guest RAM of the migration and snapshot figures, in MiB, a quarter of it touched and "
+                        "tagged (default 1024; 0 skips them)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
+    if args.migrate_mib < 0 or args.migrate_mib % 64:
+        p.error("--migrate-mib must be 0 or a multiple of 64")
     if args.dump_mib < 0:
         p.error("--dump-mib must be 0 or more")
     t0 = time.perf_counter()
