@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--tap", action="store_true", help="print TAP version 13 instead of tables")
     r.add_argument("--host", metavar="ADDR", help="use a running hypervisor (unix:PATH or tcp:HOST:PORT)")
     r.add_argument("--secret-file", metavar="F", help="the running hypervisor's secret (with --host)")
+    r.add_argument("--listen", choices=("unix", "tcp"), default="unix",
+                   help="where the private hypervisors listen: a Unix socket (default), or TCP on 127.0.0.1 with "
+                        "a secret (VMMs then migrate over TCP too)")
     r.add_argument("--bug", action="append", default=[], choices=sorted(BUGS), metavar="NAME",
                    help=f"switch on a bug-zoo race ({', '.join(sorted(BUGS))})")
     r.add_argument("--scheduler", type=_scheduler_kind, metavar="KIND",
@@ -264,6 +267,8 @@ def check_options(args) -> None:
             raise UsageError(f"--seeds must be at least 1 (got {args.seeds})")
         if kind in ("free", "replay"):
             raise UsageError(f"--seeds applies only to the random, pct, dfs and bounded:N schedulers, not {kind}")
+    if getattr(args, "listen", "unix") != "unix" and args.host is not None:
+        raise UsageError(f"--listen {args.listen} applies to private hypervisors; --host uses a running one")
     if args.secret_file is not None and args.host is None:
         raise UsageError("--secret-file applies only with --host (a private hypervisor makes its own secret)")
     if args.host is not None and (kind in ("random", "pct", "replay") or exhaustive):
@@ -323,7 +328,7 @@ async def _run_one(scn: Scenario, args, secret) -> ScenarioResult:
     many = runs is None or runs > 1
     unit = "seeds" if base.kind in ("random", "pct") else "runs"
     progress = Progress(scn.name, runs, unit=unit) if many else None
-    opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=base)
+    opts = RunOptions(host=args.host, secret=secret, bugs=tuple(args.bug), scheduler=base, listen=args.listen)
     try:
         res = await hunt(scn, base, runs=runs, options=opts,
                          progress=(lambda done, r: progress.update(done) if r.passed else None) if progress else None)

@@ -913,3 +913,20 @@ class TestInterrupt:
         doc = json.loads(out.read_text())
         assert doc["summary"]["interrupted"] is True and doc["exit_status"] == 130
         assert [s["name"] for s in doc["scenarios"]] == ["tags round trip"]
+
+
+def test_listen_tcp_runs_a_migration_between_hosts_on_tcp(tmp_path):
+    """`mtekvm run --listen tcp` starts both hosts on TCP loopback and the migration scenario passes over it."""
+    out = tmp_path / "r.json"
+    r = run_cli("run", "--listen", "tcp", ROOT / "scenarios" / "migration-retag-while-migrating.toml", "--json", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (scn,) = json.loads(out.read_text())["scenarios"]
+    migrate = [s for s in scn["steps"] if s["op"] == "migrate"]
+    assert migrate and all(s["outcome"] == "ok" for s in migrate), migrate
+
+
+def test_listen_tcp_with_a_running_host_is_a_usage_error():
+    """`--listen tcp` with `--host` is refused with exit 2 and one line naming both options."""
+    r = run_cli("run", "--listen", "tcp", "--host", "unix:/nonexistent", ROOT / "scenarios" / "ksm-and-swap.toml")
+    assert r.returncode == 2
+    assert "--listen tcp" in r.stderr and "--host" in r.stderr
