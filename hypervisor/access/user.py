@@ -37,7 +37,7 @@ from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.ghost import Ghost, data_hash, loc_of
-from hypervisor.mm.memory import handle_mm_fault
+from hypervisor.mm.memory import do_anonymous_page_run, handle_mm_fault
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
 
@@ -73,14 +73,25 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
     mm = task.mm
     pt = mm.pt
     lo, hi = va >> PAGE_SHIFT, ((va + size - 1) >> PAGE_SHIFT) + 1
+    around = write and k.sched.kind == "free"  # a run of empty PTEs is faulted in at once
     for _ in range(16):
         faulted = False
-        for vpn, pte in zip(range(lo, hi), list(map(pt.get, range(lo, hi))), strict=True):
-            if faulted:  # a fault may have yielded: the page tables as they are now
+        ptes0 = list(map(pt.get, range(lo, hi)))
+        vpn = lo
+        while vpn < hi:
+            pte = pt.get(vpn) if faulted else ptes0[vpn - lo]  # a fault may have yielded: the tables as they are
+            if pte is None and around:
+                empty = hi - vpn if faulted else _empty_run(ptes0, vpn - lo)
+                done = await do_anonymous_page_run(k, mm, vpn, empty)
+                faulted = True
+                if done:
+                    vpn += done
+                    continue
                 pte = pt.get(vpn)
             if pte is None or not pte.present or (write and not pte.write):
                 await handle_mm_fault(k, mm, vpn << PAGE_SHIFT, write)
                 faulted = True
+            vpn += 1
         await k.sched.point("uaccess")
         found = list(map(pt.get, range(lo, hi)))
         if None in found:
@@ -108,6 +119,15 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
             ptes[-1] = (pte, 0, va + size - (v << PAGE_SHIFT), v, vma)
         return ptes
     raise KernelError("EFAULT", f"access at {va:#x} kept losing its pages")
+
+
+def _empty_run(ptes: list, i: int) -> int:
+    """How many entries of ``ptes`` from ``i`` are None (empty PTEs)."""
+    n = len(ptes)
+    j = i
+    while j < n and ptes[j] is None:
+        j += 1
+    return j - i
 
 
 def effective_tcf(k: Kernel, task: Task) -> str:

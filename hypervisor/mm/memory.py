@@ -24,9 +24,12 @@ from typing import TYPE_CHECKING
 
 from hypervisor.arm64.copypage import copy_user_highpage
 from hypervisor.arm64.mte import mte_sync_tags, tag_clear_highpage
+from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.tags import mte_clear_page_tags
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
 from hypervisor.page import Page
+from hypervisor.sched import current_actor
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 
@@ -216,6 +219,68 @@ async def do_anonymous_page(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) 
     page = await vma_alloc_zeroed_movable_folio(k, vma)
     await set_pte_at(k, mm, vpn, _pte_for(vma, page, True), expect=None)
     put_page(k, page)
+
+
+#: Bug-zoo switches that change the tag lock: their faults take the per-page path, which models them.
+_RUN_SLOW_BUGS = frozenset({"flag-before-init", "no-tag-lock"})
+
+
+async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked: bool = False) -> int:
+    """do_anonymous_page() for a run of untouched pages, as alloc_anon_folio() + set_ptes(nr) map an mTHP (mm/memory.c).
+
+    Deliberate difference (the free scheduler's fault-around for writes): the
+    pages stay order-0 frames, and up to ``nr`` write faults on empty PTEs of
+    one anonymous writable VMA from ``vpn`` are handled under one mmap_lock
+    hold with one scheduling point (the lock's), leaving exactly the state the
+    page-by-page path leaves: a new frame per page, its tags cleared and
+    PG_mte_lock|PG_mte_tagged set under VM_MTE (tag_clear_highpage, one
+    initialiser), a writable PTE (Normal-Tagged under VM_MTE), the rmap entry,
+    mapcount 1, one reference, no ghost entry. Only the free scheduler may
+    call it (no other context runs between two pages there); a controlled
+    scheduler keeps every per-page point. Returns the pages mapped: 0 when the
+    first page is not an empty PTE of such a VMA (the caller's per-page fault
+    decides); stops at the first page that is not empty or when memory runs out
+    (ENOMEM is raised only when no page was mapped).
+    """
+    if not locked:
+        await mm.mmap_lock.read_lock()  # the run's scheduling point
+    try:
+        vma = mm.find_vma(vpn << PAGE_SHIFT)
+        if vma is None or not vma.is_anon or not vma.flags & VM_WRITE or vma.flags & (VM_PFNMAP | VM_HUGETLB) \
+                or k.bugs & _RUN_SLOW_BUGS:
+            return 0
+        nr = min(nr, (vma.end >> PAGE_SHIFT) - vpn)
+        pt = mm.pt
+        alloc = k.alloc
+        tagged = bool(vma.flags & VM_MTE)
+        clear = tagged and k.mte  # vma_alloc_zeroed_movable_folio(): __GFP_ZEROTAGS
+        actor = current_actor.get() if clear else None
+        done = 0
+        for v in range(vpn, vpn + nr):
+            if v in pt:
+                break
+            try:
+                page = alloc.alloc_page()
+            except KernelError:
+                if done:
+                    break
+                raise
+            if clear:  # tag_clear_highpage(): try_page_mte_tagging() wins on a new page
+                page.flags |= PG_mte_lock
+                k.oracle.on_init_start(page, actor)
+                mte_clear_page_tags(k, page)
+                page.flags |= PG_mte_tagged  # set_page_mte_tagged(); waiters are woken below
+            # set_pte_at(): mte_sync_tags() finds the page tagged; _install() takes the PTE's reference,
+            # put_page() drops the allocation's: one reference, the PTE's
+            pt[v] = Pte(page=page, write=True, tagged=tagged)
+            page.rmap.add((mm, v))
+            page.mapcount += 1
+            done += 1
+        k.sched.wake()
+        return done
+    finally:
+        if not locked:
+            mm.mmap_lock.read_unlock()
 
 
 async def vma_alloc_zeroed_movable_folio(k: Kernel, vma: Vma) -> Page:
