@@ -254,7 +254,7 @@ async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked:
         alloc = k.alloc
         tagged = bool(vma.flags & VM_MTE)
         clear = tagged and k.mte  # vma_alloc_zeroed_movable_folio(): __GFP_ZEROTAGS
-        actor = current_actor.get() if clear else None
+        actor = current_actor.get()
         done = 0
         for v in range(vpn, vpn + nr):
             if v in pt:
