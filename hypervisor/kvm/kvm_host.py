@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from hypervisor.kernel import Kernel
+    from hypervisor.kvm.mmu import SrcuStruct
     from hypervisor.mm.mmu_notifier import MmuNotifierRange
     from hypervisor.mm_types import MM
     from hypervisor.process import Task
@@ -77,6 +78,7 @@ class Kvm:
     destroyed: bool = False
     notifier: Callable[[MmuNotifierRange], None] | None = None
     ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
+    srcu: SrcuStruct | None = None  # kvm->srcu, set by KVM_CREATE_VM (memslot readers vs kvm_swap_active_memslots)
 
     @property
     def mm(self) -> MM:

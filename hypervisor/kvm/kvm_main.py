@@ -45,7 +45,7 @@ from hypervisor.kvm.kvm_host import (
     Vcpu,
     kvm_has_mte,
 )
-from hypervisor.kvm.mmu import kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
+from hypervisor.kvm.mmu import SrcuStruct, kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
 from hypervisor.locks import ModelMutex
 from shared.errno import KernelError
 
@@ -85,7 +85,8 @@ class KvmState:
                                         f"{IPA_BITS_MIN}..{IPA_BITS_MAX}")
         h = next(self._handles)
         sched = self.k.sched
-        kvm = Kvm(h, task, ipa_bits, ModelMutex(sched, f"kvm{h}.lock"), ModelMutex(sched, f"kvm{h}.slots_lock"))
+        kvm = Kvm(h, task, ipa_bits, ModelMutex(sched, f"kvm{h}.lock"), ModelMutex(sched, f"kvm{h}.slots_lock"),
+                  srcu=SrcuStruct(f"kvm{h}.srcu"))  # init_srcu_struct(&kvm->srcu) in kvm_create_vm()
         self.vms[h] = kvm
         kvm_init_mmu_notifier(self.k, kvm)
         return kvm

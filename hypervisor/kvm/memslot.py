@@ -51,9 +51,11 @@ from hypervisor.kvm.kvm_host import (
     kvm_has_mte,
 )
 from hypervisor.kvm.mmu import (
+    KVM_MEMSLOT_INVALID,
     kvm_arch_flush_shadow_memslot,
     kvm_arch_mmu_enable_log_dirty_pt_masked,
     kvm_mmu_wp_memory_region,
+    synchronize_srcu_expedited,
 )
 from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
 from shared.errno import KernelError
@@ -117,9 +119,9 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
         if npages == 0:  # KVM_MR_DELETE
             if old is None:
                 raise KernelError("EINVAL", f"delete of memslot {slot_id}, which does not exist")
-            _set_logging(kvm, old, False)
-            kvm_arch_flush_shadow_memslot(k, kvm, old)
-            del kvm.memslots[slot_id]
+            await kvm_invalidate_memslot(k, kvm, old)
+            del kvm.memslots[slot_id]  # kvm_delete_memslot()
+            _set_logging(kvm, old, False)  # kvm_commit_memory_region(): the dirty bitmap goes
             return
         if old is None:
             change = "create"
@@ -138,7 +140,16 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
                 if other.id != slot_id and base_gfn < other.base_gfn + other.npages \
                         and other.base_gfn < base_gfn + npages:
                     raise KernelError("EEXIST", f"memslot {slot_id} overlaps memslot {other.id}")
-        await kvm_arch_prepare_memory_region(k, kvm, base_gfn, npages, hva, flags)
+        if change == "move":
+            assert old is not None
+            await kvm_invalidate_memslot(k, kvm, old)
+            try:
+                await kvm_arch_prepare_memory_region(k, kvm, base_gfn, npages, hva, flags)
+            except KernelError:
+                old.flags &= ~KVM_MEMSLOT_INVALID  # kvm_activate_memslot(kvm, invalid_slot, old): back as it was
+                raise
+        else:
+            await kvm_arch_prepare_memory_region(k, kvm, base_gfn, npages, hva, flags)
         if change == "create":
             slot = Memslot(slot_id, base_gfn, npages, hva, flags)
             kvm.memslots[slot_id] = slot
@@ -146,8 +157,8 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
             return
         assert old is not None  # a move or a flags change is of an existing slot
         if change == "move":
-            # kvm_prepare_memory_region(): a slot that keeps logging keeps old->dirty_bitmap
-            kvm_arch_flush_shadow_memslot(k, kvm, old)
+            # kvm_prepare_memory_region(): a slot that keeps logging keeps old->dirty_bitmap;
+            # kvm_move_memslot() publishes it valid at its new IPA
             old.base_gfn = base_gfn
             old.flags = flags
             _set_logging(kvm, old, old.dirty_tracked)
@@ -158,6 +169,31 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
         _set_logging(kvm, old, old.dirty_tracked)
         if old.dirty_tracked and not was and not kvm_dirty_log_manual_protect_and_init_set(kvm):
             kvm_mmu_wp_memory_region(k, kvm, old)
+
+
+async def kvm_invalidate_memslot(k: Kernel, kvm: Kvm, old: Memslot) -> None:
+    """kvm_invalidate_memslot() (virt/kvm/kvm_main.c), for KVM_MR_DELETE and KVM_MR_MOVE.
+
+    Marks the slot KVM_MEMSLOT_INVALID and publishes it (``kvm_swap_active_memslots``,
+    which waits out every SRCU reader with ``synchronize_srcu_expedited``): a stage-2
+    fault that found the slot valid has finished, one that starts now finds no hva.
+    Only then ``kvm_arch_flush_shadow_memslot`` zaps its stage-2 entries, so no fault
+    can map the slot's gfns afterwards. The model keeps the one slot object with
+    a flag where Linux swaps in a copy.
+    """
+    old.flags |= KVM_MEMSLOT_INVALID
+    await kvm_swap_active_memslots(k, kvm)
+    kvm_arch_flush_shadow_memslot(k, kvm, old)
+
+
+async def kvm_swap_active_memslots(k: Kernel, kvm: Kvm) -> None:
+    """kvm_swap_active_memslots() (virt/kvm/kvm_main.c): publish the memslots, then synchronize_srcu_expedited.
+
+    The model's memslots are published as they change; what remains is the wait
+    for the readers of the old ones (``kvm_handle_guest_abort``).
+    """
+    assert kvm.srcu is not None  # set by KVM_CREATE_VM
+    await synchronize_srcu_expedited(k, kvm.srcu)
 
 
 def kvm_dirty_log_manual_protect_and_init_set(kvm: Kvm) -> bool:

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import attrs
+
 from hypervisor.arm64.mte_lock import (
     folio_set_hugetlb_mte_tagged,
     folio_try_hugetlb_mte_tagging,
@@ -60,6 +62,51 @@ if TYPE_CHECKING:
 RETRY = object()
 #: kvm_handle_guest_abort() found no memslot: KVM_EXIT_MMIO to the VMM.
 MMIO = object()
+#: KVM_MEMSLOT_INVALID (include/linux/kvm_host.h): a slot being deleted or moved; readers see no hva in it.
+KVM_MEMSLOT_INVALID = 1 << 16
+
+
+# ---- kvm->srcu -----------------------------------------------------------------
+
+@attrs.define(eq=False)
+class SrcuStruct:
+    """struct srcu_struct (kernel/rcu/srcutree.c): readers counted per grace-period index.
+
+    A reader records the index current when it entered; a grace period flips the
+    index and waits until every reader of the indexes before the flip has left.
+    """
+
+    name: str
+    idx: int = 0
+    readers: dict = attrs.Factory(dict)  # index -> readers inside that entered under it
+
+
+def srcu_read_lock(ssp: SrcuStruct) -> int:
+    """srcu_read_lock(): enter a read-side critical section; the index to hand back."""
+    idx = ssp.idx
+    ssp.readers[idx] = ssp.readers.get(idx, 0) + 1
+    return idx
+
+
+def srcu_read_unlock(k: Kernel, ssp: SrcuStruct, idx: int) -> None:
+    """srcu_read_unlock(): leave the critical section entered with ``idx``."""
+    ssp.readers[idx] -= 1
+    if not ssp.readers[idx]:
+        del ssp.readers[idx]
+    k.sched.wake()
+
+
+async def synchronize_srcu_expedited(k: Kernel, ssp: SrcuStruct) -> None:
+    """synchronize_srcu_expedited(): wait for every reader that entered before the call to leave.
+
+    Readers that enter after the call started are not waited for (they see the
+    state the updater published before calling it).
+    """
+    old = ssp.idx
+    ssp.idx += 1
+    await k.sched.point(f"{ssp.name}:synchronize_srcu_expedited")
+    await k.sched.wait_until(lambda: not any(n for i, n in ssp.readers.items() if i <= old),
+                             f"{ssp.name}:srcu_wait")
 
 
 # ---- MMU notifiers -------------------------------------------------------------
@@ -101,10 +148,15 @@ def kvm_mmu_notifier_invalidate_range_start(k: Kernel, kvm: Kvm, r: MmuNotifierR
 
 
 def kvm_arch_flush_shadow_memslot(k: Kernel, kvm: Kvm, slot: Memslot) -> None:
-    """kvm_arch_flush_shadow_memslot(): unmap a deleted or moved slot from stage 2."""
+    """kvm_arch_flush_shadow_memslot(): unmap a deleted or moved slot from stage 2.
+
+    As in Linux it does not touch ``mmu_invalidate_seq``: the caller
+    (kvm_invalidate_memslot) has marked the slot invalid and waited out every
+    fault that could still hold it (``synchronize_srcu_expedited``).
+    """
     for gfn in range(slot.base_gfn, slot.base_gfn + slot.npages):
         kvm.s2.pop(gfn, None)
-    kvm.mmu_invalidate_seq += 1
+    k.sched.wake()
 
 
 def kvm_mmu_wp_memory_region(k: Kernel, kvm: Kvm, slot: Memslot) -> None:
@@ -304,21 +356,33 @@ async def sanitise_mte_tags(k: Kernel, kvm: Kvm, page: Page, nr_pages: int) -> N
 
 
 async def kvm_handle_guest_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, write: bool):
-    """kvm_handle_guest_abort(): a stage-2 fault on ``gfn``.
+    """kvm_handle_guest_abort(): a stage-2 fault on ``gfn``, inside ``srcu_read_lock(&kvm->srcu)``.
+
+    The memslot is looked up and used (``user_mem_abort``) inside one SRCU
+    read-side section, so a slot being deleted or moved is not flushed from
+    stage 2 until this fault is over (``kvm_swap_active_memslots`` waits for
+    it), and a fault that starts after the slot was marked invalid sees no hva
+    (``gfn_to_hva_memslot_prot`` -> KVM_HVA_ERR_BAD).
 
     Returns:
-        None (mapped), :data:`RETRY`, or :data:`MMIO` when no memslot covers the
-        gfn or a write hits a read-only slot (io_mem_abort: KVM_EXIT_MMIO).
+        None (mapped), :data:`RETRY`, or :data:`MMIO` when no valid memslot covers
+        the gfn or a write hits a read-only slot (io_mem_abort: KVM_EXIT_MMIO).
 
     Raises:
         KernelError: EFAULT from user_mem_abort (KVM_RUN fails with it).
     """
-    slot = kvm.slot_of(gfn)
-    if slot is None or (write and slot.readonly):
-        return MMIO
-    entry = kvm.s2.get(gfn)
-    fault_is_perm = entry is not None and write and not entry.writable
-    return await user_mem_abort(k, kvm, vcpu, gfn, slot, slot.hva(gfn), write, fault_is_perm)
+    ssp = kvm.srcu
+    assert ssp is not None  # set by KVM_CREATE_VM
+    idx = srcu_read_lock(ssp)
+    try:
+        slot = kvm.slot_of(gfn)
+        if slot is None or slot.flags & KVM_MEMSLOT_INVALID or (write and slot.readonly):
+            return MMIO
+        entry = kvm.s2.get(gfn)
+        fault_is_perm = entry is not None and write and not entry.writable
+        return await user_mem_abort(k, kvm, vcpu, gfn, slot, slot.hva(gfn), write, fault_is_perm)
+    finally:
+        srcu_read_unlock(k, ssp, idx)
 
 
 def io_mem_abort(kind: str, segs) -> None:

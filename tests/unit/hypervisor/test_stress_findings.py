@@ -1,0 +1,70 @@
+"""The three failures `mtekvm stress` found on the fixed model (docs/concurrency.md, "fixed-model failures";
+docs/findings.md), each driven by a scripted schedule that reproduces its shrunk scenario.
+
+1. STAGE-2-COHERENT: a memslot deleted (or moved) while a stage-2 fault that looked it up is in flight;
+2. TAGS-AS-WRITTEN: a CoW store on private hugetlb racing migration of the child's page;
+3. TAGS-AS-WRITTEN: KVM_ARM_MTE_COPY_TAGS TO_GUEST racing the VMM's munmap of that page.
+"""
+
+from __future__ import annotations
+
+from support import RWM, Vm, frame_problems, invariants, phases, run_once
+
+from shared.errno import KernelError
+
+PAGE = 4096
+RAM = 0x4000_0000
+SLOT_SIZE = 0x10000
+
+
+def violated(run) -> list[str]:
+    """The invariants the run broke (state checked now)."""
+    assert run.failure is None, run.failure
+    return invariants(run.k)
+
+
+# ---- 1. memslot deletion / move vs an in-flight stage-2 fault ---------------------------------------------
+
+
+def fault_vs_slot_change(new_ipa: int | None):
+    """The guest's LDG looks slot 0 up and parks in user_mem_abort; the VMM deletes (or moves) slot 0."""
+
+    async def setup(k):
+        vm = await Vm.create(k)
+        hva = await vm.ram(0, RAM, SLOT_SIZE, prot=RWM)
+
+        async def guest(k, st):
+            try:
+                st["ldg"] = await vm.ldg(RAM, 16)
+            except KernelError as exc:  # its retry finds the slot gone: the access is not RAM any more
+                st["ldg"] = exc.name
+
+        async def vmm(k, st):
+            if new_ipa is None:
+                await vm.slot(0, RAM, 0, hva)
+            else:
+                await vm.slot(0, new_ipa, SLOT_SIZE, hva)
+
+        return {"vm": vm, "ldg": None}, {"g": guest, "v": vmm}
+
+    return setup
+
+
+class TestMemslotChangeVsStage2Fault:
+    """Race 1: kvm_invalidate_memslot waits out the faults holding kvm->srcu before it zaps stage 2."""
+
+    async def test_deleted_slot_leaves_no_mapping(self):
+        """A fault that found slot 0 before its deletion finishes before the zap: no gfn stays mapped."""
+        run, _ = await run_once(fault_vs_slot_change(None),
+                                policy=phases(("g", "mmap_lock[vmm]:read_lock"), ("v", None), ("g", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        kvm = run.state["vm"].kvm
+        assert kvm.memslots == {} and kvm.s2 == {}
+
+    async def test_moved_slot_leaves_no_mapping_at_the_old_ipa(self):
+        """A fault that found slot 0 at its old IPA before a move cannot map that IPA after the move."""
+        run, _ = await run_once(fault_vs_slot_change(RAM + 0x100000),
+                                policy=phases(("g", "mmap_lock[vmm]:read_lock"), ("v", None), ("g", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        kvm = run.state["vm"].kvm
+        assert RAM >> 12 not in kvm.s2 and kvm.memslots[0].base_gfn == (RAM + 0x100000) >> 12
