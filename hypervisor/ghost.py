@@ -59,6 +59,8 @@ orphaned frame and is not recorded.
 
 from __future__ import annotations
 
+import array
+import sys
 import zlib
 from typing import TYPE_CHECKING
 
@@ -283,25 +285,48 @@ class Ghost:
                     out[gfn0 + vpn - v0] = e
         return out
 
-    def export_vm(self, kvm) -> dict[str, list]:
-        """``ghost-export``: ``{str(gfn): [tags or None, data hash or None]}`` for every page with an entry.
+    def export_vm(self, kvm) -> dict:
+        """``ghost-export``: the entries of every page with one, by guest frame number.
 
-        ``tags`` is the 256 granule tags, or one byte when all 256 are that value
-        (a page tagged by one STG run: the record of a 1 GiB guest then fits one
-        reply); ``import_vm`` takes either form.
+        Up to :data:`KEYED_MAX` entries the keyed form ``{str(gfn): [tags or None,
+        data hash or None]}``, where ``tags`` is the 256 granule tags, or one byte
+        when all 256 are that value. A larger record is the compact form
+        ``{"runs": [[first_gfn, count, tags, hashes], ...]}`` (see
+        :func:`_pack_runs`): a 1 GiB guest's 65536 entries are then a few
+        items, not 200,000 for msgpack to build, frame, guard and parse.
+        ``import_vm`` takes either form.
         """
-        return {str(gfn): [_short_tags(e.tags), e.data] for gfn, e in sorted(self.vm_entries(kvm).items())}
+        entries = self.vm_entries(kvm)
+        if len(entries) > KEYED_MAX:
+            return {"runs": _pack_runs(entries)}
+        return {str(gfn): [_short_tags(e.tags), e.data] for gfn, e in sorted(entries.items())}
 
     def import_vm(self, kvm, entries: dict) -> int:
-        """``ghost-import``: the VM's pages hold ``entries`` (``export_vm``'s form); the others read fresh.
+        """``ghost-import``: the VM's pages hold ``entries`` (``export_vm``'s forms); the others read fresh.
 
         Returns the number of entries installed. Nothing changes when an entry is refused.
 
         Raises:
             KernelError: EINVAL for a key that is not a guest frame number inside
                 one of the VM's memslots (device memory aside), tags that are not
-                256 bytes, or a data hash that is not a 64-bit number.
+                256 bytes, or a data hash that is not a 64-bit number; in the
+                compact form, a malformed run or one reaching outside the memslots.
         """
+        if "runs" in entries:
+            if len(entries) != 1:
+                raise KernelError("EINVAL", "ghost-import: the compact form is {\"runs\": [...]} alone")
+            todo = self._unpack_runs(kvm, entries["runs"])
+        else:
+            todo = self._keyed_entries(kvm, entries)
+        self._drop_vm(kvm)
+        for loc, tags, data in todo:  # ...then holds what the source recorded
+            e = self._entry(loc)
+            e.tags, e.data = tags, data
+        return len(todo)
+
+    @staticmethod
+    def _keyed_entries(kvm, entries: dict) -> list:
+        """The keyed form's ``(loc, tags, data)`` (see import_vm)."""
         todo = []
         for key, value in entries.items():
             try:
@@ -322,6 +347,57 @@ class Ghost:
             if loc is None:
                 raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x} is not RAM of the VM's memslots")
             todo.append((loc, None if tags is None else shared_tags(tags), data))
+        return todo
+
+    def _unpack_runs(self, kvm, runs) -> list:
+        """The compact form's ``(loc, tags, data)`` (see _pack_runs), located a VMA span at a time."""
+        if not isinstance(runs, (list, tuple)):
+            raise KernelError("EINVAL", "ghost-import: runs must be a list")
+        spans = [(gfn0, gfn0 + v1 - v0, vma, v0) for slot in kvm.memslots.values()
+                 for vma, gfn0, v0, v1 in self._slot_spans(kvm, slot)]
+        total = sum(g1 - g0 for g0, g1, _vma, _v0 in spans)
+        mm = kvm.mm
+        step = MTE_GRANULES_PER_PAGE
+        todo: list = []
+        for run in runs:
+            if not (isinstance(run, (list, tuple)) and len(run) == 4):
+                raise KernelError("EINVAL", "ghost-import: a run is [first gfn, count, tags, hashes]")
+            first, count, tags, hashes = run
+            if type(first) is not int or type(count) is not int or first < 0 or count < 1:
+                raise KernelError("EINVAL", f"ghost-import: run {first!r}+{count!r}: bad first gfn or count")
+            if count > total:  # (checked before anything is built for it)
+                raise KernelError("EINVAL", f"ghost-import: run {first:#x}+{count}: more pages than the memslots hold")
+            if tags is None:
+                per: list = [None] * count
+            elif isinstance(tags, (bytes, bytearray)) and len(tags) == count:
+                one = {b: _uniform(b) for b in set(tags)}
+                per = [one[b] for b in tags]
+            elif isinstance(tags, (bytes, bytearray)) and len(tags) == count * step:
+                per = [shared_tags(tags[i * step:(i + 1) * step]) for i in range(count)]
+            else:
+                raise KernelError("EINVAL", f"ghost-import: run {first:#x}+{count}: tags must be nil, one byte a "
+                                            f"page or {step} bytes a page")
+            if hashes is None:
+                datas: list = [None] * count
+            elif isinstance(hashes, (bytes, bytearray)) and len(hashes) == 8 * count:
+                datas = _u64s_from_bytes(hashes)
+            else:
+                raise KernelError("EINVAL", f"ghost-import: run {first:#x}+{count}: hashes must be nil or 8 bytes "
+                                            "a page")
+            gfn, end, i = first, first + count, 0
+            while gfn < end:
+                span = next((sp for sp in spans if sp[0] <= gfn < sp[1]), None)
+                if span is None:
+                    raise KernelError("EINVAL", f"ghost-import: gfn {gfn:#x} is not RAM of the VM's memslots")
+                g0, g1, vma, v0 = span
+                n = min(end, g1) - gfn
+                vpn = v0 + gfn - g0
+                todo += [(Ghost.run_loc(mm, vma, vpn + j), per[i + j], datas[i + j]) for j in range(n)]
+                gfn, i = gfn + n, i + n
+        return todo
+
+    def _drop_vm(self, kvm) -> None:
+        """Every page of the VM's memslots loses its entry (import_vm's first half)."""
         mm = kvm.mm
         for slot in kvm.memslots.values():  # every page of the slots loses its entry...
             for vma, _gfn0, v0, v1 in self._slot_spans(kvm, slot):
@@ -345,10 +421,6 @@ class Ghost:
                         mine[vpn] = Entry()
         for space in [s for s, left in self.spaces.items() if not left]:
             del self.spaces[space]
-        for loc, tags, data in todo:  # ...then holds what the source recorded
-            e = self._entry(loc)
-            e.tags, e.data = tags, data
-        return len(todo)
 
     # ---- runs of pages (the free scheduler's bulk paths) -------------------------------
 
@@ -456,6 +528,76 @@ class Ghost:
                  else f"object {space.name!r} page offset {index:#x}")
         pfn = "" if page is None else f" (pfn {page.pfn:#x})"
         self.k.oracle.report_ghost(f"{where}{pfn}: {what}", page, (id(space), index))
+
+
+#: The largest record ``export_vm`` gives in the keyed form; a larger one is given as runs.
+KEYED_MAX = 1024
+
+def _uniform(b: int) -> bytes:
+    return shared_tags(bytes([b]) * MTE_GRANULES_PER_PAGE)
+
+
+def _pack_runs(entries: dict[int, Entry]) -> list:
+    """The compact form of a VM's record: ``[first_gfn, count, tags, hashes]`` per run of pages.
+
+    A run is consecutive guest frames whose entries are alike in kind: tags all
+    None (``tags`` nil), all uniform (``tags`` one byte a page) or not
+    (``tags`` 256 bytes a page); data hashes all None (``hashes`` nil) or all
+    set (``hashes`` 8 bytes a page, little-endian u64).
+    """
+    runs: list = []
+    key = None
+    first = prev = -2
+    tags: list = []
+    hashes: list = []
+
+    def close() -> None:
+        if key is None:
+            return
+        kind, has = key
+        n = prev - first + 1
+        t = None if kind == 0 else bytes(tags) if kind == 1 else b"".join(tags)
+        h = _u64s_to_bytes(hashes) if has else None
+        runs.append([first, n, t, h])
+
+    for gfn in sorted(entries):
+        e = entries[gfn]
+        et = e.tags
+        t: int | bytes | None
+        if et is None:
+            kind, t = 0, None
+        elif et.count(et[:1]) == len(et):
+            kind, t = 1, et[0]
+        else:
+            kind, t = 2, et
+        k2 = (kind, e.data is not None)
+        if k2 != key or gfn != prev + 1:
+            close()
+            key, first, tags, hashes = k2, gfn, [], []
+        if kind:
+            tags.append(t)
+        if e.data is not None:
+            hashes.append(e.data)
+        prev = gfn
+    close()
+    return runs
+
+
+def _u64s_to_bytes(values: list) -> bytes:
+    """``values`` as little-endian u64s, 8 bytes each (a run's ``hashes``)."""
+    a = array.array("Q", values)
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tobytes()
+
+
+def _u64s_from_bytes(raw) -> list[int]:
+    """The inverse of :func:`_u64s_to_bytes`."""
+    a = array.array("Q")
+    a.frombytes(bytes(raw))
+    if sys.byteorder == "big":
+        a.byteswap()
+    return a.tolist()
 
 
 def _short_tags(tags: bytes | None) -> bytes | None:
