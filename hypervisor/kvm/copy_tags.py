@@ -393,6 +393,7 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
             if page is None:
                 err = KernelError("EFAULT", f"KVM_ARM_MTE_COPY_TAGS: no page at IPA {gfn << PAGE_SHIFT:#x}")
                 break
+            loc = loc_of_ipa(kvm, gfn)  # the ghost location GUP found the page at (it may be unmapped by the copy)
             if page.zone == "device":  # !pfn_to_online_page()
                 err = KernelError("EFAULT", f"KVM_ARM_MTE_COPY_TAGS: IPA {gfn << PAGE_SHIFT:#x} is device memory")
                 break
@@ -429,7 +430,7 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
                     else:
                         written = ZERO_TAGS  # mte_clear_page_tags(): no stale or partial tags
                     write_tags(k, page, 0, written)
-                    k.oracle.ghost.tags_written(loc_of_ipa(kvm, gfn), page, 0, written)
+                    k.oracle.ghost.tags_written(loc, page, 0, written)
                     if hugetlb:
                         folio_set_hugetlb_mte_tagged(k, page.folio)
                     else:

@@ -68,3 +68,48 @@ class TestMemslotChangeVsStage2Fault:
         assert violated(run) == [] and frame_problems(run.k) == []
         kvm = run.state["vm"].kvm
         assert RAM >> 12 not in kvm.s2 and kvm.memslots[0].base_gfn == (RAM + 0x100000) >> 12
+
+
+# ---- 3. COPY_TAGS TO_GUEST vs the VMM's munmap of that page ------------------------------------------------
+
+
+def copy_tags_vs_munmap(backing: str):
+    """COPY_TAGS TO_GUEST holds the page (GUP) at its copy point while the VMM munmaps it."""
+
+    async def setup(k):
+        vm = await Vm.create(k)
+        share = "shared" if backing == "memfd" else "private"
+        hva = await vm.ram(0, RAM, 4 * PAGE, prot=RWM, backing=backing, share=share,
+                           object="ram" if backing == "memfd" else None)
+        await vm.stg(RAM, 64, 1)
+        page = vm.page(RAM)
+
+        async def copier(k, st):
+            st["copied"] = await vm.copy_tags(RAM, PAGE, from_guest=False, tags=bytes([14]) * 256)
+
+        async def unmapper(k, st):
+            await vm.vmm("munmap", addr=hva, size=PAGE)
+
+        return {"vm": vm, "page": page}, {"c": copier, "u": unmapper}
+
+    return setup
+
+
+class TestCopyTagsVsMunmap:
+    """Race 3: the tags COPY_TAGS writes through its page reference land on the page it holds."""
+
+    async def test_shared_memory_keeps_the_tags_written(self):
+        """On memfd RAM the page stays in the page cache: the tags copied after the munmap are what it holds."""
+        run, _ = await run_once(copy_tags_vs_munmap("memfd"),
+                                policy=phases(("c", "kvm_vm_ioctl_mte_copy_tags:copy"), ("u", None), ("c", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        st = run.state
+        assert st["copied"]["length"] == PAGE and st["vm"].vmm.vma(st["vm"].kvm.memslots[0].userspace_addr) is None
+        assert bytes(st["page"].tags[:4]) == bytes([14]) * 4
+
+    async def test_private_memory_drops_the_orphan(self):
+        """On private anonymous RAM the page is an orphan once unmapped: the copy changes nothing anyone sees."""
+        run, _ = await run_once(copy_tags_vs_munmap("anon"),
+                                policy=phases(("c", "kvm_vm_ioctl_mte_copy_tags:copy"), ("u", None), ("c", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        assert run.state["copied"]["length"] == PAGE
