@@ -51,7 +51,7 @@ from hypervisor.syscalls import HOST_OPS, PROCESS_OPS, VCPU_OPS
 from shared import wire
 from shared.abi import OPS, validate_args
 from shared.errno import EDEADLK, EIO, EPERM, Deadlock, KernelError, ScheduleDivergence
-from shared.rpc import RequestLoop
+from shared.rpc import DirectChannel, RequestLoop
 
 log = logging.getLogger("mtekvm.hypervisor")
 
@@ -102,6 +102,36 @@ class Hypervisor:
             if self.connections == 0:
                 self._idle.set()
 
+    def open_direct(self, nursery: trio.Nursery) -> DirectChannel:
+        """A connection served by direct calls (:class:`shared.rpc.DirectChannel`), for a client in
+        this process: the same :class:`_Connection` (hello, roles, kernel contexts, errno replies,
+        the process's exit when it closes) without a stream or a task per request. Its exit runs
+        in a task in ``nursery``, as :meth:`serve`'s does, once the connection closes."""
+        conn = _Connection(self, None)
+        assert conn.channel is not None
+        self.connections += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        nursery.start_soon(self._serve_direct, conn, conn.channel)
+        return conn.channel
+
+    async def _serve_direct(self, conn: _Connection, channel: DirectChannel) -> None:
+        """What :meth:`serve` does around a connection, for a direct one: wait until it closes and its
+        requests in flight finish (a cancellation from outside closes it), then the process exits."""
+        try:
+            await channel.wait_closed()
+        finally:
+            with trio.CancelScope(shield=True):
+                channel.close()
+                await channel.wait_closed()
+                try:
+                    await conn.cleanup()
+                except Exception:  # noqa: BLE001 - a bug serving one connection must not take the host down
+                    log.exception("connection failed; closing it")
+            self.connections -= 1
+            if self.connections == 0:
+                self._idle.set()
+
 
 class _Connection:
     """One client connection: the hypervisor's policy plugged into :class:`shared.rpc.RequestLoop`.
@@ -115,23 +145,31 @@ class _Connection:
     were pinned with.
     """
 
-    def __init__(self, hv: Hypervisor, framed: wire.FramedStream):
+    def __init__(self, hv: Hypervisor, framed: wire.FramedStream | None):
         self.hv = hv
-        self.framed = framed
-        framed.limit_frames(MAX_FRAME_BEFORE_HELLO)  # raised by a successful hello
+        self.framed = framed  # None: a direct connection (self.channel)
         self.role: str | None = None
         self.task: Task | None = None
         self.vcpus: dict = {}  # index -> Vcpu this guest connection attached
         self.seq = 0
-        self.loop = RequestLoop(framed, self._dispatch, max_outstanding=MAX_OUTSTANDING, name="hypervisor",
-                                inline=self._free, shield=True, on_internal_error=self._internal_error,
-                                on_unencodable=self._unencodable)
+        self.loop: RequestLoop | None = None
+        self.channel: DirectChannel | None = None
+        if framed is None:
+            self.channel = DirectChannel(self._dispatch, max_outstanding=MAX_OUTSTANDING, name="hypervisor",
+                                         shield=True, on_internal_error=self._internal_error,
+                                         on_unencodable=self._unencodable)
+        else:
+            framed.limit_frames(MAX_FRAME_BEFORE_HELLO)  # raised by a successful hello
+            self.loop = RequestLoop(framed, self._dispatch, max_outstanding=MAX_OUTSTANDING, name="hypervisor",
+                                    inline=self._free, shield=True, on_internal_error=self._internal_error,
+                                    on_unencodable=self._unencodable)
 
     @property
     def k(self) -> Kernel:
         return self.hv.kernel
 
     async def run(self) -> None:
+        assert self.loop is not None
         await self.loop.run()
 
     def _free(self) -> bool:
@@ -214,7 +252,7 @@ class _Connection:
             raise KernelError(EPERM, "hello: wrong or missing secret")
         if a["role"] in ("host", "vcpu"):
             self.role = a["role"]
-            self.framed.limit_frames(None)
+            self._unlimit()
             return {"role": a["role"]}
         if a["attach"] is not None:
             task = next((t for t in self.k.tasks.values() if t.fork_token == a["attach"] and not t.attached), None)
@@ -227,8 +265,12 @@ class _Connection:
         task.on_kill = self._close
         self.task = task
         self.role = "process"
-        self.framed.limit_frames(None)
+        self._unlimit()
         return {"role": "process", "pid": task.pid}
+
+    def _unlimit(self) -> None:
+        if self.framed is not None:
+            self.framed.limit_frames(None)
 
     def _boot(self, a: dict) -> dict:
         if any(t.attached for t in self.k.tasks.values()):
@@ -243,6 +285,10 @@ class _Connection:
 
     async def _close(self) -> None:
         """The process was killed: close its connection (reading stops; requests in flight finish)."""
+        if self.channel is not None:
+            self.channel.close()
+            return
+        assert self.framed is not None
         try:
             await self.framed.stream.aclose()
         except Exception:  # noqa: BLE001 - closing a broken stream

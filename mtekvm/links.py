@@ -244,17 +244,24 @@ class InProcessHost(HostLink):
     Args:
         nursery: where the hypervisor's connections and the scheduler's driver run.
         kernel: the modelled host kernel (:meth:`boot` builds one).
+        direct: connections are :class:`shared.rpc.DirectChannel`\\ s
+            (:meth:`~hypervisor.server.Hypervisor.open_direct`: the server's own dispatch,
+            called in the caller's task, no stream and no task per request); false: msgpack
+            over in-memory streams served by :meth:`~hypervisor.server.Hypervisor.serve`.
+            Both give the same schedules, outcomes and violations (tests/unit/mtekvm/test_direct.py).
     """
 
-    def __init__(self, nursery: trio.Nursery, kernel: Kernel, *, drive: bool = True, migration=None):
+    def __init__(self, nursery: trio.Nursery, kernel: Kernel, *, drive: bool = True, migration=None,
+                 direct: bool = False):
         super().__init__(nursery)
         self.hv = Hypervisor(kernel)
         self.drive = drive
         self.migration = migration
+        self.direct = direct
 
     @classmethod
     def boot(cls, nursery: trio.Nursery, sched: Scheduler, *, drive: bool = True, pid_base: int | None = None,
-             migration=None, **kernel_args) -> InProcessHost:
+             migration=None, direct: bool = False, **kernel_args) -> InProcessHost:
         """A host whose kernel boots with ``kernel_args`` (mte, ram, swap, bugs, boot extras) under ``sched``.
 
         Several in-process hosts of one run share one scheduler (one driver: ``drive`` on exactly
@@ -270,7 +277,7 @@ class InProcessHost(HostLink):
         kernel = Kernel(sched=sched, **kernel_args)
         if pid_base is not None:
             kernel._pids = itertools.count(pid_base)  # the model's pid allocator (Kernel.create_task)
-        return cls(nursery, kernel, drive=drive, migration=migration)
+        return cls(nursery, kernel, drive=drive, migration=migration, direct=direct)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -295,6 +302,23 @@ class InProcessHost(HostLink):
     def failures(self) -> list[str]:
         """What the hypervisor recorded of its scheduler's failures."""
         return list(self.hv.failures)
+
+    async def connect(self, role: str, **hello) -> tuple[Client, dict]:
+        """A connection introduced with ``hello``: direct (see ``direct``), or over an in-memory stream.
+
+        Raises:
+            shared.wire.RemoteError: hello was refused (the connection is closed).
+        """
+        if not self.direct:
+            return await super().connect(role, **hello)
+        client = self.hv.open_direct(self.nursery)
+        try:
+            reply = await client.call("hello", {"role": role, "secret": self.secret, **hello})
+        except BaseException:  # refused or cancelled: the connection is of no use
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            raise
+        return client, reply.value
 
     async def open_stream(self) -> trio.abc.Stream:
         """One end of an in-memory stream; the hypervisor serves the other."""

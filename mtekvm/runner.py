@@ -110,6 +110,10 @@ class RunOptions:
     bugs: tuple[str, ...] = ()
     scheduler: SchedulerSpec | None = None
     listen: str = "unix"  # private hypervisors: on a Unix socket, or "tcp" (127.0.0.1, a free port, a secret)
+    #: controlled runs reach their in-process hosts by direct calls (the server's dispatch in the caller's
+    #: task, no stream and no task per request); False: msgpack over in-memory streams (the old path,
+    #: kept as the benchmark's baseline; the same schedules, outcomes and violations)
+    direct: bool = True
 
 
 @attrs.frozen
@@ -308,7 +312,7 @@ class _Run:
                     policy=self.sched_spec.policy)
                 try:
                     link: HostLink = InProcessHost.boot(
-                        self.nursery, sched, drive=self.scheduler is None, migration=migration,
+                        self.nursery, sched, drive=self.scheduler is None, migration=migration, direct=self.opts.direct,
                         pid_base=100 + PID_RANGE * i if len(self.scn.hosts) > 1 else None,
                         mte=spec.mte, ram=spec.ram, swap=spec.swap, bugs=self.bugs, **boot_extras(spec))
                 except TypeError as exc:  # a host setting this build's kernel does not take yet

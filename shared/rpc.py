@@ -45,12 +45,14 @@ and a shielded cancel scope per request and a writer-task wake per reply):
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
 import traceback
 import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgpack
 import trio
 
 from shared import wire
@@ -95,6 +97,27 @@ def _finish(coro, trap):
 
 def _error_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(exc), exc)).strip()
+
+
+async def respond(dispatch: Dispatch, on_internal_error: Callable[[Any, Exception], tuple[int, str]],
+                  rid: int, op: Any, args: Any, ctx: str | None) -> dict:
+    """Run one request through ``dispatch``; return its response envelope (never raises but for
+    cancellation): a value or a :class:`shared.wire.Reply`, an errno, or ``on_internal_error``'s
+    reply for any other exception. :class:`RequestLoop` and :class:`DirectChannel` both answer so."""
+    try:
+        result = await dispatch(op, args, ctx)
+        if type(result) is wire.Reply:
+            return wire.response_ok(rid, result.value, result.fault)
+        return wire.response_ok(rid, result)
+    except trio.Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+        errno = exc.errno if isinstance(exc, ErrnoError) else getattr(exc, "errno", None)
+        if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
+            assert isinstance(errno, int)  # ErrnoError.errno is always the number
+            return wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
+        number, text = on_internal_error(op, exc)
+        return wire.response_err(rid, number, text)
 
 
 class RequestLoop:
@@ -236,23 +259,7 @@ class RequestLoop:
 
     async def _respond(self, rid: int, op: Any, args: Any, ctx: str | None) -> bytes:
         """Run one request; return its packed reply (never raises but for cancellation)."""
-        try:
-            result = await self.dispatch(op, args, ctx)
-            if type(result) is wire.Reply:
-                msg = wire.response_ok(rid, result.value, result.fault)
-            else:
-                msg = wire.response_ok(rid, result)
-        except trio.Cancelled:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-            errno = exc.errno if isinstance(exc, ErrnoError) else getattr(exc, "errno", None)
-            if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
-                assert isinstance(errno, int)  # ErrnoError.errno is always the number
-                msg = wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
-            else:
-                number, text = self.on_internal_error(op, exc)
-                msg = wire.response_err(rid, number, text)
-        return self._pack(msg)
+        return self._pack(await respond(self.dispatch, self.on_internal_error, rid, op, args, ctx))
 
     def _log_internal_error(self, op: Any, exc: Exception) -> tuple[int, str]:
         log.error("%s: internal error in %s", self.name, wire.brief(op), exc_info=exc)
@@ -292,6 +299,112 @@ class RequestLoop:
             self._pending.clear()
         finally:
             self._sending = False
+
+
+class DirectChannel(wire.Client):
+    """A client whose requests are served by a ``dispatch`` in the caller's task: no stream, no tasks.
+
+    The far side of a :class:`shared.wire.Client` without the bytes in between, for a server
+    in this process (the in-process hypervisor of controlled runs). Each request is what
+    :class:`RequestLoop` does with one, in the same order and with the same code: the
+    envelope is checked (:func:`shared.wire.parse_request`), :data:`max_outstanding`
+    applies (EAGAIN), :func:`respond` runs it through ``dispatch`` (errno replies,
+    ``on_internal_error``) and the reply is encoded (``on_unencodable``: EIO). Request and
+    reply still go through msgpack (``packb`` and ``unpackb``, microseconds in C), so the
+    server and the caller get the same values as over the wire and share no objects.
+    ``shield``: the request runs to its end even if the caller is cancelled, as a
+    shielded :class:`RequestLoop` finishes requests whose client died.
+
+    The connection closes from either side: :meth:`aclose` (the client), or :meth:`close`
+    (the server, e.g. its process was killed); a call after that, or one in flight when the
+    server closed it, raises :class:`shared.wire.ConnectionClosed`. :meth:`wait_closed` is
+    the server's: it returns once the connection is closed and no request is in flight.
+    """
+
+    def __init__(self, dispatch: Dispatch, *, max_outstanding: int = 256, name: str = "rpc",
+                 shield: bool = False, on_internal_error: Callable[[Any, Exception], tuple[int, str]] | None = None,
+                 on_unencodable: Callable[[str], None] | None = None):
+        self.dispatch = dispatch
+        self.max_outstanding = max_outstanding
+        self.name = name
+        self.shield = shield
+        self.on_internal_error = on_internal_error or self._log_internal_error
+        self.on_unencodable = on_unencodable
+        self.outstanding = 0
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, list] = {}
+        self._on_event = None
+        self._closed: Exception | None = None
+        self._closed_event = trio.Event()
+        self._drained: trio.Event | None = None  # set when the last request in flight finishes
+        self._packer = msgpack.Packer(default=wire._default, use_bin_type=True)
+
+    def _log_internal_error(self, op: Any, exc: Exception) -> tuple[int, str]:
+        log.error("%s: internal error in %s", self.name, wire.brief(op), exc_info=exc)
+        return EIO, f"internal error in {wire.brief(op)}: {_error_text(exc)}"
+
+    @staticmethod
+    def _unpack(data: bytes) -> Any:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Nothing to receive: returns once started (for code that runs a client's loop)."""
+        task_status.started()
+
+    async def call_raw(self, op: str, args: dict | None = None, ctx: str | None = None) -> dict:
+        """Run one request now, in this task; return its response envelope."""
+        if self._closed is not None:
+            raise wire.ConnectionClosed(str(self._closed))
+        rid = next(self._ids)
+        msg = self._unpack(self._packer.pack(wire.request(rid, op, args or {}, ctx)))  # as the server decodes it
+        try:
+            rid, op, args, ctx = wire.parse_request(msg)
+        except wire.EnvelopeError as exc:
+            if exc.fatal:
+                self.close("the server closed the connection: " + exc.message)
+            return self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
+        if self.outstanding >= self.max_outstanding:
+            return self._reply(wire.response_err(rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"))
+        self.outstanding += 1
+        try:
+            with trio.CancelScope(shield=self.shield):
+                reply = await respond(self.dispatch, self.on_internal_error, rid, op, args, ctx)
+        finally:
+            self.outstanding -= 1
+            if not self.outstanding and self._drained is not None:
+                self._drained.set()
+        if self._closed is not None:  # closed while it ran: its reply is lost with the connection
+            raise wire.ConnectionClosed(str(self._closed))
+        return self._reply(reply)
+
+    def _reply(self, msg: dict) -> dict:
+        try:
+            data = self._packer.pack(msg)
+        except Exception as exc:  # noqa: BLE001 - a value msgpack refuses: EIO, as RequestLoop._pack
+            detail = f"{type(exc).__name__}: {exc}"
+            log.error("%s: reply %s cannot be encoded: %s", self.name, msg.get("id"), detail)
+            if self.on_unencodable is not None:
+                self.on_unencodable(detail)
+            data = self._packer.pack(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: {detail}"))
+        return self._unpack(data)
+
+    def close(self, why: str = "end of stream") -> None:
+        """Close the connection (either side); calls from now on raise ConnectionClosed."""
+        if self._closed is None:
+            self._closed = wire.ConnectionClosed(why)
+            self._closed_event.set()
+
+    async def aclose(self) -> None:
+        """Close the connection (the client's side)."""
+        self.close("the connection is closed")
+        await trio.lowlevel.checkpoint()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed and no request is in flight (the server's side)."""
+        await self._closed_event.wait()
+        while self.outstanding:
+            self._drained = trio.Event()
+            await self._drained.wait()
 
 
 async def serve_requests(stream: trio.abc.Stream, table: dict[str, OpDef], handler: Handler, *,
