@@ -10,7 +10,9 @@ that found it in the page cache), the migration is undone, as
 ``folio_ref_freeze`` failing makes Linux retry. Otherwise the page cache points
 at the new frame and ``remove_migration_ptes`` maps it, with ``set_pte_at``,
 wherever a migration entry of this folio is still in place: a PTE zapped or
-replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is.
+replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is. Every sharer
+is restored before a CoW fault can reuse the new folio (Linux keeps it locked
+until then; see ``remove_migration_ptes``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.copypage import copy_highpage
-from hypervisor.mm.memory import get_page, put_page, set_pte_at
+from hypervisor.arm64.mte import mte_sync_tags
+from hypervisor.mm.memory import _install, get_page, pte_accessible, put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import Pte
 from hypervisor.page import Page
@@ -112,11 +115,7 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
         if not huge:
             get_page(new_head)  # the page cache's reference moves to the new frame
             put_page(k, old)
-    # remove_migration_ptes(): only where our migration entry is still in place
-    for mm, vpn, entry, i in entries:
-        if mm.pt.get(vpn) is entry:
-            n = news[i]
-            await set_pte_at(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), expect=entry)
+    await remove_migration_ptes(k, entries, news)
     if not huge:
         put_page(k, new_head)  # the allocation's reference
     else:
@@ -128,6 +127,35 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
         if all(o.mapcount == 0 for o in olds):
             k.alloc.free_page(old)
     return 1
+
+
+async def remove_migration_ptes(k: Kernel, entries, news: list[Page]) -> None:
+    """remove_migration_ptes() (mm/migrate.c): map the new folio wherever our migration entry still stands.
+
+    Linux does it with the destination folio locked (``folio_lock(dst)`` until
+    every entry is replaced), and a CoW fault on a PTE already restored waits
+    for that lock (``hugetlb_fault``) or fails its ``folio_trylock``
+    (``wp_can_reuse_anon_folio``, which also sees migration's reference): no
+    fault sees the folio mapped by fewer mms than it will be, so none reuses it
+    in place while another sharer is still to be restored. Deliberate
+    difference: the model has no folio lock, so ``mte_sync_tags`` runs first for
+    every PTE to restore (with its scheduling points, while no PTE maps the new
+    folio yet), then every PTE goes in with no scheduling point between them.
+    A PTE zapped or replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is.
+    """
+    todo = [(mm, vpn, entry, news[i]) for mm, vpn, entry, i in entries if mm.pt.get(vpn) is entry]
+    for mm, vpn, entry, n in todo:  # __sync_cache_and_tags() of each set_pte_at(), ahead of the installs
+        if k.mte and entry.tagged and n.zone == "normal" and pte_accessible(mm, vpn):
+            get_page(n)
+            try:
+                await mte_sync_tags(k, n, 1)
+            finally:
+                put_page(k, n)
+    await k.sched.point("remove_migration_ptes")
+    for mm, vpn, entry, n in todo:
+        if mm.pt.get(vpn) is entry:
+            _install(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), 1)  # set_pte_at()
+    k.sched.wake()
 
 
 def _refs_unexpected(old: Page) -> bool:

@@ -8,8 +8,9 @@ docs/findings.md), each driven by a scripted schedule that reproduces its shrunk
 
 from __future__ import annotations
 
-from support import RWM, Vm, frame_problems, invariants, phases, run_once
+from support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
+from hypervisor.syscalls import host_migrate_pages
 from shared.errno import KernelError
 
 PAGE = 4096
@@ -68,6 +69,54 @@ class TestMemslotChangeVsStage2Fault:
         assert violated(run) == [] and frame_problems(run.k) == []
         kvm = run.state["vm"].kvm
         assert RAM >> 12 not in kvm.s2 and kvm.memslots[0].base_gfn == (RAM + 0x100000) >> 12
+
+
+# ---- 2. a CoW store racing migration of the other sharer's page -------------------------------------------
+
+
+def cow_store_vs_migration(hugepage_size: int | None):
+    """P stores, forks C (the page is shared copy-on-write); the host migrates C's page while P stores again."""
+
+    async def setup(k):
+        p = Proc.new(k, "P")
+        extra = {} if hugepage_size is None else {"backing": "hugetlb", "hugepage_size": hugepage_size}
+        addr = await p("mmap", size=hugepage_size or PAGE, prot=RWM, share="private", **extra)
+        await p("store", addr=addr, data=b"\xaa" * 64)
+        c = await p.fork("C")
+
+        async def migrate(k, st):
+            st["moved"] = await host_migrate_pages(k, c.pid, addr, PAGE)
+
+        async def store(k, st):
+            await p("store", addr=addr, data=b"\xbb" * 16)
+
+        return {"p": p, "c": c, "addr": addr}, {"h": migrate, "p": store}
+
+    return setup
+
+
+def _child_reads_parent_store(run) -> bool:
+    """The child's page holds the parent's post-fork store (or an invariant broke)."""
+    st = run.state
+    page = st["c"].page(st["addr"])
+    return run.failure is not None or invariants(run.k) != [] or bytes(page.data[:1]) == b"\xbb"
+
+
+class TestCowStoreVsMigration:
+    """Race 2: remove_migration_ptes() restores every sharer before a CoW fault may reuse the new folio."""
+
+    async def test_anonymous_page(self):
+        """No interleaving (one preemption) lets the parent's store reuse the migrated 4 KiB page the child maps."""
+        runs = await explore_bounded(cow_store_vs_migration(None), preemptions=1, until=_child_reads_parent_store)
+        assert not _child_reads_parent_store(runs[-1]), runs[-1].schedule
+        assert frame_problems(runs[-1].k) == []
+
+    async def test_hugetlb_folio(self):
+        """No interleaving (one preemption) lets the parent's store reuse the migrated 64 KiB folio the child maps."""
+        runs = await explore_bounded(cow_store_vs_migration(64 << 10), preemptions=1,
+                                     until=_child_reads_parent_store)
+        assert not _child_reads_parent_store(runs[-1]), runs[-1].schedule
+        assert frame_problems(runs[-1].k) == []
 
 
 # ---- 3. COPY_TAGS TO_GUEST vs the VMM's munmap of that page ------------------------------------------------
