@@ -53,7 +53,7 @@ from hypervisor.arm64.mte_lock import (
 from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, shared_tags, write_tags
 from hypervisor.ghost import Entry, loc_of_ipa
 from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
-from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.memory import do_anonymous_page_run, get_page, handle_mm_fault, put_page
 from hypervisor.mm_types import VM_READ, VM_SHARED, VM_WRITE, Pte
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
@@ -271,7 +271,9 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
     common page (not hugetlb, mapped once, anonymous or a shared object's) the
     tag write, PG_mte_tagged, the shadow and the ghost's record are updated
     inline, and the waiters are woken once at the end (nothing runs in
-    between); any other page goes through the helpers one by one.
+    between); any other page goes through the helpers one by one. Empty PTEs
+    of an anonymous VMA are faulted in a run at a time (do_anonymous_page_run,
+    under the mmap_lock this run holds), the same pages the fault path maps.
     """
     pt = mm.pt
     ghost = k.oracle.ghost
@@ -291,6 +293,8 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
         for i in range(n):
             vpn = vpn0 + i
             pte = pt.get(vpn)
+            if pte is None and await do_anonymous_page_run(k, mm, vpn, n - i, locked=True):
+                pte = pt.get(vpn)  # the empty PTEs from here on were faulted in at once (fault-around)
             if pte is None or pte.page is None or pte.migrating or not pte.write:
                 pte = await _faultin(k, mm, vpn, True)
                 if pte is None:

@@ -4,10 +4,11 @@ controlled scheduler keeps every per-page fault."""
 from __future__ import annotations
 
 import pytest
-from support import RW, RWM, Proc, expect_errno, invariants, run_once
+from support import RW, RWM, Proc, Vm, expect_errno, invariants, run_once
 
 from hypervisor.access import user
 from hypervisor.kernel import Kernel
+from hypervisor.kvm import copy_tags as copy_tags_mod
 from hypervisor.mm.memory import do_anonymous_page_run
 
 PAGE = 4096
@@ -19,6 +20,7 @@ def _per_page_only(monkeypatch) -> None:
     async def nothing(k, mm, vpn, nr, *, locked=False):
         return 0
     monkeypatch.setattr(user, "do_anonymous_page_run", nothing)
+    monkeypatch.setattr(copy_tags_mod, "do_anonymous_page_run", nothing)
 
 
 def _state(k: Kernel, p: Proc, addr: int) -> dict:
@@ -107,6 +109,27 @@ class TestTheRunIsThePageByPagePath:
         assert p.pte(addr + 3 * PAGE) is old
         assert await do_anonymous_page_run(k, p.task.mm, (addr >> 12) + 4, 100) == NPAGES - 4
         assert invariants(k) == []
+
+
+async def test_copy_tags_to_guest_faults_untouched_pages_in_as_a_run(monkeypatch):
+    """COPY_TAGS TO_GUEST over untouched guest pages leaves the state of the per-page fault path (new frames
+    holding the written tags, PTEs, references, ghost), with fewer scheduling points."""
+    async def restore(k):
+        vm = await Vm.create(k, name="vmm:bulk")
+        await vm.ram(0, 0x4000_0000, NPAGES * PAGE, prot=RWM)
+        await vm.store(0x4000_0000 + 2 * PAGE, b"d" * 10)
+        before = k.sched.points
+        r = await vm.copy_tags(0x4000_0000, NPAGES * PAGE, from_guest=False, tags=bytes(range(16)) * NPAGES * 16)
+        assert r["length"] == NPAGES * PAGE
+        assert invariants(k) == []
+        return _state(k, vm.vmm, vm.kvm.memslots[0].userspace_addr), k.sched.points - before
+
+    bulk, bulk_points = await restore(Kernel())
+    with monkeypatch.context() as m:
+        _per_page_only(m)
+        slow, slow_points = await restore(Kernel())
+    assert bulk == slow
+    assert bulk_points < slow_points
 
 
 async def test_a_controlled_scheduler_faults_every_page():
