@@ -114,6 +114,9 @@ class RunOptions:
     #: task, no stream and no task per request); False: msgpack over in-memory streams (the old path,
     #: kept as the benchmark's baseline; the same schedules, outcomes and violations)
     direct: bool = True
+    #: a controlled scheduler's parking context takes the decision itself when no other task can run
+    #: (ControlledScheduler.inline_decisions; the same decisions); False: its driver task takes every one
+    inline_decisions: bool = True
 
 
 @attrs.frozen
@@ -318,6 +321,7 @@ class _Run:
                 except TypeError as exc:  # a host setting this build's kernel does not take yet
                     raise RunError(f"host {name!r}: this build cannot boot it as asked ({exc})") from None
                 if isinstance(sched, ControlledScheduler):
+                    sched.inline_decisions = self.opts.inline_decisions
                     self.scheduler = sched
             elif self.opts.host is not None:
                 link = ProcessHost(self.nursery, address=self.opts.host, secret=self.opts.secret)

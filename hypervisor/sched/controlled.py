@@ -7,6 +7,16 @@ contexts and that one is released. Whatever the policy, the run is recorded as
 a schedule of preemptions (:mod:`hypervisor.sched.schedule`) and replays with
 :class:`~hypervisor.sched.policies.Replay`; a replay entry whose target is not
 runnable is a :class:`ScheduleDivergence`.
+
+A decision is taken when every trio task is blocked. The driver finds that out
+by :func:`trio.testing.wait_all_tasks_blocked`, which costs two trio scheduler
+passes per decision (the parking context blocks, the driver wakes, the chosen
+context wakes). The same moment is also visible to the context that parks: a
+trio instrument (:class:`_Runnable`) counts the tasks scheduled and not yet
+run, and when that count is zero as a context parks, no other task can run
+before the driver would decide, so the parking context takes that decision
+itself (:meth:`ControlledScheduler._park`): the same decision on the same
+state, without the passes (none at all when the policy lets it go on).
 """
 
 from __future__ import annotations
@@ -41,6 +51,19 @@ class _Actor:
     pred: Callable[[], bool] | None = None  # a wait_until predicate
     label: str = ""
     alive: bool = True
+
+
+class _Runnable(trio.abc.Instrument):
+    """Counts trio tasks scheduled but not yet stepped (the run queue plus the rest of the current batch)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def task_scheduled(self, task) -> None:
+        self.n += 1
+
+    def before_task_step(self, task) -> None:
+        self.n -= 1
 
 
 @attrs.frozen
@@ -99,6 +122,10 @@ class ControlledScheduler(Scheduler):
         self.decisions = 0
         self.points = 0
         self._name_decisions: dict[str, int] = {}  # decisions taken while each name was the last to run
+        #: a parking context decides when no other task can run (see the module doc); False: the driver always
+        self.inline_decisions = True
+        self.inline = 0  # decisions a parking context took itself (for tests and statistics)
+        self._runnable_tasks: _Runnable | None = None  # installed while the driver runs
 
     @property
     def schedule(self) -> str:
@@ -137,14 +164,24 @@ class ControlledScheduler(Scheduler):
         self._arrived.set()
 
     async def _park(self, a: _Actor, label: str, pred) -> None:
-        a.event = trio.Event()
+        event = a.event = trio.Event()
         a.pred = pred
         a.label = label
         self._parked[a.name] = a
         if self._running is a:
             self._running = None
-        self._kick()
-        await a.event.wait()
+        counter = self._runnable_tasks
+        if counter is not None and counter.n == 0 and self._running is None:
+            # every other task is blocked: the driver would take this very decision next; take it here
+            self.inline += 1
+            self.step()
+            if event.is_set():  # released (this context, or every one by a failure): no trio pass at all
+                if self.failure is not None:
+                    raise self.failure
+                return
+        else:
+            self._kick()
+        await event.wait()
         if self.failure is not None:
             raise self.failure
 
@@ -225,9 +262,23 @@ class ControlledScheduler(Scheduler):
 
     async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Release one parked context at a time, forever (cancel to stop): a loop over :meth:`step`."""
+        counter = _Runnable() if self.inline_decisions else None
+        if counter is not None:
+            trio.lowlevel.add_instrument(counter)
+        try:
+            await self._drive(counter, task_status)
+        finally:
+            self._runnable_tasks = None
+            if counter is not None:
+                trio.lowlevel.remove_instrument(counter)
+
+    async def _drive(self, counter: _Runnable | None, task_status) -> None:
         task_status.started()
         while True:
             await trio.testing.wait_all_tasks_blocked()
+            if counter is not None:  # every task is blocked: only this one (and other idle waiters) runs now
+                counter.n = trio.lowlevel.current_statistics().tasks_runnable
+                self._runnable_tasks = counter
             if self._running is not None and self._running.alive and self._running.name not in self._parked:
                 # the running actor is blocked on something outside the model (I/O): wait for it
                 self._arrived = trio.Event()

@@ -1,9 +1,12 @@
-"""Direct in-process connections (shared.rpc.DirectChannel) against the memory-stream path they replace.
+"""Direct in-process connections (shared.rpc.DirectChannel) and inline scheduling decisions against the old path.
 
 Controlled runs reach their in-process hypervisor by direct calls into the
-server's own dispatch (``RunOptions.direct``, the default); the old path is
-msgpack over in-memory streams. For the same scenario, bugs and seed both
-must give the same schedule string, step outcomes and values, and violations.
+server's own dispatch (``RunOptions.direct``, the default), and a parking
+context takes the scheduler's decision itself when no other task can run
+(``RunOptions.inline_decisions``); the old path is msgpack over in-memory
+streams and a driver task for every decision. For the same scenario, bugs and
+seed both must give the same schedule string, step outcomes and values, and
+violations.
 """
 
 from __future__ import annotations
@@ -42,13 +45,13 @@ def _observed(r) -> tuple:
 
 @pytest.mark.parametrize("path, bugs, seeds", ZOO, ids=[z[0] for z in ZOO])
 async def test_direct_and_stream_runs_are_identical(path, bugs, seeds):
-    """Each seed gives the same schedule, step outcomes and violations over direct calls as over memory streams."""
+    """Each seed gives the same schedule, outcomes and violations with direct calls and inline decisions as without."""
     scn = load_scenario(SCENARIOS / path)
     failed = 0
     for seed in seeds:
-        both = [_observed(await run_scenario(scn, RunOptions(bugs=bugs, direct=direct,
+        both = [_observed(await run_scenario(scn, RunOptions(bugs=bugs, direct=new, inline_decisions=new,
                                                              scheduler=SchedulerSpec("random", seed))))
-                for direct in (False, True)]
+                for new in (False, True)]
         assert both[0] == both[1], f"{path} seed {seed} differs"
         failed += not both[1][3]
     if path.startswith("race-cow"):
@@ -59,7 +62,8 @@ async def test_direct_replay_of_a_stream_schedule():
     """A failing schedule recorded over memory streams replays strictly over direct calls to the same failure."""
     scn = load_scenario(SCENARIOS / "race-cow-vs-mprotect.toml")
     bugs = ("flag-before-init",)
-    found = await run_scenario(scn, RunOptions(bugs=bugs, direct=False, scheduler=SchedulerSpec("random", 18)))
+    found = await run_scenario(scn, RunOptions(bugs=bugs, direct=False, inline_decisions=False,
+                                               scheduler=SchedulerSpec("random", 18)))
     assert not found.passed
     again = await run_scenario(scn, RunOptions(bugs=bugs, scheduler=SchedulerSpec("replay", None, found.schedule)))
     assert _observed(again)[1:] == _observed(found)[1:]
@@ -108,3 +112,26 @@ async def test_direct_values_are_copies():
     await channel.aclose()
     with pytest.raises(ConnectionClosed):
         await channel.call("x", {})
+
+
+async def test_inline_decisions_are_taken():
+    """Most decisions of a direct controlled run are taken by the parking context, the rest by the driver."""
+    from hypervisor.sched import ControlledScheduler
+
+    seen: list[ControlledScheduler] = []
+    make = ControlledScheduler.__init__
+
+    def spy(self, *args, **kwargs):
+        make(self, *args, **kwargs)
+        seen.append(self)
+
+    scn = load_scenario(SCENARIOS / "race-cow-vs-mprotect.toml")
+    ControlledScheduler.__init__ = spy  # type: ignore[method-assign]
+    try:
+        await run_scenario(scn, RunOptions(scheduler=SchedulerSpec("random", 3)))
+        await run_scenario(scn, RunOptions(inline_decisions=False, scheduler=SchedulerSpec("random", 3)))
+    finally:
+        ControlledScheduler.__init__ = make  # type: ignore[method-assign]
+    on, off = seen
+    assert on.decisions == off.decisions and on.schedule == off.schedule
+    assert on.inline > on.decisions // 2 and off.inline == 0
