@@ -59,13 +59,8 @@ async def test_short_campaign_finds_the_bug(bug, tmp_path):
 
 
 async def test_short_campaign_fixed_model_clean(tmp_path):
-    """The fixed model runs a short campaign of every family but memslot changes, without hugetlb, clean.
-
-    Memslot deletion racing a stage-2 fault (STAGE-2-COHERENT) and hugetlb CoW racing page
-    migration (TAGS-AS-WRITTEN) fail on the fixed model today: docs/concurrency.md, "mtekvm stress".
-    """
-    cfg = CampaignConfig(budget=Budget(runs=80), out=str(tmp_path), gen=GenConfig(ops=parse_ops("-memslot"),
-                                                                                   hugetlb=False), **SHRINK)
+    """The fixed model runs a short campaign of every family, hugetlb included, clean."""
+    cfg = CampaignConfig(budget=Budget(runs=80), out=str(tmp_path), **SHRINK)
     stats, failures = await Worker(cfg).run()
     assert stats.runs == 80 and stats.errors == 0
     assert failures == [], [f["key"] for f in failures]
@@ -81,9 +76,6 @@ def test_sixty_seconds_find_the_bug(bug, tmp_path):
 
 
 @pytest.mark.skipif(not SLOW, reason="a 60 s campaign on two worker processes: MTEKVM_SLOW=1")
-@pytest.mark.xfail(reason="known model failures: memslot deletion racing a stage-2 fault leaves a gfn mapped that no "
-                          "memslot covers (STAGE-2-COHERENT); hugetlb CoW racing migrate-pages (TAGS-AS-WRITTEN)",
-                   strict=False)
 def test_sixty_seconds_fixed_model(tmp_path):
     """The fixed model runs `--budget 60s --jobs 2` of every family clean."""
     cfg = CampaignConfig(budget=Budget(seconds=60), jobs=2, out=str(tmp_path))
