@@ -20,6 +20,11 @@ Model notes:
       sanitising has scheduling points, the fault checks
       ``mmu_invalidate_retry`` again right before installing, with no point in
       between: the same exclusion, expressed as a retry.
+    * The fault runs inside ``srcu_read_lock(&kvm->srcu)`` (``kvm_handle_guest_abort``),
+      so deleting or moving its memslot (``kvm_invalidate_memslot`` in
+      :mod:`hypervisor.kvm.memslot`) waits for it before zapping stage 2; a
+      fault that starts once the slot is marked ``KVM_MEMSLOT_INVALID`` sees no
+      memslot (an MMIO exit).
     * Stage 2 keeps no page reference (as KVM): it relies on the notifier.
       The STAGE-2 COHERENT oracle checks that every entry still maps the frame
       the VMM's PTE maps.
