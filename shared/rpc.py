@@ -367,8 +367,15 @@ class DirectChannel(wire.Client):
             return self._reply(wire.response_err(rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"))
         self.outstanding += 1
         try:
-            with trio.CancelScope(shield=self.shield):
-                reply = await respond(self.dispatch, self.on_internal_error, rid, op, args, ctx)
+            coro = respond(self.dispatch, self.on_internal_error, rid, op, args, ctx)
+            try:
+                trap = coro.send(None)
+            except StopIteration as stop:  # done without yielding to trio: nothing to shield, no cancel scope
+                reply = stop.value
+            else:
+                # the shield is entered before trio sees the first trap, so it covers every checkpoint
+                with trio.CancelScope(shield=self.shield):
+                    reply = await _finish(coro, trap)
         finally:
             self.outstanding -= 1
             if not self.outstanding and self._drained is not None:
