@@ -22,7 +22,7 @@ state, without the passes (none at all when the policy lets it go on).
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import attrs
 import trio
@@ -142,23 +142,23 @@ class ControlledScheduler(Scheduler):
         """The contexts parked at a point or a model lock now, by name (each has ``name``, ``label``)."""
         return sorted(self._parked.values(), key=lambda a: a.name)
 
-    @asynccontextmanager
-    async def context(self, actor: str):
+    def context(self, actor: str) -> AbstractAsyncContextManager[None]:
+        """Run the body as kernel context ``actor``: it parks at ``enter`` first (a decision)."""
+        return _Context(self, actor)
+
+    def _enter(self, actor: str) -> _Actor:
         if actor in self._actors and self._actors[actor].alive:
             raise ValueError(f"actor {actor!r} is already running")
         a = _Actor(actor)
         self._actors[actor] = a
-        token = current_actor.set(actor)
-        try:
-            await self._park(a, "enter", None)
-            yield
-        finally:
-            current_actor.reset(token)
-            a.alive = False
-            if self._running is a:
-                self._running = None
-            self._parked.pop(actor, None)
-            self._kick()
+        return a
+
+    def _exit(self, a: _Actor) -> None:
+        a.alive = False
+        if self._running is a:
+            self._running = None
+        self._parked.pop(a.name, None)
+        self._kick()
 
     def _kick(self) -> None:
         self._arrived.set()
@@ -297,6 +297,33 @@ class ControlledScheduler(Scheduler):
             del self._parked[a.name]
             assert a.event is not None
             a.event.set()
+
+
+class _Context:
+    """:meth:`ControlledScheduler.context` (a class: an ``asynccontextmanager`` costs a generator and
+    its wrappers per kernel context)."""
+
+    __slots__ = ("sched", "actor", "a", "token")
+
+    def __init__(self, sched: ControlledScheduler, actor: str):
+        self.sched = sched
+        self.actor = actor
+
+    async def __aenter__(self) -> None:
+        self.a = a = self.sched._enter(self.actor)
+        self.token = current_actor.set(self.actor)
+        try:
+            await self.sched._park(a, "enter", None)
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        current_actor.reset(self.token)
+        self.sched._exit(self.a)
 
 
 def make_scheduler(kind: str, seed: int | None = None, schedule: str | None = None, depth: int = 3,

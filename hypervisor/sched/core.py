@@ -17,11 +17,26 @@ from __future__ import annotations
 import contextvars
 import time
 from collections.abc import Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import trio
 
 current_actor: contextvars.ContextVar[str] = contextvars.ContextVar("current_actor", default="?")
+
+
+class _Named:
+    """:meth:`Scheduler.context`: the body runs with ``current_actor`` set to the name."""
+
+    __slots__ = ("actor", "token")
+
+    def __init__(self, actor: str):
+        self.actor = actor
+
+    async def __aenter__(self) -> None:
+        self.token = current_actor.set(self.actor)
+
+    async def __aexit__(self, *exc) -> None:
+        current_actor.reset(self.token)
 
 
 class Scheduler:
@@ -29,14 +44,9 @@ class Scheduler:
 
     kind = "abstract"
 
-    @asynccontextmanager
-    async def context(self, actor: str):
+    def context(self, actor: str) -> AbstractAsyncContextManager[None]:
         """Run the body as kernel context ``actor``."""
-        token = current_actor.set(actor)
-        try:
-            yield
-        finally:
-            current_actor.reset(token)
+        return _Named(actor)
 
     async def point(self, label: str) -> None:
         """A scheduling point: another context may run here."""
