@@ -586,6 +586,10 @@ async def run(args) -> list[Row]:
             nursery.cancel_scope.cancel()
     print("figure 3: hypervisor memory per MiB touched ...", file=sys.stderr, flush=True)
     rows += await bench_memory(args.touch)
+    from benchmarks.runs import bench_runs
+
+    print("figure 8: controlled runs per second (today's path against the old one) ...", file=sys.stderr, flush=True)
+    rows += [Row(**r) for r in await bench_runs(2 * args.seconds)]
     return rows + kvm_rows
 
 

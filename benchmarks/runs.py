@@ -1,0 +1,158 @@
+"""Figure 8: controlled runs per second, today's path against the old one, and with worker processes.
+
+The run: ``scenarios/race-cow-vs-mprotect.toml`` (8 steps, one of them two parallel sub-steps, a fork
+and its child's exit) under the random scheduler, one seed after another, with the
+``flag-before-init`` bug (a seed now and then fails, as in a hunt). Each run boots its in-process
+host, runs the steps with the oracles after every step, and tears down.
+
+* **new**: the runner's default (``RunOptions.direct``: direct calls into the hypervisor's dispatch;
+  ``RunOptions.inline_decisions``: a parking context takes the scheduler's decision when no other
+  task can run). **old**: both off: msgpack over in-memory streams served by the hypervisor's
+  reader and handler tasks, and a driver task for every decision (the path before issue 10, part 5).
+  The two give the same schedules, outcomes and violations (tests/unit/mtekvm/test_direct.py).
+* Both are measured in alternating slices (old, new, old, new, ...) in this process; each figure is
+  the median of its slices, so drift in the machine's load hits both alike.
+* Points per second: the controlled scheduler's scheduling points (``ControlledScheduler.points``)
+  passed per second of runs; decisions likewise.
+* Worker processes: the new path in ``workers`` spawned processes at once, each running its own
+  seeds (seed ``w``, ``w + N``, ...) for the same time, against the new path in one process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pathlib
+import statistics
+import time
+from typing import Any
+
+import trio
+
+from hypervisor.sched import ControlledScheduler
+from mtekvm.runner import RunOptions, run_scenario
+from mtekvm.scenario import SchedulerSpec, load_scenario
+
+SCENARIO = pathlib.Path(__file__).resolve().parents[1] / "scenarios" / "race-cow-vs-mprotect.toml"
+BUGS = ("flag-before-init",)
+
+
+class _Counted:
+    """Counts the scheduling points and decisions of every controlled scheduler made while it is active."""
+
+    def __init__(self) -> None:
+        self.schedulers: list[ControlledScheduler] = []
+        self._init = ControlledScheduler.__init__
+
+    def __enter__(self) -> _Counted:
+        made, seen = self._init, self.schedulers
+
+        def init(sched, *args, **kwargs):
+            made(sched, *args, **kwargs)
+            seen.append(sched)
+
+        ControlledScheduler.__init__ = init  # type: ignore[method-assign,assignment]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ControlledScheduler.__init__ = self._init  # type: ignore[method-assign]
+
+    def take(self) -> tuple[int, int]:
+        """(points, decisions) of the schedulers made since the last take."""
+        points = sum(s.points for s in self.schedulers)
+        decisions = sum(s.decisions for s in self.schedulers)
+        self.schedulers.clear()
+        return points, decisions
+
+
+async def _slice(new: bool, seeds, seconds: float, counted: _Counted) -> tuple[float, float, float]:
+    """Runs, points and decisions per second of runs taken one after another for ``seconds``."""
+    scn = load_scenario(SCENARIO)
+    opts = RunOptions(bugs=BUGS, direct=new, inline_decisions=new)
+    runs = 0
+    counted.take()
+    t0 = time.perf_counter()
+    while True:
+        await run_scenario(scn, RunOptions(bugs=opts.bugs, direct=opts.direct, inline_decisions=opts.inline_decisions,
+                                           scheduler=SchedulerSpec("random", next(seeds))))
+        runs += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            points, decisions = counted.take()
+            return runs / elapsed, points / elapsed, decisions / elapsed
+
+
+def _seeds(start: int = 0, step: int = 1):
+    seed = start
+    while True:
+        yield seed
+        seed += step
+
+
+def _worker(index: int, workers: int, seconds: float, ready, out) -> None:
+    """A worker process: the new path over its own seeds for ``seconds`` (after all are ready); puts its runs/s."""
+
+    async def go() -> float:
+        with _Counted() as counted:
+            await _slice(True, _seeds(index, workers), 0.2, counted)  # warm up
+            await trio.to_thread.run_sync(ready.wait)  # every worker starts timing together
+            runs, _, _ = await _slice(True, _seeds(index + 1000 * workers, workers), seconds, counted)
+        return runs
+
+    out.put(trio.run(go))
+
+
+def _in_workers(workers: int, seconds: float) -> float:
+    """Runs per second of ``workers`` processes running at the same time (the sum of theirs).
+
+    They are spawned (a fresh interpreter each: forking this trio process is unsafe) and start
+    timing together once every one has warmed up.
+    """
+    ctx: Any = multiprocessing.get_context("spawn")
+    ready, out = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(i, workers, seconds, ready, out)) for i in range(workers)]
+    for p in procs:
+        p.start()
+    try:
+        return sum(out.get(timeout=seconds + 120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+async def bench_runs(seconds: float, workers: int = 2, rounds: int = 5) -> list[dict]:
+    """Figure 8's rows (group, figure, unit, value, baseline, baseline_value) for the driver's ``Row``."""
+    old: list[tuple[float, float, float]] = []
+    new: list[tuple[float, float, float]] = []
+    seeds = _seeds()
+    per = max(seconds / (2 * rounds), 0.2)
+    with _Counted() as counted:
+        await _slice(False, seeds, 0.2, counted)  # warm up both
+        await _slice(True, seeds, 0.2, counted)
+        for _ in range(rounds):
+            old.append(await _slice(False, seeds, per, counted))
+            new.append(await _slice(True, seeds, per, counted))
+    med_old = [statistics.median(s[i] for s in old) for i in range(3)]
+    med_new = [statistics.median(s[i] for s in new) for i in range(3)]
+    name = "controlled 8-step race (race-cow-vs-mprotect, random)"
+    base = "memory streams + driver decisions"
+    rows = [
+        {"group": "runs", "figure": name, "unit": "runs/s", "value": med_new[0], "baseline": base,
+         "baseline_value": med_old[0]},
+        {"group": "runs", "figure": "its scheduling points", "unit": "points/s", "value": med_new[1],
+         "baseline": base, "baseline_value": med_old[1]},
+        {"group": "runs", "figure": "its scheduler decisions", "unit": "decisions/s", "value": med_new[2],
+         "baseline": base, "baseline_value": med_old[2]},
+    ]
+    if workers > 1 and (os.cpu_count() or 1) > 1:
+        # the 1-process figure again right before, so both see the same machine load
+        with _Counted() as counted:
+            one = (await _slice(True, seeds, seconds / 2, counted))[0]
+        many = await trio.to_thread.run_sync(_in_workers, workers, seconds / 2)
+        rows.append({"group": "runs", "figure": f"the same in {workers} worker processes", "unit": "runs/s",
+                     "value": many, "baseline": "one process", "baseline_value": one})
+        rows.append({"group": "runs", "figure": f"{workers} worker processes against the old path", "unit": "runs/s",
+                     "value": many, "baseline": base, "baseline_value": med_old[0]})
+    return rows
