@@ -104,10 +104,14 @@ class Page:
         """Write data (bytes-like) at offset ``off`` in the frame."""
         n = len(data)
         if self.data is None:
-            if data == _ZERO_PAGE[:n]:  # a C comparison, not a loop over the bytes
-                return
+            # the zero tests compare bytes-like objects (memcmp): a memoryview compared with bytes is
+            # compared element by element, 13 us for a page of zeros
             if off == 0 and n == PAGE_SIZE:
-                self.data = bytearray(data)
+                new = bytearray(data)
+                if new != _ZERO_PAGE:
+                    self.data = new
+                return
+            if bytes(data) == _ZERO_PAGE[:n]:
                 return
             self.data = bytearray(PAGE_SIZE)
         self.data[off:off + n] = data
