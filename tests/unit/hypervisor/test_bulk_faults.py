@@ -149,3 +149,19 @@ async def test_a_controlled_scheduler_faults_every_page():
     labels = [e.label for e in trace if e.actor == "a-store"]
     assert labels.count("handle_mm_fault") == NPAGES
     assert labels.count("tag_clear_highpage:clear") == NPAGES
+
+
+def test_a_write_of_zeros_allocates_no_data():
+    """A page without data stays without data after a write of zeros (whole or part, bytes or memoryview),
+    and holds exactly what was written after any other write."""
+    from hypervisor.page import Page
+
+    page = Page(pfn=1, tags=bytearray(256))
+    page.write(0, memoryview(bytes(2 * PAGE))[PAGE:])
+    page.write(100, memoryview(bytes(50)))
+    assert page.data is None
+    page.write(0, memoryview(b"\0" * (PAGE - 1) + b"\1"))
+    assert page.data == bytearray(PAGE - 1) + b"\1"
+    other = Page(pfn=2, tags=bytearray(256))
+    other.write(10, b"ab")
+    assert other.data == bytearray(10) + b"ab" + bytearray(PAGE - 12)
