@@ -233,6 +233,17 @@ class Ghost:
             return
         self._entry(loc).data = data_hash(page.data)
 
+    def anon_data_written(self, mm: MM, vpn: int, page: Page) -> None:
+        """``data_written`` for a page of a private anonymous VMA (the mm's entry by vpn), without a location."""
+        pages = self.spaces.get(mm)
+        if pages is None:
+            pages = self.spaces[mm] = {}
+        e = pages.get(vpn)
+        if e is None:
+            pages[vpn] = Entry(None, data_hash(page.data))
+        else:
+            e.data = data_hash(page.data)
+
     # ---- documented changes ----------------------------------------------------------
 
     def drop_range(self, mm: MM, start_vpn: int, end_vpn: int) -> None:

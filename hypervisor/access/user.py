@@ -191,9 +191,14 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     ghost = k.oracle.ghost
     mm = task.mm
     for pte, off, n, vpn, vma in ptes:
-        pte.page.write(off, view[pos:pos + n])
-        if pte.page.zone != "device":
-            ghost.data_written(Ghost.run_loc(mm, vma, vpn), pte.page)
+        page = pte.page
+        page.write(off, view[pos:pos + n])
+        if page.zone == "device":
+            pass
+        elif vma.obj is None:  # private anonymous: the mm's entry by vpn
+            ghost.anon_data_written(mm, vpn, page)
+        else:
+            ghost.data_written(Ghost.run_loc(mm, vma, vpn), page)
         pos += n
     return AccessResult(None, fault)
 
