@@ -12,6 +12,8 @@ side by side:
   tagged, accessible, non-special PTE *before* the PTE is written
   (USER-VISIBLE => TAGGED).
 * ``copy_page_range`` (fork) shares anonymous pages copy-on-write.
+* ``do_anonymous_page_run``: the free scheduler's fault-around for writes, a run of
+  empty anonymous PTEs mapped under one lock hold with the page-by-page result.
 
 Faults take ``mmap_lock`` for read; callers that already hold it (GUP from
 ptrace) pass ``locked=True``. A fault that cannot be satisfied raises
