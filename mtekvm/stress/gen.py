@@ -48,11 +48,16 @@ FAMILIES: dict[str, int] = {
     "copy-tags": 2,  # KVM_ARM_MTE_COPY_TAGS both ways
     "dirty-log": 2,  # dirty logging on / get / clear / off
     "dma": 1,  # device DMA through the VMM's mapping (no tag checks)
+    "migration": 2,  # live migration of the VM to a second host, racing guest stores, STG, LDG and loads
 }
 VM_FAMILIES = ("guest", "memslot", "copy-tags", "dirty-log", "dma")
 PROCESS_FAMILIES = ("fault", "vma", "fork", "ptrace", "ksm")
 #: Backings of guest RAM; "hugetlb" is also a family-like switch (``--ops`` may leave it out).
 VM_BACKINGS = ("anon", "memfd", "hugetlb")
+#: The migration world: a VM of MIGRATION_PAGES anonymous pages and two vCPUs on host ``src``, moved to ``dst``.
+MIGRATION_PAGES = 8
+MIGRATION_FAULTS = ("kill-destination", "cut")
+MIGRATION_FAULT_POINTS = ("precopy:1", "precopy:2", "switchover", "after-resume")
 
 
 def parse_ops(text: str | None) -> tuple[str, ...]:
@@ -128,6 +133,7 @@ class Generated:
     bugs: tuple[str, ...] = ()
     description: str = ""
     kernel_fixes: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()  # declared hosts ([hosts.NAME]); empty: the one default host
 
     def with_steps(self, steps: list[dict]) -> Generated:
         """The same world with other steps (for shrinking)."""
@@ -162,6 +168,8 @@ class _World:
         self.shared_pages = 2
         self.object = "obj"
         self.focus = "shared"  # the region the current parallel block aims at
+        self.hosts: tuple[str, ...] = ()
+        self.touched: set[int] = set()
         self.block_page = 0
 
     def chance(self, p: float) -> bool:
@@ -192,6 +200,9 @@ class _World:
 
     def build(self) -> None:
         r = self.rng
+        if "migration" in self.fams and self._wants_migration():
+            self._build_migration()
+            return
         want_vm = any(f in VM_FAMILIES for f in self.fams)
         want_proc = any(f in PROCESS_FAMILIES for f in self.fams) or not want_vm
         if want_vm and want_proc:
@@ -228,9 +239,99 @@ class _World:
                 self.steps.append(block[0])
         self._finish()
 
+    def _wants_migration(self) -> bool:
+        """Whether this scenario is a migration world: always when only guest-side families are
+        asked for; otherwise in proportion to the migration family's weight (at least a quarter)."""
+        others = [f for f in self.fams if f not in ("migration", "guest")]
+        if not others:
+            return True
+        w = self.cfg.weights.get("migration", 0)
+        total = sum(self.cfg.weights.get(f, 0) for f in self.fams)
+        return self.chance(max(0.25, 2 * w / max(total, 1)))
+
+    def _build_migration(self) -> None:
+        """Two hosts, a small anonymous VM with two vCPUs on ``src``; a set-up that tags pages with
+        and without data (all-zero pages included) and leaves others untouched; one or two
+        parallel blocks that race a ``migrate`` against guest stores, STGs, LDGs and loads on those
+        pages; then the guest reads back every page it touched (TAGS-AS-WRITTEN judges)."""
+        r = self.rng
+        self.hosts = ("src", "dst")
+        size = MIGRATION_PAGES * PAGE
+        self.vm = {"backing": "anon", "size": size, "prot_mte": True, "setup": "auto", "host": "src", "vcpus": 2,
+                   "memory": [{"ipa": GUEST_IPA, "size": size, "backing": "anon"}]}
+        tcf = r.choice(["sync", "none", "async"])
+        self.steps += [{"actor": "guest:vm0", "op": "enable-mte", "tcf": tcf},
+                       {"actor": "guest:vm0:1", "op": "enable-mte", "tcf": tcf},
+                       {"actor": "guest:vm0", "op": "map", "va": GUEST_IPA, "ipa": GUEST_IPA, "size": size,
+                        "attr": "tagged"}]
+        self.touched = set()
+        for pg in range(MIGRATION_PAGES // 2):  # the upper half stays untouched until the race
+            kind = r.choice(["zero-tagged", "zero-tagged", "data-tagged", "data", "none"])
+            addr = GUEST_IPA + pg * PAGE
+            if kind in ("zero-tagged", "data-tagged"):
+                self.steps.append({"actor": "guest:vm0", "op": "stg", "addr": addr, "tag": self.tag(),
+                                   "size": r.choice([64, PAGE, PAGE])})
+            if kind in ("data-tagged", "data"):
+                self.steps.append({"actor": "guest:vm0", "op": "store", "addr": addr, "data": "5a5a",
+                                   "tag": self.steps[-1]["tag"] if kind == "data-tagged" else 0})
+            if kind != "none":
+                self.touched.add(pg)
+        here, there = "src", "dst"
+        for _ in range(1 if self.chance(0.7) else 2):
+            block = [self._migrate_step(there)]
+            if "guest" in self.fams or self.chance(0.5):
+                block += [self._migration_guest_op() for _ in range(r.randint(1, 3))]
+            else:
+                block.append(self._migration_guest_op())
+            r.shuffle(block)
+            self.steps.append({"parallel": block})
+            here, there = there, here
+        for pg in sorted(self.touched):
+            self.steps.append({"actor": r.choice(["guest:vm0", "guest:vm0:1"]), "op": "ldg",
+                               "addr": GUEST_IPA + pg * PAGE, "size": PAGE})
+
+    def _migrate_step(self, to: str) -> dict:
+        """A ``migrate`` to ``to`` with 0-3 pre-copy passes, sometimes with an injected fault (its
+        outcome is left unchecked, like every generated step's)."""
+        step: dict[str, Any] = {"actor": "vmm:vm0", "op": "migrate", "to": to,
+                                "max-passes": self.rng.randint(0, 3)}
+        if self.chance(0.15):
+            step["fail"] = self.rng.choice(MIGRATION_FAULTS)
+            step["fail-at"] = self.rng.choice(MIGRATION_FAULT_POINTS)
+        return step
+
+    def _migration_guest_op(self) -> dict:
+        """A guest operation racing the migration: mostly on a page the set-up touched, else on an
+        untouched one (a stage-2 fault during the pre-copy)."""
+        r = self.rng
+        if self.touched and self.chance(0.6):
+            pg = r.choice(sorted(self.touched))
+        else:
+            pg = r.randrange(MIGRATION_PAGES)
+        addr = GUEST_IPA + pg * PAGE
+        who = r.choice(["guest:vm0", "guest:vm0:1"])
+        x = r.random()
+        if x < 0.4:
+            if self.chance(0.35):  # a span over untouched pages: a stage-2 fault each, a long race window
+                first = r.randrange(MIGRATION_PAGES // 2, MIGRATION_PAGES - 1)
+                n = r.randint(2, MIGRATION_PAGES - first)
+                self.touched.update(range(first, first + n))
+                return {"actor": who, "op": "stg", "addr": GUEST_IPA + first * PAGE, "tag": self.tag(),
+                        "size": n * PAGE}
+            self.touched.add(pg)
+            return {"actor": who, "op": "stg", "addr": addr, "tag": self.tag(), "size": r.choice([16, 64, PAGE])}
+        if x < 0.7:
+            return {"actor": who, "op": "ldg", "addr": addr, "size": r.choice([16, 64])}
+        if x < 0.85:
+            return {"actor": who, "op": "load", "addr": addr, "size": 8}
+        self.touched.add(pg)
+        return {"actor": who, "op": "store", "addr": addr, "data": "01"}
+
     def _usable(self) -> list[str]:
         out = []
         for f in self.fams:
+            if f == "migration":  # a world of its own (_build_migration)
+                continue
             if f in VM_FAMILIES and self.vm is None:
                 continue
             if f in ("fault", "vma", "ptrace", "ksm") and not self.procs and self.vm is None:
@@ -481,7 +582,7 @@ def generate(seed: int, cfg: GenConfig | None = None, bugs: tuple[str, ...] = ()
     procs = list(w.procs)
     return Generated(seed, f"stress seed {seed}", procs, w.vm, w.steps, tuple(bugs),
                      f"generated by mtekvm stress from seed {seed} (families: {', '.join(w.fams)})",
-                     tuple(w.cfg.kernel_fixes))
+                     tuple(w.cfg.kernel_fixes), w.hosts)
 
 
 def _value(v: Any) -> str:
@@ -508,8 +609,12 @@ def to_toml(g: Generated, *, scheduler: dict | None = None, note: str = "") -> s
     if g.bugs:
         lines.append(f"bugs = {_value(list(g.bugs))}")
     lines.append("")
-    if g.kernel_fixes:
-        lines += ["[host]", f"kernel-fixes = {_value(list(g.kernel_fixes))}", ""]
+    for host in g.hosts or ("host",):
+        table = f"hosts.{host}" if g.hosts else "host"
+        if g.kernel_fixes:
+            lines += [f"[{table}]", f"kernel-fixes = {_value(list(g.kernel_fixes))}", ""]
+        elif g.hosts:
+            lines += [f"[{table}]", ""]
     if scheduler:
         lines.append("[scheduler]")
         lines += [f"{_key(k)} = {_value(v)}" for k, v in scheduler.items()]
@@ -518,7 +623,10 @@ def to_toml(g: Generated, *, scheduler: dict | None = None, note: str = "") -> s
     for p in g.processes:
         if p in used:
             lines += [f"[processes.{p}]", ""]
-    if g.vm is not None and used & {"vmm:vm0", "guest:vm0", "vm0"}:
+    if g.vm is not None and g.vm.get("setup") == "auto":  # a migration world's VM (its steps need it)
+        lines += ["[vms.vm0]", f"host = {_value(g.vm['host'])}", f"vcpus = {g.vm['vcpus']}",
+                  f"memory = {_value(g.vm['memory'])}", ""]
+    elif g.vm is not None and used & {"vmm:vm0", "guest:vm0", "vm0"}:
         lines += ["[vms.vm0]", 'setup = "manual"', ""]
     for s in g.steps:
         lines.append("[[steps]]")
