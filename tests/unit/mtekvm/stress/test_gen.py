@@ -98,3 +98,32 @@ def test_weight_zero_drops_a_family():
         g = generate(seed, cfg)
         for s in g.steps:
             assert not any(sub["op"].startswith("dma") for sub in s.get("parallel", []))
+
+
+def test_migration_family_races_a_migrate_with_the_guest():
+    """The migration family declares two hosts and races a migrate (0-3 passes, no expect) with guest ops."""
+    cfg = GenConfig(ops=parse_ops("migration,guest"))
+    zero_tagged = faults = 0
+    for seed in range(60):
+        g = generate(seed, cfg)
+        assert g.hosts == ("src", "dst") and g.vm is not None and g.vm["host"] == "src", seed
+        scn = load(g)
+        assert scn.steps, seed
+        blocks = [s["parallel"] for s in g.steps if "parallel" in s]
+        assert blocks, seed
+        for block in blocks:
+            migrates = [op for op in block if op["op"] == "migrate"]
+            assert len(migrates) == 1 and 0 <= migrates[0]["max-passes"] <= 3, seed
+            assert any(op["actor"].startswith("guest:vm0") for op in block), seed
+            faults += "fail" in migrates[0]
+        assert not any("expect" in sub for s in g.steps for sub in s.get("parallel", [s])), seed
+        stored = {s["addr"] for s in g.steps if s.get("op") == "store"}
+        zero_tagged += any(s.get("op") == "stg" and s["addr"] not in stored for s in g.steps)
+        assert g.steps[-1]["op"] == "ldg", seed  # read back after the move
+    assert zero_tagged >= 20 and faults >= 3, (zero_tagged, faults)
+
+
+def test_default_families_include_migration_worlds():
+    """With every family, some seeds build a migration world and the others the one-host world."""
+    worlds = [bool(generate(seed).hosts) for seed in range(100)]
+    assert 10 <= sum(worlds) <= 50
