@@ -2,7 +2,7 @@
 
 The VMM talks to the agent over :data:`shared.control.GUEST_CHANNEL`: it hands
 over vCPUs (``vcpu-add``: attach to the hypervisor with the token
-``kvm-create-vcpu`` gave out) and runs guest ops of SCENARIOS.md on them
+``kvm-create-vcpu`` gave out) and runs guest ops of docs/scenarios.md on them
 (``guest-op``). The agent plays the guest kernel: it owns stage 1 and each
 vCPU's MTE registers (:mod:`guest.cpu`), and turns every memory op into ONE
 ``vcpu-access`` request to the hypervisor (where tags live and are checked).
@@ -171,7 +171,7 @@ class GuestAgent:
         self.stage1 = stage1_new
 
     async def run_op(self, index: int, op: str, args: dict, ctx: str | None = None) -> Any:
-        """Run one guest op of SCENARIOS.md on vCPU ``index``.
+        """Run one guest op of docs/scenarios.md on vCPU ``index``.
 
         Returns:
             The op's value, or a :class:`shared.wire.Reply` whose ``fault`` is a tag check.

@@ -6,7 +6,7 @@ The model is page granular (4 KiB):
 
 * Until the guest maps a range, a VA maps to the IPA of the same value with
   attribute ``"normal"``: guest RAM is identity mapped and untagged, as
-  SCENARIOS.md says.
+  docs/scenarios.md says.
 * :meth:`Stage1.map` installs ``[va, va+size) -> [ipa, ipa+size)`` with one
   attribute (``"tagged"``, ``"normal"`` or ``"device"``); a later map of an
   overlapping range replaces the overlap, as rewriting the PTEs would.

@@ -304,7 +304,7 @@ class Field:
         return self.name.replace("_", "-")
 
 
-#: The scenario actors (``SCENARIOS.md``): a host process, a VM's VMM, a guest, the host kernel.
+#: The scenario actors (docs/scenarios.md): a host process, a VM's VMM, a guest, the host kernel.
 ACTORS = ("process", "vmm", "guest", "host")
 
 

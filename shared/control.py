@@ -97,7 +97,7 @@ def _state_list(v):
 
 STATE_LIST = Kind("list", _state_list)
 
-#: What ``migrate``'s ``fail`` may break (SCENARIOS.md, "Fault injection").
+#: What ``migrate``'s ``fail`` may break (docs/scenarios.md, "Fault injection").
 MIGRATION_FAILS = ("kill-destination", "kill-source", "cut")
 
 
@@ -269,7 +269,7 @@ def _on_a_vcpu(d: OpDef) -> OpDef:
     return attrs.evolve(d, role="any", actors=("guest",), calls=calls)
 
 
-#: The guest ops of SCENARIOS.md and their arguments; the guest validates them with this table.
+#: The guest ops of docs/scenarios.md and their arguments; the guest validates them with this table.
 GUEST_OPS: dict[str, OpDef] = {d.name: d for d in [
     OpDef("enable-mte", "any", (F("tcf", enum(*TCF_MODES)), F("include", MASK16, 0xFFFF)),
           "SCTLR_EL1.ATA=1, SCTLR_EL1.TCF, GCR_EL1.Exclude = ~include.", ("guest",)),

@@ -4,7 +4,7 @@ The orchestrator (mtekvm's runner) starts a fresh VMM for the VM on the
 destination host and sends it ``migrate-incoming``: the destination listens for
 ONE migration connection (:class:`Destination`). Then it sends the source VMM
 ``migrate-out`` with the address (:class:`Source`). The stream between them is
-:mod:`shared.migstream` (docs/migration.md). In the order of SCENARIOS.md,
+:mod:`shared.migstream` (docs/migration.md). In the order of docs/scenarios.md,
 "Migration, snapshots and faults":
 
 * the source sends the layout; the destination builds the VM (memslots,

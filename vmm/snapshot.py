@@ -1,4 +1,4 @@
-"""VM snapshots: the ``snapshot`` and ``restore`` VMM ops (SCENARIOS.md, "Migration, snapshots and faults").
+"""VM snapshots: the ``snapshot`` and ``restore`` VMM ops (docs/scenarios.md, "Migration, snapshots and faults").
 
 ``snapshot`` pauses the vCPUs, streams guest RAM (data through the VMM's own mapping, tags with
 KVM_ARM_MTE_COPY_TAGS FROM_GUEST) and the vCPUs' state into a file in the format of
