@@ -149,9 +149,10 @@ def _stress_parser(sub) -> None:
     s.add_argument("--budget", default="60s", help="a time (60s, 2m) or a number of runs (5000runs); default 60s")
     s.add_argument("--policy", default="random", help="random (default), pct or coverage")
     s.add_argument("--depth", type=int, help="bug depth for --policy pct (default 3)")
+    from mtekvm.stress.gen import FAMILIES
+
     s.add_argument("--ops", help="op families to draw from, comma-separated (default all; -NAME drops one): "
-                                 "fault, tags, mmap, fork, ptrace, swap, ksm, migrate, guest, memslot, copy-tags, "
-                                 "dirty-log, dma")
+                                 + ", ".join(FAMILIES))
     s.add_argument("--weights", help="family=N,... relative weights over the defaults (0 drops a family)")
     s.add_argument("--no-hugetlb", action="store_true", help="never back memory with hugetlb")
     s.add_argument("--no-kernel-fixes", action="store_true",
