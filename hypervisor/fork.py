@@ -73,13 +73,21 @@ async def do_exit(k: Kernel, task: Task) -> None:
     """do_exit() (kernel/exit.c): the VM fds close (their VMs are destroyed), then exit_mmap() frees the mm.
 
     A second caller (a SIGKILL racing the connection's close) waits until the
-    first one has finished, so either returns with the process gone.
+    first one has finished, so either returns with the process gone. Before
+    the VMs and the mm go, the exit waits until none of the task's requests is
+    inside the kernel: in Linux a fatal signal is acted on only on the way back
+    to user space, and exit_mm() runs once the last thread has left the kernel,
+    so no syscall or ioctl is cut in half (e.g. KVM_ARM_MTE_COPY_TAGS between
+    try_page_mte_tagging() and set_page_mte_tagged()). The model's exit runs in
+    another context than the task's (see kill_task()), so it waits for them.
     """
     if task.exiting:
         await k.sched.wait_until(lambda: task.dead, "do_exit:wait")
         return
     task.exiting = True  # PF_EXITING
+    task.sigkill = True  # new requests of the task get ESRCH from now on
     try:
+        await k.sched.wait_until(lambda: task.in_kernel == 0, "do_exit:wait_in_kernel")
         await k.kvm.release_task(task)
         await exit_mmap(k, task.mm)
     finally:
@@ -91,11 +99,16 @@ async def do_exit(k: Kernel, task: Task) -> None:
 async def kill_task(k: Kernel, task: Task) -> None:
     """SIGKILL (kernel/signal.c, the fatal-signal path to do_exit()): the process exits now.
 
+    The signal is made pending first (fatal_signal_pending()): the task's
+    requests already inside the kernel run to their end, new ones get ESRCH,
+    and do_exit() tears the VMs and the mm down once none is left inside.
+
     Deliberate difference: the model's process exits in the caller's context
     rather than its own, so that the caller returns once the exit (its VMs
     destroyed, its memory freed) is done; then the server closes its
     connection, as the socket of a dead process closes.
     """
+    task.sigkill = True  # signal_wake_up(): fatal_signal_pending(task) from now on
     await do_exit(k, task)
     close, task.on_kill = task.on_kill, None
     if close is not None:

@@ -31,6 +31,11 @@ class Task:
     parent: int | None = None
     fork_token: str | None = None  # set until a connection attaches to this child
     attached: bool = False
+    #: SIGKILL is pending (fatal_signal_pending()): acted on when the task's kernel contexts return
+    sigkill: bool = False
+    #: the task's requests inside the kernel now (its threads in a syscall): do_exit() waits for none,
+    #: as exit_mm() runs only once the last thread has left the kernel
+    in_kernel: int = 0
     exiting: bool = False  # do_exit() has begun (PF_EXITING)
     dead: bool = False  # do_exit() has finished: VMs destroyed, mm torn down, pid released
     #: set by the server for a process with a connection: closes it (a SIGKILLed process's socket goes)

@@ -133,6 +133,18 @@ class Hypervisor:
                 self._idle.set()
 
 
+async def _in_kernel(k: Kernel, task: Task, call):
+    """A syscall of ``task`` (arch/arm64/kernel/syscall.c el0_svc_common()): counted as inside the kernel
+    until it returns, so that do_exit() (kernel/exit.c) waits for it rather than cutting it in half."""
+    task.in_kernel += 1
+    try:
+        return await call
+    finally:
+        task.in_kernel -= 1
+        if task.in_kernel == 0:
+            k.sched.wake()
+
+
 class _Connection:
     """One client connection: the hypervisor's policy plugged into :class:`shared.rpc.RequestLoop`.
 
@@ -198,7 +210,7 @@ class _Connection:
             raise KernelError(EPERM, f"{op} is a {d.role} op; this connection is a {self.role}")
         if op == "boot":
             return self._boot(a)
-        if self.task is not None and self.task.exiting:
+        if self.task is not None and (self.task.sigkill or self.task.exiting):  # fatal_signal_pending()
             raise KernelError("ESRCH", f"{op}: process {self.task.pid} was killed")
         self.seq += 1
         if op == "vcpu-attach":
@@ -221,7 +233,7 @@ class _Connection:
 
     def _run(self, k: Kernel, op: str, a: dict):
         if self.role == "process":
-            return PROCESS_OPS[op](k, self.task, a)
+            return _in_kernel(k, self.task, PROCESS_OPS[op](k, self.task, a))
         if self.role == "vcpu":
             return VCPU_OPS[op](k, self._vcpu(a["vcpu"]), a)
         return HOST_OPS[op](k, a)
