@@ -233,7 +233,9 @@ class _Connection:
 
     def _run(self, k: Kernel, op: str, a: dict):
         if self.role == "process":
-            return _in_kernel(k, self.task, PROCESS_OPS[op](k, self.task, a))
+            task = self.task
+            assert task is not None
+            return _in_kernel(k, task, PROCESS_OPS[op](k, task, a))
         if self.role == "vcpu":
             return VCPU_OPS[op](k, self._vcpu(a["vcpu"]), a)
         return HOST_OPS[op](k, a)
