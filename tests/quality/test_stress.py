@@ -100,8 +100,6 @@ def test_sixty_seconds_fixed_model(tmp_path):
 
 
 @pytest.mark.skipif(not SLOW, reason="a 60 s campaign on two worker processes: MTEKVM_SLOW=1")
-@pytest.mark.xfail(strict=False, reason="open fixed-model finding (docs/concurrency.md): LOCK-LIVENESS when a "
-                   "migration fault tears the destination down during its COPY_TAGS TO_GUEST (seed 706)")
 def test_sixty_seconds_fixed_model_migration(tmp_path):
     """The fixed model runs `--ops migration,guest --budget 60s --jobs 2` clean."""
     cfg = CampaignConfig(budget=Budget(seconds=60), jobs=2, out=str(tmp_path),
