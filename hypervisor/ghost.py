@@ -136,17 +136,7 @@ class Ghost:
     def locate(mm: MM, vpn: int):
         """``(space, index, fallback)`` for the user page ``vpn`` of ``mm``, or None (no VMA, device)."""
         vma = mm.find_vma(vpn << PAGE_SHIFT)
-        if vma is None:
-            return None
-        obj = vma.obj
-        if obj is None:
-            return mm, vpn, None
-        if obj.kind == "device":
-            return None
-        index = vma.index_of(vpn << PAGE_SHIFT)
-        if vma.flags & VM_SHARED:
-            return obj, index, None
-        return mm, vpn, (obj, index)
+        return None if vma is None else Ghost.run_loc(mm, vma, vpn)
 
     @staticmethod
     def locate_ipa(kvm, gfn: int, slot=None):

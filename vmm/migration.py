@@ -211,12 +211,12 @@ class _Died(Exception):
 
 # ---- the source -----------------------------------------------------------------------------
 
-class Source:
-    """One ``migrate-out``: the source VMM's side of a migration.
+class _Side:
+    """What both ends of a migration start from.
 
     Args:
-        vmm: the source VMM (with a VM).
-        a: the validated ``migrate-out`` arguments.
+        vmm: this end's VMM.
+        a: the validated ``migrate-out`` / ``migrate-incoming`` arguments.
         ctx: the request's kernel context name (every hypervisor call runs as it).
     """
 
@@ -226,6 +226,13 @@ class Source:
         self.ctx = ctx
         self.bugs = check_vmm_bugs(a["bugs"])
         self.fail, self.fail_at = a["fail"], a["fail_at"]
+
+
+class Source(_Side):
+    """One ``migrate-out``: the source VMM's side of a migration (``vmm`` has a VM)."""
+
+    def __init__(self, vmm: Vmm, a: dict, ctx: str | None):
+        super().__init__(vmm, a, ctx)
         self.stats = {"passes": 0, "pages": 0, "tagged-pages": 0, "stop-pages": 0}
         self.slots: list[guestram.RamSlot] = []
         self.logged_before: set[int] = set()
@@ -561,21 +568,11 @@ async def _die_after_reply(vmm: Vmm) -> None:
 
 # ---- the destination ------------------------------------------------------------------------
 
-class Destination:
-    """One ``migrate-incoming``: the destination VMM's side.
-
-    Args:
-        vmm: a fresh VMM (no VM yet).
-        a: the validated ``migrate-incoming`` arguments.
-        ctx: the request's kernel context name (every hypervisor call runs as it).
-    """
+class Destination(_Side):
+    """One ``migrate-incoming``: the destination VMM's side (``vmm`` is fresh: no VM yet)."""
 
     def __init__(self, vmm: Vmm, a: dict, ctx: str | None):
-        self.vmm = vmm
-        self.a = a
-        self.ctx = ctx
-        self.bugs = check_vmm_bugs(a["bugs"])
-        self.fail, self.fail_at = a["fail"], a["fail_at"]
+        super().__init__(vmm, a, ctx)
         self.layout: dict | None = None
         self.slots: dict[int, guestram.RamSlot] = {}
         self.late_tags: list[tuple[int, bytes]] = []  # (ipa, tags) the zoo writes after resuming

@@ -434,3 +434,21 @@ async def explore_bounded(setup, *, preemptions: int = 2, bugs=(), until=None, l
     """Every interleaving of ``setup``'s scenario with at most ``preemptions`` preemptions
     (:class:`~hypervisor.sched.Bounded`, CHESS's bound). ``until`` as in :func:`explore`."""
     return await _walk(setup, Bounded(preemptions), bugs=bugs, on_decision=None, until=until, limit=limit)
+
+
+async def vmm_with_client(nursery, host, name: str = "vm0"):
+    """An in-process VMM for VM ``name`` on ``host`` (an InProcessHost) and a control client to it."""
+    import trio.testing
+
+    from guest.agent import GuestAgent
+    from shared.wire import Client
+    from vmm.guestlink import InProcessGuests
+    from vmm.machine import Vmm
+
+    vmm = Vmm(host.connect, InProcessGuests(nursery, host.connect, GuestAgent), name=name, session="unit")
+    await vmm.start()
+    a, b = trio.testing.memory_stream_pair()
+    nursery.start_soon(vmm.serve, b)
+    client = Client(a)
+    await nursery.start(client.run)
+    return vmm, client

@@ -7,15 +7,14 @@ import functools
 import pytest
 import trio
 import trio.testing
+from support import vmm_with_client
 
-from guest.agent import GuestAgent
 from hypervisor.kernel import Kernel
 from mtekvm.links import InProcessHost
 from shared.errno import EINVAL, ENOSYS, ESTALE
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, RemoteError
 from vmm import guestram
-from vmm.guestlink import InProcessGuests
 from vmm.machine import Vmm
 
 MiB = 1 << 20
@@ -45,13 +44,7 @@ class Rig:
 
 async def make_rig(nursery: trio.Nursery, host: InProcessHost, name: str = "vm0") -> Rig:
     """A VMM for VM ``name`` on ``host`` with a control client."""
-    vmm = Vmm(host.connect, InProcessGuests(nursery, host.connect, GuestAgent), name=name, session="unit")
-    await vmm.start()
-    a, b = trio.testing.memory_stream_pair()
-    nursery.start_soon(vmm.serve, b)
-    client = Client(a)
-    await nursery.start(client.run)
-    return Rig(vmm, client)
+    return Rig(*await vmm_with_client(nursery, host, name))
 
 
 @pytest.fixture
