@@ -281,17 +281,7 @@ def check_options(args) -> None:
 
 
 def _check_writable(opt: str, path: str) -> None:
-    """Can ``path`` be written? Tried up front, so that a bad path is not found after a long run."""
-    existed = os.path.exists(path)
-    if os.path.isdir(path):
-        raise UsageError(f"{opt} {path}: is a directory")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{opt} {path}: cannot write: {exc.strerror or exc}") from None
-    if not existed:
-        os.unlink(path)
+    report.check_writable(opt, path, UsageError)
 
 
 def _read_secret(path: str) -> str:

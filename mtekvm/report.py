@@ -9,6 +9,7 @@ documented in ``docs/scenarios.md`` ("JSON report") and versioned by :data:`JSON
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -216,3 +217,21 @@ def tap_lines(number: int, result: ScenarioResult | None = None, problem: Proble
     assert problem is not None
     return [f"not ok {number} - {problem.name or problem.path} ({problem.path}): {problem.kind}",
             f"# {problem.message}"]
+
+
+def check_writable(opt: str, path: str, error: type[Exception]) -> None:
+    """Can ``path`` be written? Tried up front, so that a bad path is not found after a long run.
+
+    Raises:
+        error: with a one-line reason (``OPT PATH: is a directory`` / ``cannot write: ...``).
+    """
+    existed = os.path.exists(path)
+    if os.path.isdir(path):
+        raise error(f"{opt} {path}: is a directory")
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise error(f"{opt} {path}: cannot write: {exc.strerror or exc}") from None
+    if not existed:
+        os.unlink(path)

@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 import trio
 
+from mtekvm import report
 from mtekvm.stress.campaign import (
     POLICIES,
     CampaignConfig,
@@ -93,16 +94,7 @@ def config_from_args(args) -> CampaignConfig:
 
 
 def _check_writable(opt: str, path: str) -> None:
-    existed = os.path.exists(path)
-    if os.path.isdir(path):
-        raise StressUsage(f"{opt} {path}: is a directory")
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise StressUsage(f"{opt} {path}: cannot write: {exc.strerror or exc}") from None
-    if not existed:
-        os.unlink(path)
+    report.check_writable(opt, path, StressUsage)
 
 
 class _Live:
