@@ -27,6 +27,7 @@ from hypervisor.sched import FreeScheduler, Scheduler
 from shared.bugs import check_bug_names, check_kernel_fix_names
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
+from shared.physmem import PhysConfig
 
 
 class Kernel:
@@ -42,13 +43,18 @@ class Kernel:
             ``sync``, ``async`` or ``asymm``, the values its sysfs file accepts).
         kernel_fixes: proposed kernel fixes this host applies (names from
             :data:`shared.bugs.KERNEL_FIXES`).
+        fault_replay_limit: replays of one access's fault before the access is abandoned as a
+            livelock (FAULT-FORWARD-PROGRESS; Linux would spin for ever).
+        physmem: tag storage, nodes and regions (a :class:`shared.physmem.PhysConfig` or its
+            wire map; None: mainline's static host).
 
     Raises:
         ValueError: an unknown bug or kernel-fix name, or a bad ``tcf_preferred``.
     """
 
     def __init__(self, *, mte: bool = True, ram: int = 256 << 20, swap: int = 64 << 20, bugs=(),
-                 sched: Scheduler | None = None, tcf_preferred: str = "async", kernel_fixes=()):
+                 sched: Scheduler | None = None, tcf_preferred: str = "async", kernel_fixes=(),
+                 fault_replay_limit: int = 64, physmem: PhysConfig | dict | None = None):
         if tcf_preferred not in ("sync", "async", "asymm"):
             raise ValueError(f"mte_tcf_preferred {tcf_preferred!r} is not sync, async or asymm")
         self.mte = mte
@@ -56,6 +62,10 @@ class Kernel:
         self.fixes = frozenset(check_kernel_fix_names(kernel_fixes))
         self.sched = sched or FreeScheduler()
         self.tcf_preferred = tcf_preferred
+        if fault_replay_limit < 1:
+            raise ValueError(f"fault_replay_limit must be at least 1 (got {fault_replay_limit})")
+        self.fault_replay_limit = fault_replay_limit
+        self.physcfg = physmem if isinstance(physmem, PhysConfig) else PhysConfig.from_wire(physmem)
         self.alloc = PageAllocator(ram)
         self.swap = SwapDevice(swap)
         self.oracle = Oracle(self)

@@ -292,7 +292,8 @@ class _Connection:
         try:
             self.hv.kernel = Kernel(mte=a["mte"], ram=a["ram"], swap=a["swap"], bugs=a["bugs"],
                                     sched=self.k.sched, tcf_preferred=a["tcf_preferred"],
-                                    kernel_fixes=a["kernel_fixes"])
+                                    kernel_fixes=a["kernel_fixes"], fault_replay_limit=a["fault_replay_limit"],
+                                    physmem=a["physmem"])
         except ValueError as exc:
             raise KernelError("EINVAL", f"boot: {exc}") from None
         return {"booted": True}

@@ -690,6 +690,8 @@ def boot_extras(spec) -> dict:
         out["kernel_fixes"] = list(spec.kernel_fixes)
     if spec.fault_replay_limit != FAULT_REPLAY_LIMIT:
         out["fault_replay_limit"] = spec.fault_replay_limit
+    if not spec.physmem.is_default:
+        out["physmem"] = spec.physmem.to_wire()
     return out
 
 

@@ -33,6 +33,7 @@ import attrs
 
 from shared.errno import E2BIG, EINVAL, ErrnoError
 from shared.mte import TCF_MODES
+from shared.physmem import REGION_ATTRS
 
 #: Largest data/tag payload one access request may carry or return.
 MAX_IO = 16 * 1024 * 1024
@@ -195,6 +196,12 @@ def _batch(v):
     return v
 
 
+def _count(v):
+    if v == "all":
+        return v
+    return _u64(v)
+
+
 def _map(v):
     if not isinstance(v, dict):
         raise ValueError("must be a map")
@@ -207,7 +214,7 @@ def _map(v):
 #: written form: ``size``/``addr`` take units (``"16MiB"``), ``bytes`` hex strings, ``tag`` 0..15,
 #: ``tags`` a list of tags, ``enum`` and ``list`` their options, ``name`` a name (its known
 #: values when it lists any), ``pid`` a process named by the scenario, ``int`` its range.
-KIND_NAMES = ("size", "addr", "tag", "tags", "bytes", "enum", "name", "bool", "int", "list", "pid", "map")
+KIND_NAMES = ("size", "addr", "tag", "tags", "bytes", "enum", "name", "bool", "int", "list", "pid", "map", "count")
 
 
 @attrs.frozen
@@ -255,6 +262,7 @@ STRLIST = Kind("list", _strlist)
 SEGS = Kind("list", _segs)
 BATCH = Kind("list", _batch)
 MAP = Kind("map", _map)
+COUNT = Kind("count", _count)                  # a number of pages, or "all"
 
 
 def enum(*options: str) -> Kind:
@@ -342,7 +350,7 @@ def F(name: str, kind: Kind, default: Any = _REQUIRED, doc: str = "") -> Field:
     return Field(name, kind, default, doc)
 
 
-BACKINGS = ("anon", "anon-shared", "memfd", "shmem", "file", "hugetlb", "device")
+BACKINGS = ("anon", "anon-shared", "memfd", "shmem", "file", "hugetlb", "device", "pfnmap", "dax", "p2pmem")
 PROTS = ("read", "write", "exec", "mte")
 MEMSLOT_FLAGS = ("log-dirty-pages", "readonly")
 
@@ -366,6 +374,9 @@ _OPS = [
         F("object", opt(NAME), None),
         F("offset", ADDR, 0),
         F("hugepage_size", HUGEPAGE_SIZE, 2 << 20, "hugetlb backing only: the huge page size (MAP_HUGE_*)"),
+        F("node", opt(NAME), None, "anon, anon-shared, shmem, memfd: bind the pages to this node (MPOL_BIND)"),
+        F("region", opt(NAME), None, "pfnmap, dax, p2pmem: the device memory region behind the mapping"),
+        F("attr", opt(enum(*REGION_ATTRS)), None, "pfnmap without region: an unnamed region with this attribute"),
     ), "mmap(2); returns the address.", _P),
     OpDef("mprotect", "process", (F("addr", ADDR), F("size", SIZE), F("prot", flags(*PROTS))), "mprotect(2).", _P),
     OpDef("munmap", "process", (F("addr", ADDR), F("size", SIZE)), "munmap(2).", _P),
@@ -448,13 +459,34 @@ _OPS += [
         F("mte", BOOL, True), F("ram", SIZE, 256 << 20), F("swap", SIZE, 64 << 20),
         F("bugs", STRLIST, ()), F("tcf_preferred", enum("async", "sync", "asymm"), "async"),
         F("kernel_fixes", STRLIST, (), "proposed kernel fixes to apply (shared.bugs.KERNEL_FIXES)"),
+        F("fault_replay_limit", U64, 64, "replays of one access's fault before it ends livelock"),
+        F("physmem", opt(MAP), None, "tag storage, nodes and regions (shared.physmem.PhysConfig.to_wire)"),
     ), "Replace the host kernel with a freshly booted one (no process may be attached)."),
     OpDef("swap-out", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "Reclaim pages to swap.",
           ("host",)),
     OpDef("ksm-merge", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "One KSM scan of a range.",
           ("host",)),
-    OpDef("migrate-pages", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE)), "Move pages to new frames.",
-          ("host",)),
+    OpDef("migrate-pages", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE),
+                                    F("to", opt(NAME), None, "a node, a coherent region or tag-storage")),
+          "Move pages to new frames; returns pages moved.", ("host",)),
+    OpDef("alloc-pages", "host", (
+        F("name", NAME, doc="a handle for free-pages"), F("count", COUNT, doc="pages, or 'all' the request may use"),
+        F("gfp", enum("movable", "tagged", "kernel"), "movable"), F("from", enum("any", "tag-storage"), "any"),
+        F("node", opt(NAME), None, "omitted: node0, then the other nodes in declared order"),
+        F("pin", BOOL, False, "hold an extra reference, as pages under I/O do"),
+    ), "Allocate pages as a kernel user would; returns {pages, tag-storage-pages}.", ("host",)),
+    OpDef("free-pages", "host", (F("name", NAME), F("count", opt(U64), None, "default: all of them")),
+          "Free pages of an alloc-pages handle; returns pages freed.", ("host",)),
+    OpDef("pin-pages", "host", (F("pid", PID), F("addr", ADDR), F("size", SIZE),
+                                F("on", BOOL, True, "false unpins")),
+          "FOLL_PIN a range (faulting it in), or unpin it; returns pages pinned or unpinned.", ("host",)),
+    OpDef("inject-fault", "host", (F("site", NAME, doc="reserve-tag-storage, tag-buf or tag-buf-atomic"),
+                                   F("times", INT, 1, "-1: every call until set again; 0 stops")),
+          "Make the next calls of an allocation site fail.", ("host",)),
+    OpDef("vma-flags", "host", (F("pid", PID), F("addr", ADDR)),
+          "The VM_* flags of the VMA at addr as booleans, and its memtype.", ("host",)),
+    OpDef("stage2-entry", "host", (F("vm", NAME, doc="the VM's name"), F("ipa", ADDR)),
+          "The stage-2 leaf entry of an IPA: {mapped, pfn, memtype, writable}; faults nothing in.", ("host",)),
     OpDef("page-flags", "host", (F("pid", PID), F("addr", ADDR)), "PG_mte_tagged/PG_mte_lock of the page at addr.",
           ("host",)),
     OpDef("meminfo", "host", (), "{ram-pages, free-pages, vms}: the host's RAM and the VMs it runs now, by name.",

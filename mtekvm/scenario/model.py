@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from shared.physmem import PhysConfig
+
 if TYPE_CHECKING:
     from hypervisor.sched import SchedulingPolicy
 
@@ -92,6 +94,7 @@ class HostSpec:
     tcf_preferred: str = "async"
     kernel_fixes: tuple[str, ...] = ()
     fault_replay_limit: int = FAULT_REPLAY_LIMIT
+    physmem: PhysConfig = PhysConfig()
 
 
 @attrs.frozen

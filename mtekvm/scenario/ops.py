@@ -51,7 +51,8 @@ GUEST_OPS = OPS_BY_KIND["guest"]
 HOST_OPS = OPS_BY_KIND["host"]
 
 #: ``op.field`` (or a bare field name, for every op) sent only when a step gives it.
-ONLY_WHEN_GIVEN = ("hugepage_size", "enable-cap.args", "dirty-log.first", "dirty-log.count")
+ONLY_WHEN_GIVEN = ("hugepage_size", "enable-cap.args", "dirty-log.first", "dirty-log.count", "mmap.node",
+                   "mmap.region", "mmap.attr", "migrate-pages.to")
 #: The scenario keys that are not a field of their op, and the field they stand for.
 SUGAR: dict[str, str] = {
     "fill": "data", "size": "data",  # fill + size: the data bytes
@@ -108,6 +109,13 @@ def integer(lo: int, hi: int) -> Conv:
 
 tag = integer(0, 15)
 u64 = integer(0, U64_MAX)
+
+
+def count(v: Any, w: Where, k: str) -> int | str:
+    """A number of pages, or ``"all"``."""
+    if v == "all":
+        return v
+    return u64(v, w, k)
 
 
 def boolean(v: Any, w: Where, k: str) -> bool:
@@ -209,6 +217,8 @@ def form(kind: Kind) -> Conv:
         return boolean
     if k == "int":
         return integer(kind.lo, kind.hi)
+    if k == "count":
+        return count
     raise TypeError(f"a field of kind {k!r} has no scenario form")
 
 

@@ -98,6 +98,21 @@ from shared.control import ACTOR_OPS
 from shared.errno import ERRNO_BY_NAME
 from shared.invariants import ALL as INVARIANTS
 from shared.invariants import canonical
+from shared.physmem import (
+    KVM_TAG_STORAGE,
+    NODE_KINDS,
+    NODE_TAG_STORAGE,
+    NODE_ZONES,
+    REGION_ATTRS,
+    REGION_TYPES,
+    TAG_STORAGE_MODES,
+    TWO_MIB,
+    NodeConfig,
+    PhysConfig,
+    RegionConfig,
+    check_names,
+    default_node_zone,
+)
 
 #: Every errno name an ``expect`` may use.
 ERRNO_NAMES: frozenset[str] = frozenset(ERRNO_BY_NAME)
@@ -263,8 +278,8 @@ def _parse_hosts(data: dict, w: _Where) -> tuple[dict[str, HostSpec], str]:
         where = prefix + name
         _name(name, w, where)
         _table(t, w, where)
-        _check_keys(t, ("mte", "ram", "swap", "tcf-preferred", "kernel-fixes", "fault-replay-limit"),
-                    w, f"{where}.")
+        _check_keys(t, ("mte", "ram", "swap", "tcf-preferred", "kernel-fixes", "fault-replay-limit",
+                        *PHYSMEM_HOST_KEYS), w, f"{where}.")
         fixes = t.get("kernel-fixes", [])
         if not isinstance(fixes, list) or not all(isinstance(f, str) for f in fixes):
             raise w.error(f"{where}.kernel-fixes", f"must be a list of kernel fix names (got {fixes!r})")
@@ -280,7 +295,8 @@ def _parse_hosts(data: dict, w: _Where) -> tuple[dict[str, HostSpec], str]:
                                                   f"{where}.tcf-preferred"),
             kernel_fixes=fixes,
             fault_replay_limit=_int(1, 1 << 20)(t.get("fault-replay-limit", FAULT_REPLAY_LIMIT), w,
-                                                f"{where}.fault-replay-limit"))
+                                                f"{where}.fault-replay-limit"),
+            physmem=_parse_physmem(t, w, where))
         for key in ("ram", "swap"):
             value = getattr(hosts[name], key)
             if value % PAGE_SIZE or (key == "ram" and not value):
@@ -288,6 +304,59 @@ def _parse_hosts(data: dict, w: _Where) -> tuple[dict[str, HostSpec], str]:
                               f"multiple of {PAGE_SIZE} (got {value})")
     default = "host" if "host" in hosts else next(iter(hosts))
     return hosts, default
+
+
+#: The physical-memory keys of a host table (docs/scenarios.md, "Physical memory").
+PHYSMEM_HOST_KEYS = ("tag-storage", "tag-block-size", "kvm-tag-storage", "stage2-fwb", "cache-dic", "nodes",
+                     "regions")
+
+
+def _parse_physmem(t: dict, w: _Where, where: str) -> PhysConfig:
+    """A host's tag storage mode, CPU features, hot-plugged nodes and device regions."""
+    nodes, regions = [], []
+    for name, n in _table(t.get("nodes", {}), w, f"{where}.nodes").items():
+        p = f"{where}.nodes.{name}"
+        _name(name, w, p)
+        _table(n, w, p)
+        _check_keys(n, ("kind", "size", "zone", "tag-storage"), w, f"{p}.")
+        if "kind" not in n or "size" not in n:
+            raise w.error(f"{p}.{'kind' if 'kind' not in n else 'size'}", "missing")
+        kind = _choice(*NODE_KINDS)(n["kind"], w, f"{p}.kind")
+        size = _size(n["size"], w, f"{p}.size")
+        if not size or size % TWO_MIB:
+            raise w.error(f"{p}.size", f"must be a non-zero multiple of 2 MiB (got {size})")
+        ts = n.get("tag-storage")
+        nodes.append(NodeConfig(name, kind, size, _choice(*NODE_ZONES)(n.get("zone", default_node_zone(kind)), w,
+                                                                        f"{p}.zone"),
+                                None if ts is None else _choice(*NODE_TAG_STORAGE)(ts, w, f"{p}.tag-storage")))
+    for name, r in _table(t.get("regions", {}), w, f"{where}.regions").items():
+        p = f"{where}.regions.{name}"
+        _name(name, w, p)
+        _table(r, w, p)
+        _check_keys(r, ("type", "size", "attr", "allow-any-uncached"), w, f"{p}.")
+        if "type" not in r or "size" not in r:
+            raise w.error(f"{p}.{'type' if 'type' not in r else 'size'}", "missing")
+        rtype = _choice(*REGION_TYPES)(r["type"], w, f"{p}.type")
+        size = _size(r["size"], w, f"{p}.size")
+        if not size or size % PAGE_SIZE:
+            raise w.error(f"{p}.size", f"must be a non-zero multiple of {PAGE_SIZE} (got {size})")
+        for key, types in (("attr", ("pfnmap", "pci-p2pdma")), ("allow-any-uncached", ("pfnmap",))):
+            if key in r and rtype not in types:
+                raise w.error(f"{p}.{key}", f"only for a region of type {' or '.join(types)} (got {rtype!r})")
+        regions.append(RegionConfig(name, rtype, size, _choice(*REGION_ATTRS)(r.get("attr", "device"), w, f"{p}.attr"),
+                                    _bool(r.get("allow-any-uncached", True), w, f"{p}.allow-any-uncached")))
+    try:
+        check_names([n.name for n in nodes] + [r.name for r in regions])
+    except ValueError as exc:
+        raise w.error(f"{where}.nodes", str(exc)) from None
+    return PhysConfig(
+        tag_storage=_choice(*TAG_STORAGE_MODES)(t.get("tag-storage", "static"), w, f"{where}.tag-storage"),
+        tag_block_size=_size(t.get("tag-block-size", PAGE_SIZE), w, f"{where}.tag-block-size"),
+        kvm_tag_storage=_choice(*KVM_TAG_STORAGE)(t.get("kvm-tag-storage", "reserve"), w,
+                                                  f"{where}.kvm-tag-storage"),
+        stage2_fwb=_bool(t.get("stage2-fwb", True), w, f"{where}.stage2-fwb"),
+        cache_dic=_bool(t.get("cache-dic", True), w, f"{where}.cache-dic"),
+        nodes=tuple(nodes), regions=tuple(regions))
 
 
 def _host_ref(t: dict, hosts: dict, default: str, w: _Where, key: str) -> str:

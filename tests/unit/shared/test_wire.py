@@ -366,7 +366,8 @@ class TestValidateArgs:
         """Omitted optional arguments take their defaults; prot becomes a tuple, tag lists bytes."""
         a = validate_args("mmap", {"size": 4096})
         assert a == {"addr": None, "size": 4096, "prot": ("read", "write"), "share": "private",
-                     "backing": "anon", "object": None, "offset": 0, "hugepage_size": 2 << 20}
+                     "backing": "anon", "object": None, "offset": 0, "hugepage_size": 2 << 20,
+                     "node": None, "region": None, "attr": None}
         assert validate_args("mmap", {"size": 1, "prot": ["mte"], "object": None})["prot"] == ("mte",)
         assert validate_args("ptrace-poke-tags", {"target": 1, "addr": 0, "tags": [1, 15]})["tags"] == b"\x01\x0f"
         assert validate_args("store", {"addr": 0, "data": bytearray(b"ab")})["data"] == b"ab"
