@@ -17,7 +17,7 @@ class Bug:
     name: str
     reintroduces: str
     fixed_by: str
-    issue: int  # the issue that modelled it (2: host kernel, 3: KVM, 9: the VMM's live migration)
+    issue: int  # the issue that modelled it (2: host kernel, 3: KVM, 9: the VMM's live migration, 11: tag storage)
 
 
 BUGS: dict[str, Bug] = {
@@ -77,6 +77,33 @@ BUGS: dict[str, Bug] = {
             "guest sees zero tags for a moment",
             "VMM rule: every page's data and tags are in before the destination resumes",
             9,
+        ),
+        Bug(
+            "restore-into-unreserved-storage",
+            "swap-in restores tags into a page without tag storage, so they are written into a block "
+            "that may hold someone's data (RFC v3 without patch 28)",
+            "RFC v3 patch 28: mte_try_transfer_swap_tags() parks them by pfn (seed 002)",
+            11,
+        ),
+        Bug(
+            "tag-storage-publish-before-restore",
+            "reserve_tag_storage() sets PG_tag_storage_reserved, then writes the parked tags (v2's order)",
+            "RFC v3: the parked tags are restored before PG_tag_storage_reserved is set",
+            11,
+        ),
+        Bug(
+            "tag-park-gfp-kernel",
+            "copy_highpage() parks tags with xa_reserve(GFP_KERNEL) and a GFP_KERNEL buffer, as v3 was "
+            "posted, although fork's copy_present_page() runs it under the page-table locks",
+            "GFP_ATOMIC buffers and xarray stores (Alexandru Elisei's first option, seed 002)",
+            11,
+        ),
+        Bug(
+            "free-keyed-on-tagged",
+            "arch_free_pages_prepare() frees tag storage only for PG_mte_tagged pages, so a page "
+            "reserved but never tagged leaks its block references",
+            "RFC v3 patch 32: free keyed on PG_tag_storage_reserved",
+            11,
         ),
     )
 }

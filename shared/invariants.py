@@ -42,8 +42,26 @@ PROJECT: tuple[str, ...] = (
     "STAGE-2-COHERENT",
 )
 
+#: The physical-memory part's invariants (the contract's table: static carve-out, RFC v3 dynamic
+#: tag storage, memory types).
+PHYSMEM: tuple[str, ...] = (
+    "TAG-CARVE-OUT-HIDDEN",
+    "TAGGED-IMPLIES-STORAGE",
+    "TAG-STORAGE-NEVER-TAGGED",
+    "TAG-BLOCK-REFCOUNT",
+    "NO-SLEEP-IN-ATOMIC",
+    "PARKED-RESTORE-BEFORE-PUBLISH",
+    "PARKED-TAGS-CONSUMED-ONCE",
+    "TAG-STORAGE-NOT-CLOBBERED",
+    "ZERO-PAGE-HAS-STORAGE",
+    "FAULT-FORWARD-PROGRESS",
+    "VM-MTE-KVM-FLAG",
+    "TAGGED-PTE-IS-TAG-CAPABLE",
+    "STAGE2-MEMTYPE",
+)
+
 #: Every name a scenario may list in ``expect-violations``.
-ALL: frozenset[str] = frozenset(REFERENCE + PROJECT)
+ALL: frozenset[str] = frozenset(REFERENCE + PROJECT + PHYSMEM)
 
 #: Older spellings -> canonical names.
 ALIASES: dict[str, str] = {
