@@ -49,11 +49,17 @@ FAMILIES: dict[str, int] = {
     "dirty-log": 2,  # dirty logging on / get / clear / off
     "dma": 1,  # device DMA through the VMM's mapping (no tag checks)
     "migration": 2,  # live migration of the VM to a second host, racing guest stores, STG, LDG and loads
+    "physmem": 2,  # dynamic tag storage: pages moved into tag storage, mprotect(PROT_MTE), pressure, pins,
+    # injected allocation failures, swap-in through an untagged mapping, fork of pinned pages, an MTE guest
 }
 VM_FAMILIES = ("guest", "memslot", "copy-tags", "dirty-log", "dma")
 PROCESS_FAMILIES = ("fault", "vma", "fork", "ptrace", "ksm")
 #: Backings of guest RAM; "hugetlb" is also a family-like switch (``--ops`` may leave it out).
 VM_BACKINGS = ("anon", "memfd", "hugetlb")
+#: The physical-memory world: a host with dynamic tag storage and RAM of PHYSMEM_RAM (a 2 MiB tag region).
+PHYSMEM_RAM = "64MiB"
+PHYSMEM_PAGES = 4  # p0's PROT_MTE-able pages and the shared memfd's, each
+PHYSMEM_FAULT_SITES = ("reserve-tag-storage", "tag-buf", "tag-buf-atomic")
 #: The migration world: a VM of MIGRATION_PAGES anonymous pages and two vCPUs on host ``src``, moved to ``dst``.
 MIGRATION_PAGES = 8
 MIGRATION_FAULTS = ("kill-destination", "cut")
@@ -134,6 +140,7 @@ class Generated:
     description: str = ""
     kernel_fixes: tuple[str, ...] = ()
     hosts: tuple[str, ...] = ()  # declared hosts ([hosts.NAME]); empty: the one default host
+    host_keys: dict = attrs.Factory(dict)  # more keys of the host table (the physmem world's tag storage)
 
     def with_steps(self, steps: list[dict]) -> Generated:
         """The same world with other steps (for shrinking)."""
@@ -171,6 +178,8 @@ class _World:
         self.hosts: tuple[str, ...] = ()
         self.touched: set[int] = set()
         self.block_page = 0
+        self.host_keys: dict[str, Any] = {}
+        self.phys_tagged: set[int] = set()
 
     def chance(self, p: float) -> bool:
         return self.rng.random() < p
@@ -200,7 +209,10 @@ class _World:
 
     def build(self) -> None:
         r = self.rng
-        if "migration" in self.fams and self._wants_migration():
+        if "physmem" in self.fams and self._wants_world("physmem"):
+            self._build_physmem()
+            return
+        if "migration" in self.fams and self._wants_world("migration"):
             self._build_migration()
             return
         want_vm = any(f in VM_FAMILIES for f in self.fams)
@@ -239,13 +251,14 @@ class _World:
                 self.steps.append(block[0])
         self._finish()
 
-    def _wants_migration(self) -> bool:
-        """Whether this scenario is a migration world: always when only guest-side families are
-        asked for; otherwise in proportion to the migration family's weight (at least a quarter)."""
-        others = [f for f in self.fams if f not in ("migration", "guest")]
+    def _wants_world(self, family: str) -> bool:
+        """Whether this scenario is a world of its own (``migration``, ``physmem``): always when no
+        other family but the guest's is asked for; otherwise in proportion to the family's weight (at
+        least a quarter)."""
+        others = [f for f in self.fams if f not in (family, "guest")]
         if not others:
             return True
-        w = self.cfg.weights.get("migration", 0)
+        w = self.cfg.weights.get(family, 0)
         total = sum(self.cfg.weights.get(f, 0) for f in self.fams)
         return self.chance(max(0.25, 2 * w / max(total, 1)))
 
@@ -290,6 +303,127 @@ class _World:
             self.steps.append({"actor": r.choice(["guest:vm0", "guest:vm0:1"]), "op": "ldg",
                                "addr": GUEST_IPA + pg * PAGE, "size": PAGE})
 
+    def _build_physmem(self) -> None:
+        """A host with dynamic tag storage. ``p0`` maps private anonymous pages (some PROT_MTE) and a
+        shared memfd that ``p1`` maps untagged; sometimes an MTE VM with anonymous RAM. The set-up
+        writes and tags pages, moves some into tag storage (as compaction may), fills tag storage
+        with other data (pinned or not), pins pages, forks. Then one or two parallel blocks race
+        mprotect(PROT_MTE), accesses, swap-out and swap-in through the untagged mapping, page
+        migration, allocation pressure, injected allocation failures, fork of pinned pages, ptrace
+        and guest accesses on the same pages; last, every actor reads its pages back."""
+        r = self.rng
+        self.host_keys = {"ram": PHYSMEM_RAM, "tag-storage": "dynamic"}
+        if self.chance(0.2):
+            self.host_keys["tag-block-size"] = r.choice(["8KiB", "16KiB"])
+        self.procs = ["p0", "p1"]
+        size = PHYSMEM_PAGES * PAGE
+        tagged = [pg for pg in range(PHYSMEM_PAGES) if self.chance(0.5)]
+        self.phys_tagged = set(tagged)
+        self.steps += [
+            {"actor": "p0", "op": "mmap", "addr": PRIVATE, "size": size, "prot": ["read", "write"]},
+            {"actor": "p0", "op": "mmap", "addr": SHARED, "size": 2 * PAGE, "prot": ["read", "write", "mte"],
+             "backing": "memfd", "object": self.object},
+            {"actor": "p1", "op": "mmap", "addr": PEER, "size": 2 * PAGE, "prot": ["read", "write"],
+             "backing": "memfd", "object": self.object},
+        ]
+        for pg in range(PHYSMEM_PAGES):
+            self.steps.append({"actor": "p0", "op": "store", "addr": PRIVATE + pg * PAGE, "fill": 0x20 + pg,
+                               "size": 64})
+        for pg in range(2):
+            self.steps.append({"actor": "p0", "op": "stg", "addr": SHARED + pg * PAGE, "tag": self.tag(), "size": 64})
+        if self.chance(0.6):  # as compaction may: untagged data pages into free tag storage
+            first = r.randrange(PHYSMEM_PAGES)
+            self.steps.append({"actor": "host", "op": "migrate-pages", "process": "p0", "addr": PRIVATE + first * PAGE,
+                               "size": PAGE * r.randint(1, PHYSMEM_PAGES - first), "to": "tag-storage"})
+        for pg in tagged:
+            if self.chance(0.5):
+                self.steps.append({"actor": "p0", "op": "mprotect", "addr": PRIVATE + pg * PAGE, "size": PAGE,
+                                   "prot": ["read", "write", "mte"]})
+                self.steps.append({"actor": "p0", "op": "stg", "addr": PRIVATE + pg * PAGE, "tag": self.tag(),
+                                   "size": r.choice([16, 64, PAGE])})
+        if self.chance(0.5):  # other users' data in tag storage: block claims migrate it, or fail on pins
+            self.steps.append({"actor": "host", "op": "alloc-pages", "name": "ts", "from": "tag-storage",
+                               "count": r.choice([8, 64, "all"]), "pin": self.chance(0.4)})
+        if self.chance(0.3):
+            self.steps.append({"actor": "host", "op": "swap-out", "process": "p0", "addr": SHARED, "size": 2 * PAGE})
+        if self.chance(0.3):
+            self.steps.append({"actor": "host", "op": "pin-pages", "process": "p0",
+                               "addr": PRIVATE + r.randrange(PHYSMEM_PAGES) * PAGE, "size": PAGE})
+        if self.chance(0.35):
+            self.vm = {"backing": "anon", "size": size, "prot_mte": True, "setup": "auto", "host": "host",
+                       "vcpus": 1, "memory": [{"ipa": GUEST_IPA, "size": size, "backing": "anon"}]}
+            self.steps += [{"actor": "guest:vm0", "op": "enable-mte", "tcf": r.choice(["sync", "none"])},
+                           {"actor": "guest:vm0", "op": "map", "va": GUEST_IPA, "ipa": GUEST_IPA, "size": size,
+                            "attr": "tagged"}]
+            if self.chance(0.5):
+                self.steps.append({"actor": "guest:vm0", "op": "stg", "addr": GUEST_IPA, "tag": self.tag(),
+                                   "size": 64})
+        if self.chance(0.3):
+            self.steps.append({"actor": "p0", "op": "fork", "child": "c0"})
+            self.child = "c0"
+        for _ in range(1 if self.chance(0.6) else 2):
+            self.block_page = r.randrange(PHYSMEM_PAGES)
+            block = [self._physmem_op() for _ in range(r.randint(2, 4))]
+            self.steps.append({"parallel": block})
+        for pg in range(PHYSMEM_PAGES):
+            self.steps.append({"actor": "p0", "op": "ldg", "addr": PRIVATE + pg * PAGE, "size": 64})
+            if self.child and self.chance(0.5):
+                self.steps.append({"actor": self.child, "op": "ldg", "addr": PRIVATE + pg * PAGE, "size": 64})
+        for pg in range(2):
+            self.steps += [{"actor": "p0", "op": "ldg", "addr": SHARED + pg * PAGE, "size": 64},
+                           {"actor": "p1", "op": "load", "addr": PEER + pg * PAGE, "size": 16}]
+        if self.vm is not None:
+            self.steps.append({"actor": "guest:vm0", "op": "ldg", "addr": GUEST_IPA, "size": 64})
+
+    def _physmem_op(self) -> dict:
+        """One operation of a physmem race, mostly on the block's page."""
+        r = self.rng
+        pg = self.block_page if self.chance(0.8) else r.randrange(PHYSMEM_PAGES)
+        addr = PRIVATE + pg * PAGE
+        shared = SHARED + (pg % 2) * PAGE
+        procs = ["p0"] + ([self.child] if self.child else [])
+        x = r.random()
+        if x < 0.12:
+            return {"actor": r.choice(procs), "op": "mprotect", "addr": addr, "size": PAGE,
+                    "prot": ["read", "write", "mte"]}
+        if x < 0.27:
+            who = r.choice(procs)
+            if self.chance(0.5):
+                return {"actor": who, "op": "stg", "addr": addr, "tag": self.tag(), "size": r.choice([16, PAGE])}
+            return {"actor": who, "op": r.choice(["ldg", "load"]), "addr": addr, "size": 16}
+        if x < 0.37:
+            return {"actor": "host", "op": "migrate-pages", "process": "p0", "addr": r.choice([addr, shared]),
+                    "size": PAGE, **({"to": "tag-storage"} if self.chance(0.5) else {})}
+        if x < 0.47:
+            return {"actor": "host", "op": "swap-out", "process": "p0", "addr": r.choice([addr, shared]),
+                    "size": PAGE}
+        if x < 0.57:  # swap-in (or a plain access) through the untagged mapping of the shared page
+            if self.chance(0.7):
+                return {"actor": "p1", "op": "load", "addr": PEER + (pg % 2) * PAGE, "size": 16}
+            return {"actor": "p1", "op": "store", "addr": PEER + (pg % 2) * PAGE, "fill": 0x5A, "size": 16}
+        if x < 0.67:
+            if self.chance(0.5):
+                src = r.choice(["any", "tag-storage"])
+                return {"actor": "host", "op": "alloc-pages", "name": f"h{r.randrange(1 << 16)}",
+                        "count": r.choice([1, 16, "all" if src == "tag-storage" else 64]), "from": src,
+                        "pin": self.chance(0.3)}
+            return {"actor": "host", "op": "free-pages", "name": "ts"}
+        if x < 0.74:
+            return {"actor": "host", "op": "inject-fault", "site": r.choice(PHYSMEM_FAULT_SITES),
+                    "times": r.choice([1, 1, 2, -1])}
+        if x < 0.80:
+            return {"actor": "host", "op": "pin-pages", "process": "p0", "addr": addr, "size": PAGE}
+        if x < 0.86:
+            if self.chance(0.5):
+                return {"actor": "p1", "op": "ptrace-peek-tags", "target": "p0", "addr": addr, "count": 4}
+            return {"actor": "p1", "op": "ptrace-poke-tags", "target": "p0", "addr": addr, "tags": [self.tag()] * 2}
+        if self.vm is not None:
+            gaddr = GUEST_IPA + pg * PAGE
+            if self.chance(0.5):
+                return {"actor": "guest:vm0", "op": "stg", "addr": gaddr, "tag": self.tag(), "size": 64}
+            return {"actor": "guest:vm0", "op": r.choice(["ldg", "load"]), "addr": gaddr, "size": 16}
+        return {"actor": "p0", "op": "stg", "addr": addr, "tag": self.tag(), "size": 16}
+
     def _migrate_step(self, to: str) -> dict:
         """A ``migrate`` to ``to`` with 0-3 pre-copy passes, sometimes with an injected fault (its
         outcome is left unchecked, like every generated step's)."""
@@ -330,7 +464,7 @@ class _World:
     def _usable(self) -> list[str]:
         out = []
         for f in self.fams:
-            if f == "migration":  # a world of its own (_build_migration)
+            if f in ("migration", "physmem"):  # worlds of their own (_build_migration, _build_physmem)
                 continue
             if f in VM_FAMILIES and self.vm is None:
                 continue
@@ -582,7 +716,7 @@ def generate(seed: int, cfg: GenConfig | None = None, bugs: tuple[str, ...] = ()
     procs = list(w.procs)
     return Generated(seed, f"stress seed {seed}", procs, w.vm, w.steps, tuple(bugs),
                      f"generated by mtekvm stress from seed {seed} (families: {', '.join(w.fams)})",
-                     tuple(w.cfg.kernel_fixes), w.hosts)
+                     tuple(w.cfg.kernel_fixes), w.hosts, w.host_keys)
 
 
 def _value(v: Any) -> str:
@@ -611,10 +745,10 @@ def to_toml(g: Generated, *, scheduler: dict | None = None, note: str = "") -> s
     lines.append("")
     for host in g.hosts or ("host",):
         table = f"hosts.{host}" if g.hosts else "host"
-        if g.kernel_fixes:
-            lines += [f"[{table}]", f"kernel-fixes = {_value(list(g.kernel_fixes))}", ""]
-        elif g.hosts:
-            lines += [f"[{table}]", ""]
+        keys = ([f"kernel-fixes = {_value(list(g.kernel_fixes))}"] if g.kernel_fixes else []) + \
+            [f"{_key(k)} = {_value(v)}" for k, v in g.host_keys.items()]
+        if keys or g.hosts:
+            lines += [f"[{table}]", *keys, ""]
     if scheduler:
         lines.append("[scheduler]")
         lines += [f"{_key(k)} = {_value(v)}" for k, v in scheduler.items()]
