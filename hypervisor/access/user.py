@@ -142,7 +142,7 @@ def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
     tcf = "none" if task.tco else effective_tcf(k, task)
     if tcf == "none":
         return None  # nothing is checked: no spans to build
-    spans = [(None if not pte.tagged or pte.page.zone == "device"
+    spans = [(None if not pte.tagged or pte.page.zone == "pfnmap"
               else ZERO_PAGE_TAGS if pte.special else pte.page.tags, off, n) for pte, off, n, _vpn, _vma in ptes]
     m = mte_check_access(spans, tag, tcf, write)
     if m is None:
@@ -169,7 +169,7 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
     mm = task.mm
     for pte, _off, _n, vpn, vma in ptes:
         page = pte.page
-        if page.zone != "device" and ghost.expected_data(mm, vma, vpn) != data_hash(page.data):
+        if page.zone not in ("device", "pfnmap") and ghost.expected_data(mm, vma, vpn) != data_hash(page.data):
             ghost.check_read_data(Ghost.run_loc(mm, vma, vpn), page, f"load by pid {task.pid}")  # reports
     return AccessResult(data, fault)
 
@@ -193,7 +193,7 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     for pte, off, n, vpn, vma in ptes:
         page = pte.page
         page.write(off, view[pos:pos + n])
-        if page.zone == "device":
+        if page.zone in ("device", "pfnmap"):
             pass
         elif vma.obj is None:  # private anonymous: the mm's entry by vpn
             ghost.anon_data_written(mm, vpn, page)
