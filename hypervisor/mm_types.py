@@ -57,8 +57,16 @@ OBJECT_KIND = {
     "shmem": "shmem",
     "file": "file",
     "hugetlb": "hugetlbfs",
-    "device": "device",
+    "device": "device",  # a PFNMAP region (remap_pfn_range), as "pfnmap"
+    "pfnmap": "device",
+    "dax": "dax",  # a DAX file or device-dax: ZONE_DEVICE struct pages
+    "p2pmem": "p2pmem",  # a pci-p2pdma allocation: ZONE_DEVICE struct pages, vm_insert_page()
 }
+
+#: The memory types of a vm_page_prot (its AttrIndx), as ``vma-flags`` reports them.
+MEMTYPES = ("normal-tagged", "normal", "normal-nc", "device")
+#: A region's ``attr`` (the pgprot its driver sets) as a memory type.
+ATTR_MEMTYPE = {"device": "device", "write-combine": "normal-nc", "cacheable": "normal"}
 
 
 def flag_names(flags: int) -> str:
@@ -74,12 +82,18 @@ class MemObject:
     resident frame, or to an ``int`` swap entry while the page is swapped out.
     """
 
-    kind: str  # "shmem", "file", "hugetlbfs", "device"
+    kind: str  # "shmem", "file", "hugetlbfs", "device" (PFNMAP), "dax", "p2pmem"
     name: str
     pages: dict = attrs.Factory(dict)
     mappings: int = 0
     named: bool = False  # named objects live as long as the host (a tmpfs file)
     hpage_pages: int = 512  # hugetlbfs: frames per huge page (the mount's hstate: 16, 512, 8192 or 262144)
+    region: object = None  # device memory: the hypervisor.mm.memremap.Region behind it
+
+    @property
+    def is_device_memory(self) -> bool:
+        """The object maps a device region (PFNMAP or ZONE_DEVICE), never RAM of the page allocator."""
+        return self.region is not None or self.kind == "device"
 
     @property
     def is_shmem(self) -> bool:
@@ -98,6 +112,7 @@ class Vma:
     obj: MemObject | None = None
     pgoff: int = 0  # offset of ``start`` in the object, in pages
     freed: bool = False  # vm_area_free() ran: any later read is a use-after-free
+    node: str | None = None  # mbind(MPOL_BIND) to this node (the mmap's ``node``); None: the default order
 
     def __repr__(self) -> str:
         return f"<vma {self.start:#x}-{self.end:#x} {flag_names(self.flags)} {self.backing}>"
@@ -127,6 +142,24 @@ def arch_calc_vm_flag_bits(mte: bool, backing: str, obj: MemObject | None) -> in
     return 0
 
 
+def vma_memtype(vma: Vma) -> str:
+    """The memory type of ``vma->vm_page_prot``: a device region's driver pgprot, else Normal(-Tagged).
+
+    ``pgprot_noncached`` is Device-nGnRE, ``pgprot_writecombine`` Normal-NC; every other
+    mapping is Normal, Normal-Tagged with VM_MTE (arch/arm64 vm_get_page_prot()).
+    """
+    obj = vma.obj
+    if obj is not None and obj.kind in ("device", "p2pmem"):  # the driver's pgprot: the region's attr
+        attr = getattr(obj.region, "attr", "device")
+        return ATTR_MEMTYPE.get(attr, "device")
+    return "normal-tagged" if vma.flags & VM_MTE else "normal"
+
+
+def kvm_vma_is_cacheable(vma: Vma) -> bool:
+    """kvm_vma_is_cacheable() (arch/arm64/kvm/mmu.c): vm_page_prot is neither Normal-NC nor Device."""
+    return vma_memtype(vma) in ("normal", "normal-tagged")
+
+
 def arch_validate_flags(flags: int) -> bool:
     """arch_validate_flags() (asm/mman.h): no VM_MTE without VM_MTE_ALLOWED."""
     return not (flags & VM_MTE and not flags & VM_MTE_ALLOWED)
@@ -147,6 +180,7 @@ class Pte:
     tagged: bool = False
     special: bool = False  # the zero page: no refcount, no tag sync
     migrating: bool = False
+    fault_on_access: bool = False  # PAGE_FAULT_ON_ACCESS (PROT_NONE | PTE_TAG_STORAGE_NONE): tagged, no storage yet
 
     @property
     def present(self) -> bool:
@@ -204,7 +238,7 @@ class MM:
         """__split_vma() at ``addr`` if a VMA straddles it."""
         for i, v in enumerate(self.vmas):
             if v.start < addr < v.end:
-                tail = Vma(addr, v.end, v.flags, v.backing, v.obj, v.pgoff + ((addr - v.start) >> PAGE_SHIFT))
+                tail = attrs.evolve(v, start=addr, pgoff=v.pgoff + ((addr - v.start) >> PAGE_SHIFT))
                 if v.obj is not None:
                     v.obj.mappings += 1
                 v.end = addr
