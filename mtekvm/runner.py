@@ -363,7 +363,8 @@ class _Run:
             await client.call("vm-create", {"name": name, "ipa_bits": vm.ipa_bits}, ctx=ctx)
         else:
             memory = [{"ipa": m.ipa, "size": m.size, "backing": m.backing, "object": m.object,
-                       "prot_mte": m.prot_mte, **({"hugepage_size": m.hugepage_size} if m.hugepage_size else {})}
+                       "prot_mte": m.prot_mte, **({"hugepage_size": m.hugepage_size} if m.hugepage_size else {}),
+                       **{k: getattr(m, k) for k in ("node", "region", "attr") if getattr(m, k) is not None}}
                       for m in vm.memory]
             try:
                 await client.call("vm-setup", {"name": name, "ipa_bits": vm.ipa_bits, "mte": vm.mte,

@@ -116,6 +116,9 @@ class MemslotSpec:
     object: str | None = None
     prot_mte: bool = False
     hugepage_size: int | None = None  # bytes; None: the default 2 MiB (hugetlb only)
+    node: str | None = None  # physical memory: bind the pages to this node
+    region: str | None = None  # physical memory: the device region behind pfnmap, dax, p2pmem
+    attr: str | None = None  # physical memory: an unnamed pfnmap region's attr
 
 
 @attrs.frozen
