@@ -264,7 +264,7 @@ class Ghost:
         start = slot.userspace_addr
         end = start + (slot.npages << PAGE_SHIFT)
         for vma in mm.vmas_in(start, end):
-            if vma.obj is not None and vma.obj.kind == "device":
+            if vma.obj is not None and vma.obj.is_device_memory:
                 continue
             v0, v1 = max(vma.start, start) >> PAGE_SHIFT, min(vma.end, end) >> PAGE_SHIFT
             yield vma, slot.base_gfn + v0 - (start >> PAGE_SHIFT), v0, v1
@@ -431,7 +431,7 @@ class Ghost:
         obj = vma.obj
         if obj is None:
             return mm, vpn, None
-        if obj.kind == "device":
+        if obj.is_device_memory:
             return None
         index = vma.index_of(vpn << PAGE_SHIFT)
         if vma.flags & VM_SHARED:
@@ -497,7 +497,7 @@ class Ghost:
                 kind, cur = self._backing(loc)
                 want = e.expected_tags()
                 if isinstance(cur, Page):  # kind == "page"
-                    if cur.zone == "device":
+                    if cur.zone in ("device", "pfnmap"):
                         continue
                     if cur is zero_page:
                         tags = ZERO_TAGS

@@ -64,6 +64,7 @@ from shared.abi import (
     opt,
 )
 from shared.mte import TCF_MODES
+from shared.physmem import REGION_ATTRS
 
 
 def _memory(v):
@@ -73,7 +74,7 @@ def _memory(v):
     for m in v:
         if not isinstance(m, dict):
             raise ValueError("each memslot must be a map")
-        extra = set(m) - {"ipa", "size", "backing", "object", "prot_mte", "hugepage_size"}
+        extra = set(m) - {"ipa", "size", "backing", "object", "prot_mte", "hugepage_size", "node", "region", "attr"}
         if extra:
             raise ValueError(f"memslot has unknown key {min(map(repr, extra))[:40]}")
         out.append({
@@ -81,6 +82,9 @@ def _memory(v):
             "backing": _enum(*BACKINGS)(m.get("backing", "anon")),
             "object": _opt(_str)(m.get("object")), "prot_mte": _bool(m.get("prot_mte", False)),
             "hugepage_size": _hugepage_size(m.get("hugepage_size", 2 << 20)),
+            # the physical-memory contract: a node binding, a device region, an unnamed pfnmap's attr
+            "node": _opt(_str)(m.get("node")), "region": _opt(_str)(m.get("region")),
+            "attr": _opt(_enum(*REGION_ATTRS))(m.get("attr")),
         })
     return out
 
@@ -215,7 +219,7 @@ def _u32(v):
 
 
 #: KVM capabilities a VMM op may name (KVM_CAP_ARM_MTE, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2).
-KVM_CAPS = ("arm-mte", "manual-dirty-log-protect2")
+KVM_CAPS = ("arm-mte", "manual-dirty-log-protect2", "arm-cacheable-pfnmap-supported")
 SLOT = Kind("int", _u32, hi=0xFFFFFFFF)        # a memslot id (struct kvm_userspace_memory_region.slot)
 TAG_BUFFER = Kind("tags", _tag_buffer)          # tags, or one tag meaning "this tag for every granule"
 DMA_DATA = Kind("bytes", _data)

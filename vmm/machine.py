@@ -299,11 +299,14 @@ class Vmm:
             self.manual_protect = True
             for i, m in enumerate(a["memory"]):
                 prot = ["read", "write"] + (["mte"] if m["prot_mte"] else [])
-                share = "private" if m["backing"] in ("anon", "hugetlb") else "shared"
+                share = "private" if m["backing"] in ("anon", "hugetlb") else "shared"  # device memory: shared
                 mmap = {"size": m["size"], "prot": prot, "share": share, "backing": m["backing"],
                         "object": m["object"]}
                 if m["backing"] == "hugetlb":
                     mmap["hugepage_size"] = m["hugepage_size"]
+                for key in ("node", "region", "attr"):
+                    if m.get(key) is not None:
+                        mmap[key] = m[key]
                 hva = (await self._call("mmap", mmap, ctx)).value
                 guestram.record_mmap(self, hva, validate_args("mmap", mmap))
                 self.ram.append((hva, m["size"]))

@@ -12,8 +12,13 @@ stands for the CPU plus the KVM_RUN loop.
 
 Architecture rules modelled:
     * Allocation tags are reachable only when the VM has MTE (HCR_EL2.ATA),
-      stage 1 is Normal-Tagged and stage 2 is Normal cacheable. Elsewhere tag
-      reads are zero and tag writes ignored (RAZ/WI), and nothing is checked.
+      stage 1 is Normal-Tagged and stage 2 is Normal cacheable. Elsewhere
+      (stage 2 Normal-NC or Device: Untagged, Arm ARM DDI 0487J.a D10-5976) tag
+      reads are zero and tag writes ignored (RAZ/WI: no tag write, nothing lost),
+      and nothing is checked.
+    * Normal memory that keeps no tags (a ``tag-storage = "none"`` node, a
+      coherent ZONE_DEVICE region): the hardware cannot tell. STG is lost, LDG
+      reads 0 and checks compare against 0.
     * LDG/STG need SCTLR_EL1.ATA as well (``ata``), else RAZ/WI.
     * Loads and stores are checked when ``check`` (SCTLR_EL1.TCF, or none
       under PSTATE.TCO) is not none: every granule touched against the
@@ -33,10 +38,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
-from hypervisor.arm64.tags import read_tags, write_tags
+from hypervisor.arm64.tags import ZERO_TAGS, read_tags, write_tags
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm.kvm_host import Vcpu, kvm_has_mte
 from hypervisor.kvm.mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
+from hypervisor.mm.memremap import DEVICE_ZONES
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
 
@@ -74,13 +80,24 @@ async def _fault_in(k: Kernel, vcpu: Vcpu, segs, write: bool) -> list:
 
 
 def _tags_reachable(k: Kernel, vcpu: Vcpu, attr: str, entry) -> bool:
-    return attr == "tagged" and entry.cacheable and entry.page.zone in ("normal", "zero") \
-        and kvm_has_mte(k, vcpu.kvm)
+    """The access is Tagged: stage 1 Normal-Tagged, stage 2 Normal (Write-Back), the VM has MTE."""
+    return attr == "tagged" and entry.cacheable and entry.page.zone != "pfnmap" and kvm_has_mte(k, vcpu.kvm)
+
+
+def _keeps_tags(page) -> bool:
+    """The memory behind the entry keeps allocation tags (``tag-capable`` of page-flags)."""
+    return page.zone not in DEVICE_ZONES and getattr(page, "tag_capable", True)
+
+
+def _has_ghost(page) -> bool:
+    """The ghost follows this frame's data and tags (RAM other than the zero page)."""
+    return page.zone not in DEVICE_ZONES and page.zone != "zero"
 
 
 def _check(k, vcpu, segs, entries, tag: int, write: bool, check: str) -> dict | None:
     """The tag check (:func:`~hypervisor.access.tagcheck.mte_check_access`) where the guest reaches tags."""
-    spans = [(e.page.tags if _tags_reachable(k, vcpu, attr, e) else None, ipa & (PAGE_SIZE - 1), n)
+    spans = [((e.page.tags if _keeps_tags(e.page) else ZERO_TAGS) if _tags_reachable(k, vcpu, attr, e) else None,
+              ipa & (PAGE_SIZE - 1), n)
              for (ipa, n, attr), e in zip(segs, entries, strict=True)]
     m = mte_check_access(spans, tag, check, write)
     if m is None:
@@ -125,7 +142,7 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
             return AccessResult(None, fault)
         out = b"".join(e.page.read(ipa & (PAGE_SIZE - 1), n) for (ipa, n, _a), e in zip(segs, entries, strict=True))
         for (ipa, _n, _a), e in zip(segs, entries, strict=True):
-            if e.page.zone == "normal":
+            if _has_ghost(e.page):
                 k.oracle.ghost.check_read_data(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page,
                                                f"guest load on vCPU {vcpu.index}")
         return AccessResult(out, fault)
@@ -136,25 +153,28 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
         pos = 0
         for (ipa, n, _a), e in zip(segs, entries, strict=True):
             e.page.write(ipa & (PAGE_SIZE - 1), data[pos:pos + n])
-            if e.page.zone == "normal":
+            if _has_ghost(e.page):
                 k.oracle.ghost.data_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page)
             note_guest_write(kvm, ipa >> PAGE_SHIFT)
             pos += n
         return AccessResult(None, fault)
     if kind == "stg":
         for (ipa, n, attr), e in zip(segs, entries, strict=True):
-            if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
+            if ata and _tags_reachable(k, vcpu, attr, e) and _has_ghost(e.page):
                 first, tags = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE)
-                write_tags(k, e.page, first, tags)
+                if _keeps_tags(e.page):
+                    write_tags(k, e.page, first, tags)
+                # else: a tag write the memory drops (the ghost still expects it: the tags are lost)
                 k.oracle.ghost.tags_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, tags)
                 note_guest_write(kvm, ipa >> PAGE_SHIFT)
         return AccessResult(None)
     ldg = bytearray()
     for (ipa, n, attr), e in zip(segs, entries, strict=True):
         g = n // MTE_GRANULE_SIZE
-        if ata and _tags_reachable(k, vcpu, attr, e) and e.page.zone == "normal":
+        if ata and _tags_reachable(k, vcpu, attr, e) and _has_ghost(e.page):
             first = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE
-            got = read_tags(k, e.page, first, g, f"guest ldg on vCPU {vcpu.index}")
+            got = read_tags(k, e.page, first, g, f"guest ldg on vCPU {vcpu.index}") if _keeps_tags(e.page) \
+                else bytes(g)
             k.oracle.ghost.check_read_tags(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, got,
                                            f"guest ldg on vCPU {vcpu.index}")
             ldg += got

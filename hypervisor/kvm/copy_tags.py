@@ -54,6 +54,7 @@ from hypervisor.arm64.tags import mte_clear_page_tags, read_tags, shared_tags, w
 from hypervisor.ghost import Entry, loc_of_ipa
 from hypervisor.kvm.kvm_host import Kvm, ghost_kvm_write, kvm_has_mte
 from hypervisor.mm.memory import do_anonymous_page_run, get_page, handle_mm_fault, put_page
+from hypervisor.mm.memremap import pfn_to_online_page
 from hypervisor.mm_types import VM_READ, VM_SHARED, VM_WRITE, Pte
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
@@ -166,7 +167,7 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
     has an entry for and those that read non-zero tags. The batch grows while
     pages are present; pages that are not present are faulted in one by one.
     """
-    if vma.obj is not None and vma.obj.kind == "device":
+    if vma.obj is not None and vma.obj.is_device_memory:
         return 0  # device memory: EFAULT from the per-page path
     get = mm.pt.get
     zero_page = k.alloc.zero_page
@@ -189,7 +190,7 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
             for i, page in enumerate(pages):
                 if page is zero_page:
                     continue  # never PG_mte_tagged: reads as zeros
-                if page.zone != "normal":
+                if page.zone in ("device", "pfnmap"):
                     del pages[i:]  # device memory: EFAULT from the per-page path
                     break
                 if (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
@@ -398,7 +399,7 @@ async def kvm_vm_ioctl_mte_copy_tags(k: Kernel, kvm: Kvm, guest_ipa: int, length
                 err = KernelError("EFAULT", f"KVM_ARM_MTE_COPY_TAGS: no page at IPA {gfn << PAGE_SHIFT:#x}")
                 break
             loc = loc_of_ipa(kvm, gfn)  # the ghost location GUP found the page at (it may be unmapped by the copy)
-            if page.zone == "device":  # !pfn_to_online_page()
+            if pfn_to_online_page(page) is None:  # ZONE_DEVICE, or no struct page
                 err = KernelError("EFAULT", f"KVM_ARM_MTE_COPY_TAGS: IPA {gfn << PAGE_SHIFT:#x} is device memory")
                 break
             try:

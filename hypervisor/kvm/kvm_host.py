@@ -30,20 +30,30 @@ KVM_MAX_VCPUS = 512
 #: Smallest and largest IPA sizes arm64 KVM accepts (KVM_VM_TYPE_ARM_IPA_SIZE; 32..52 bits on the model's CPU).
 IPA_BITS_MIN, IPA_BITS_MAX = 32, 52
 #: Capabilities KVM_CHECK_EXTENSION knows, with the value it returns (others return 0).
-CAPS = ("arm-mte", "manual-dirty-log-protect2")
+CAPS = ("arm-mte", "manual-dirty-log-protect2", "arm-cacheable-pfnmap-supported")
+#: KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED (include/uapi/linux/kvm.h, 2025).
+KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED = 243
+#: Stage-2 memory types: Normal Write-Back (the only one that reaches allocation tags), Normal
+#: Non-cacheable (KVM_PGTABLE_PROT_NORMAL_NC) and Device-nGnRE (KVM_PGTABLE_PROT_DEVICE).
+S2_MEMTYPES = ("normal", "normal-nc", "device")
 
 
 @attrs.define(eq=False)
 class S2Entry:
     """A stage-2 leaf: the frame mapped at a gfn, its permission, its memory type.
 
-    ``cacheable`` is Normal (Write-Back) memory, the only type through which the
-    guest can reach allocation tags; device memory is Device-nGnRE.
+    ``memtype`` is ``normal`` (Normal Write-Back, the only type through which the guest can
+    reach allocation tags), ``normal-nc`` (Normal Non-cacheable) or ``device`` (Device-nGnRE).
     """
 
     page: object
     writable: bool
-    cacheable: bool
+    memtype: str = "normal"
+
+    @property
+    def cacheable(self) -> bool:
+        """Normal Write-Back memory."""
+        return self.memtype == "normal"
 
 
 @attrs.define(eq=False)
@@ -101,6 +111,36 @@ class Kvm:
 def kvm_has_mte(k: Kernel, kvm: Kvm) -> bool:
     """kvm_has_mte(): system_supports_mte() && KVM_ARCH_FLAG_MTE_ENABLED."""
     return k.mte and kvm.mte_enabled
+
+
+def kvm_supports_cacheable_pfnmap(k: Kernel) -> bool:
+    """kvm_supports_cacheable_pfnmap() (asm/kvm_mmu.h): ARM64_HAS_STAGE2_FWB && ARM64_HAS_CACHE_DIC."""
+    return k.physcfg.stage2_fwb and k.physcfg.cache_dic
+
+
+def kvm_rfc_tag_storage(k: Kernel) -> bool:
+    """The host runs the dynamic tag storage RFC's kernel (configured ``tag-storage = "dynamic"``).
+
+    Its KVM has patch 16 ("Don't deny VM_PFNMAP VMAs when kvm_has_mte()") even where the
+    storage management ended up disabled.
+    """
+    return k.physcfg.tag_storage == "dynamic"
+
+
+def tag_storage_enabled(k: Kernel) -> bool:
+    """The RFC's dynamic tag storage management is enabled on this host (tag_storage_enabled())."""
+    ts = getattr(k, "tag_storage", None)
+    return bool(getattr(ts, "enabled", False))
+
+
+def kvm_tag_storage_refuse(k: Kernel) -> bool:
+    """RFC v2 patch 25: with dynamic tag storage enabled, KVM refuses KVM_CAP_ARM_MTE."""
+    return k.physcfg.kvm_tag_storage == "refuse" and tag_storage_enabled(k)
+
+
+def kvm_tag_storage_reserve(k: Kernel) -> bool:
+    """RFC v3 (patches 16, 32, 33): with dynamic tag storage enabled, KVM reserves storage at stage-2 faults."""
+    return k.physcfg.kvm_tag_storage == "reserve" and tag_storage_enabled(k)
 
 
 KVM_USER_MEM_SLOTS = 32767  # KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (0 on arm64)

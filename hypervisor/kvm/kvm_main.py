@@ -17,7 +17,11 @@ A vCPU is reached only through the unguessable token that KVM_CREATE_VCPU
 returned to the VMM.
 
 Rules (reference section 4.1):
-    * KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) is ``system_supports_mte()``.
+    * KVM_CHECK_EXTENSION(KVM_CAP_ARM_MTE) is ``system_supports_mte()``; 0 on a host whose
+      dynamic tag storage is enabled with ``kvm-tag-storage = "refuse"`` (RFC v2 patch 25),
+      where enabling it fails with EINVAL.
+    * KVM_CHECK_EXTENSION(KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED) is
+      ``kvm_supports_cacheable_pfnmap()`` (FEAT_S2FWB and CTR_EL0.DIC); it cannot be enabled.
     * KVM_CHECK_EXTENSION(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) is 3
       (KVM_DIRTY_LOG_MANUAL_CAPS); enabling it takes ``args[0]`` in {0, 1, 3}
       (else EINVAL) at any time (see :mod:`hypervisor.kvm.memslot`).
@@ -44,6 +48,8 @@ from hypervisor.kvm.kvm_host import (
     Kvm,
     Vcpu,
     kvm_has_mte,
+    kvm_supports_cacheable_pfnmap,
+    kvm_tag_storage_refuse,
 )
 from hypervisor.kvm.mmu import SrcuStruct, kvm_init_mmu_notifier, kvm_uninit_mmu_notifier
 from hypervisor.locks import ModelMutex
@@ -94,9 +100,12 @@ class KvmState:
     def kvm_vm_ioctl_check_extension(self, kvm: Kvm | None, cap: str) -> int:
         """KVM_CHECK_EXTENSION: 1/0 for a capability (0 for unknown ones, as KVM does)."""
         if cap == "arm-mte":
-            return int(self.k.mte)  # system_supports_mte()
+            # system_supports_mte(); RFC v2 patch 25: && !tag_storage_enabled()
+            return int(self.k.mte and not kvm_tag_storage_refuse(self.k))
         if cap == "manual-dirty-log-protect2":
             return KVM_DIRTY_LOG_MANUAL_CAPS  # ENABLE | INITIALLY_SET = 3
+        if cap == "arm-cacheable-pfnmap-supported":
+            return int(kvm_supports_cacheable_pfnmap(self.k))
         return 0
 
     async def kvm_vm_ioctl_enable_cap(self, kvm: Kvm, cap: str, flags: int, args=(0,)) -> None:
@@ -107,8 +116,9 @@ class KvmState:
 
         Raises:
             KernelError: EINVAL for non-zero flags, an unknown capability, other
-                MANUAL_DIRTY_LOG_PROTECT2 options, ARM_MTE on a host without MTE
-                or after a vCPU was created.
+                MANUAL_DIRTY_LOG_PROTECT2 options, ARM_MTE on a host without MTE, with
+                dynamic tag storage under "refuse", or after a vCPU was created;
+                ARM_CACHEABLE_PFNMAP_SUPPORTED (a capability to check, not to enable).
         """
         if flags:
             raise KernelError("EINVAL", f"KVM_ENABLE_CAP: flags must be 0 (got {flags:#x})")
@@ -127,6 +137,9 @@ class KvmState:
             await self.k.sched.point("kvm_vm_ioctl_enable_cap:check")
             if not self.k.mte:
                 raise KernelError("EINVAL", "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): the host CPUs lack MTE")
+            if kvm_tag_storage_refuse(self.k):
+                raise KernelError("EINVAL", "KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): refused while dynamic tag storage is "
+                                            "enabled (RFC v2 patch 25, kvm-tag-storage = \"refuse\")")
             if kvm.created_vcpus:
                 raise KernelError("EINVAL", f"KVM_ENABLE_CAP(KVM_CAP_ARM_MTE): {kvm.created_vcpus} vCPU(s) already "
                                             "created; enable it before KVM_CREATE_VCPU")

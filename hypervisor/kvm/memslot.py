@@ -7,10 +7,19 @@ arm64's veto, where MTE lives (reference section 4.2):
 
 1. ``base_gfn + npages`` beyond the IPA size -> EFAULT.
 2. Under ``mmap_read_lock``, every VMA intersecting the slot's range (holes
-   skipped): an MTE VM needs VM_MTE_ALLOWED on it, else EINVAL (regular files
-   and device PFNMAP regions; anon, anon-shared, memfd, shmem and hugetlb are
-   tag-capable); VM_PFNMAP with KVM_MEM_LOG_DIRTY_PAGES -> EINVAL.
+   skipped), the first failure winning: an MTE VM needs VM_MTE_ALLOWED on it, else
+   EINVAL (regular files, dax, p2pmem and device PFNMAP regions; anon, anon-shared,
+   memfd, shmem and hugetlb are tag-capable, on any node); a host configured for
+   dynamic tag storage runs RFC v3 patch 16, which lets VM_PFNMAP VMAs through. Then
+   VM_PFNMAP with KVM_MEM_LOG_DIRTY_PAGES -> EINVAL, and a cacheable VM_PFNMAP
+   (``kvm_vma_is_cacheable``) without FEAT_S2FWB and CTR_EL0.DIC -> EINVAL.
    Only VMA flags are checked: the VMM's own mapping need not be PROT_MTE.
+   This runs at CREATE, MOVE and FLAGS_ONLY (so enabling dirty logging is checked).
+
+Dynamic tag storage under ``kvm-tag-storage = "reserve"`` (RFC v3): a CREATE or MOVE
+of an MTE VM's slot sets VM_MTE_KVM on every VM_MTE_ALLOWED VMA in it, a DELETE
+clears it (``kvm_mte_kvm_flags``); a VMA created later gets it at its first
+stage-2 fault (:mod:`hypervisor.kvm.mmu`).
 
 Dirty logging (kvm_main.c): a slot with KVM_MEM_LOG_DIRTY_PAGES has a dirty
 bitmap and counts in ``nr_memslots_dirty_logging`` whatever KVM_MEM_READONLY
@@ -49,6 +58,9 @@ from hypervisor.kvm.kvm_host import (
     Kvm,
     Memslot,
     kvm_has_mte,
+    kvm_rfc_tag_storage,
+    kvm_supports_cacheable_pfnmap,
+    kvm_tag_storage_reserve,
 )
 from hypervisor.kvm.mmu import (
     KVM_MEMSLOT_INVALID,
@@ -57,7 +69,7 @@ from hypervisor.kvm.mmu import (
     kvm_mmu_wp_memory_region,
     synchronize_srcu_expedited,
 )
-from hypervisor.mm_types import VM_MTE_ALLOWED, VM_PFNMAP, flag_names
+from hypervisor.mm_types import VM_MTE_ALLOWED, VM_MTE_KVM, VM_PFNMAP, flag_names, kvm_vma_is_cacheable
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE
 
@@ -76,11 +88,12 @@ def _flags(names) -> int:
 
 async def kvm_arch_prepare_memory_region(k: Kernel, kvm: Kvm, base_gfn: int, npages: int, hva: int,
                                          flags: int) -> None:
-    """kvm_arch_prepare_memory_region() (arch/arm64/kvm/mmu.c, v6.17-era).
+    """kvm_arch_prepare_memory_region() (arch/arm64/kvm/mmu.c, v6.17-era; RFC v3 patch 16 on a dynamic host).
 
     Raises:
         KernelError: EFAULT beyond the IPA size; EINVAL for a VMA an MTE VM cannot
-            use, or a PFNMAP VMA with dirty logging.
+            use, a PFNMAP VMA with dirty logging, or a cacheable PFNMAP VMA without
+            FEAT_S2FWB and CTR_EL0.DIC.
     """
     if base_gfn + npages > kvm.phys_size >> PAGE_SHIFT:
         raise KernelError("EFAULT", f"memslot ends at IPA {(base_gfn + npages) << PAGE_SHIFT:#x}, beyond the "
@@ -90,11 +103,39 @@ async def kvm_arch_prepare_memory_region(k: Kernel, kvm: Kvm, base_gfn: int, npa
     async with mm.mmap_lock.read():
         for vma in mm.vmas_in(hva, end):  # holes are skipped
             await k.sched.point("kvm_arch_prepare_memory_region:vma")
-            if kvm_has_mte(k, kvm) and not vma.flags & VM_MTE_ALLOWED:
+            # RFC v3 patch 16: "Don't deny VM_PFNMAP VMAs when kvm_has_mte()"
+            pfnmap_ok = kvm_rfc_tag_storage(k) and vma.flags & VM_PFNMAP
+            if kvm_has_mte(k, kvm) and not vma.flags & VM_MTE_ALLOWED and not pfnmap_ok:
                 raise KernelError("EINVAL", f"memslot of an MTE VM over {vma.backing} memory at {vma.start:#x} "
                                             f"({flag_names(vma.flags)}): no VM_MTE_ALLOWED")
-            if vma.flags & VM_PFNMAP and flags & KVM_MEM_LOG_DIRTY_PAGES:
-                raise KernelError("EINVAL", f"memslot with dirty logging over a VM_PFNMAP region at {vma.start:#x}")
+            if vma.flags & VM_PFNMAP:
+                if flags & KVM_MEM_LOG_DIRTY_PAGES:  # IO region dirty page logging not allowed
+                    raise KernelError("EINVAL", f"memslot with dirty logging over a VM_PFNMAP region at "
+                                                f"{vma.start:#x}")
+                if kvm_vma_is_cacheable(vma) and not kvm_supports_cacheable_pfnmap(k):
+                    raise KernelError("EINVAL", f"memslot over a cacheable VM_PFNMAP region at {vma.start:#x}, "
+                                                "and the CPUs lack FEAT_S2FWB or CTR_EL0.DIC")
+
+
+async def kvm_mte_kvm_flags(k: Kernel, kvm: Kvm, slot: Memslot, on: bool) -> None:
+    """RFC v3: set (CREATE, MOVE) or clear (DELETE) VM_MTE_KVM on the slot's VM_MTE_ALLOWED VMAs.
+
+    Only under ``kvm-tag-storage = "reserve"`` with dynamic tag storage enabled, and for an
+    MTE VM. The flag makes the VMA's faults allocate ``__GFP_TAGGED`` pages. The VMAs are
+    changed under ``mmap_write_lock`` (vm_flags_set()).
+    """
+    if not kvm_tag_storage_reserve(k) or not kvm_has_mte(k, kvm):
+        return
+    mm = kvm.mm
+    start = slot.userspace_addr
+    end = start + (slot.npages << PAGE_SHIFT)
+    async with mm.mmap_lock.write():
+        await k.sched.point("kvm_mte_kvm_flags")
+        for vma in mm.vmas_in(start, end):
+            if on and vma.flags & VM_MTE_ALLOWED:
+                vma.flags |= VM_MTE_KVM
+            elif not on:
+                vma.flags &= ~VM_MTE_KVM
 
 
 async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, size: int, hva: int,
@@ -122,6 +163,7 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
             await kvm_invalidate_memslot(k, kvm, old)
             del kvm.memslots[slot_id]  # kvm_delete_memslot()
             _set_logging(kvm, old, False)  # kvm_commit_memory_region(): the dirty bitmap goes
+            await kvm_mte_kvm_flags(k, kvm, old, False)
             return
         if old is None:
             change = "create"
@@ -154,6 +196,7 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
             slot = Memslot(slot_id, base_gfn, npages, hva, flags)
             kvm.memslots[slot_id] = slot
             _set_logging(kvm, slot, slot.dirty_tracked)
+            await kvm_mte_kvm_flags(k, kvm, slot, True)
             return
         assert old is not None  # a move or a flags change is of an existing slot
         if change == "move":
@@ -162,8 +205,11 @@ async def kvm_set_memory_region(k: Kernel, kvm: Kvm, slot_id: int, ipa: int, siz
             old.base_gfn = base_gfn
             old.flags = flags
             _set_logging(kvm, old, old.dirty_tracked)
+            await kvm_mte_kvm_flags(k, kvm, old, True)
             return
-        # KVM_MR_FLAGS_ONLY: kvm_arch_commit_memory_region -> kvm_mmu_wp_memory_region when logging starts
+        # KVM_MR_FLAGS_ONLY: kvm_arch_prepare_memory_region checks it too (dirty logging over VM_PFNMAP);
+        # kvm_arch_commit_memory_region -> kvm_mmu_wp_memory_region when logging starts
+        await kvm_arch_prepare_memory_region(k, kvm, base_gfn, npages, hva, flags)
         was = old.dirty_tracked
         old.flags = flags
         _set_logging(kvm, old, old.dirty_tracked)

@@ -9,10 +9,24 @@ migration, copy-on-write, mprotect, exit).
 ``user_mem_abort`` follows the v6.17-era code step by step (reference 4.3):
 look the VMA up under ``mmap_read_lock`` and sample ``VM_MTE_ALLOWED``, the
 flags and the cacheability there; read ``mmu_invalidate_seq``; unlock; fault
-the page in through GUP; for non-struct-page PFNMAP memory force a
-non-cacheable mapping; take the MMU lock and retry if an invalidation ran
+the page in through GUP; take the MMU lock and retry if an invalidation ran
 meanwhile; then, for non-permission faults of cacheable mappings of an MTE VM,
 ``sanitise_mte_tags`` (or EFAULT when the VMA lacked VM_MTE_ALLOWED); map.
+
+The stage-2 memory type (the contract's table): memory outside the linear map
+(``!pfn_is_map_memory``: PFNMAP frames and ZONE_DEVICE pages) of a VM_PFNMAP or
+VM_MIXEDMAP VMA is mapped Normal only if the VMA is cacheable and the CPUs have
+FEAT_S2FWB and CTR_EL0.DIC (else KVM_RUN fails with EFAULT); a non-cacheable one is
+forced non-cacheable: Normal-NC with VM_ALLOW_ANY_UNCACHED, else Device-nGnRE, and
+never sanitised. Everything else is Normal.
+
+Dynamic tag storage under ``kvm-tag-storage = "reserve"`` (RFC v3 patches 32, 33):
+a non-permission fault of an MTE VM that maps Normal memory of a VM_MTE_ALLOWED VMA
+sets VM_MTE_KVM on a VMA that lacks it, then reserves the page's tag storage
+before sanitising. A tag storage page, or a failed reservation, makes the fault
+migrate the folio (``replace_folio_with_tagged``) and replay: KVM_RUN never fails
+for it; :func:`kvm_tag_storage_fault` counts the replays (``livelock`` after
+``k.fault_replay_limit``).
 
 Model notes:
     * The MMU notifier runs synchronously where the host PTE changes, while
@@ -52,10 +66,27 @@ from hypervisor.arm64.mte_lock import (
     try_page_mte_tagging,
 )
 from hypervisor.arm64.tags import mte_clear_page_tags
-from hypervisor.kvm.kvm_host import Kvm, Memslot, S2Entry, Vcpu, ghost_kvm_write, kvm_has_mte, mark_page_dirty
+from hypervisor.kvm.kvm_host import (
+    Kvm,
+    Memslot,
+    S2Entry,
+    Vcpu,
+    ghost_kvm_write,
+    kvm_has_mte,
+    kvm_supports_cacheable_pfnmap,
+    mark_page_dirty,
+)
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
+from hypervisor.mm.memremap import pfn_is_map_memory
 from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
-from hypervisor.mm_types import VM_HUGETLB, VM_IO, VM_MTE_ALLOWED, VM_PFNMAP
+from hypervisor.mm_types import (
+    VM_ALLOW_ANY_UNCACHED,
+    VM_HUGETLB,
+    VM_MIXEDMAP,
+    VM_MTE_ALLOWED,
+    VM_PFNMAP,
+    kvm_vma_is_cacheable,
+)
 from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
@@ -245,7 +276,7 @@ async def __kvm_faultin_pfn(k: Kernel, kvm: Kvm, hva: int, write: bool) -> tuple
 
 
 def _release(k: Kernel, page: Page) -> None:
-    if page.zone == "normal" and page is not k.alloc.zero_page:
+    if page.zone not in ("device", "pfnmap", "zero") and page is not k.alloc.zero_page:
         put_page(k, page)
 
 
@@ -258,8 +289,9 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         invalidation raced with the fault (the guest takes it again).
 
     Raises:
-        KernelError: EFAULT: no VMA at the hva, GUP failure, a cacheable PFNMAP,
-            or an MTE VM whose VMA has lost VM_MTE_ALLOWED.
+        KernelError: EFAULT: no VMA at the hva, GUP failure, a cacheable PFNMAP or
+            MIXEDMAP without FEAT_S2FWB and CTR_EL0.DIC, or an MTE VM whose VMA has lost
+            (or never had) VM_MTE_ALLOWED.
     """
     mm = kvm.mm
     logging_active = slot.logging
@@ -275,7 +307,8 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         if not bug:
             mte_allowed = bool(vma.flags & VM_MTE_ALLOWED)  # kvm_vma_mte_allowed(vma), under the lock
         vm_flags = vma.flags
-        is_vma_cacheable = not vm_flags & VM_IO  # kvm_vma_is_cacheable(): device pgprot is not
+        is_vma_cacheable = kvm_vma_is_cacheable(vma)  # vm_page_prot neither Normal-NC nor Device
+        vfio_allow_any_uncached = bool(vm_flags & VM_ALLOW_ANY_UNCACHED)
         stale_vma = vma
         mmu_seq = kvm.mmu_invalidate_seq
         await k.sched.point("user_mem_abort:mmap_read_unlock")
@@ -285,10 +318,14 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
     got = page
     try:
         s2_force_noncacheable = False
-        if vm_flags & VM_PFNMAP and page.zone == "device":  # !pfn_is_map_memory(pfn)
+        if vm_flags & (VM_PFNMAP | VM_MIXEDMAP) and not pfn_is_map_memory(page):
             if is_vma_cacheable:
-                raise KernelError("EFAULT", "user_mem_abort: cacheable PFNMAP without FWB and DIC")
-            s2_force_noncacheable = True
+                # the CMOs need a kernel VA, which this memory may lack: only FWB and DIC make it safe
+                if not kvm_supports_cacheable_pfnmap(k):
+                    raise KernelError("EFAULT", f"user_mem_abort: cacheable PFNMAP/MIXEDMAP memory at hva {hva:#x} "
+                                                "and the CPUs lack FEAT_S2FWB or CTR_EL0.DIC")
+            else:
+                s2_force_noncacheable = True
         if bug:
             await k.sched.point("user_mem_abort:kvm_vma_mte_allowed")
             k.oracle.on_vma_read(stale_vma, "user_mem_abort: kvm_vma_mte_allowed(vma) after mmap_read_unlock")
@@ -311,10 +348,14 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         writable = host_writable and not slot.readonly
         if logging_active and not write:
             writable = False  # only map writable on a write fault while logging
+        if s2_force_noncacheable:  # KVM_PGTABLE_PROT_NORMAL_NC or KVM_PGTABLE_PROT_DEVICE
+            memtype = "normal-nc" if vfio_allow_any_uncached else "device"
+        else:
+            memtype = "normal"
         base = 0 if nr_pages == 1 else page.pfn - page.folio.pfn
         for i in range(nr_pages):
             sub = page if nr_pages == 1 else page.folio.subpages[base + i]
-            kvm.s2[gfn + i] = S2Entry(sub, writable, not s2_force_noncacheable)
+            kvm.s2[gfn + i] = S2Entry(sub, writable, memtype)
         if writable:
             mark_page_dirty(kvm, gfn)
         k.sched.wake()

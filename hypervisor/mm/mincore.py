@@ -53,7 +53,7 @@ async def do_mincore(k: Kernel, mm: MM, addr: int, size: int) -> bytes:
         # pages of a mapped object's page cache (or its swap) that this mm has no PTE for
         for vma in mm.vmas_in(addr, end):
             obj = vma.obj
-            if obj is None or obj.kind == "device" or not obj.pages:
+            if obj is None or obj.is_device_memory or not obj.pages:
                 continue
             v0, v1 = max(vma.start, addr) >> PAGE_SHIFT, min(vma.end, end) >> PAGE_SHIFT
             i0 = vma.index_of(v0 << PAGE_SHIFT)  # object page index of vpn v0

@@ -17,6 +17,22 @@ Errors (Linux errno):
         address not aligned to it, MAP_PRIVATE of
         anon-shared.
     ENOMEM: no room in the address space, or mprotect/madvise over a hole.
+
+Device memory and NUMA binding (the physical-memory contract, part C), checked in this order:
+    ENOENT: an unknown ``node`` or ``region``;
+    ENODEV: a ``private`` region (the CPU cannot address it);
+    EINVAL: a private mapping of ``pfnmap``, ``dax`` or ``p2pmem``; a region of the wrong type
+        (or none) for the backing; ``region`` with ``attr``; ``node`` with a backing other than
+        anon, anon-shared, shmem, memfd; a range beyond the region; ``offset`` != 0 for
+        ``p2pmem``; PROT_MTE (these VMAs never have VM_MTE_ALLOWED).
+
+The VMA of each backing (as the drivers set it up):
+    pfnmap (and the core's ``device``, a pfnmap with attr ``device`` and no
+    VM_ALLOW_ANY_UNCACHED): VM_PFNMAP|VM_IO|VM_DONTEXPAND|VM_DONTDUMP, VM_ALLOW_ANY_UNCACHED if
+    the region sets it, every page mapped up front (remap_pfn_range, vfio-pci);
+    dax: a shared file mapping of ZONE_DEVICE pages, faulted in on demand; device-dax
+    (``generic``) sets VM_HUGEPAGE (drivers/dax/device.c);
+    p2pmem: VM_MIXEDMAP, every page inserted up front (p2pmem_alloc_mmap: vm_insert_page).
 """
 
 from __future__ import annotations
@@ -25,14 +41,20 @@ import itertools
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.memory import put_page, set_pte_at, zap_pte_range
+from hypervisor.mm.memremap import Region, memremap
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import (
     MM,
     OBJECT_KIND,
+    VM_ALLOW_ANY_UNCACHED,
+    VM_DONTDUMP,
+    VM_DONTEXPAND,
     VM_EXEC,
+    VM_HUGEPAGE,
     VM_HUGETLB,
     VM_IO,
     VM_MERGEABLE,
+    VM_MIXEDMAP,
     VM_MTE,
     VM_PFNMAP,
     VM_READ,
@@ -87,18 +109,84 @@ def get_object(k: Kernel, backing: str, name: str | None, session: str = "") -> 
     return obj
 
 
+#: Backings of device memory, and the region types each maps.
+DEVICE_BACKINGS = {"pfnmap": ("pfnmap",), "dax": ("fs-dax", "generic"), "p2pmem": ("pci-p2pdma",)}
+#: Backings whose pages an ``mmap`` ``node`` may bind (MPOL_BIND).
+NODE_BACKINGS = ("anon", "anon-shared", "shmem", "memfd")
+
+
+def _check_physmem_args(k: Kernel, backing: str, share: str, prot, offset: int, size: int, node: str | None,
+                        region: str | None, attr: str | None) -> Region | None:
+    """The contract's mapping errors of ``node``, ``region`` and ``attr``, in its order; the named region.
+
+    Raises:
+        KernelError: ENOENT, ENODEV, EINVAL (see the module docstring).
+    """
+    if node is not None and node != "node0" and node not in {n.name for n in k.physcfg.nodes}:
+        raise KernelError("ENOENT", f"mmap: no node {node!r} on this host")
+    reg = memremap(k).lookup(region) if region is not None else None  # ENOENT
+    if reg is not None and reg.type == "private":
+        raise KernelError("ENODEV", f"mmap: region {region!r} is MEMORY_DEVICE_PRIVATE, which the CPU cannot address")
+    want = DEVICE_BACKINGS.get(backing)
+    if want is not None and share == "private":
+        raise KernelError("EINVAL", f"mmap: a {backing} mapping must be shared")
+    if reg is not None and (want is None or reg.type not in want):
+        raise KernelError("EINVAL", f"mmap: a {backing} mapping cannot map {reg.type} region {region!r}")
+    if want is not None and reg is None and not (backing == "pfnmap" and attr is not None):
+        raise KernelError("EINVAL", f"mmap: a {backing} mapping needs a region of type {' or '.join(want)}"
+                                    + (", or attr" if backing == "pfnmap" else ""))
+    if region is not None and attr is not None:
+        raise KernelError("EINVAL", "mmap: attr describes an unnamed region; a named region has its own")
+    if attr is not None and backing != "pfnmap":
+        raise KernelError("EINVAL", f"mmap: attr is for a pfnmap mapping without region, not {backing}")
+    if node is not None and backing not in NODE_BACKINGS:
+        raise KernelError("EINVAL", f"mmap: node binds {', '.join(NODE_BACKINGS)} memory, not {backing}")
+    if reg is not None and offset + size > reg.size:
+        raise KernelError("EINVAL", f"mmap: [{offset:#x}, +{size:#x}) runs beyond region {region!r} "
+                                    f"({reg.size:#x} bytes)")
+    if backing == "p2pmem" and offset:
+        raise KernelError("EINVAL", "mmap: p2pmem maps from offset 0 only (p2pmem_alloc_mmap)")
+    if want is not None and "mte" in prot and k.mte:
+        raise KernelError("EINVAL", f"mmap: PROT_MTE on a {backing} mapping, which lacks VM_MTE_ALLOWED")
+    return reg
+
+
+def _device_object(k: Kernel, backing: str, obj_name: str | None, session: str, reg: Region | None,
+                   size: int, offset: int, attr: str | None) -> MemObject:
+    """The object behind a device mapping: its region's (one per region), or a new unnamed region's."""
+    m = memremap(k)
+    if backing == "device":  # the core's device: a pfnmap with attr "device", no VM_ALLOW_ANY_UNCACHED
+        obj = get_object(k, backing, obj_name, session)
+        if obj.region is None:
+            obj.region = m.unnamed_pfnmap(max(offset + size, 1 << 30), "device", False)
+            obj.region.obj = obj
+        return obj
+    if reg is None:  # pfnmap with attr: an unnamed region of the mapping's size, with the region defaults
+        assert attr is not None  # _check_physmem_args
+        reg = m.unnamed_pfnmap(offset + size, attr, True)
+    if reg.obj is None:
+        reg.obj = MemObject(OBJECT_KIND[backing], reg.name or f"{backing}:{next(_anon_names)}", named=True,
+                            region=reg)
+    return reg.obj
+
+
 async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: str, backing: str,
-                  obj_name: str | None, offset: int, *, hugepage_size: int = HPAGE_SIZE) -> int:
+                  obj_name: str | None, offset: int, *, hugepage_size: int = HPAGE_SIZE, node: str | None = None,
+                  region: str | None = None, attr: str | None = None) -> int:
     """do_mmap() + mmap_region(): create a mapping and return its address.
 
     ``hugepage_size`` (hugetlb only) is the MAP_HUGE_* size: 64 KiB, 2 MiB,
     32 MiB or 1 GiB; a named hugetlb object keeps the size it was created with.
+    ``node`` binds the pages to a node (``vma.node``, honoured at fault time), ``region`` names
+    the device memory of a ``pfnmap``, ``dax`` or ``p2pmem`` mapping, ``attr`` makes an unnamed
+    pfnmap region.
 
     Raises:
         KernelError: EINVAL (zero length, unaligned addr/offset, PROT_MTE without
             VM_MTE_ALLOWED, bad hugetlb size or address/offset alignment (the
             length is rounded up to the huge page size, as ksys_mmap_pgoff does), a named hugetlb object
-            of another size, private anon-shared), ENOMEM (no room).
+            of another size, private anon-shared), ENOMEM (no room); ENOENT, ENODEV and EINVAL
+            for ``node``, ``region`` and ``attr`` (see the module docstring).
     """
     if size == 0:
         raise KernelError("EINVAL", "mmap: length is 0")
@@ -124,7 +212,11 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
     size = page_align_up(size)
     if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
         raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
-    obj = None if backing == "anon" else get_object(k, backing, obj_name, mm.session)
+    reg = _check_physmem_args(k, backing, share, prot, offset, size, node, region, attr)
+    if backing in DEVICE_BACKINGS or backing == "device":
+        obj = _device_object(k, backing, obj_name, mm.session, reg, size, offset, attr)
+    else:
+        obj = None if backing == "anon" else get_object(k, backing, obj_name, mm.session)
     if backing == "hugetlb":
         assert obj is not None  # get_object gives every non-anon backing one
         if obj.named and (obj.pages or obj.mappings) and obj.hpage_pages != hugepage_size >> PAGE_SHIFT:
@@ -138,8 +230,14 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
         flags |= VM_SHARED
     if backing == "hugetlb":
         flags |= VM_HUGETLB
-    if backing == "device":
-        flags |= VM_PFNMAP | VM_IO
+    if backing in ("device", "pfnmap"):  # remap_pfn_range() and vfio_pci_core_mmap()
+        flags |= VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP
+        if obj is not None and obj.region is not None and obj.region.allow_any_uncached:
+            flags |= VM_ALLOW_ANY_UNCACHED
+    if backing == "p2pmem":
+        flags |= VM_MIXEDMAP  # vm_insert_page()
+    if backing == "dax" and reg is not None and reg.type == "generic":
+        flags |= VM_HUGEPAGE  # device-dax: dax_mmap()
     flags |= arch_calc_vm_flag_bits(k.mte, backing, obj)
     if not arch_validate_flags(flags):
         raise KernelError("EINVAL", f"mmap: PROT_MTE on a {backing} mapping, which lacks VM_MTE_ALLOWED")
@@ -148,27 +246,39 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
             addr = mm.get_unmapped_area(size, align)
         else:
             await _unmap_locked(k, mm, addr, size)  # MAP_FIXED replaces what was there
-        vma = Vma(addr, addr + size, flags, backing, obj, offset >> PAGE_SHIFT)
+        vma = Vma(addr, addr + size, flags, backing, obj, offset >> PAGE_SHIFT, node=node)
         if obj is not None:
             obj.mappings += 1
         mm.vmas.append(vma)
         mm.vmas.sort(key=lambda v: v.start)
-        if backing == "device":
+        if obj is not None and obj.region is not None:
+            _populate_device_pages(obj, vma)
+        if backing in ("device", "pfnmap", "p2pmem"):
             await _remap_pfn_range(k, mm, vma)
     return addr
 
 
+def _populate_device_pages(obj: MemObject, vma: Vma) -> None:
+    """The region's frames behind the VMA become the object's pages (a dax fault finds them there)."""
+    region = obj.region
+    assert isinstance(region, Region)  # set by _device_object
+    for index in range(vma.pgoff, vma.pgoff + ((vma.end - vma.start) >> PAGE_SHIFT)):
+        if index not in obj.pages:
+            page = region.frame(index)
+            page.mapping, page.index = obj, index
+            obj.pages[index] = page
+
+
 async def _remap_pfn_range(k: Kernel, mm: MM, vma: Vma) -> None:
-    """remap_pfn_range(): a device region is mapped up front, special PTEs, never tagged."""
+    """remap_pfn_range() (and p2pmem's vm_insert_page() loop): the region is mapped up front, never tagged.
+
+    Deliberate difference for p2pmem: its PTEs are special (no refcount, no tag sync) like a
+    PFNMAP's, where vm_insert_page() takes a reference on the ZONE_DEVICE page.
+    """
     obj = vma.obj
     assert obj is not None  # a device VMA maps its device object
     for i, vpn in enumerate(range(vma.start >> PAGE_SHIFT, vma.end >> PAGE_SHIFT)):
-        index = vma.pgoff + i
-        page = obj.pages.get(index)
-        if page is None:
-            page = Page(pfn=0x1_0000_0000 + id(obj) % 0x10000 * 0x1000 + index, tags=bytearray(256),
-                        zone="device", free=False, refcount=1, mapping=obj, index=index)
-            obj.pages[index] = page
+        page = obj.pages[vma.pgoff + i]
         mm.pt[vpn] = Pte(page=page, write=bool(vma.flags & VM_WRITE), tagged=False, special=True)
 
 
@@ -210,7 +320,7 @@ def remove_vma(k: Kernel, v: Vma) -> None:
     if obj is None:
         return
     obj.mappings -= 1
-    if obj.mappings == 0 and not obj.named and obj.kind != "device":
+    if obj.mappings == 0 and not obj.named and not obj.is_device_memory:
         # the last reference to an unnamed object: truncate its page cache
         for cur in list(obj.pages.values()):
             if isinstance(cur, Page):
@@ -297,7 +407,7 @@ async def change_protection(k: Kernel, mm: MM, vma: Vma) -> None:
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present or pte.page is None:
             continue
-        tagged = bool(vma.flags & VM_MTE) and pte.page.zone != "device"
+        tagged = bool(vma.flags & VM_MTE) and pte.page.zone != "pfnmap"  # no struct page: never tagged
         write = pte.write and bool(vma.flags & VM_WRITE)
         if vma.flags & VM_SHARED and vma.flags & VM_WRITE and not vma.is_anon and not pte.special:
             write = True

@@ -374,7 +374,8 @@ def _parse_memslots(raw: Any, vm: str, ipa_bits: int, st: _State,
     for i, t in enumerate(raw):
         p = f"vms.{vm}.memory[{i}]"
         _table(t, w, p)
-        _check_keys(t, ("ipa", "size", "backing", "object", "prot_mte", "hugepage-size"), w, f"{p}.")
+        _check_keys(t, ("ipa", "size", "backing", "object", "prot_mte", "hugepage-size", "node", "region", "attr"),
+                    w, f"{p}.")
         for k in ("ipa", "size"):
             if k not in t:
                 raise w.error(f"{p}.{k}", "missing")
@@ -386,8 +387,13 @@ def _parse_memslots(raw: Any, vm: str, ipa_bits: int, st: _State,
             if backing != "hugetlb":
                 raise w.error(f"{p}.hugepage-size", f"only for backing 'hugetlb' (got {backing!r})")
             huge = _hugepage_size(t["hugepage-size"], w, f"{p}.hugepage-size")
+        # physical memory: checked by the host's mmap (a bad name fails the VM's setup with its errno)
+        node = _name(t["node"], w, f"{p}.node") if "node" in t else None
+        region = _name(t["region"], w, f"{p}.region") if "region" in t else None
+        attr = _choice(*REGION_ATTRS)(t["attr"], w, f"{p}.attr") if "attr" in t else None
         slot = MemslotSpec(i, _size(t["ipa"], w, f"{p}.ipa"), _size(t["size"], w, f"{p}.size"),
-                           backing, obj, _bool(t.get("prot_mte", False), w, f"{p}.prot_mte"), huge)
+                           backing, obj, _bool(t.get("prot_mte", False), w, f"{p}.prot_mte"), huge,
+                           node, region, attr)
         # KVM needs page alignment only; a hugetlb slot off its huge page size maps
         # 4 KiB at stage 2 (user_mem_abort), and the VMM's mmap rounds its length up.
         for k in ("ipa", "size"):

@@ -249,7 +249,7 @@ class TestVmmChangesGuestRam:
         r = await vm.load(RAM + PAGE, 8, tag=3, check="sync")
         assert r.fault is None
         e = vm.s2(RAM + PAGE)
-        assert e.page.zone == "device" and not e.cacheable and e.page.flags == 0
+        assert e.page.zone == "pfnmap" and e.memtype == "device" and e.page.flags == 0
         await vm.stg(RAM + PAGE, 16, 7)
         assert await vm.ldg(RAM + PAGE, 16) == [0] and bytes(e.page.tags[:1]) == b"\0"
         assert invariants(k) == []
