@@ -426,7 +426,9 @@ class _Run:
                 args = {"op": step.op, "args": {"path": self._snapshot_path(step)}}
             return await self._vm_call(step.actor_target, op, args, ctx)
         if kind == "host":
-            if step.args.get("vm") is not None:
+            if step.op == "stage2-entry":  # the hypervisor reads the VM's own table: its name and IPA go as they are
+                self._vm_here(step.args["vm"], step.actor_target)
+            elif step.args.get("vm") is not None:
                 args = await self._resolve_vm(step, args)
             elif step.args.get("process") in self.killed:
                 raise RemoteError("ESRCH", f"process {step.args['process']} was killed")
