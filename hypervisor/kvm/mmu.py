@@ -452,3 +452,14 @@ def io_mem_abort(kind: str, segs) -> None:
 def note_guest_write(kvm: Kvm, gfn: int) -> None:
     """A guest store or tag store retired on ``gfn`` (ghost state for DIRTY-LOG-COMPLETE)."""
     ghost_kvm_write(kvm, gfn)
+
+
+def stage2_entry_report(k: Kernel, kvm: Kvm, ipa: int) -> dict:
+    """The ``stage2-entry`` host op: the leaf entry at ``ipa`` (a walk of the table, kvm_pgtable_get_leaf()).
+
+    Faults nothing in. Unmapped: ``{mapped: false, pfn: 0, memtype: "none", writable: false}``.
+    """
+    e = kvm.s2.get(ipa >> PAGE_SHIFT)
+    if e is None:
+        return {"mapped": False, "pfn": 0, "memtype": "none", "writable": False}
+    return {"mapped": True, "pfn": e.page.pfn, "memtype": e.memtype, "writable": e.writable}

@@ -56,6 +56,8 @@ from hypervisor.mm_types import (
     VM_MERGEABLE,
     VM_MIXEDMAP,
     VM_MTE,
+    VM_MTE_ALLOWED,
+    VM_MTE_KVM,
     VM_PFNMAP,
     VM_READ,
     VM_SHARED,
@@ -66,6 +68,7 @@ from hypervisor.mm_types import (
     arch_calc_vm_flag_bits,
     arch_validate_flags,
     flag_names,
+    vma_memtype,
 )
 from hypervisor.page import Page
 from shared.abi import HUGEPAGE_SIZES
@@ -463,3 +466,23 @@ async def do_madvise(k: Kernel, mm: MM, addr: int, size: int, advice: str) -> No
         for lo, hi in ranges:
             zap_pte_range(k, mm, lo, hi, "clear")
         await k.sched.point("madvise")
+
+
+async def vma_flags_report(k: Kernel, mm: MM, addr: int) -> dict:
+    """The ``vma-flags`` host op: the VM_* flags of the VMA at ``addr`` as booleans, and its vm_page_prot memtype.
+
+    Reads ``vma->vm_flags`` under ``mmap_read_lock``, as /proc/PID/smaps' VmFlags line does.
+
+    Raises:
+        KernelError: EFAULT where there is no VMA.
+    """
+    async with mm.mmap_lock.read():
+        vma = mm.find_vma(addr)
+        if vma is None:
+            raise KernelError("EFAULT", f"vma-flags: no VMA at {addr:#x}")
+        f = vma.flags
+        return {"read": bool(f & VM_READ), "write": bool(f & VM_WRITE), "exec": bool(f & VM_EXEC),
+                "shared": bool(f & VM_SHARED), "mte": bool(f & VM_MTE), "mte-allowed": bool(f & VM_MTE_ALLOWED),
+                "mte-kvm": bool(f & VM_MTE_KVM), "pfnmap": bool(f & VM_PFNMAP), "mixedmap": bool(f & VM_MIXEDMAP),
+                "io": bool(f & VM_IO), "allow-any-uncached": bool(f & VM_ALLOW_ANY_UNCACHED),
+                "memtype": vma_memtype(vma)}
