@@ -41,8 +41,20 @@ import attrs
 
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.ghost import Ghost
-from hypervisor.kvm.kvm_host import kvm_has_mte
-from hypervisor.mm_types import VM_MTE, VM_MTE_ALLOWED, VM_READ, arch_validate_flags, flag_names
+from hypervisor.kvm.kvm_host import kvm_has_mte, kvm_tag_storage_reserve
+from hypervisor.mm.memremap import is_device_page, pfn_is_map_memory
+from hypervisor.mm_types import (
+    VM_ALLOW_ANY_UNCACHED,
+    VM_MIXEDMAP,
+    VM_MTE,
+    VM_MTE_ALLOWED,
+    VM_MTE_KVM,
+    VM_PFNMAP,
+    VM_READ,
+    arch_validate_flags,
+    flag_names,
+    kvm_vma_is_cacheable,
+)
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
 
@@ -206,7 +218,8 @@ class Oracle:
                                 f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
             for vpn, pte in mm.pt.items():
                 page = pte.page
-                if not pte.present or page is None or not pte.tagged or pte.special or page.zone != "normal":
+                if not pte.present or page is None or not pte.tagged or pte.special or not page.is_ram \
+                        or pte.fault_on_access:
                     continue
                 vma = mm.find_vma(vpn << 12)
                 if vma is not None and vma.flags & VM_READ and not page.folio.flags & PG_mte_tagged:
@@ -215,9 +228,98 @@ class Oracle:
                                 f"through a tagged PTE ({flag_names(vma.flags & VM_MTE)})", page)
         for kvm in list(k.kvm.vms.values()):
             self._check_vm(kvm)
+        self.check_physmem_state()
+        self.check_memtype_state()
         self.ghost.check()
         self._flush_ghost()
         return list(self.violations)
+
+    # ---- physical memory and tag storage (H1: SCENARIOS-physmem parts A and B) ----------------
+
+    def on_tag_write(self, page: Page, who: str) -> None:
+        """TAG-STORAGE-NOT-CLOBBERED: a tag write to a page of a dynamic node reaches its tag block,
+        which must be reserved (else the write lands in someone's data)."""
+        ts = self.k.tag_storage
+        if not ts.enabled or page.is_tag_storage or ts.node_needs_storage(page) is None:
+            return
+        blocks, _refs = ts.blocks_of(page.folio)
+        free = [b for b in blocks if b not in ts.blocks]
+        if free:
+            self.report("TAG-STORAGE-NOT-CLOBBERED", f"{who} by {current_actor.get()} wrote the tags of pfn "
+                                                     f"{page.pfn:#x} into tag block {free[0]:#x}, which is not "
+                                                     "reserved (it may hold another page's data)", page)
+
+    def check_physmem_state(self) -> None:
+        """The state invariants of the physical-memory part that H1 owns (parts A and B)."""
+        k = self.k
+        alloc = k.alloc
+        for n in alloc.nodes:
+            if n.ts_pages and n.ts_mode == "static":
+                if n.managed != n.nr or any(pfn in alloc.frames for pfn in range(n.ts_start, n.ts_start + n.ts_pages)):
+                    self.report("TAG-CARVE-OUT-HIDDEN", f"node {n.name}'s static tag carve-out "
+                                                        f"(pfn {n.ts_start:#x}+{n.ts_pages}) is handed out or counted")
+        ts = k.tag_storage
+        none_nodes = any(n.ts_mode == "none" for n in alloc.nodes)
+        if not ts.enabled and not (k.mte and (none_nodes or getattr(k, "regions", None))):
+            return
+        if ts.enabled:
+            self._check_tag_storage(ts)
+        for task in k.tasks.values():
+            for vpn, pte in task.mm.pt.items():
+                page = pte.page
+                if page is None or not pte.tagged or pte.special or pte.migrating or pte.fault_on_access:
+                    continue
+                if not page.tag_capable and not page.is_tag_storage:
+                    self.report("TAGGED-PTE-IS-TAG-CAPABLE", f"pid {task.pid} maps pfn {page.pfn:#x} ({page.node}, "
+                                                             f"keeps no tags) at {vpn << 12:#x} through a tagged "
+                                                             "PTE", page)
+                if ts.enabled and page.is_tag_storage:
+                    self.report("TAG-STORAGE-NEVER-TAGGED", f"pid {task.pid} maps tag storage pfn {page.pfn:#x} "
+                                                            f"at {vpn << 12:#x} through a tagged PTE", page)
+                elif ts.enabled and not ts.has_storage(page):
+                    self.report("TAGGED-IMPLIES-STORAGE", f"pid {task.pid} maps pfn {page.pfn:#x}, which has no "
+                                                          f"tag storage, at {vpn << 12:#x} through a tagged PTE",
+                                page)
+
+    def _check_tag_storage(self, ts) -> None:
+        k = self.k
+        alloc = k.alloc
+        from hypervisor.arm64.mte_tag_storage import PG_tag_storage_reserved
+
+        for page in alloc.live_pages():
+            head = page.folio
+            if not head.flags & PG_mte_tagged or not page.is_ram:
+                continue
+            if page.is_tag_storage:
+                self.report("TAG-STORAGE-NEVER-TAGGED", f"tag storage pfn {page.pfn:#x} is PG_mte_tagged", page)
+            elif ts.node_needs_storage(page) is not None and not head.flags & PG_tag_storage_reserved:
+                self.report("TAGGED-IMPLIES-STORAGE", f"pfn {page.pfn:#x} is PG_mte_tagged without "
+                                                      "PG_tag_storage_reserved", page)
+        for b, rc in ts.blocks.items():
+            held = ts.holders.get(b, {})
+            if rc != 1 + sum(held.values()) or rc <= 1:
+                self.report("TAG-BLOCK-REFCOUNT", f"tag block {b:#x} has refcount {rc}, its reservations hold "
+                                                  f"{sum(held.values())} references")
+            for pfn in held:
+                page = alloc.frames.get(pfn)
+                if page is not None and page.free:
+                    self.report("TAG-BLOCK-REFCOUNT", f"pfn {pfn:#x} was freed without dropping its references "
+                                                      f"on tag block {b:#x}", page)
+        for pfn in ts.tags_by_pfn:
+            page = alloc.frames.get(pfn)
+            if page is None or page.free:
+                self.report("PARKED-TAGS-CONSUMED-ONCE", f"tags parked for pfn {pfn:#x} outlive its page")
+            elif page.folio.flags & PG_tag_storage_reserved:
+                if pfn in ts.restoring:
+                    self.report("PARKED-RESTORE-BEFORE-PUBLISH", f"pfn {pfn:#x} is PG_tag_storage_reserved while "
+                                                                 "its parked tags are not written yet", page)
+                else:
+                    self.report("PARKED-TAGS-CONSUMED-ONCE", f"tags are parked for pfn {pfn:#x}, which has "
+                                                             "tag storage", page)
+        zp = alloc.zero_page
+        blocks, _refs = ts.blocks_of(zp)
+        if not zp.flags & PG_tag_storage_reserved or any(b not in ts.blocks for b in blocks):
+            self.report("ZERO-PAGE-HAS-STORAGE", "the zero page's tag block is not reserved", zp)
 
     def _check_vm(self, kvm) -> None:
         k = self.k
@@ -238,11 +340,80 @@ class Oracle:
                 continue
             if not mte or not e.cacheable:
                 continue
-            vma = mm.find_vma(hva)
-            if vma is None or not vma.flags & VM_MTE_ALLOWED:
-                self.report("MTE-VM-MEMORY-IS-TAG-CAPABLE",
-                            f"VM {kvm.handle} gfn {gfn:#x} is mapped Normal cacheable from {vma!r}, "
-                            "which lacks VM_MTE_ALLOWED", e.page)
+            # MTE-VM-MEMORY-IS-TAG-CAPABLE: check_memtype_state
             if e.page is not k.alloc.zero_page and not e.page.folio.flags & PG_mte_tagged:
                 self.report("GUEST-VISIBLE-IMPLIES-TAGGED", f"VM {kvm.handle} maps untagged pfn {e.page.pfn:#x} at gfn "
                                                      f"{gfn:#x} as Normal cacheable", e.page)
+
+    # ---- memory types and the KVM side of tag storage (H2: SCENARIOS-physmem part C, part B's KVM) ----
+
+    def check_memtype_state(self) -> None:
+        """MTE-VM-MEMORY-IS-TAG-CAPABLE, TAGGED-PTE-IS-TAG-CAPABLE, STAGE2-MEMTYPE and VM-MTE-KVM-FLAG."""
+        k = self.k
+        if not k.physcfg.is_default:  # memory without tags exists only with nodes, regions or dynamic storage
+            for task in k.tasks.values():
+                for vpn, pte in task.mm.pt.items():
+                    page = pte.page
+                    if pte.present and pte.tagged and page is not None and not pte.fault_on_access \
+                            and not page_tag_capable(page):
+                        self.report("TAGGED-PTE-IS-TAG-CAPABLE",
+                                    f"pid {task.pid} maps pfn {page.pfn:#x} ({page.zone}, node {_node_of(page)}) "
+                                    f"at {vpn << 12:#x} through a tagged PTE, and it keeps no tags", page)
+        for kvm in list(k.kvm.vms.values()):
+            if not kvm.destroyed:
+                self._check_vm_memtypes(kvm)
+
+    def _check_vm_memtypes(self, kvm) -> None:
+        k = self.k
+        mte = kvm_has_mte(k, kvm)
+        mm = kvm.mm
+        for gfn, e in kvm.s2.items():
+            slot = kvm.slot_of(gfn)
+            if slot is None:
+                continue  # STAGE-2-COHERENT
+            hva = slot.hva(gfn)
+            vma = mm.find_vma(hva)
+            pte = mm.pt.get(hva >> 12)
+            if vma is None or pte is None or pte.page is not e.page:
+                continue  # STAGE-2-COHERENT
+            want = stage2_memtype(k, vma, e.page)
+            if e.memtype != want:
+                self.report("STAGE2-MEMTYPE", f"VM {kvm.handle} gfn {gfn:#x} maps pfn {e.page.pfn:#x} "
+                                              f"({e.page.zone}) of {vma!r} as {e.memtype}, not {want}", e.page)
+            if not mte or e.memtype != "normal":
+                continue
+            if not vma.flags & VM_MTE_ALLOWED:
+                self.report("MTE-VM-MEMORY-IS-TAG-CAPABLE",
+                            f"VM {kvm.handle} gfn {gfn:#x} is mapped Normal cacheable from {vma!r}, "
+                            "which lacks VM_MTE_ALLOWED", e.page)
+            elif not page_tag_capable(e.page):
+                self.report("MTE-VM-MEMORY-IS-TAG-CAPABLE",
+                            f"VM {kvm.handle} gfn {gfn:#x} is mapped Normal cacheable to pfn {e.page.pfn:#x} "
+                            f"({e.page.zone}, node {_node_of(e.page)}), which keeps no allocation tags", e.page)
+        if not mte or not kvm_tag_storage_reserve(k):
+            return
+        slots = [(s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in kvm.memslots.values()]
+        for vma in mm.vmas:
+            in_slot = any(vma.start < hi and lo < vma.end for lo, hi in slots)
+            if in_slot and vma.flags & VM_MTE_ALLOWED and not vma.flags & VM_MTE_KVM and vma in kvm.mte_kvm_vmas:
+                self.report("VM-MTE-KVM-FLAG", f"VM {kvm.handle}: {vma!r} of a memslot lacks VM_MTE_KVM")
+            if not in_slot and vma.flags & VM_MTE_KVM and vma in kvm.mte_kvm_vmas:
+                self.report("VM-MTE-KVM-FLAG", f"VM {kvm.handle}: {vma!r} keeps VM_MTE_KVM outside every memslot")
+
+
+def page_tag_capable(page: Page) -> bool:
+    """``tag-capable`` of page-flags: the memory keeps allocation tags (device memory never does)."""
+    return not is_device_page(page) and getattr(page, "tag_capable", True)
+
+
+def _node_of(page: Page) -> str:
+    return str(getattr(page, "node", "node0"))
+
+
+def stage2_memtype(k: Kernel, vma, page: Page) -> str:
+    """The stage-2 memory type user_mem_abort() gives ``page`` of ``vma`` (the contract's table)."""
+    if vma.flags & (VM_PFNMAP | VM_MIXEDMAP) and not pfn_is_map_memory(page):
+        if kvm_vma_is_cacheable(vma):
+            return "normal"  # only with FEAT_S2FWB and CTR_EL0.DIC; otherwise no entry at all
+        return "normal-nc" if vma.flags & VM_ALLOW_ANY_UNCACHED else "device"
+    return "normal"

@@ -89,6 +89,8 @@ class Kvm:
     notifier: Callable[[MmuNotifierRange], None] | None = None
     ghost_written: dict = attrs.Factory(dict)  # slot id -> gfns a KVM path changed since the last clear
     srcu: SrcuStruct | None = None  # kvm->srcu, set by KVM_CREATE_VM (memslot readers vs kvm_swap_active_memslots)
+    # ghost for VM-MTE-KVM-FLAG: the VMAs KVM gave VM_MTE_KVM (at CREATE/MOVE or a fault); later ones are exempt
+    mte_kvm_vmas: set = attrs.Factory(set)
 
     @property
     def mm(self) -> MM:

@@ -134,6 +134,7 @@ async def kvm_mte_kvm_flags(k: Kernel, kvm: Kvm, slot: Memslot, on: bool) -> Non
         for vma in mm.vmas_in(start, end):
             if on and vma.flags & VM_MTE_ALLOWED:
                 vma.flags |= VM_MTE_KVM
+                kvm.mte_kvm_vmas.add(vma)
             elif not on:
                 vma.flags &= ~VM_MTE_KVM
 
