@@ -264,6 +264,8 @@ class GuestAgent:
         if kind == "async-tag-check-fault":
             cpu.record_async_fault(addr)
             return wire.Reply(value, out)
+        if kind == "livelock":  # KVM replayed the stage-2 fault fault-replay-limit times (Linux spins for ever)
+            return wire.Reply(None, {"kind": kind, "addr": addr})
         raise GuestError(EIO, f"the hypervisor reported an unknown fault kind {kind!r}")
 
     async def _mmio(self, cpu: VcpuRegs, op: str, ex: dict, ctx: str | None) -> Any:
