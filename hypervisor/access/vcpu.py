@@ -41,7 +41,14 @@ from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.tags import ZERO_TAGS, read_tags, write_tags
 from hypervisor.ghost import loc_of_ipa
 from hypervisor.kvm.kvm_host import Vcpu, kvm_has_mte
-from hypervisor.kvm.mmu import MMIO, RETRY, io_mem_abort, kvm_handle_guest_abort, note_guest_write
+from hypervisor.kvm.mmu import (
+    MMIO,
+    RETRY,
+    TAG_STORAGE_RETRY,
+    io_mem_abort,
+    kvm_handle_guest_abort,
+    note_guest_write,
+)
 from hypervisor.mm.memremap import DEVICE_ZONES
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, PAGE_SHIFT, PAGE_SIZE
@@ -57,19 +64,41 @@ def _is_mmio(kvm, ipa: int, write: bool) -> bool:
     return slot is None or (write and slot.readonly)
 
 
+class GuestLivelock(Exception):  # noqa: N818 - an outcome, not an error
+    """A stage-2 fault replayed ``fault_replay_limit`` times for tag storage (the outcome ``livelock``)."""
+
+    def __init__(self, offset: int):
+        super().__init__(f"stage-2 fault at access offset {offset} replayed without progress")
+        self.offset = offset
+
+
 async def _fault_in(k: Kernel, vcpu: Vcpu, segs, write: bool) -> list:
-    """Take stage-2 faults until every segment's page is mapped as needed; the entries, at one instant."""
+    """Take stage-2 faults until every segment's page is mapped as needed; the entries, at one instant.
+
+    A fault replayed because its folio had no tag storage (dynamic tag storage, "reserve") counts
+    towards ``k.fault_replay_limit``: past it the access ends ``livelock`` (FAULT-FORWARD-PROGRESS).
+    """
     kvm = vcpu.kvm
-    for _ in range(MAX_RETRIES):
-        for ipa, _n, _attr in segs:
+    replays = 0
+    for _ in range(MAX_RETRIES + k.fault_replay_limit):
+        pos = 0
+        for ipa, n, _attr in segs:
             gfn = ipa >> PAGE_SHIFT
             e = kvm.s2.get(gfn)
             if e is None or (write and not e.writable):
                 r = await kvm_handle_guest_abort(k, kvm, vcpu, gfn, write)
                 if r is MMIO:
                     raise KernelError("EFAULT", f"guest access at IPA {ipa:#x} mixes RAM and MMIO")
-                if r is RETRY:
+                if r is TAG_STORAGE_RETRY:
+                    replays += 1
+                    if replays >= k.fault_replay_limit:
+                        k.oracle.report("FAULT-FORWARD-PROGRESS", f"the stage-2 fault at IPA {ipa:#x} was replayed "
+                                                                  f"{replays} times without its page getting tag "
+                                                                  "storage (livelock)")
+                        raise GuestLivelock(pos)
+                if r is RETRY or r is TAG_STORAGE_RETRY:
                     await k.sched.point("kvm_run:retry")
+            pos += n
         await k.sched.point("guest_access")
         if kvm.destroyed:
             raise KernelError("ESRCH", "the VM was destroyed under this vCPU")
@@ -135,7 +164,10 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
                              "data": data if write else b""})
     if any(mmio):
         raise KernelError("EFAULT", f"guest access at IPA {segs[0][0]:#x} mixes RAM and MMIO")
-    entries = await _fault_in(k, vcpu, segs, write)
+    try:
+        entries = await _fault_in(k, vcpu, segs, write)
+    except GuestLivelock as exc:
+        return AccessResult(None, {"kind": "livelock", "offset": exc.offset})
     if kind == "load":
         fault = _check(k, vcpu, segs, entries, tag, False, check)
         if fault and fault["kind"] == "tag-check-fault":

@@ -74,16 +74,19 @@ from hypervisor.kvm.kvm_host import (
     ghost_kvm_write,
     kvm_has_mte,
     kvm_supports_cacheable_pfnmap,
+    kvm_tag_storage_reserve,
     mark_page_dirty,
 )
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
 from hypervisor.mm.memremap import pfn_is_map_memory
+from hypervisor.mm.migrate import replace_folio_with_tagged
 from hypervisor.mm.mmu_notifier import MmuNotifierRange, mmu_notifier_register, mmu_notifier_unregister
 from hypervisor.mm_types import (
     VM_ALLOW_ANY_UNCACHED,
     VM_HUGETLB,
     VM_MIXEDMAP,
     VM_MTE_ALLOWED,
+    VM_MTE_KVM,
     VM_PFNMAP,
     kvm_vma_is_cacheable,
 )
@@ -98,6 +101,8 @@ if TYPE_CHECKING:
 RETRY = object()
 #: kvm_handle_guest_abort() found no memslot: KVM_EXIT_MMIO to the VMM.
 MMIO = object()
+#: user_mem_abort() migrated a folio that had no tag storage: the fault is replayed (counted for livelock).
+TAG_STORAGE_RETRY = object()
 #: KVM_MEMSLOT_INVALID (include/linux/kvm_host.h): a slot being deleted or moved; readers see no hva in it.
 KVM_MEMSLOT_INVALID = 1 << 16
 
@@ -286,7 +291,9 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
 
     Returns:
         None when the stage-2 entry is installed, :data:`RETRY` when an MMU
-        invalidation raced with the fault (the guest takes it again).
+        invalidation raced with the fault (the guest takes it again),
+        :data:`TAG_STORAGE_RETRY` when a folio without tag storage was migrated
+        (dynamic tag storage, "reserve"; replayed too).
 
     Raises:
         KernelError: EFAULT: no VMA at the hva, GUP failure, a cacheable PFNMAP or
@@ -310,12 +317,19 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         is_vma_cacheable = kvm_vma_is_cacheable(vma)  # vm_page_prot neither Normal-NC nor Device
         vfio_allow_any_uncached = bool(vm_flags & VM_ALLOW_ANY_UNCACHED)
         stale_vma = vma
+        reserve = kvm_tag_storage_reserve(k) and kvm_has_mte(k, kvm) and not fault_is_perm \
+            and bool(vma.flags & VM_MTE_ALLOWED)
+        if reserve and not vma.flags & VM_MTE_KVM:
+            # RFC v3: a VMA created after the memslot gets VM_MTE_KVM at its first stage-2 fault.
+            # Deliberate difference: set under mmap_read_lock (vm_flags_set() wants the write lock)
+            vma.flags |= VM_MTE_KVM
+            kvm.mte_kvm_vmas.add(vma)
         mmu_seq = kvm.mmu_invalidate_seq
         await k.sched.point("user_mem_abort:mmap_read_unlock")
     finally:
         mm.mmap_lock.read_unlock()
     page, host_writable = await __kvm_faultin_pfn(k, kvm, hva, write)
-    got = page
+    got: Page | None = page
     try:
         s2_force_noncacheable = False
         if vm_flags & (VM_PFNMAP | VM_MIXEDMAP) and not pfn_is_map_memory(page):
@@ -326,6 +340,11 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
                                                 "and the CPUs lack FEAT_S2FWB or CTR_EL0.DIC")
             else:
                 s2_force_noncacheable = True
+        if reserve and not s2_force_noncacheable and not await kvm_reserve_tag_storage(k, page):
+            _release(k, got)  # the fault's reference would make the folio busy for migration
+            got = None
+            await replace_folio_with_tagged(k, page.folio)
+            return TAG_STORAGE_RETRY
         if bug:
             await k.sched.point("user_mem_abort:kvm_vma_mte_allowed")
             k.oracle.on_vma_read(stale_vma, "user_mem_abort: kvm_vma_mte_allowed(vma) after mmap_read_unlock")
@@ -361,7 +380,27 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         k.sched.wake()
         return None
     finally:
-        _release(k, got)  # kvm_release_faultin_page(): stage 2 holds no reference
+        if got is not None:
+            _release(k, got)  # kvm_release_faultin_page(): stage 2 holds no reference
+
+
+async def kvm_reserve_tag_storage(k: Kernel, page: Page) -> bool:
+    """RFC v3 patch 33: the page about to be mapped Normal in an MTE VM gets its tag storage.
+
+    Called before the MMU lock (reserve_tag_storage may sleep). False when the page is tag
+    storage itself or the reservation failed: the caller migrates the folio
+    (replace_folio_with_tagged) and replays the fault.
+    """
+    if page is k.alloc.zero_page:
+        return True
+    ts = k.tag_storage
+    folio = page.folio
+    if folio.is_tag_storage:
+        return False
+    if ts.has_storage(folio):
+        return True
+    await k.sched.point("user_mem_abort:reserve_tag_storage")
+    return await ts.reserve_tag_storage(folio)
 
 
 async def sanitise_mte_tags(k: Kernel, kvm: Kvm, page: Page, nr_pages: int) -> None:
