@@ -16,6 +16,8 @@ from __future__ import annotations
 import secrets
 from typing import TYPE_CHECKING
 
+import attrs
+
 from hypervisor.arm64.mte import MteCtrl
 from hypervisor.mm.memory import copy_page_range, zap_pte_range
 from hypervisor.mm.mmap import remove_vma
@@ -36,13 +38,13 @@ async def dup_mmap(k: Kernel, mm: MM, oldmm: MM) -> None:
         await k.sched.wait_until(lambda: not any(p.migrating for p in oldmm.pt.values()),
                                  "dup_mmap:migration_entry_wait")
         for v in oldmm.vmas:
-            nv = type(v)(v.start, v.end, v.flags, v.backing, v.obj, v.pgoff)
+            nv = attrs.evolve(v)  # vm_area_dup(): every field (the node binding too)
             if v.obj is not None:
                 v.obj.mappings += 1
             mm.vmas.append(nv)
             if not v.flags & VM_SHARED:  # copy_page_range(): MMU_NOTIFY_PROTECTION_PAGE for CoW ranges
                 mmu_notifier_invalidate_range(oldmm, v.start, v.end, "protection_page")
-        copy_page_range(k, mm, oldmm)
+        await copy_page_range(k, mm, oldmm)
 
 
 async def copy_process(k: Kernel, parent: Task, child_name: str | None) -> Task:

@@ -17,6 +17,7 @@ import itertools
 import secrets
 
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.mte_tag_storage import TagStorage, page_flags_physmem
 from hypervisor.kvm.kvm_main import KvmState
 from hypervisor.mm.swap import SwapDevice
 from hypervisor.mm_types import MM
@@ -66,9 +67,12 @@ class Kernel:
             raise ValueError(f"fault_replay_limit must be at least 1 (got {fault_replay_limit})")
         self.fault_replay_limit = fault_replay_limit
         self.physcfg = physmem if isinstance(physmem, PhysConfig) else PhysConfig.from_wire(physmem)
-        self.alloc = PageAllocator(ram)
+        self.alloc = PageAllocator(ram, mte, self.physcfg)
         self.swap = SwapDevice(swap)
         self.oracle = Oracle(self)
+        self.tag_storage = TagStorage(self)  # RFC v3 dynamic tag storage (disabled on a static host)
+        self.atomic: dict[str, list[str]] = {}  # spinlocks each context holds (NO-SLEEP-IN-ATOMIC)
+        self.page_handles: dict = {}  # alloc-pages names -> their pages (hypervisor/mm/page_alloc.py)
         self.objects: dict = {}
         self.tasks: dict[int, Task] = {}
         self.ksm_stable: dict = {}
@@ -105,15 +109,23 @@ class Kernel:
 
     # ---- state queries (the host's page-flags and stats ops) ------------------------
 
-    def page_flags(self, pid: int, addr: int) -> dict:
-        """PG_mte_tagged / PG_mte_lock of the frame mapped at ``addr`` (the folio head for hugetlb)."""
+    def page_flags(self, pid: int, addr: int, physmem: bool = False) -> dict:
+        """PG_mte_tagged / PG_mte_lock of the frame mapped at ``addr`` (the folio head for hugetlb).
+
+        ``physmem``: also where it lives (pfn, node, zone, tag-capable, storage-reserved,
+        is-tag-storage, parked, fault-on-access: the physical-memory part's keys).
+        """
         task = self.task(pid)
         pte = task.mm.pt.get(addr >> PAGE_SHIFT)
         if pte is None or not pte.present or pte.page is None:
-            return {"present": False, "tagged": False, "locked": False}
-        head = pte.page.folio
-        return {"present": True, "tagged": bool(head.flags & PG_mte_tagged),
-                "locked": bool(head.flags & PG_mte_lock)}
+            out = {"present": False, "tagged": False, "locked": False}
+            return {**out, **page_flags_physmem(self, None, None)} if physmem else out
+        page = pte.page
+        head = page.folio
+        struct_page = page.zone != "pfnmap"
+        out = {"present": True, "tagged": struct_page and bool(head.flags & PG_mte_tagged),
+               "locked": struct_page and bool(head.flags & PG_mte_lock)}
+        return {**out, **page_flags_physmem(self, page, pte)} if physmem else out
 
     def stats(self) -> dict:
         """Counts for benchmarks and status."""

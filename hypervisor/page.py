@@ -18,14 +18,17 @@ know which tags a correct kernel would hold (see hypervisor/oracles.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import attrs
 
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SIZE, PAGES_PER_HPAGE
+from shared.physmem import PhysConfig
 
 if TYPE_CHECKING:
+    from hypervisor.mm.memory_hotplug import Node
     from hypervisor.mm_types import MemObject
 
 _ZERO_PAGE = bytes(PAGE_SIZE)
@@ -66,7 +69,12 @@ class Page:
     flags: int = 0
     refcount: int = 0
     mapcount: int = 0
-    zone: str = "normal"  # "normal", "zero" (ZERO_PAGE) or "device" (PFNMAP, no struct page in Linux)
+    zone: str = "normal"  # "normal", "movable" (RAM), "zero" (ZERO_PAGE), "device"/"pfnmap" (device memory)
+    node: str = "node0"  # the node (or device region) the frame belongs to
+    tag_capable: bool = True  # the memory keeps allocation tags (false: mte = false, tag storage, "none" nodes)
+    is_tag_storage: bool = False  # page_is_tag_storage(): in a dynamic tag storage region (MIGRATE_CMA)
+    pins: int = 0  # FOLL_PIN references (GUP_PIN_COUNTING_BIAS in Linux): a pinned page is never migrated
+    owner: list | None = None  # the alloc-pages handle holding this page (a kernel user's movable page)
     head: Page | None = None  # hugetlb: the folio's head page (itself for the head)
     subpages: list[Page] = attrs.Factory(list)  # hugetlb head only: the folio's frames (empty otherwise)
     rmap: Rmap = attrs.Factory(Rmap)  # (mm, vpn) of the PTEs mapping this frame
@@ -83,6 +91,11 @@ class Page:
 
     def __repr__(self) -> str:
         return f"<page pfn={self.pfn:#x} flags={self.flags:#x} ref={self.refcount} map={self.mapcount}>"
+
+    @property
+    def is_ram(self) -> bool:
+        """Buddy-allocator RAM with a struct page (ZONE_NORMAL or ZONE_MOVABLE; not the zero page or devices)."""
+        return self.zone == "normal" or self.zone == "movable"
 
     @property
     def is_hugetlb(self) -> bool:
@@ -121,7 +134,8 @@ class Page:
 
         Reclaim and migration give up on a busy folio (folio_ref_freeze() fails).
         """
-        return self.refcount > self.mapcount + (self.mapping is not None) + (self.swap_entry is not None) + held
+        return self.refcount > self.mapcount + (self.mapping is not None) + (self.swap_entry is not None) + held \
+            + (self.owner is not None)
 
     def copy_data_from(self, src: Page) -> None:
         """copy_page(): the data only."""
@@ -129,86 +143,213 @@ class Page:
 
 
 class PageAllocator:
-    """The buddy allocator, reduced to what the model needs.
+    """The buddy allocator, reduced to what the model needs: per-node free lists (mm/page_alloc.c).
 
     Args:
-        ram: bytes of RAM (frames beyond it cannot be allocated: ENOMEM).
+        ram: bytes of the boot DRAM (node0).
+        mte: system_supports_mte().
+        physcfg: tag storage mode and hot-plugged nodes (None: mainline's static host).
+
+    ``nr_frames`` is MemTotal in pages (RAM the allocator manages: dynamic tag storage included,
+    static carve-outs never); ``allocated`` the pages in use. Allocation kinds (gfp):
+    ``"movable"`` (GFP_HIGHUSER_MOVABLE, may use MIGRATE_CMA tag storage), ``"tagged"`` (plus
+    __GFP_TAGGED: never CMA) and ``"kernel"`` (GFP_KERNEL: never CMA, never a movable zone).
     """
 
-    def __init__(self, ram: int):
-        self.nr_frames = ram // PAGE_SIZE
-        self._free: list[Page] = []
-        self._free_huge: dict[int, list[Page]] = {}  # freed hugetlb folio heads, per folio size (hstate pools)
-        self._next_pfn = 0x80000  # DRAM starts at 2 GiB on the model's board
+    def __init__(self, ram: int, mte: bool = True, physcfg: PhysConfig | None = None):
+        from hypervisor.mm.memory_hotplug import build_nodes
+
+        self.layout = build_nodes(physcfg or PhysConfig(), mte, ram)
+        self.nodes = self.layout.nodes
+        self.node_by_name = {n.name: n for n in self.nodes}
+        self.mte = mte
+        self.nr_frames = sum(n.managed for n in self.nodes)
         self.allocated = 0
         self.frames: dict[int, Page] = {}  # every frame ever handed out, by pfn
         self.zero_page = Page(pfn=0x7FFFF, tags=bytearray(MTE_GRANULES_PER_PAGE), zone="zero", free=False,
-                              refcount=1, shadow=bytearray(MTE_GRANULES_PER_PAGE))
+                              refcount=1, shadow=bytearray(MTE_GRANULES_PER_PAGE), tag_capable=mte)
+        #: arch_free_pages_prepare(): set by the tag storage code (a sync callable taking the page)
+        self.free_prepare: Callable[[Page], None] | None = None
 
-    def _new_frame(self) -> Page:
-        pfn = self._next_pfn
-        self._next_pfn += 1
-        page = Page(pfn=pfn, tags=boot_tags(pfn))
-        self.frames[pfn] = page
+    # ---- frames -------------------------------------------------------------------
+
+    def _frame(self, node: Node, pfn: int) -> Page:
+        page = self.frames.get(pfn)
+        if page is None:
+            ts = node.in_tag_storage(pfn) and node.dynamic
+            page = Page(pfn=pfn, tags=boot_tags(pfn), node=node.name, zone=node.zone, is_tag_storage=ts,
+                        tag_capable=self.mte and node.ts_mode != "none" and not ts)
+            self.frames[pfn] = page
         return page
 
-    def alloc_page(self) -> Page:
-        """alloc_page(): a frame with zeroed data and stale tags.
+    def node_of(self, page: Page) -> Node:
+        """page_pgdat(page)."""
+        return self.node_by_name[page.node]
+
+    def node_of_pfn(self, pfn: int) -> Node | None:
+        """The node whose RAM or tag storage holds ``pfn``."""
+        for n in self.nodes:
+            if n.owns(pfn):
+                return n
+        return None
+
+    def frame(self, pfn: int) -> Page | None:
+        """pfn_to_page() for managed memory (None outside it, or in a static carve-out)."""
+        page = self.frames.get(pfn)
+        if page is not None:
+            return page
+        n = self.node_of_pfn(pfn)
+        if n is None or (n.in_tag_storage(pfn) and not n.dynamic and not n.ts_ordinary):
+            return None
+        return self._frame(n, pfn)
+
+    # ---- allocation -----------------------------------------------------------------
+
+    def zonelist(self, gfp: str, node: str | None = None) -> list[Node]:
+        """The nodes an allocation may use, in order: the bound node, or node0 then the others as declared.
+
+        Unmovable (``kernel``) allocations never use a movable zone.
+        """
+        nodes = [self.node_by_name[node]] if node is not None else list(self.nodes)
+        if gfp == "kernel":
+            nodes = [n for n in nodes if n.zone != "movable"]
+        return nodes
+
+    def _take(self, n: Node, cma: bool) -> Page | None:
+        if cma:
+            if not n.cma_free:
+                return None
+            pfn, _ = n.cma_free.popitem()
+            return self._frame(n, pfn)
+        if n.free:
+            return n.free.pop()
+        while n.ranges:
+            r = n.ranges[0]
+            if r[0] < r[1]:
+                pfn = r[0]
+                r[0] += 1
+                return self._frame(n, pfn)
+            n.ranges.pop(0)
+        return None
+
+    def rmqueue(self, n: Node, gfp: str, from_ts: bool = False) -> Page | None:
+        """__rmqueue(): a free page of node ``n``, or None.
+
+        Movable allocations without __GFP_TAGGED may use MIGRATE_CMA (tag storage): first when
+        its free pages outnumber the zone's other free pages, else when those run out.
+        """
+        cma_ok = n.dynamic and gfp == "movable"
+        if from_ts:
+            return self._take(n, True) if cma_ok else None
+        if cma_ok and len(n.cma_free) > n.free_pages - len(n.cma_free):
+            return self._take(n, True) or self._take(n, False)
+        page = self._take(n, False)
+        if page is None and cma_ok:
+            page = self._take(n, True)
+        return page
+
+    def alloc_page(self, gfp: str = "movable", node: str | None = None, from_ts: bool = False) -> Page:
+        """alloc_pages(gfp, 0) without arch_alloc_page(): a frame with zeroed data and stale tags.
 
         Raises:
-            KernelError: ENOMEM when every frame of RAM is in use.
+            KernelError: ENOMEM when no node the request may use has a free page.
         """
-        if self._free:
-            page = self._free.pop()
-        elif self.allocated < self.nr_frames:
-            page = self._new_frame()
-        else:
-            raise KernelError("ENOMEM", f"out of memory: all {self.nr_frames} frames in use")
+        for n in self.zonelist(gfp, node):
+            page = self.rmqueue(n, gfp, from_ts)
+            if page is not None:
+                return self._prep(n, page)
+        where = f"node {node}" if node is not None else "any node"
+        raise KernelError("ENOMEM", f"out of memory: no free page on {where} for a {gfp} allocation")
+
+    def _prep(self, n: Node, page: Page) -> Page:
         self.allocated += 1
+        n.used += 1
         page.free = False
         page.refcount = 1
         page.data = None
         return page
 
-    def alloc_hugetlb_folio(self, nr_pages: int = PAGES_PER_HPAGE) -> Page:
+    def take_pfn(self, pfn: int) -> bool:
+        """Take a free tag storage page off MIGRATE_CMA's free list (alloc_contig_range's isolation)."""
+        n = self.node_of_pfn(pfn)
+        if n is None or pfn not in n.cma_free:
+            return False
+        del n.cma_free[pfn]
+        n.used += 1
+        self.allocated += 1
+        return True
+
+    def release_pfn(self, pfn: int) -> None:
+        """cma_release() of one page: back on MIGRATE_CMA's free list."""
+        n = self.node_of_pfn(pfn)
+        assert n is not None and n.dynamic
+        n.cma_free[pfn] = None
+        n.used -= 1
+        self.allocated -= 1
+
+    def alloc_hugetlb_folio(self, nr_pages: int = PAGES_PER_HPAGE, node: str | None = None) -> Page:
         """alloc_hugetlb_folio(): ``nr_pages`` naturally aligned frames (one hstate); returns the head.
 
         Raises:
-            KernelError: ENOMEM when RAM cannot hold another folio of that size.
+            KernelError: ENOMEM when no node can hold another folio of that size.
         """
-        if self.allocated + nr_pages > self.nr_frames:
-            raise KernelError("ENOMEM", f"out of memory for a {nr_pages * PAGE_SIZE >> 10} KiB hugetlb folio")
-        pool = self._free_huge.get(nr_pages)
+        for n in self.zonelist("movable", node):
+            pages = self._huge_from(n, nr_pages)
+            if pages is None:
+                continue
+            head = pages[0]
+            for p in pages:
+                p.head = head
+                p.free = False
+                p.refcount = 1
+            head.subpages = pages
+            self.allocated += nr_pages
+            n.used += nr_pages
+            return head
+        raise KernelError("ENOMEM", f"out of memory for a {nr_pages * PAGE_SIZE >> 10} KiB hugetlb folio")
+
+    def _huge_from(self, n: Node, nr: int) -> list[Page] | None:
+        if n.free_pages - len(n.cma_free) < nr:
+            return None
+        pool = n.free_huge.get(nr)
         if pool:
-            pages = pool.pop().subpages
-        else:
-            # align the head to the folio size, as a huge page is
-            self._next_pfn = (self._next_pfn + nr_pages - 1) & ~(nr_pages - 1)
-            pages = [self._new_frame() for _ in range(nr_pages)]
-        head = pages[0]
-        for p in pages:
-            p.head = head
-            p.free = False
-            p.refcount = 1
-        head.subpages = pages
-        self.allocated += nr_pages
-        return head
+            return pool.pop().subpages
+        for i, r in enumerate(n.ranges):
+            start = (r[0] + nr - 1) & ~(nr - 1)  # aligned to the folio size, as a huge page is
+            if start + nr <= r[1]:
+                if start > r[0]:
+                    n.ranges.insert(i, [r[0], start])  # the skipped frames stay for order-0 pages
+                r[0] = start + nr
+                return [self._frame(n, pfn) for pfn in range(start, start + nr)]
+        return None
+
+    # ---- freeing ----------------------------------------------------------------------
 
     def free_page(self, page: Page) -> None:
-        """__free_pages(): flags reset, data dropped, tags left stale."""
-        if page.zone != "normal" or page.free:
+        """__free_pages(): arch_free_pages_prepare(), flags reset, data dropped, tags left stale."""
+        if not page.is_ram or page.free:
             return
+        n = self.node_of(page)
         if page.is_hugetlb:
             head = page.folio
+            if self.free_prepare is not None:
+                self.free_prepare(head)
             for p in head.subpages:
                 self._reset(p)
             # arch_clear_hugetlb_flags(): PG_mte_tagged and PG_mte_lock cleared on the head
             self.allocated -= len(head.subpages)
-            self._free_huge.setdefault(len(head.subpages), []).append(head)
+            n.used -= len(head.subpages)
+            n.free_huge.setdefault(len(head.subpages), []).append(head)
             return
+        if self.free_prepare is not None:
+            self.free_prepare(page)
         self._reset(page)
         self.allocated -= 1
-        self._free.append(page)
+        n.used -= 1
+        if page.is_tag_storage:
+            n.cma_free[page.pfn] = None
+        else:
+            n.free.append(page)
 
     @staticmethod
     def _reset(p: Page) -> None:
@@ -222,6 +363,8 @@ class PageAllocator:
         p.swap_entry = None
         p.ksm = False
         p.isolated = False
+        p.pins = 0
+        p.owner = None
         p.shadow = None
         p.inits = 0
         p.initialiser = None
@@ -229,3 +372,7 @@ class PageAllocator:
     def live_pages(self):
         """Every allocated frame (for the oracles)."""
         return (p for p in self.frames.values() if not p.free)
+
+    def cma_free_pages(self) -> int:
+        """CmaFree in pages: free dynamic tag storage pages on every node."""
+        return sum(len(n.cma_free) for n in self.nodes)

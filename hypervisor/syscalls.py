@@ -14,13 +14,17 @@ from typing import TYPE_CHECKING
 from hypervisor.access.user import AccessResult, user_irg, user_ldg, user_load, user_stg, user_store
 from hypervisor.access.vcpu import guest_memory_access
 from hypervisor.arm64.mte import get_tagged_addr_ctrl, set_tagged_addr_ctrl
+from hypervisor.arm64.mte_tag_storage import meminfo_physmem
 from hypervisor.fork import copy_process, kill_task
 from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
+from hypervisor.mm.fault_inject import host_inject_fault
+from hypervisor.mm.gup import host_pin_pages
 from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mincore import do_mincore
 from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
+from hypervisor.mm.page_alloc import host_alloc_pages, host_free_pages
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
 from shared.abi import MAX_IO, OPS, bind, validate_args
@@ -233,13 +237,13 @@ async def host_ksm_merge(k: Kernel, pid: int, addr: int, size: int) -> int:
     return await ksm_merge_range(k, *_host_range(k, pid, addr, size))
 
 
-async def host_migrate_pages(k: Kernel, pid: int, addr: int, size: int) -> int:
-    """Move a range's pages to new frames (migrate_range()); returns pages (folios) moved."""
-    return await migrate_range(k, *_host_range(k, pid, addr, size))
+async def host_migrate_pages(k: Kernel, pid: int, addr: int, size: int, to: str | None = None) -> int:
+    """Move a range's pages to new frames (migrate_range()), or to node/tag storage ``to``; returns pages moved."""
+    return await migrate_range(k, *_host_range(k, pid, addr, size), to=to)
 
 
 async def host_page_flags(k, a):
-    return k.page_flags(a["pid"], a["addr"])
+    return k.page_flags(a["pid"], a["addr"], physmem=True)
 
 
 async def host_check(k, a):
@@ -259,7 +263,7 @@ def vm_name(kvm) -> str:
 async def host_meminfo(k, a):
     """/proc/meminfo, reduced: RAM and free pages (4 KiB frames), and the names of the VMs running now, sorted."""
     return {"ram-pages": k.alloc.nr_frames, "free-pages": k.alloc.nr_frames - k.alloc.allocated,
-            "vms": sorted({vm_name(kvm) for kvm in k.kvm.vms.values() if not kvm.destroyed})}
+            "vms": sorted({vm_name(kvm) for kvm in k.kvm.vms.values() if not kvm.destroyed}), **meminfo_physmem(k)}
 
 
 async def host_kill(k, a):
@@ -273,7 +277,9 @@ async def host_kill(k, a):
 HOST_OPS = {
     "swap-out": lambda k, a: host_swap_out(k, a["pid"], a["addr"], a["size"]),
     "ksm-merge": lambda k, a: host_ksm_merge(k, a["pid"], a["addr"], a["size"]),
-    "migrate-pages": lambda k, a: host_migrate_pages(k, a["pid"], a["addr"], a["size"]),
+    "migrate-pages": lambda k, a: host_migrate_pages(k, a["pid"], a["addr"], a["size"], a.get("to")),
+    "alloc-pages": host_alloc_pages, "free-pages": host_free_pages, "pin-pages": host_pin_pages,
+    "inject-fault": host_inject_fault,
     "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
     "meminfo": host_meminfo, "kill": host_kill,
 }

@@ -31,10 +31,12 @@ SIGBUS (an unaligned STG) come back as EFAULT with the signal named.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, cast
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
+from hypervisor.arm64.mte_tag_storage import Livelock
 from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.ghost import Ghost, data_hash, loc_of
 from hypervisor.mm.memory import do_anonymous_page_run, handle_mm_fault
@@ -88,7 +90,7 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
                     vpn += done
                     continue
                 pte = pt.get(vpn)
-            if pte is None or not pte.present or (write and not pte.write):
+            if pte is None or not pte.present or (write and not pte.write) or pte.fault_on_access:
                 await handle_mm_fault(k, mm, vpn << PAGE_SHIFT, write)
                 faulted = True
             vpn += 1
@@ -97,7 +99,7 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
         if None in found:
             continue  # a page went away after its fault: fault again
         got = cast("list[Pte]", found)  # no None left
-        if not all(pte.present and (pte.write or not write) for pte in got):
+        if not all(pte.present and (pte.write or not write) and not pte.fault_on_access for pte in got):
             continue
         ptes = []
         vpn = lo
@@ -143,7 +145,8 @@ def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
     if tcf == "none":
         return None  # nothing is checked: no spans to build
     spans = [(None if not pte.tagged or pte.page.zone == "pfnmap"
-              else ZERO_PAGE_TAGS if pte.special else pte.page.tags, off, n) for pte, off, n, _vpn, _vma in ptes]
+              else ZERO_PAGE_TAGS if pte.special or not pte.page.tag_capable else pte.page.tags, off, n)
+             for pte, off, n, _vpn, _vma in ptes]
     m = mte_check_access(spans, tag, tcf, write)
     if m is None:
         return None
@@ -151,6 +154,18 @@ def _check(k, task, ptes, tag: int, write: bool, va: int) -> dict | None:
     return {"kind": m.kind, "addr": addr, "pointer_tag": tag, "memory_tag": m.memory_tag}
 
 
+def _livelock(fn):
+    """An access whose fault was replayed ``fault_replay_limit`` times ends ``livelock`` (an outcome)."""
+    @functools.wraps(fn)
+    async def wrapper(k, task, *args):
+        try:
+            return await fn(k, task, *args)
+        except Livelock as exc:
+            return AccessResult(None, {"kind": "livelock", "addr": exc.addr})
+    return wrapper
+
+
+@_livelock
 async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> AccessResult:
     """A load of ``size`` bytes through a pointer carrying ``tag``."""
     va = untagged_addr(ptr)
@@ -174,6 +189,7 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
     return AccessResult(data, fault)
 
 
+@_livelock
 async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> AccessResult:
     """A store of ``data`` through a pointer carrying ``tag``."""
     va = untagged_addr(ptr)
@@ -203,6 +219,7 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     return AccessResult(None, fault)
 
 
+@_livelock
 async def user_stg(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> AccessResult:
     """STG over [ptr, ptr+size): set the allocation tag of every granule to ``tag``.
 
@@ -220,13 +237,14 @@ async def user_stg(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acce
         return AccessResult(None)
     ptes = await _fault_in(k, task, va, size, True)  # a tag store is a write
     for pte, off, n, vpn, _vma in ptes:
-        if pte.tagged and pte.page.zone == "normal":  # STG to untagged memory writes no tag (RAZ/WI)
+        if pte.tagged and pte.page.is_ram and pte.page.tag_capable:  # untagged memory: no tag written (RAZ/WI)
             tags = bytes([tag]) * (n // MTE_GRANULE_SIZE)
             write_tags(k, pte.page, off // MTE_GRANULE_SIZE, tags)
             k.oracle.ghost.tags_written(loc_of(k, task.mm, vpn), pte.page, off // MTE_GRANULE_SIZE, tags)
     return AccessResult(None)
 
 
+@_livelock
 async def user_ldg(k: Kernel, task: Task, ptr: int, size: int) -> AccessResult:
     """LDG over [ptr, ptr+size): one allocation tag per granule the range touches."""
     start = untagged_addr(ptr)
@@ -239,7 +257,7 @@ async def user_ldg(k: Kernel, task: Task, ptr: int, size: int) -> AccessResult:
     out = bytearray()
     for pte, off, n, vpn, _vma in ptes:
         g = n // MTE_GRANULE_SIZE
-        if pte.tagged and not pte.special and pte.page.zone == "normal":
+        if pte.tagged and not pte.special and pte.page.is_ram and pte.page.tag_capable:
             got = read_tags(k, pte.page, off // MTE_GRANULE_SIZE, g, f"ldg by pid {task.pid}")
             k.oracle.ghost.check_read_tags(loc_of(k, task.mm, vpn), pte.page, off // MTE_GRANULE_SIZE, got,
                                            f"ldg by pid {task.pid}")

@@ -73,6 +73,8 @@ async def tag_clear_highpage(k: Kernel, page: Page) -> None:
     """
     if not k.mte:
         return
+    if k.tag_storage.lacks_storage(page):
+        return  # RFC v3: no storage to clear; the page stays untagged (its PTE becomes fault-on-access)
     if not await try_page_mte_tagging(k, page):
         k.warn_once("tag_clear_highpage: new page already tagged")
     await k.sched.point("tag_clear_highpage:clear")

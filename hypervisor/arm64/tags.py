@@ -60,6 +60,7 @@ def _share(shadow):
 
 def mte_clear_page_tags(k: Kernel, page: Page) -> None:
     """mte_clear_page_tags(): zero the page's allocation tags (an initialisation)."""
+    k.oracle.on_tag_write(page, "mte_clear_page_tags")
     page.tags[:] = ZERO_TAGS
     if page.initialiser != "write":
         page.shadow = ZERO_TAGS  # shared until tags are written (write_tags copies)
@@ -71,6 +72,7 @@ def mte_clear_page_tags(k: Kernel, page: Page) -> None:
 def mte_copy_page_tags(k: Kernel, dst: Page, src: Page) -> None:
     """mte_copy_page_tags(): dst's tags become src's (CoW, migration, collapse)."""
     k.oracle.on_tags_read(src, "mte_copy_page_tags")
+    k.oracle.on_tag_write(dst, "mte_copy_page_tags")
     dst.tags[:] = src.tags
     dst.shadow = _share(src.shadow)
     dst.initialiser = "write" if src.shadow is not None else None
@@ -84,6 +86,7 @@ def mte_save_page_tags(k: Kernel, page: Page) -> tuple[bytes, bytes | bytearray 
 
 def mte_restore_page_tags(k: Kernel, page: Page, packed: bytes, shadow: bytes | bytearray | None) -> None:
     """mte_restore_page_tags(): unpack saved tags into the page (an initialisation)."""
+    k.oracle.on_tag_write(page, "mte_restore_page_tags")
     page.tags[:] = unpack_tags(packed)
     page.shadow = _share(shadow)
     page.initialiser = "write"
@@ -99,6 +102,7 @@ def read_tags(k: Kernel, page: Page, first: int, count: int, who: str) -> bytes:
 def write_tags(k: Kernel, page: Page, first: int, tags: bytes) -> None:
     """A user-visible write of granule tags (STG, POKEMTETAGS, COPY_TAGS TO_GUEST)."""
     n = len(tags)
+    k.oracle.on_tag_write(page, "a tag write")
     page.tags[first:first + n] = tags
     if page.shadow is None:
         page.shadow = bytearray(UNKNOWN * MTE_GRANULES_PER_PAGE)  # the rest stays garbage

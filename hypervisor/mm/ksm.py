@@ -41,9 +41,9 @@ async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:
                 if pte is None or not pte.present or pte.special:
                     continue
                 page = pte.page
-                if page is None or page.zone != "normal":
+                if page is None or not page.is_ram:
                     continue
-                if page.ksm or page.is_hugetlb or page.isolated:
+                if page.ksm or page.is_hugetlb or page.isolated or page.pins:
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")
                 key = page_content_key(page)

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 from hypervisor.arm64.copypage import copy_user_highpage
 from hypervisor.arm64.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
+from hypervisor.arm64.mte_tag_storage import Livelock, handle_folio_missing_tag_storage, spin_lock
 from hypervisor.arm64.tags import mte_clear_page_tags
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.page_alloc import alloc_hugetlb_folio, alloc_pages, vma_gfp
 from hypervisor.mm_types import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
 from hypervisor.page import Page
 from hypervisor.sched import current_actor
@@ -49,7 +51,7 @@ def get_page(page: Page) -> None:
 
 def put_page(k: Kernel, page: Page) -> None:
     """put_page(): the last reference frees the frame."""
-    if page.zone != "normal":
+    if not page.is_ram:
         return
     page.refcount -= 1
     if page.refcount <= 0:
@@ -82,7 +84,11 @@ async def set_pte_at(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int = 1, expect=
     if hold is not None:
         get_page(hold)  # held across the sync points
     try:
-        if k.mte and pte.tagged and hold is not None and hold.zone == "normal" and pte_accessible(mm, vpn):
+        ts = k.tag_storage
+        if ts.enabled and pte.tagged and hold is not None and ts.lacks_storage(hold):
+            # mte_sync_tags() (RFC v3 patch 26): no storage, so PAGE_FAULT_ON_ACCESS instead of a tagged PTE
+            pte = Pte(page=pte.page, write=pte.write, tagged=True, fault_on_access=True)
+        elif k.mte and pte.tagged and hold is not None and hold.is_ram and pte_accessible(mm, vpn):
             await mte_sync_tags(k, hold, nr)
         await k.sched.point("set_pte_at")
         if expect is not ANY and mm.pt.get(vpn) is not expect:
@@ -100,7 +106,8 @@ def _install(k: Kernel, mm: MM, vpn: int, pte: Pte, nr: int) -> None:
     for i in range(nr):
         p = page if nr == 1 else page.folio.subpages[(page.pfn - page.folio.pfn) + i]
         old = mm.pt.get(vpn + i)
-        entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special)
+        entry = Pte(page=p, write=pte.write, tagged=pte.tagged, special=pte.special,
+                    fault_on_access=pte.fault_on_access)
         if old is not None and old.page is not None and old.page is not p and not old.migrating:
             mmu_notifier_invalidate_range(mm, (vpn + i) << PAGE_SHIFT, (vpn + i + 1) << PAGE_SHIFT, "clear")
         if not pte.special:  # take the new reference before dropping the old one (same page?)
@@ -179,8 +186,18 @@ async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool =
         raise _segv(addr, "SEGV_ACCERR: read of a mapping without PROT_READ")
     vpn = addr >> PAGE_SHIFT
     await k.sched.point("handle_mm_fault")
-    for _ in range(64):
+    replays = 0
+    for _ in range(64 + k.fault_replay_limit):
         pte = mm.pt.get(vpn)
+        if pte is not None and pte.fault_on_access and not pte.migrating:
+            # handle_pte_protnone(): PTE_TAG_STORAGE_NONE, a tagged mapping waiting for its tag storage
+            if replays >= k.fault_replay_limit:
+                k.oracle.report("FAULT-FORWARD-PROGRESS", f"the fault at {addr:#x} was replayed {replays} times "
+                                                          "without the page getting tag storage (livelock)", pte.page)
+                raise Livelock(addr)
+            replays += 1
+            await handle_folio_missing_tag_storage(k, mm, vma, vpn, pte)
+            continue
         if pte is not None and pte.migrating:
             # migration_entry_wait(): sleep until the migration finishes
             # the predicate is used (awaited) before the loop rebinds pte
@@ -207,6 +224,23 @@ async def _fault_locked(k: Kernel, mm: MM, addr: int, write: bool, force: bool =
         else:
             return pte
     raise KernelError("EFAULT", f"fault at {addr:#x} did not settle")
+
+
+def _node(vma: Vma) -> str | None:
+    """The node a VMA's pages are bound to (mmap ``node``: MPOL_BIND), or None."""
+    return getattr(vma, "node", None)
+
+
+async def _alloc(k: Kernel, vma: Vma) -> Page:
+    """vma_alloc_folio(): the VMA's gfp (arch_calc_vma_gfp) and node binding.
+
+    Raises:
+        KernelError: ENOMEM (VM_FAULT_OOM) when the bound node, or every node, is full.
+    """
+    node = _node(vma)
+    if not k.tag_storage.enabled and node is None:
+        return k.alloc.alloc_page()
+    return await alloc_pages(k, vma_gfp(vma), node)
 
 
 def _pte_for(vma: Vma, page: Page, write: bool, special: bool = False) -> Pte:
@@ -249,7 +283,7 @@ async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked:
     try:
         vma = mm.find_vma(vpn << PAGE_SHIFT)
         if vma is None or not vma.is_anon or not vma.flags & VM_WRITE or vma.flags & (VM_PFNMAP | VM_HUGETLB) \
-                or k.bugs & _RUN_SLOW_BUGS:
+                or k.bugs & _RUN_SLOW_BUGS or k.tag_storage.enabled or _node(vma) is not None:
             return 0
         nr = min(nr, (vma.end >> PAGE_SHIFT) - vpn)
         pt = mm.pt
@@ -287,13 +321,13 @@ async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked:
 
 async def vma_alloc_zeroed_movable_folio(k: Kernel, vma: Vma) -> Page:
     """vma_alloc_zeroed_movable_folio() (mm/fault.c): __GFP_ZEROTAGS under VM_MTE."""
-    page = k.alloc.alloc_page()
+    page = await _alloc(k, vma)
     if vma.flags & VM_MTE:
         await tag_clear_highpage(k, page)
     return page
 
 
-async def shmem_get_folio(k: Kernel, obj: MemObject, index: int) -> Page:
+async def shmem_get_folio(k: Kernel, obj: MemObject, index: int, node: str | None = None) -> Page:
     """shmem_get_folio()/filemap_fault(): the page-cache page at ``index``, created or swapped in.
 
     Returns the page with a reference for the caller (drop it with put_page).
@@ -306,15 +340,16 @@ async def shmem_get_folio(k: Kernel, obj: MemObject, index: int) -> Page:
         get_page(cur)
         return cur
     if isinstance(cur, int):
-        page = await k.swap.shmem_swapin_folio(k, obj, index, cur)
+        page = await k.swap.shmem_swapin_folio(k, obj, index, cur, node)
         get_page(page)
         return page
     if obj.kind == "hugetlbfs":
-        page = k.alloc.alloc_hugetlb_folio(obj.hpage_pages)
+        page = k.alloc.alloc_hugetlb_folio(obj.hpage_pages, node)
         for sub in page.subpages:
             sub.mapping, sub.index = obj, index
     else:
-        page = k.alloc.alloc_page()  # the allocation's reference becomes the page cache's
+        # page cache: movable, never __GFP_TAGGED; the allocation's reference becomes the page cache's
+        page = k.alloc.alloc_page("movable", node)
         page.mapping, page.index = obj, index
     obj.pages[index] = page
     get_page(page)
@@ -342,7 +377,7 @@ async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
                 await set_pte_at(k, mm, first, Pte(page=cur.page.folio, write=cur.write, tagged=cur.tagged), nr=nr,
                                  expect=mm.pt.get(first))
                 return
-            head = k.alloc.alloc_hugetlb_folio(nr)
+            head = await alloc_hugetlb_folio(k, nr, vma_gfp(vma), _node(vma))
             installed = await set_pte_at(k, mm, first, _pte_for(vma, head, bool(vma.flags & VM_WRITE)), nr=nr,
                                          expect=mm.pt.get(first))
             for p in head.subpages:  # the allocation's references (the PTEs hold theirs now)
@@ -350,16 +385,16 @@ async def do_fault(k: Kernel, mm: MM, vma: Vma, vpn: int, write: bool) -> None:
             if not installed or all(p.refcount <= 0 for p in head.subpages):
                 k.alloc.free_page(head)
             return
-        head = await shmem_get_folio(k, obj, hindex)
+        head = await shmem_get_folio(k, obj, hindex, _node(vma))
         writable = bool(vma.flags & VM_WRITE) and (bool(vma.flags & VM_SHARED) or not obj.named)
         await set_pte_at(k, mm, first, _pte_for(vma, head, writable), nr=nr, expect=mm.pt.get(first))
         put_page(k, head)
         return
-    page = await shmem_get_folio(k, obj, index)
+    page = await shmem_get_folio(k, obj, index, _node(vma))
     try:
         if write and not vma.flags & VM_SHARED:
             # do_cow_fault(): a private copy of the file page
-            new = k.alloc.alloc_page()
+            new = await _alloc(k, vma)
             await copy_user_highpage(k, new, page)
             await set_pte_at(k, mm, vpn, _pte_for(vma, new, True), expect=None)
             put_page(k, new)
@@ -374,7 +409,7 @@ async def do_swap_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte, write: b
     """do_swap_page(): bring the page back (tags restored first), then map it."""
     entry = pte.swap
     assert entry is not None  # handle_mm_fault calls this for swap entries only
-    page = await k.swap.swapin(k, entry)
+    page = await k.swap.swapin(k, entry, vma_gfp(vma), _node(vma))
     if mm.pt.get(vpn) is not pte:  # someone else handled it while we slept
         put_page(k, page)
         return
@@ -392,7 +427,7 @@ async def do_wp_page(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
         _pte_mkwrite(mm, vpn, pte)  # a shared mapping only needs its write bit back
         return
     if not pte.special and page.mapping is None and page.mapcount == 1 and page.swap_entry is None \
-            and not page.ksm and page.zone == "normal":
+            and not page.ksm and page.is_ram:
         _pte_mkwrite(mm, vpn, pte)  # wp_can_reuse_anon_folio()
         return
     await wp_page_copy(k, mm, vma, vpn, pte)
@@ -436,7 +471,7 @@ async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
                 _pte_mkwrite(mm, v, e)
         return
     head_pte = mm.pt.get(first)
-    new = k.alloc.alloc_hugetlb_folio(nr)
+    new = await alloc_hugetlb_folio(k, nr, vma_gfp(vma), _node(vma))
     get_page(old)  # the fault's reference on the source while it copies
     try:
         for i in range(nr):  # copy_user_large_folio()
@@ -458,7 +493,7 @@ async def wp_page_copy(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
     if pte.special:  # the zero page: a fresh zeroed page (__GFP_ZEROTAGS under VM_MTE)
         new = await vma_alloc_zeroed_movable_folio(k, vma)
     else:
-        new = k.alloc.alloc_page()
+        new = await _alloc(k, vma)
         get_page(old)  # the fault's reference on the source while it copies
         try:
             await copy_user_highpage(k, new, old)
@@ -472,16 +507,24 @@ async def wp_page_copy(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
 
 # ---- fork ------------------------------------------------------------------
 
-def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
-    """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both."""
+async def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
+    """copy_page_range() (fork): share PTEs; private anonymous pages become CoW in both.
+
+    A pinned anonymous page (folio_needs_cow_for_dma()) is copied at once instead, into a page
+    preallocated outside the locks, under both page-table locks (copy_present_page()).
+    """
     k.oracle.ghost.fork(src, dst)  # the child's private pages hold what the parent's did
-    for vpn, pte in src.pt.items():
+    for vpn, pte in list(src.pt.items()):
         vma = src.find_vma(vpn << PAGE_SHIFT)
         if pte.swap is not None:
             k.swap.swap_duplicate(pte.swap)
             dst.pt[vpn] = Pte(swap=pte.swap, tagged=pte.tagged)
             continue
         cow = vma is not None and not vma.flags & VM_SHARED
+        if cow and vma is not None and vma.is_anon and not pte.special and pte.page is not None \
+                and pte.page.pins and not pte.page.is_hugetlb:
+            await copy_present_page(k, dst, src, vma, vpn, pte)
+            continue
         if cow:
             pte.write = False
         child = Pte(page=pte.page, write=pte.write, tagged=pte.tagged, special=pte.special)
@@ -490,3 +533,31 @@ def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
             pte.page.rmap.add((dst, vpn))
             pte.page.mapcount += 1
             get_page(pte.page)
+
+
+async def copy_present_page(k: Kernel, dst: MM, src: MM, vma: Vma, vpn: int, pte: Pte) -> None:
+    """copy_present_page() (mm/memory.c): a pinned page is copied for the child now, not shared CoW.
+
+    The destination is preallocated (folio_prealloc(), the VMA's gfp, outside the locks); the
+    copy (copy_user_highpage -> copy_highpage, which may park tags) runs under the child's and
+    the parent's page-table locks, so nothing in it may sleep (seed 002).
+    """
+    page = pte.page
+    assert page is not None
+    new = await _alloc(k, vma)  # copy_pte_range()'s prealloc
+    with spin_lock(k, f"ptl[{dst.owner}]"), spin_lock(k, f"ptl[{src.owner}]"):
+        await copy_user_highpage(k, new, page)
+    child = Pte(page=new, write=pte.write, tagged=pte.tagged)
+    ts = k.tag_storage
+    if ts.enabled and pte.tagged and ts.lacks_storage(new):
+        child.fault_on_access = True
+    elif k.mte and pte.tagged and not page_mte_tagged_any(new):
+        await mte_sync_tags(k, new, 1)
+    dst.pt[vpn] = child
+    new.rmap.add((dst, vpn))
+    new.mapcount += 1  # the allocation's reference is the PTE's
+
+
+def page_mte_tagged_any(page: Page) -> bool:
+    """PG_mte_tagged on the page (or its folio's head)."""
+    return bool(page.folio.flags & PG_mte_tagged)

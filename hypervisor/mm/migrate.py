@@ -25,6 +25,7 @@ from hypervisor.mm.memory import _install, get_page, pte_accessible, put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import Pte
 from hypervisor.page import Page
+from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -36,39 +37,136 @@ if TYPE_CHECKING:
 _OLD_ORDERING = False
 
 
-async def migrate_range(k: Kernel, mm: MM, start: int, end: int) -> int:
-    """migrate_pages() for every migratable page mapped in [start, end); returns folios moved."""
+async def migrate_range(k: Kernel, mm: MM, start: int, end: int, to: str | None = None) -> int:
+    """migrate_pages() for every migratable page mapped in [start, end); returns folios moved.
+
+    ``to``: a node name (move_pages(2): pages already there stay), ``"tag-storage"`` (a free
+    tag storage page, as compaction may pick), or None (an ordinary target on the page's node).
+    Pinned pages are skipped (not counted).
+
+    Raises:
+        KernelError: ENOENT (an unknown name), EINVAL (``tag-storage`` without dynamic
+            management; a region that is not ``coherent``), ENOMEM (no target page is free and
+            nothing was moved).
+    """
+    target = _target(k, to)
+    if target is None:
+        from hypervisor.mm.memremap import migrate_to_coherent  # H2's: a coherent region (migrate_vma)
+
+        assert to is not None
+        return await migrate_to_coherent(k, mm, start, end, to)
     folios: dict[int, Page] = {}  # each folio once, chosen before any moves
     for vpn in mm.vpns_in(start, end):
         pte = mm.pt.get(vpn)
         if pte is None or not pte.present or pte.special or pte.page is None:
             continue
         page = pte.page.folio
-        if page.zone == "normal" and not page.ksm and page.swap_entry is None:
+        if page.is_ram and not page.ksm and page.swap_entry is None and not page.pins:
+            if to is not None and to != "tag-storage" and page.node == to:
+                continue  # already there
+            if to == "tag-storage" and page.is_tag_storage:
+                continue
             folios.setdefault(page.pfn, page)
     moved = 0
     for page in folios.values():
-        if not page.free and not page.isolated:
-            moved += await migrate_folio(k, page)
+        if not page.free and not page.isolated and not page.pins:
+            try:
+                moved += await migrate_folio(k, page, target)
+            except KernelError:
+                if moved == 0:
+                    raise
+                break
     return moved
 
 
-async def migrate_folio(k: Kernel, old: Page) -> int:
+def _target(k: Kernel, to: str | None):
+    """The allocation of a migration's destination (alloc_migration_target()), or None for a region."""
+    from hypervisor.mm.page_alloc import alloc_hugetlb_folio, alloc_pages
+
+    if to == "tag-storage":
+        if not k.tag_storage.enabled:
+            raise KernelError("EINVAL", "migrate-pages: to = tag-storage needs dynamic tag storage management")
+    elif to is not None and to not in k.alloc.node_by_name:
+        from hypervisor.mm.memremap import memremap
+
+        if to in memremap(k).regions:
+            return None
+        raise KernelError("ENOENT", f"migrate-pages: no node or region {to!r}")
+
+    async def target(old: Page) -> Page:
+        if old.is_hugetlb:
+            if to == "tag-storage":
+                raise KernelError("ENOMEM", "migrate-pages: a hugetlb folio does not fit a tag storage page")
+            return await alloc_hugetlb_folio(k, len(old.subpages), "movable", old.node if to is None else to)
+        if to == "tag-storage":
+            return await alloc_pages(k, "movable", None, from_ts=True)
+        # v3 dropped the migration target's hook: an untagged movable page (it has no storage)
+        return await alloc_pages(k, "movable", old.node if to is None else to)
+    return target
+
+
+async def migrate_away(k: Kernel, page: Page) -> bool:
+    """alloc_contig_range()'s migration of one page in use out of a tag block being claimed."""
+    from hypervisor.mm.page_alloc import migrate_handle_page
+
+    if page.pins or page.isolated or page.free:
+        return False
+    if page.owner is not None:  # an alloc-pages page: not mapped, the handle holds it
+        new = k.alloc.alloc_page("tagged", page.node)  # never CMA: not back into the range
+        migrate_handle_page(k, page, new)
+        return True
+    if page.swap_entry is not None or page.ksm or (page.mapcount == 0 and page.mapping is None):
+        return False
+
+    async def target(old: Page) -> Page:
+        return k.alloc.alloc_page("tagged", old.node)  # never CMA (no reservation: migration targets have none)
+    return bool(await migrate_folio(k, page, target)) and page.free
+
+
+async def replace_folio_with_tagged(k: Kernel, folio: Page) -> bool:
+    """replace_folio_with_tagged() (RFC v3 patch 27): migrate the folio to a __GFP_TAGGED page.
+
+    migrate_pages(GFP_HIGHUSER_MOVABLE | __GFP_TAGGED), up to 3 tries while -EBUSY; the new
+    page's storage is reserved by arch_alloc_page() (best effort). Returns whether it moved.
+    """
+    from hypervisor.mm.page_alloc import alloc_hugetlb_folio, alloc_pages
+
+    async def target(old: Page) -> Page:
+        if old.is_hugetlb:
+            return await alloc_hugetlb_folio(k, len(old.subpages), "tagged", old.node)
+        return await alloc_pages(k, "tagged", None if old.is_tag_storage else old.node)
+    for _ in range(3):
+        if folio.free or folio.pins:
+            return False
+        if folio.isolated:
+            await k.sched.point("replace_folio_with_tagged:busy")
+            continue
+        try:
+            if await migrate_folio(k, folio, target):
+                return True
+        except KernelError:
+            return False
+    return False
+
+
+async def migrate_folio(k: Kernel, old: Page, target=None) -> int:
     """migrate_folio_unmap() + move_to_new_folio() + remove_migration_ptes(); 1 if moved, else 0."""
+    if target is None:
+        target = _target(k, None)
     old.isolated = True
     get_page(old)  # the isolation reference
     try:
-        return await _migrate_isolated(k, old)
+        return await _migrate_isolated(k, old, target)
     finally:
         old.isolated = False
         put_page(k, old)
         k.sched.wake()
 
 
-async def _migrate_isolated(k: Kernel, old: Page) -> int:
+async def _migrate_isolated(k: Kernel, old: Page, target) -> int:
     huge = old.is_hugetlb
     olds = old.subpages if huge else [old]
-    new_head = k.alloc.alloc_hugetlb_folio(len(olds)) if huge else k.alloc.alloc_page()
+    new_head = await target(old)
     news = new_head.subpages if huge else [new_head]
     await k.sched.point("migrate:unmap")
     # try_to_migrate(): each PTE becomes a migration entry of its own; the mapping's reference goes
@@ -79,7 +177,8 @@ async def _migrate_isolated(k: Kernel, old: Page) -> int:
             if pte is None or pte.page is not o or pte.migrating:
                 continue
             mmu_notifier_invalidate_range(mm, vpn << PAGE_SHIFT, (vpn + 1) << PAGE_SHIFT, "migrate")
-            entry = Pte(page=o, write=pte.write, tagged=pte.tagged, migrating=True)
+            entry = Pte(page=o, write=pte.write, tagged=pte.tagged, migrating=True,
+                        fault_on_access=pte.fault_on_access)
             mm.pt[vpn] = entry
             o.rmap.discard((mm, vpn))
             o.mapcount -= 1
@@ -144,8 +243,11 @@ async def remove_migration_ptes(k: Kernel, entries, news: list[Page]) -> None:
     A PTE zapped or replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is.
     """
     todo = [(mm, vpn, entry, news[i]) for mm, vpn, entry, i in entries if mm.pt.get(vpn) is entry]
+    ts = k.tag_storage
     for mm, vpn, entry, n in todo:  # __sync_cache_and_tags() of each set_pte_at(), ahead of the installs
-        if k.mte and entry.tagged and n.zone == "normal" and pte_accessible(mm, vpn):
+        if ts.enabled and entry.tagged and ts.lacks_storage(n):
+            continue  # mte_sync_tags(): no storage, the PTE becomes fault-on-access below
+        if k.mte and entry.tagged and n.is_ram and pte_accessible(mm, vpn):
             get_page(n)
             try:
                 await mte_sync_tags(k, n, 1)
@@ -154,7 +256,8 @@ async def remove_migration_ptes(k: Kernel, entries, news: list[Page]) -> None:
     await k.sched.point("remove_migration_ptes")
     for mm, vpn, entry, n in todo:
         if mm.pt.get(vpn) is entry:
-            _install(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged), 1)  # set_pte_at()
+            foa = ts.enabled and entry.tagged and ts.lacks_storage(n)
+            _install(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged, fault_on_access=foa), 1)
     k.sched.wake()
 
 
@@ -185,7 +288,7 @@ def _undo(k: Kernel, olds: list[Page], entries) -> None:
     for mm, vpn, entry, i in entries:
         if mm.pt.get(vpn) is entry:
             o = olds[i]
-            mm.pt[vpn] = Pte(page=o, write=entry.write, tagged=entry.tagged)
+            mm.pt[vpn] = Pte(page=o, write=entry.write, tagged=entry.tagged, fault_on_access=entry.fault_on_access)
             o.rmap.add((mm, vpn))
             o.mapcount += 1
             get_page(o)

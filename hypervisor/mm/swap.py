@@ -22,6 +22,7 @@ import attrs
 from hypervisor.arm64.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.mm.memory import put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
+from hypervisor.mm.page_alloc import alloc_pages
 from hypervisor.mm_types import MemObject, Pte
 from hypervisor.page import Page
 from shared.errno import KernelError
@@ -95,14 +96,15 @@ class SwapDevice:
                 page.swap_entry = None
                 put_page(k, page)
 
-    async def swapin(self, k: Kernel, entry: int) -> Page:
+    async def swapin(self, k: Kernel, entry: int, gfp: str = "movable", node: str | None = None) -> Page:
         """swapin_readahead() for one entry: the swap-cache page, with a reference.
 
-        Tags are restored (``arch_swap_restore``) before the caller maps it.
+        Tags are restored (``arch_swap_restore``) before the caller maps it; a page without
+        tag storage gets them parked (ENOMEM, VM_FAULT_OOM, when that fails).
         """
         page = self.cache.get(entry)
         if page is None:
-            page = k.alloc.alloc_page()
+            page = await alloc_pages(k, gfp, node)
             slot = self.slots[entry]
             if slot.data is not None:
                 page.write(0, slot.data)
@@ -116,12 +118,17 @@ class SwapDevice:
                 return page
         # do_swap_page() / shmem_swapin_folio(): every faulter restores before it maps (the
         # first wins the tag lock, the others wait for PG_mte_tagged), not only the reader
-        await arch_swap_restore(k, entry, page)
+        try:
+            await arch_swap_restore(k, entry, page)
+        except KernelError:
+            put_page(k, page)
+            raise
         return page
 
-    async def shmem_swapin_folio(self, k: Kernel, obj: MemObject, index: int, entry: int) -> Page:
-        """shmem_swapin_folio(): bring a shmem page back into its page cache."""
-        page = await self.swapin(k, entry)
+    async def shmem_swapin_folio(self, k: Kernel, obj: MemObject, index: int, entry: int,
+                                 node: str | None = None) -> Page:
+        """shmem_swapin_folio(): bring a shmem page back into its page cache (movable, never tagged)."""
+        page = await self.swapin(k, entry, "movable", node)
         if obj.pages.get(index) != entry:  # raced with another swap-in
             put_page(k, page)
             return obj.pages[index]
@@ -167,8 +174,8 @@ async def shrink_folio_list(k: Kernel, pages: list[Page]) -> int:
 
 async def _swap_out_one(k: Kernel, page: Page) -> int:
 
-    if page.free or page.zone != "normal" or page.is_hugetlb or page.ksm or page.swap_entry is not None \
-            or page.isolated:
+    if page.free or not page.is_ram or page.is_hugetlb or page.ksm or page.swap_entry is not None \
+            or page.isolated or page.pins:
         return 0
     page.isolated = True  # folio_isolate_lru(): one reclaimer or migrator at a time
     page.refcount += 1  # the isolation reference

@@ -442,4 +442,13 @@ def _host_op(a: Args, d: OpDef, st: Any, host: str) -> dict:
         owner, addr = st.vms[vm].host, a.get("ipa", size)
     if process and not process.startswith("vmm:") and owner != host:  # a VM (and its VMM) may move: ESRCH then
         raise a.where.error("process", f"{process!r} runs on host {owner!r}, not {host!r}")
-    return {"process": process, "vm": vm, "addr": addr, "size": a.get("size", size) if sized else None}
+    out = {"process": process, "vm": vm, "addr": addr, "size": a.get("size", size) if sized else None}
+    for f in d.fields:  # the op's other fields (migrate-pages to, pin-pages on, ...) pass through
+        if f.name in ("pid", "addr", "size"):
+            continue
+        if _only_when_given(a.op, f):
+            if f.key in a:
+                out[f.name] = a.get(f.key, form(f.kind))
+        else:
+            out[f.name] = a.get(f.key, form(f.kind), _REQUIRED if f.required else f.default)
+    return out
