@@ -62,7 +62,14 @@ from mtekvm import report  # noqa: E402
 from mtekvm.hunt import EXHAUSTIVE, HuntResult, hunt, scheduler_spec  # noqa: E402
 from mtekvm.links import HostStartError  # noqa: E402
 from mtekvm.report import Problem  # noqa: E402
-from mtekvm.runner import InfraError, RunError, RunOptions, ScenarioResult, classify_error  # noqa: E402
+from mtekvm.runner import (  # noqa: E402
+    InfraError,
+    RunError,
+    RunOptions,
+    ScenarioResult,
+    VmSetupError,
+    classify_error,
+)
 from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario  # noqa: E402
 from shared.bugs import BUGS  # noqa: E402
 from shared.errno import KernelError  # noqa: E402
@@ -366,6 +373,8 @@ def _problem(scn: Scenario, exc: BaseException) -> Problem:
     exc = classify_error(exc)
     if isinstance(exc, (InfraError, HostStartError)):
         return Problem(scn.path, "infrastructure", f"{scn.path}: {exc}", scn.name)
+    if isinstance(exc, VmSetupError):  # the scenario ran and failed at its set-up: exit 1
+        return Problem(scn.path, "setup-failed", f"{scn.path}: {exc}", scn.name)
     if isinstance(exc, (RunError, ValueError)):
         return Problem(scn.path, "invalid", f"{scn.path}: {exc}", scn.name)
     if isinstance(exc, (RemoteError, KernelError)):

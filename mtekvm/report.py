@@ -36,7 +36,8 @@ class Problem:
     """A file that did not run to a result.
 
     ``kind`` is ``invalid`` (not a valid scenario, or options it cannot run with: exit 2),
-    ``infrastructure`` (a host or VMM failed: exit 3) or ``interrupted`` (exit 130).
+    ``infrastructure`` (a host or VMM failed: exit 3), ``interrupted`` (exit 130) or
+    ``setup-failed`` (a ``[vms]`` VM could not be built: counted as failed, exit 1).
     """
 
     path: str
@@ -54,6 +55,8 @@ def exit_status(results: Iterable[ScenarioResult], problems: Iterable[Problem]) 
         return EXIT_INFRA
     if "invalid" in kinds:
         return EXIT_USAGE
+    if "setup-failed" in kinds:
+        return EXIT_FAILED
     return EXIT_OK if all(r.passed for r in results) else EXIT_FAILED
 
 
@@ -136,7 +139,8 @@ def result_lines(r: ScenarioResult, width: int = WIDTH) -> list[str]:
 def summary_line(results: list[ScenarioResult], problems: list[Problem], duration: float) -> str:
     """``P passed, F failed[, I invalid, E infrastructure errors][, interrupted] (N scenarios, S steps, T s)``."""
     passed = sum(r.passed for r in results)
-    parts = [f"{passed} passed", f"{len(results) - passed} failed"]
+    setup_failed = sum(p.kind == "setup-failed" for p in problems)
+    parts = [f"{passed} passed", f"{len(results) - passed + setup_failed} failed"]
     for kind, label in (("invalid", "invalid"), ("infrastructure", "infrastructure errors")):
         n = sum(p.kind == kind for p in problems)
         if n:
@@ -165,7 +169,8 @@ def json_report(results: list[ScenarioResult], problems: list[Problem], *, versi
         "argv": list(argv),
         "exit_status": status,
         "summary": {
-            "scenarios": len(results), "passed": passed, "failed": len(results) - passed,
+            "scenarios": len(results), "passed": passed,
+            "failed": len(results) - passed + sum(p.kind == "setup-failed" for p in problems),
             "invalid": sum(p.kind == "invalid" for p in problems),
             "infrastructure_errors": sum(p.kind == "infrastructure" for p in problems),
             "interrupted": any(p.kind == "interrupted" for p in problems),

@@ -60,6 +60,11 @@ class RunError(Exception):
     """The scenario cannot be run as asked (unsupported feature or option clash)."""
 
 
+class VmSetupError(RunError):
+    """A ``[vms]`` VM whose setup failed (a refused capability, a mapping or memslot error): the
+    run fails before its first step, naming the VM and the errno (exit 1, not a usage error)."""
+
+
 class ReplayError(RunError):
     """A replayed schedule does not fit this run: an entry's target was not runnable, or an entry
     was never reached (replay is strict). Usually the schedule was recorded with other bugs."""
@@ -371,7 +376,7 @@ class _Run:
                                                "vcpus": vm.vcpus, "memory": memory}, ctx=ctx)
             except RemoteError as exc:
                 await link.check_alive()  # a dead VMM or hypervisor is an infrastructure failure, not the VM's
-                raise RunError(f"VM {name!r} could not be built: {exc} (use setup = \"manual\" to expect "
+                raise VmSetupError(f"VM {name!r} could not be built: {exc} (use setup = \"manual\" to expect "
                                "the failure in a step)") from None
         self.pids[f"vmm:{name}"] = (await client.call("status")).value["pid"]
     def _request(self, step: Step) -> tuple[str, dict]:
