@@ -503,8 +503,9 @@ class Ghost:
                         tags = ZERO_TAGS
                     elif cur.folio.flags & PG_mte_tagged:
                         tags = bytes(cur.tags)
-                    else:
-                        tags = ZERO_TAGS  # untagged: zeroed when first mapped tagged
+                    else:  # untagged: zeroed when first mapped tagged, or given the tags parked for it
+                        parked = self.k.tag_storage.tags_by_pfn.get(cur.pfn)  # (dynamic tag storage)
+                        tags = ZERO_TAGS if parked is None else unpack_tags(parked[0])
                     data = data_hash(cur.data)
                     page = cur
                 elif isinstance(cur, int):  # kind == "swap"
