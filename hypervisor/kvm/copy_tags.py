@@ -329,6 +329,7 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
             else:
                 # write_tags() for a whole page: the shadow is the written tags (immutable, shared)
                 written = shared_tags(written)
+                k.oracle.on_tag_write(page, "KVM_ARM_MTE_COPY_TAGS TO_GUEST")  # TAG-STORAGE-NOT-CLOBBERED
                 page.tags[:] = written
                 page.shadow = written
                 page.initialiser = "write"
