@@ -36,6 +36,7 @@ from typing import Any
 import msgpack
 import trio
 
+from shared import wire
 from shared.errno import ECONNRESET, EPROTO, ErrnoError
 
 MAGIC = b"MTEKVM-MIGRATE\r\n"
@@ -227,6 +228,10 @@ class RecordStream:
         self.stream = stream
         self._buf = bytearray()
         self.peer_version: int | None = None
+        self._packer = msgpack.Packer(use_bin_type=True)
+        #: a socket's record bodies are read straight into this buffer (kept between records)
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._body = bytearray()
 
     async def send_header(self) -> None:
         """Send the magic and :data:`VERSION`."""
@@ -252,9 +257,14 @@ class RecordStream:
         Raises:
             StreamError: ECONNRESET when the peer has gone.
         """
-        body = msgpack.packb(record, use_bin_type=True)
-        await self._send(_LENGTH.pack(len(body)))
-        await self._send(body)
+        parts = wire.pack_parts(self._packer, record)  # a page run's data and tags are not copied
+        length = sum(map(len, parts))
+        if len(parts) == 1:
+            await self._send(_LENGTH.pack(length) + parts[0])
+            return
+        parts[0] = _LENGTH.pack(length) + parts[0]
+        for part in parts:
+            await self._send(part)
 
     async def receive(self, *expect: str, layout: dict | None = None) -> dict:
         """Receive and validate one record of a type in ``expect`` (or ``error``).
@@ -265,12 +275,33 @@ class RecordStream:
         (n,) = _LENGTH.unpack(await self._exactly(_LENGTH.size))
         if n > MAX_RECORD:
             raise StreamError(EPROTO, f"malformed migration record: {n} bytes is over {MAX_RECORD}")
-        body = await self._exactly(n)
+        body = await self._body_of(n)
         try:
             rec = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
         except Exception as exc:  # noqa: BLE001 - whatever the decoder refuses is malformed, never a crash
             raise StreamError(EPROTO, f"malformed migration record: {type(exc).__name__}") from None
         return check_record(rec, expect, layout)
+
+    async def _body_of(self, n: int) -> bytes | memoryview:
+        """The next ``n`` bytes; from a socket, a view of a buffer kept between records (valid until the next
+        receive): read with ``recv_into``, no copy on our side."""
+        if self._sock is None or n < wire.BIG_BIN or len(self._buf) >= n:
+            return await self._exactly(n)
+        if len(self._body) < n:
+            self._body = bytearray(n)
+        view = memoryview(self._body)[:n]
+        got = len(self._buf)  # what the length's read brought of the body
+        view[:got] = self._buf
+        self._buf.clear()
+        while got < n:
+            try:
+                k = await self._sock.recv_into(view[got:], n - got)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise StreamError(ECONNRESET, f"the migration connection broke: {exc}") from None
+            if not k:
+                raise StreamError(ECONNRESET, "the migration connection closed")
+            got += k
+        return view
 
     async def _send(self, data: bytes) -> None:
         try:

@@ -120,6 +120,24 @@ async def respond(dispatch: Dispatch, on_internal_error: Callable[[Any, Exceptio
         return wire.response_err(rid, number, text)
 
 
+def _coalesce(parts: list):
+    """The parts to write, in order: runs of small ones joined (one ``send_all``), big ones as they are."""
+    if len(parts) == 1:
+        yield parts[0]
+        return
+    batch: list = []
+    for p in parts:
+        if len(p) >= wire.BIG_BIN:
+            if batch:
+                yield b"".join(batch)
+                batch = []
+            yield p
+        else:
+            batch.append(p)
+    if batch:
+        yield b"".join(batch) if len(batch) > 1 else batch[0]
+
+
 class RequestLoop:
     """Serve request envelopes on one connection until the peer closes it.
 
@@ -150,7 +168,7 @@ class RequestLoop:
         self.outstanding = 0
         #: requests served in the reading task without a task of their own (for tests and statistics)
         self.served_inline = 0
-        self._pending: list[bytes] = []  # packed replies not yet written
+        self._pending: list = []  # the parts of packed replies not yet written
         self._sending = False  # some task is inside send_all and will write what queues meanwhile
         self._gone = False  # a send failed: the peer has gone
         self._done = False  # reading has ended
@@ -206,14 +224,14 @@ class RequestLoop:
             try:
                 rid, op, args, ctx = wire.parse_request(msg)
             except wire.EnvelopeError as exc:
-                self._pending.append(self._pack(wire.response_err(exc.rid, exc.errno, exc.message)))
+                self._pending += self._pack(wire.response_err(exc.rid, exc.errno, exc.message))
                 if exc.fatal:
                     log.info("%s: closing: %s", self.name, exc.message)
                     break
                 continue
             if self.outstanding >= self.max_outstanding:
-                self._pending.append(self._pack(wire.response_err(
-                    rid, EAGAIN, f"more than {self.max_outstanding} requests in flight")))
+                self._pending += self._pack(wire.response_err(
+                    rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"))
                 continue
             self.outstanding += 1
             if not self.inline():
@@ -226,7 +244,7 @@ class RequestLoop:
             except StopIteration as stop:  # done without yielding: no task, no wake
                 self.outstanding -= 1
                 self.served_inline += 1
-                self._pending.append(stop.value)
+                self._pending += stop.value
                 continue
             except BaseException:
                 self.outstanding -= 1
@@ -257,8 +275,8 @@ class RequestLoop:
             self.outstanding -= 1
         await self._send(data)
 
-    async def _respond(self, rid: int, op: Any, args: Any, ctx: str | None) -> bytes:
-        """Run one request; return its packed reply (never raises but for cancellation)."""
+    async def _respond(self, rid: int, op: Any, args: Any, ctx: str | None) -> list:
+        """Run one request; return its packed reply's parts (never raises but for cancellation)."""
         return self._pack(await respond(self.dispatch, self.on_internal_error, rid, op, args, ctx))
 
     def _log_internal_error(self, op: Any, exc: Exception) -> tuple[int, str]:
@@ -267,18 +285,19 @@ class RequestLoop:
 
     # -- replies --------------------------------------------------------------------------------
 
-    def _pack(self, msg: dict) -> bytes:
+    def _pack(self, msg: dict) -> list:
+        """A reply's parts (:meth:`shared.wire.FramedStream.pack_parts`: a big binary is not copied)."""
         try:
-            return self.framed.pack(msg)
+            return self.framed.pack_parts(msg, own=True)
         except Exception as exc:  # noqa: BLE001 - a value msgpack refuses (type, depth, size): EIO, not a crash
             detail = f"{type(exc).__name__}: {exc}"
             log.error("%s: reply %s cannot be encoded: %s", self.name, msg.get("id"), detail)
             if self.on_unencodable is not None:
                 self.on_unencodable(detail)
-            return self.framed.pack(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: {detail}"))
+            return self.framed.pack_parts(wire.response_err(msg.get("id"), EIO, f"reply cannot be encoded: {detail}"))
 
-    async def _send(self, data: bytes) -> None:
-        self._pending.append(data)
+    async def _send(self, parts: list) -> None:
+        self._pending += parts
         await self._flush()
 
     async def _flush(self) -> None:
@@ -291,9 +310,9 @@ class RequestLoop:
         self._sending = True
         try:
             while self._pending:
-                data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-                self._pending.clear()
-                await self.framed.stream.send_all(data)
+                parts, self._pending = self._pending, []
+                for data in _coalesce(parts):
+                    await self.framed.stream.send_all(data)
         except _CLOSED:
             self._gone = True  # the peer has gone; reading notices on its next receive
             self._pending.clear()

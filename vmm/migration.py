@@ -63,6 +63,7 @@ from shared.transport import listener_address, open_connection, open_listener
 from shared.wire import ConnectionClosed, RemoteError
 from vmm import dma, guestram
 from vmm.errors import VmmError
+from vmm.snapshot import first_error
 
 if TYPE_CHECKING:
     from vmm.machine import Vmm
@@ -74,6 +75,9 @@ ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_PAGE_TAGS = bytes(TAGS_PER_PAGE)
 #: KVM_CLEAR_DIRTY_LOG works on 64-page words (first and num multiples of 64).
 DIRTY_WORD = 64
+#: Chunks read (source) or records received (destination) ahead of the one being sent or written,
+#: when the transport is :attr:`ProcessTransport.pipelined`.
+READ_AHEAD = 1
 _NONZERO = re.compile(rb"[^\x00]")
 
 
@@ -89,6 +93,8 @@ class InProcessTransport:
 
     _registry: ClassVar[dict[str, tuple[Handler, trio.Nursery]]] = {}
     _numbers = itertools.count(1)
+    #: the stages of a migration run one after the other (controlled runs keep their schedules)
+    pipelined = False
 
     def __init__(self, nursery: trio.Nursery, secret: str | None = None):
         self.nursery = nursery
@@ -120,6 +126,10 @@ class ProcessTransport:
         folder: the VMM's private folder for the socket (its launcher removes it even if the VMM is
             SIGKILLed); None: a temporary folder of our own, removed by :meth:`close`.
     """
+
+    #: the stages of a migration overlap (:data:`READ_AHEAD`): the source reads the next chunk from its
+    #: hypervisor while it sends one, the destination receives the next record while it writes one
+    pipelined = True
 
     def __init__(self, nursery: trio.Nursery, secret: str | None = None, folder: str | None = None):
         self.nursery = nursery
@@ -197,12 +207,41 @@ def _windows(pages: list[int], npages: int) -> list[tuple[int, int]]:
     return [(a * DIRTY_WORD, min(b * DIRTY_WORD, npages) - a * DIRTY_WORD) for a, b in out]
 
 
+_NEVER = object()
+
+
+async def _pipeline(produce: Callable[[trio.MemorySendChannel], Awaitable[None]],
+                    consume: Callable[[Any], Awaitable[Any]], *, until: Any = _NEVER) -> None:
+    """Run ``produce(send)`` in a task of its own, :data:`READ_AHEAD` items ahead of ``consume(item)`` here.
+
+    An item that is an exception is raised here, in its turn; ``consume`` returning ``until`` ends the
+    pipeline. The first error (not a cancellation) is raised as itself, not in an exception group.
+    """
+    send, recv = trio.open_memory_channel[Any](READ_AHEAD)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce, send)
+            async with recv:
+                async for item in recv:
+                    if isinstance(item, Exception):
+                        raise item
+                    if await consume(item) is until:
+                        break
+            nursery.cancel_scope.cancel()  # a producer still reading ahead has nothing more to do
+    except BaseExceptionGroup as group:
+        raise first_error(group) from None
+
+
 def _errno_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ErrnoError):
         return exc.errno, exc.message
     if isinstance(exc, ConnectionClosed):
         return ECONNRESET, f"lost a connection: {exc}"
     return EPROTO, f"{type(exc).__name__}: {exc}"
+
+
+#: The record types that may follow the destination's answer.
+_AFTER_ANSWER = ("pages", "zero", "pass-end", "stop", "vcpus", "witness", "end")
 
 
 class _Died(Exception):
@@ -379,21 +418,49 @@ class Source(_Side):
 
     async def _send_runs(self, s: guestram.RamSlot, runs: list[tuple[int, int]], pass_no: int,
                          early: dict[int, bytes] | None = None) -> None:
-        rs = self.rs
-        assert rs is not None
-        mte = self.vmm.mte
-        for start, n in runs:
-            for lo in range(start, start + n, guestram.CHUNK_PAGES):
-                k = min(guestram.CHUNK_PAGES, start + n - lo)
-                (run,) = await guestram.read_pages(self.vmm, s, lo, k, self.ctx, tags=mte and early is None,
-                                                   resident_only=False)
-                if early is not None:
-                    run.tags = b"".join(early.get(run.first + i, ZERO_PAGE_TAGS) for i in range(run.pages))
-                elif self.sent_tags is not None and pass_no and run.tags is not None:
-                    t = run.tags
-                    self.sent_tags.setdefault(s.slot, {}).update(
-                        {run.first + i: t[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE] for i in range(run.pages)})
-                await self._send_run(run, pass_no)
+        chunks = [(lo, min(guestram.CHUNK_PAGES, start + n - lo))
+                  for start, n in runs for lo in range(start, start + n, guestram.CHUNK_PAGES)]
+        if early is None and len(chunks) > 1 and getattr(self.vmm.migration, "pipelined", False):
+            await self._send_pipelined(s, chunks, pass_no)
+            return
+        for lo, k in chunks:
+            await self._send_chunk(s, await self._read_chunk(s, lo, k, early), pass_no, early)
+
+    async def _read_chunk(self, s: guestram.RamSlot, lo: int, k: int,
+                          early: dict[int, bytes] | None) -> guestram.PageRun:
+        (run,) = await guestram.read_pages(self.vmm, s, lo, k, self.ctx, tags=self.vmm.mte and early is None,
+                                           resident_only=False)
+        return run
+
+    async def _send_chunk(self, s: guestram.RamSlot, run: guestram.PageRun, pass_no: int,
+                          early: dict[int, bytes] | None) -> None:
+        if early is not None:
+            run.tags = b"".join(early.get(run.first + i, ZERO_PAGE_TAGS) for i in range(run.pages))
+        elif self.sent_tags is not None and pass_no and run.tags is not None:
+            t = run.tags
+            self.sent_tags.setdefault(s.slot, {}).update(
+                {run.first + i: t[i * TAGS_PER_PAGE:(i + 1) * TAGS_PER_PAGE] for i in range(run.pages)})
+        await self._send_run(run, pass_no)
+
+    async def _send_pipelined(self, s: guestram.RamSlot, chunks: list[tuple[int, int]], pass_no: int) -> None:
+        """:meth:`_send_runs` with the reads ahead: one task reads chunk N+1 from the hypervisor while this
+        one sends chunk N. Each chunk is read, then sent, in the same order as one after the other; a read's
+        error is raised here, in its turn, after the chunks before it went out."""
+        async def read_all(send: trio.MemorySendChannel) -> None:
+            async with send:
+                for lo, k in chunks:
+                    try:
+                        item: Any = await self._read_chunk(s, lo, k, None)
+                    except Exception as exc:  # noqa: BLE001 - raised by the sender, in order
+                        item = exc
+                    try:
+                        await send.send(item)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the sender stopped (its error is the one that counts)
+                    if isinstance(item, Exception):
+                        return
+
+        await _pipeline(read_all, lambda run: self._send_chunk(s, run, pass_no, None))
 
     async def _send_run(self, run: guestram.PageRun, pass_no: int) -> None:
         rs = self.rs
@@ -578,6 +645,8 @@ class Destination(_Side):
         self.late_tags: list[tuple[int, bytes]] = []  # (ipa, tags) the zoo writes after resuming
         self.resumed = False
         self._faulted_passes: set[int] = set()
+        self._state: dict | None = None  # the vcpus record's state
+        self._witness: Any = None  # the witness record's entries
 
     async def start(self) -> dict:
         """Listen for the source (returns at once with the address); the VM stays paused until it resumes here."""
@@ -636,31 +705,55 @@ class Destination(_Side):
             await rs.send({"t": "answer", "errno": errno, "message": message[:512]})
             raise
         await rs.send({"t": "answer", "errno": 0, "message": ""})
-        state: dict | None = None
-        witness: Any = None
-        while True:
-            rec = await rs.receive("pages", "zero", "pass-end", "stop", "vcpus", "witness", "end", layout=layout)
-            t = rec["t"]
-            self._raise_error(rec)
-            if t == "pages":
-                await self._write(rec)
-                if rec["pass"] and rec["pass"] not in self._faulted_passes:
-                    self._faulted_passes.add(rec["pass"])
-                    await self._fault(f"precopy:{rec['pass']}")
-            elif t == "zero":
-                s = self.slots[rec["slot"]]
-                await guestram.write_data(vmm, s, rec["first"], bytes(rec["count"] * PAGE_SIZE), self.ctx)
-            elif t == "stop":
-                await self._fault("switchover")
-            elif t == "vcpus":
-                state = rec["state"]
-            elif t == "witness":
-                witness = rec["entries"]
-            elif t == "end":
-                break
-        if state is None:
+        self._state, self._witness = None, None
+        if getattr(vmm.migration, "pipelined", False):
+            await self._receive_pipelined(rs, layout)
+        else:
+            while not await self._apply(await rs.receive(*_AFTER_ANSWER, layout=layout)):
+                pass
+        if self._state is None:
             raise StreamError(EPROTO, "malformed migration stream: end before the vCPU state")
-        await self._resume(rs, state, witness)
+        await self._resume(rs, self._state, self._witness)
+
+    async def _apply(self, rec: dict) -> bool:
+        """Act on one record after the answer; True at ``end``."""
+        t = rec["t"]
+        self._raise_error(rec)
+        if t == "pages":
+            await self._write(rec)
+            if rec["pass"] and rec["pass"] not in self._faulted_passes:
+                self._faulted_passes.add(rec["pass"])
+                await self._fault(f"precopy:{rec['pass']}")
+        elif t == "zero":
+            s = self.slots[rec["slot"]]
+            await guestram.write_data(self.vmm, s, rec["first"], bytes(rec["count"] * PAGE_SIZE), self.ctx)
+        elif t == "stop":
+            await self._fault("switchover")
+        elif t == "vcpus":
+            self._state = rec["state"]
+        elif t == "witness":
+            self._witness = rec["entries"]
+        return t == "end"
+
+    async def _receive_pipelined(self, rs: RecordStream, layout: dict) -> None:
+        """The records after the answer, one received ahead of the one being written: one task receives and
+        decodes record N+1 while this one writes record N into guest RAM. Records are applied in order, and
+        a receive error is raised in its turn, after every record before it was applied."""
+        async def receive_all(send: trio.MemorySendChannel) -> None:
+            async with send:
+                while True:
+                    try:
+                        item: Any = await rs.receive(*_AFTER_ANSWER, layout=layout)
+                    except StreamError as exc:
+                        item = exc
+                    try:
+                        await send.send(item)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        return  # the writer stopped (its error is the one that counts)
+                    if isinstance(item, Exception) or item["t"] in ("end", "error"):
+                        return
+
+        await _pipeline(receive_all, self._apply, until=True)
 
     def _raise_error(self, rec: dict) -> None:
         if rec["t"] == "error":

@@ -202,11 +202,11 @@ async def _save(vmm: Vmm, writer: snapfile.SnapshotWriter, slots: list[RamSlot],
                 async for slot_id, run in recv:
                     await trio.to_thread.run_sync(writer.add_run, slot_id, run.first, run.data, run.tags)
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
 
 
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a failed pipeline: the first one that is not a cancellation."""
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a failed pipeline: the first one that is not a cancellation (nor a group)."""
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:

@@ -20,6 +20,7 @@ from shared import migstream
 from shared.errno import ECONNREFUSED, ECONNRESET, EINVAL, ENOMEM, ENOSYS, EPERM, EPROTO, ESTALE
 from shared.mte import PAGE_SIZE
 from shared.wire import Client, ConnectionClosed, RemoteError
+from vmm import guestram, migration
 from vmm.guestlink import InProcessGuests
 from vmm.machine import Vmm
 from vmm.migration import InProcessTransport
@@ -539,4 +540,123 @@ class TestMalformedStream:
         await stream.aclose()
         with trio.fail_after(10):
             await dst.vmm.done.wait()
+        await assert_gone_from(dst)
+
+
+@pytest.fixture
+def pipelined(monkeypatch):
+    """Migrations overlap their stages (as between processes), in chunks of 8 pages (many chunks per run)."""
+    monkeypatch.setattr(InProcessTransport, "pipelined", True)
+    monkeypatch.setattr(guestram, "CHUNK_PAGES", 8)
+
+
+#: Many pages over several runs and chunks: 40 consecutive pages (5 chunks), then the PLAN's.
+MANY = [(RAM + (100 + i) * PAGE_SIZE, bytes([i + 1]) * (i + 1), i % 15 + 1) for i in range(40)] + PLAN
+
+
+class TestPipelined:
+    """The pipelined stages (ProcessTransport's) give the same migration as one stage after the other."""
+
+    async def test_same_result_as_one_stage_after_the_other(self, nursery, monkeypatch):
+        """Every byte and tag arrives with the same stats whether the stages overlap or not."""
+        monkeypatch.setattr(guestram, "CHUNK_PAGES", 8)
+        real, pipelines = migration._pipeline, []
+
+        async def spy(produce, consume, **kw):
+            pipelines.append(produce.__name__)
+            await real(produce, consume, **kw)
+
+        monkeypatch.setattr(migration, "_pipeline", spy)
+        results = []
+        for on in (False, True):
+            monkeypatch.setattr(InProcessTransport, "pipelined", on)
+            src = await start_node(nursery, await new_host(nursery))
+            dst = await start_node(nursery, await new_host(nursery))
+            await tagged_vm(src)
+            await fill(src, MANY)
+            results.append(await migrate(src, dst))
+            await check(dst, MANY)
+            await assert_gone_from(src)
+            assert ("read_all" in pipelines and "receive_all" in pipelines) == on, pipelines
+        assert results[0] == results[1] and results[1]["pages"] >= len(MANY)
+
+    async def test_pages_dirtied_during_precopy_are_resent(self, pair, pipelined):
+        """Pipelined: pages written after pass 1 and before the pause arrive."""
+        src, dst = pair
+        await tagged_vm(src)
+        await fill(src, MANY)
+        late = [(RAM + 9 * PAGE_SIZE, b"pass two", 4), (RAM + 2 * MiB, b"at the pause", 6), (RAM, b"AGAIN PAGE", 3)]
+
+        async def hook(point):
+            if point == "pass-end:1":
+                await fill(src, late[:1] + late[2:])
+            if point == "pause":
+                await fill(src, late[1:2])
+
+        src.vmm.migration_hook = hook
+        res = await migrate(src, dst)
+        assert res["passes"] == 2 and res["stop-pages"] >= 1
+        await check(dst, MANY[:-len(PLAN)] + PLAN[1:] + late)
+
+    @pytest.mark.parametrize("fail", ["kill-destination", "cut"])
+    @pytest.mark.parametrize("fail_at", ["precopy:1", "switchover"])
+    async def test_destination_side_faults_leave_the_vm_on_the_source(self, pair, pipelined, fail, fail_at):
+        """Pipelined: kill-destination or cut before resume is ECONNRESET and the VM runs on at the source."""
+        src, dst = pair
+        await tagged_vm(src)
+        await fill(src, MANY)
+        with pytest.raises(RemoteError) as info:
+            await migrate(src, dst, fail=fail, fail_at=fail_at)
+        assert info.value.errno == ECONNRESET
+        assert not src.vmm.paused and src.vmm.slots[0].flags == ()
+        await check(src, MANY)
+        await assert_gone_from(dst)
+
+    async def test_kill_source_midway_loses_the_vm_everywhere(self, pair, pipelined):
+        """Pipelined: kill-source at precopy:1 (reads ahead in flight) leaves the VM nowhere."""
+        src, dst = pair
+        await tagged_vm(src)
+        await fill(src, MANY)
+        with pytest.raises(ConnectionClosed):
+            await migrate(src, dst, fail="kill-source", fail_at="precopy:1")
+        with trio.fail_after(10):
+            while await dst.vms() or await src.vms():
+                await trio.sleep(0.01)
+        await assert_gone_from(dst)
+
+    async def test_destination_out_of_memory_midway_is_enomem(self, nursery, pipelined):
+        """Pipelined: a destination that runs out of memory after some chunks fails ENOMEM; the source runs on."""
+        src = await start_node(nursery, await new_host(nursery))
+        dst = await start_node(nursery, await new_host(nursery, ram=MiB, swap=0))
+        await tagged_vm(src)
+        for i in range(4 * MiB // PAGE_SIZE // 2):
+            await src.guest("store", addr=RAM + 2 * i * PAGE_SIZE, data=b"x")
+        with pytest.raises(RemoteError) as info:
+            await migrate(src, dst)
+        assert info.value.errno == ENOMEM
+        assert src.vmm.slots[0].flags == () and not src.vmm.paused
+        assert await src.guest("load", addr=RAM + 2 * PAGE_SIZE, size=1) == b"x"
+        await assert_gone_from(dst)
+
+    async def test_a_read_error_midway_is_raised_in_its_turn(self, pair, pipelined, monkeypatch):
+        """Pipelined: a chunk the source cannot read fails the migration with that chunk's errno, after the
+        chunks before it were sent; the VM runs on at the source."""
+        src, dst = pair
+        await tagged_vm(src)
+        await fill(src, MANY)
+        real = guestram.read_pages
+        calls = []
+
+        async def failing(vmm, slot, first, count, ctx, **kw):
+            calls.append(first)
+            if len(calls) == 3:
+                raise RemoteError(EINVAL, "injected")
+            return await real(vmm, slot, first, count, ctx, **kw)
+
+        monkeypatch.setattr(guestram, "read_pages", failing)
+        with pytest.raises(RemoteError) as info:
+            await migrate(src, dst)
+        assert info.value.errno == EINVAL and "injected" in info.value.message
+        assert not src.vmm.paused and src.vmm.slots[0].flags == ()
+        await check(src, MANY)
         await assert_gone_from(dst)
