@@ -112,9 +112,15 @@ RECORD_TYPES = tuple(_FIELDS)
 _SLOT_KEYS = ("slot", "ipa", "size", "flags", "backing", "object", "hugepage_size", "prot_mte", "share")
 
 
+#: Keys a layout slot has only when it is bound to a node or backed by a named region (physical memory).
+_SLOT_PLACE_KEYS = ("node", "region")
+
+
 def _check_slot(s: Any) -> dict:
-    if not isinstance(s, dict) or set(s) != set(_SLOT_KEYS):
-        raise _bad(f"layout.slots items must be maps of exactly {', '.join(_SLOT_KEYS)}")
+    if not isinstance(s, dict) or not set(_SLOT_KEYS) <= set(s) <= set(_SLOT_KEYS + _SLOT_PLACE_KEYS):
+        raise _bad(f"layout.slots items must be maps of exactly {', '.join(_SLOT_KEYS)} (and node, region)")
+    if any(not isinstance(s[k], str) or not 0 < len(s[k]) <= 64 for k in _SLOT_PLACE_KEYS if k in s):
+        raise _bad("layout slot node and region must be names")
     s = dict(s, t="layout.slot")
     for k in ("slot", "ipa", "size", "hugepage_size"):
         _uint(s, k)

@@ -7,7 +7,7 @@ maps). The format, version 1 (all integers little-endian; documented for users i
     preamble   8 bytes  MAGIC  b"\\x89MTESNAP"
                u32      VERSION (1)
                u32      header length H
-    header     H bytes  msgpack map: {"layout": [{"slot", "ipa", "size", "backing", "flags"}, ...],
+    header     H bytes  msgpack map: {"layout": [{"slot", "ipa", "size", "backing", "flags"[, "node", "region"]}, ...],
                                       "vcpus": N, "mte": bool, "vcpu-state": any msgpack value,
                                       "page-size": 4096}
     records    repeated until the trailer:
@@ -69,6 +69,8 @@ _TAG_VALUES = bytes(range(16))
 
 HEADER_KEYS = frozenset({"layout", "vcpus", "mte", "vcpu-state", "page-size"})
 SLOT_KEYS = frozenset({"slot", "ipa", "size", "backing", "flags"})
+#: Optional layout keys: a slot bound to a node, or backed by a named device region.
+SLOT_PLACE_KEYS = frozenset({"node", "region"})
 
 
 class SnapfileError(ErrnoError):
@@ -90,6 +92,8 @@ class SlotLayout:
         size: bytes (a positive page multiple).
         backing: the backing kind (:data:`shared.abi.BACKINGS`).
         flags: the memslot flags when the snapshot was taken (informational).
+        node, region: the node the slot's memory is bound to, or the named device region behind
+            it (physical memory; absent from the header when None).
     """
 
     slot: int
@@ -97,6 +101,8 @@ class SlotLayout:
     size: int
     backing: str
     flags: tuple[str, ...] = ()
+    node: str | None = None
+    region: str | None = None
 
     @property
     def pages(self) -> int:
@@ -104,11 +110,13 @@ class SlotLayout:
 
     def to_wire(self) -> dict:
         return {"slot": self.slot, "ipa": self.ipa, "size": self.size, "backing": self.backing,
-                "flags": list(self.flags)}
+                "flags": list(self.flags),
+                **{k: v for k, v in (("node", self.node), ("region", self.region)) if v is not None}}
 
     def same_place(self, other: SlotLayout) -> bool:
-        """Same IPA, size and backing kind (what restore requires; ids and flags may differ)."""
-        return (self.ipa, self.size, self.backing) == (other.ipa, other.size, other.backing)
+        """Same IPA, size, backing kind, node and region (what restore requires; ids and flags may differ)."""
+        return (self.ipa, self.size, self.backing, self.node, self.region) == \
+            (other.ipa, other.size, other.backing, other.node, other.region)
 
 
 @attrs.frozen
@@ -349,7 +357,8 @@ def parse_header(raw: Any) -> Header:
         raise _err("damaged snapshot: header layout is not a list")
     layout: list[SlotLayout] = []
     for i, s in enumerate(raw["layout"]):
-        if not isinstance(s, dict) or set(s) != SLOT_KEYS:
+        if not isinstance(s, dict) or not SLOT_KEYS <= set(s) <= SLOT_KEYS | SLOT_PLACE_KEYS \
+                or any(not isinstance(s[k], str) or not 0 < len(s[k]) <= 64 for k in SLOT_PLACE_KEYS if k in s):
             raise _err(f"damaged snapshot: layout entry {i} is not a map of " + ", ".join(sorted(SLOT_KEYS)))
         slot = _int_in(s["slot"], f"layout entry {i} slot", 0, 0xFFFFFFFF)
         ipa = _int_in(s["ipa"], f"layout entry {i} ipa")
@@ -361,7 +370,7 @@ def parse_header(raw: Any) -> Header:
         flags = s["flags"]
         if not isinstance(flags, list) or not all(f in MEMSLOT_FLAGS for f in flags):
             raise _err(f"damaged snapshot: layout entry {i} has unknown flags")
-        layout.append(SlotLayout(slot, ipa, size, s["backing"], tuple(flags)))
+        layout.append(SlotLayout(slot, ipa, size, s["backing"], tuple(flags), s.get("node"), s.get("region")))
     if len({s.slot for s in layout}) != len(layout):
         raise _err("damaged snapshot: a memslot appears twice in the layout")
     spans = sorted((s.ipa, s.ipa + s.size) for s in layout)
@@ -469,7 +478,9 @@ def check_compatible(header: Header, layout: Sequence[SlotLayout], vcpus: int, m
     theirs = sorted(header.layout, key=lambda s: s.ipa)
     if len(mine) != len(theirs) or not all(a.same_place(b) for a, b in zip(mine, theirs, strict=True)):
         def show(slots: Iterable[SlotLayout]) -> str:
-            return ", ".join(f"{s.ipa:#x}+{s.size:#x} {s.backing}" for s in slots) or "none"
+            return ", ".join(f"{s.ipa:#x}+{s.size:#x} {s.backing}"
+                             + "".join(f" {k} {v}" for k, v in (("node", s.node), ("region", s.region)) if v)
+                             for s in slots) or "none"
         raise _err(f"the snapshot's memory layout ({show(theirs)}) is not this VM's ({show(mine)})")
 
 

@@ -5,7 +5,8 @@ A VMM knows its guest RAM from two records: the memslots it registered
 (``mmap`` in ``vm-setup``, and the host-process ``mmap``/``munmap``/``mprotect``
 ops a manual-setup scenario forwards through it). :func:`ram_slots` joins them:
 each RAM memslot with the backing of the mapping it points into. A slot backed
-by ``device`` memory is not RAM (neither logged nor copied).
+by ``device``, ``pfnmap`` or ``p2pmem`` memory is not RAM (neither logged nor copied);
+a slot bound to a ``node`` or backed by a named ``region`` carries that name in its layout.
 
 Pages move in runs (:class:`PageRun`: consecutive pages of one slot, their data
 and, for an MTE VM, their tags, one byte per 16-byte granule):
@@ -48,6 +49,9 @@ TAGS_FROM_GUEST = 1
 _RESIDENT = re.compile(rb"[^\x00]+")
 
 
+#: Backings whose memslots are not guest RAM: migration and snapshots leave them out.
+NOT_RAM = ("device", "pfnmap", "p2pmem")
+
 @attrs.define
 class Mapping:
     """One mmap the VMM made of its own address space (what /proc/self/maps would say)."""
@@ -60,6 +64,8 @@ class Mapping:
     prot_mte: bool
     share: str
     offset: int = 0
+    node: str | None = None  # the mmap's node binding
+    region: str | None = None  # the device region it maps
 
     @property
     def end(self) -> int:
@@ -89,6 +95,8 @@ class RamSlot:
     prot_mte: bool
     share: str
     offset: int
+    node: str | None = None
+    region: str | None = None
 
     @property
     def pages(self) -> int:
@@ -99,7 +107,8 @@ class RamSlot:
         """The slot as a msgpack-safe map (migration layout, snapshot header)."""
         return {"slot": self.slot, "ipa": self.ipa, "size": self.size, "flags": list(self.flags),
                 "backing": self.backing, "object": self.object, "hugepage_size": self.hugepage_size,
-                "prot_mte": self.prot_mte, "share": self.share}
+                "prot_mte": self.prot_mte, "share": self.share,
+                **{k: v for k, v in (("node", self.node), ("region", self.region)) if v is not None}}
 
 
 @attrs.define
@@ -129,7 +138,8 @@ def record_mmap(vmm: Vmm, addr: int, args: dict) -> None:
         size = -(-size // PAGE_SIZE) * PAGE_SIZE
     forget_range(vmm, addr, size)  # MAP_FIXED replaces what was there
     vmm.mappings.append(Mapping(addr, size, args["backing"], args["object"], args["hugepage_size"],
-                                "mte" in args["prot"], args["share"], args["offset"]))
+                                "mte" in args["prot"], args["share"], args["offset"], args.get("node"),
+                                args.get("region")))
 
 
 def _split(vmm: Vmm, addr: int, size: int) -> tuple[list[Mapping], list[Mapping]]:
@@ -184,19 +194,19 @@ def mapping_at(vmm: Vmm, addr: int) -> Mapping | None:
 def ram_slots(vmm: Vmm) -> list[RamSlot]:
     """Every RAM memslot of the VM (slot order) with the backing of the mapping behind it.
 
-    Slots whose mapping is ``device`` memory are left out (not RAM).
+    Slots whose mapping is ``device``, ``pfnmap`` or ``p2pmem`` memory are left out (not RAM).
     """
     out = []
     for s in sorted(vmm.slots.values(), key=lambda s: s.slot):
         m = mapping_at(vmm, s.addr)
-        if m is not None and m.backing == "device":
+        if m is not None and m.backing in NOT_RAM:
             continue
         if m is None:
             out.append(RamSlot(s.slot, s.ipa, s.size, s.addr, tuple(s.flags), "anon", None, 2 << 20, False,
                                "private", 0))
         else:
             out.append(RamSlot(s.slot, s.ipa, s.size, s.addr, tuple(s.flags), m.backing, m.object,
-                               m.hugepage_size, m.prot_mte, m.share, m.offset + s.addr - m.addr))
+                               m.hugepage_size, m.prot_mte, m.share, m.offset + s.addr - m.addr, m.node, m.region))
     return out
 
 

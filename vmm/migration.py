@@ -773,8 +773,14 @@ class Destination(_Side):
         for s in layout["slots"]:
             mmap = {"size": s["size"], "prot": ["read", "write"] + (["mte"] if s["prot_mte"] else []),
                     "share": s["share"], "backing": s["backing"], "object": s["object"],
-                    "hugepage_size": s["hugepage_size"]}
-            hva = (await vmm._call("mmap", mmap, ctx)).value
+                    "hugepage_size": s["hugepage_size"], **{k: s[k] for k in ("node", "region") if k in s}}
+            try:
+                hva = (await vmm._call("mmap", mmap, ctx)).value
+            except RemoteError as exc:
+                if "node" in s or "region" in s:  # no node or region of that name and kind here
+                    raise VmmError(EINVAL, f"slot {s['slot']} needs {s.get('node') or s.get('region')!r} on the "
+                                           f"destination: {exc}") from None
+                raise
             guestram.note_host_op(vmm, "mmap", mmap, hva)
             vmm.ram.append((hva, s["size"]))
             await vmm._call("kvm-set-memory-region", {"vm": vm, "slot": s["slot"], "ipa": s["ipa"],

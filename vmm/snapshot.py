@@ -99,7 +99,8 @@ async def vm_has_mte(vmm: Vmm, ctx: str | None) -> bool:
 
 def layout_of(slots: list[RamSlot]) -> tuple[snapfile.SlotLayout, ...]:
     """The RAM memslots as a snapshot header records them."""
-    return tuple(snapfile.SlotLayout(s.slot, s.ipa, s.size, s.backing, tuple(s.flags)) for s in slots)
+    return tuple(snapfile.SlotLayout(s.slot, s.ipa, s.size, s.backing, tuple(s.flags), s.node, s.region)
+                 for s in slots)
 
 
 # ---- snapshot -----------------------------------------------------------------------------------
