@@ -9,6 +9,7 @@ kept nothing of it has all the free pages it had before the VM came.
 
 from __future__ import annotations
 
+import os
 import tomllib
 
 import pytest
@@ -111,8 +112,17 @@ async def test_migration_between_two_hypervisor_processes():
     assert_where(r, "dst", step(r, "meminfo", "host:dst", 0).value["free-pages"])
 
 
-@pytest.mark.parametrize("fail", ["kill-destination", "cut", "kill-source"])
-@pytest.mark.parametrize("at", ["precopy:1", "switchover"])
+SLOW = os.environ.get("MTEKVM_SLOW") == "1"
+#: One fault of each point runs by default (each a few seconds of real processes), together covering every
+#: kind of fault (a cut: test_fault_after_resume_moves_the_vm); the whole matrix with MTEKVM_SLOW=1. The
+#: in-process unit tests (tests/unit/vmm/test_migration.py) run the whole matrix every time.
+DEFAULT_FAULTS = {("kill-source", "precopy:1"), ("kill-destination", "switchover")}
+FAULTS = [pytest.param(fail, at, marks=() if (fail, at) in DEFAULT_FAULTS else pytest.mark.skipif(
+    not SLOW, reason="the rest of the e2e fault matrix: MTEKVM_SLOW=1"))
+    for at in ("precopy:1", "switchover") for fail in ("kill-destination", "cut", "kill-source")]
+
+
+@pytest.mark.parametrize("fail, at", FAULTS)
 async def test_fault_injection(fail, at):
     """A fault before the destination resumes is ECONNRESET; the VM stays on the source (or, killed with the
     source, is nowhere) and the destination host keeps nothing of it."""

@@ -48,7 +48,13 @@ class _UntilBug(Worker):
         return super()._out_of_budget() or any(f.get("fails_without_bugs") is False for f in self.failures)
 
 
-@pytest.mark.parametrize("bug", sorted(ZOO))
+#: Short campaigns too long for the default suite (found late: tags-before-final-sync at run 145, 10-20 s); the
+#: bug's directed test (tests/quality/test_bug_zoo.py, TestMigrationZoo) runs by default.
+SLOW_SHORT = {"migration-tags-before-final-sync"}
+
+
+@pytest.mark.parametrize("bug", [pytest.param(b, marks=pytest.mark.skipif(
+    not SLOW, reason="a campaign of 150+ runs: MTEKVM_SLOW=1")) if b in SLOW_SHORT else b for b in sorted(ZOO)])
 async def test_short_campaign_finds_the_bug(bug, tmp_path):
     """A short campaign of generated scenarios finds the bug, shrunk, and explained by the bug alone."""
     ops, runs, shows = ZOO[bug]
