@@ -341,7 +341,7 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
             else:
                 s2_force_noncacheable = True
         if reserve and not s2_force_noncacheable and not await kvm_reserve_tag_storage(k, page):
-            _release(k, got)  # the fault's reference would make the folio busy for migration
+            _release(k, page)  # the fault's reference would make the folio busy for migration
             got = None
             await replace_folio_with_tagged(k, page.folio)
             return TAG_STORAGE_RETRY

@@ -76,10 +76,8 @@ def pfn_to_online_page(page: Page) -> Page | None:
 
 def _frame(pfn: int, zone: str, node: str) -> Page:
     """A device frame: no allocator, no tags, referenced by its region for ever."""
-    fields = attrs.fields_dict(Page)
-    extra = {name: v for name, v in (("node", node), ("tag_capable", False), ("is_tag_storage", False))
-             if name in fields}
-    return Page(pfn=pfn, tags=bytearray(MTE_GRANULES_PER_PAGE), zone=zone, free=False, refcount=1, **extra)
+    return Page(pfn=pfn, tags=bytearray(MTE_GRANULES_PER_PAGE), zone=zone, free=False, refcount=1, node=node,
+                tag_capable=False)
 
 
 @attrs.define(eq=False)
@@ -214,7 +212,7 @@ async def migrate_to_coherent(k: Kernel, mm: MM, start: int, end: int, name: str
             old = pte.page
             if is_device_page(old) or old.is_hugetlb or old.ksm or old.swap_entry is not None or old.isolated:
                 continue
-            if old.mapcount != 1 or old.busy() or getattr(old, "pins", 0):
+            if old.mapcount != 1 or old.busy() or old.pins:
                 continue  # migrate_vma_check_page(): an extra reference (a pin, a CoW sharer) keeps it
             if region.next_free >= region.pages:
                 if moved:

@@ -216,6 +216,7 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
     if size > TASK_SIZE or (addr is not None and addr + size > TASK_SIZE):
         raise KernelError("ENOMEM", f"mmap: {size:#x} bytes at {addr or 0:#x} exceeds TASK_SIZE")
     reg = _check_physmem_args(k, backing, share, prot, offset, size, node, region, attr)
+    obj: MemObject | None
     if backing in DEVICE_BACKINGS or backing == "device":
         obj = _device_object(k, backing, obj_name, mm.session, reg, size, offset, attr)
     else:
@@ -235,7 +236,7 @@ async def do_mmap(k: Kernel, mm: MM, addr: int | None, size: int, prot, share: s
         flags |= VM_HUGETLB
     if backing in ("device", "pfnmap"):  # remap_pfn_range() and vfio_pci_core_mmap()
         flags |= VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP
-        if obj is not None and obj.region is not None and obj.region.allow_any_uncached:
+        if obj is not None and isinstance(obj.region, Region) and obj.region.allow_any_uncached:
             flags |= VM_ALLOW_ANY_UNCACHED
     if backing == "p2pmem":
         flags |= VM_MIXEDMAP  # vm_insert_page()
