@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from hypervisor.arm64.mte_tag_storage import Livelock, handle_folio_missing_tag_storage
 from hypervisor.arm64.tags import read_tags, write_tags
 from hypervisor.ghost import loc_of
 from hypervisor.mm.memory import get_page, handle_mm_fault, put_page
@@ -63,9 +64,18 @@ async def mte_ptrace_copy_tags(k: Kernel, tracer: Task, target: Task, addr: int,
             if not vma.flags & VM_MTE:
                 err = "EOPNOTSUPP"
                 break
+            cur = mm.pt.get(addr >> PAGE_SHIFT)
+            if cur is not None and cur.fault_on_access and not cur.migrating:
+                # RFC v3 patch 30: a page without tag storage is faulted in first (FAULT_FLAG_RETRY_NOWAIT:
+                # one attempt, reserve or migrate); if it still has none, the copy stops (EIO if nothing copied)
+                await handle_folio_missing_tag_storage(k, mm, vma, addr >> PAGE_SHIFT, cur)
+                cur = mm.pt.get(addr >> PAGE_SHIFT)
+                if cur is not None and cur.fault_on_access:
+                    err = "EIO"
+                    break
             try:
                 pte = await handle_mm_fault(k, mm, addr, poke is not None, locked=True, force=True)
-            except KernelError:
+            except (KernelError, Livelock):
                 err = "EIO"
                 break
             page = pte.page

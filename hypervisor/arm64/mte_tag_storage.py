@@ -84,13 +84,13 @@ class TagStorage:
 
         ``block = tag_range.start + rounddown((pfn - mem_range.start) / 32, block_size_pages)``;
         ``DIV_ROUND_UP(max(2^order / 32, 1), block_size_pages)`` blocks, each ``min(2^order,
-        32 * block_size_pages)`` references. The zero page lives in node0's first block.
+        32 * block_size_pages)`` references. The zero page lives in node0's last block.
         """
         bsp = self.block_size_pages
         nr = len(folio.subpages) or 1
-        if folio is self.k.alloc.zero_page:
+        if folio is self.k.alloc.zero_page:  # in node0, at its end (the pages allocated last)
             n = self.k.alloc.nodes[0]
-            first = n.ts_start
+            first = n.ts_start + n.ts_pages - bsp
         else:
             n = self.k.alloc.node_of(folio)
             first = n.ts_start + ((folio.pfn - n.start) // 32) // bsp * bsp
@@ -109,7 +109,19 @@ class TagStorage:
             return True
         if page.is_tag_storage:
             return False
-        return self.page_tag_storage_reserved(page)
+        if not self.page_tag_storage_reserved(page):
+            return False
+        self._check_published(page.folio)
+        return True
+
+    def _check_published(self, folio: Page) -> None:
+        """PARKED-RESTORE-BEFORE-PUBLISH: whoever sees PG_tag_storage_reserved may use the tags, so none
+        of the folio's pages may still have tags parked (RFC invariant 8, race R6)."""
+        for p in folio.subpages or [folio]:
+            if p.pfn in self.tags_by_pfn:
+                self.k.oracle.report("PARKED-RESTORE-BEFORE-PUBLISH",
+                                     f"{current_actor.get()} sees pfn {p.pfn:#x} PG_tag_storage_reserved while its "
+                                     "parked tags are not written yet", p)
 
     def lacks_storage(self, page: Page) -> bool:
         """A tagged mapping of this page must be fault-on-access (mte_sync_tags' test)."""
@@ -162,6 +174,7 @@ class TagStorage:
             return False  # tag storage has no storage of its own: the caller migrates it
         might_sleep(k, "reserve_tag_storage")
         if self.page_tag_storage_reserved(folio):
+            self._check_published(folio)
             return True
         await self.lock.lock()
         try:
@@ -180,7 +193,11 @@ class TagStorage:
             for b in blocks:
                 if b in taken:
                     continue
-                if not await self.cma_alloc_range(b) or folio.free:
+                claimed = await self.cma_alloc_range(b)
+                if not claimed or folio.free:
+                    if claimed:  # the folio went away while we slept: give the block back to CMA
+                        for pfn in range(b, b + self.block_size_pages):
+                            k.alloc.release_pfn(pfn)
                     if b in self.blocks and folio.pfn in self.holders.get(b, {}):
                         taken.append(b)
                     for t in taken:
@@ -345,7 +362,7 @@ async def handle_folio_missing_tag_storage(k: Kernel, mm, vma, vpn: int, pte: Pt
     (replace_folio_with_tagged). When the folio has storage, the PTE is remade as the VMA
     wants it (set_pte_at -> mte_sync_tags); either way the caller replays the access.
     """
-    from hypervisor.mm.memory import set_pte_at
+    from hypervisor.mm.memory import get_page, put_page, set_pte_at
     from hypervisor.mm.migrate import replace_folio_with_tagged
     from hypervisor.mm_types import Pte as _Pte
 
@@ -357,7 +374,11 @@ async def handle_folio_missing_tag_storage(k: Kernel, mm, vma, vpn: int, pte: Pt
     if mm.pt.get(vpn) is not pte:
         return  # someone else handled it: replay
     if not folio.is_tag_storage:
-        ok = await ts.reserve_tag_storage(folio) or await ts.reserve_tag_storage(folio)
+        get_page(folio)  # folio_get(): the folio stays ours (not freed) while reserve sleeps
+        try:
+            ok = await ts.reserve_tag_storage(folio) or await ts.reserve_tag_storage(folio)
+        finally:
+            put_page(k, folio)
         if ok:
             if mm.pt.get(vpn) is pte:
                 await set_pte_at(k, mm, vpn, _Pte(page=page, write=pte.write, tagged=pte.tagged), expect=pte)
