@@ -23,7 +23,7 @@ from hypervisor.arm64.copypage import copy_highpage
 from hypervisor.arm64.mte import mte_sync_tags
 from hypervisor.mm.memory import _install, get_page, pte_accessible, put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
-from hypervisor.mm_types import Pte
+from hypervisor.mm_types import VM_MTE, Pte
 from hypervisor.page import Page
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT
@@ -189,7 +189,7 @@ async def _migrate_isolated(k: Kernel, old: Page, target) -> int:
     # old frame: give up now, before copying, or a write that finishes between the copy and the
     # freeze below would be lost with the old frame.
     if _refs_unexpected(old) and not _OLD_ORDERING:
-        _undo(k, olds, entries)
+        await _undo(k, olds, entries)
         _free_new(k, new_head)
         return 0
     # move_to_new_folio() -> folio_copy() -> copy_highpage() (hugetlb: once, from the head)
@@ -200,7 +200,7 @@ async def _migrate_isolated(k: Kernel, old: Page, target) -> int:
     await k.sched.point("migrate:copied")
     # folio_ref_freeze(): only our isolation reference and the page cache's may remain
     if _refs_unexpected(old):
-        _undo(k, olds, entries)
+        await _undo(k, olds, entries)
         _free_new(k, new_head)
         return 0
     anon = old.mapping is None
@@ -242,23 +242,14 @@ async def remove_migration_ptes(k: Kernel, entries, news: list[Page]) -> None:
     folio yet), then every PTE goes in with no scheduling point between them.
     A PTE zapped or replaced meanwhile (munmap, MADV_DONTNEED, exit) is left as it is.
     """
-    todo = [(mm, vpn, entry, news[i]) for mm, vpn, entry, i in entries if mm.pt.get(vpn) is entry]
-    ts = k.tag_storage
-    for mm, vpn, entry, n in todo:  # __sync_cache_and_tags() of each set_pte_at(), ahead of the installs
-        if ts.enabled and entry.tagged and ts.lacks_storage(n):
-            continue  # mte_sync_tags(): no storage, the PTE becomes fault-on-access below
-        if k.mte and entry.tagged and n.is_ram and pte_accessible(mm, vpn):
-            get_page(n)
-            try:
-                await mte_sync_tags(k, n, 1)
-            finally:
-                put_page(k, n)
-    await k.sched.point("remove_migration_ptes")
-    for mm, vpn, entry, n in todo:
-        if mm.pt.get(vpn) is entry:
-            foa = ts.enabled and entry.tagged and ts.lacks_storage(n)
-            _install(k, mm, vpn, Pte(page=n, write=entry.write, tagged=entry.tagged, fault_on_access=foa), 1)
+    await _sync_and_install(k, [(mm, vpn, entry, news[i]) for mm, vpn, entry, i in entries])
     k.sched.wake()
+
+
+def _vma_tagged(mm: MM, vpn: int) -> bool:
+    """The VMA's vm_page_prot is Normal-Tagged (VM_MTE) where a migration entry is restored."""
+    vma = mm.find_vma(vpn << PAGE_SHIFT)
+    return vma is not None and bool(vma.flags & VM_MTE)
 
 
 def _refs_unexpected(old: Page) -> bool:
@@ -283,12 +274,46 @@ def _free_new(k: Kernel, new_head: Page) -> None:
         put_page(k, new_head)
 
 
-def _undo(k: Kernel, olds: list[Page], entries) -> None:
-    """Put the old frame back wherever our migration entries still stand (no scheduling point)."""
-    for mm, vpn, entry, i in entries:
+async def _undo(k: Kernel, olds: list[Page], entries) -> None:
+    """remove_migration_ptes(src, src): put the old frame back wherever our migration entries still stand."""
+    await _sync_and_install(k, [(mm, vpn, entry, olds[i]) for mm, vpn, entry, i in entries], undo=True)
+    k.sched.wake()
+
+
+async def _sync_and_install(k: Kernel, items: list[tuple[MM, int, Pte, Page]], *, undo: bool = False) -> None:
+    """Map ``page`` wherever our migration entry still stands, as the VMA wants it now.
+
+    mk_pte(page, READ_ONCE(vma->vm_page_prot)): an mprotect(PROT_MTE) that ran while the folio was
+    unmapped did not rewrite our entries, so the attributes come from the VMA at install time.
+    Every page a tagged PTE will map is synced first (mte_sync_tags, with its scheduling points;
+    ``undo``: only pages the VMA tagged since the unmap, the old frame being in sync otherwise),
+    and again if an mprotect changed the answer meanwhile; then every PTE goes in with no
+    scheduling point between them. A page without tag storage gets a fault-on-access PTE.
+    """
+    ts = k.tag_storage
+    synced: set[int] = set()
+
+    def pending() -> list[Page]:
+        return [page for mm, vpn, entry, page in items
+                if mm.pt.get(vpn) is entry and page.pfn not in synced and not (undo and entry.tagged) and k.mte
+                and page.is_ram and _vma_tagged(mm, vpn) and not ts.lacks_storage(page) and pte_accessible(mm, vpn)]
+
+    async def sync() -> None:
+        while todo := pending():
+            for page in todo:  # __sync_cache_and_tags() of each set_pte_at(), ahead of the installs
+                synced.add(page.pfn)
+                get_page(page)
+                try:
+                    await mte_sync_tags(k, page, 1)
+                finally:
+                    put_page(k, page)
+
+    await sync()
+    if not undo:
+        await k.sched.point("remove_migration_ptes")
+        await sync()
+    for mm, vpn, entry, page in items:
         if mm.pt.get(vpn) is entry:
-            o = olds[i]
-            mm.pt[vpn] = Pte(page=o, write=entry.write, tagged=entry.tagged, fault_on_access=entry.fault_on_access)
-            o.rmap.add((mm, vpn))
-            o.mapcount += 1
-            get_page(o)
+            tagged = _vma_tagged(mm, vpn)
+            foa = ts.enabled and tagged and ts.lacks_storage(page)
+            _install(k, mm, vpn, Pte(page=page, write=entry.write, tagged=tagged, fault_on_access=foa), 1)
