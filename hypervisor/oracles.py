@@ -368,14 +368,19 @@ class Oracle:
         mte = kvm_has_mte(k, kvm)
         mm = kvm.mm
         for gfn, e in kvm.s2.items():
+            ram = not is_device_page(e.page)
+            if ram and e.memtype == "normal" and not mte:
+                continue  # RAM is Normal whatever its VMA (the table's first row): nothing to look up
             slot = kvm.slot_of(gfn)
             if slot is None:
                 continue  # STAGE-2-COHERENT
             hva = slot.hva(gfn)
-            vma = mm.find_vma(hva)
             pte = mm.pt.get(hva >> 12)
-            if vma is None or pte is None or pte.page is not e.page:
+            if pte is None or pte.page is not e.page:
                 continue  # STAGE-2-COHERENT
+            vma = mm.find_vma(hva)
+            if vma is None:
+                continue
             want = stage2_memtype(k, vma, e.page)
             if e.memtype != want:
                 self.report("STAGE2-MEMTYPE", f"VM {kvm.handle} gfn {gfn:#x} maps pfn {e.page.pfn:#x} "
