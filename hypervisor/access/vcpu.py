@@ -194,10 +194,9 @@ async def guest_memory_access(k: Kernel, vcpu: Vcpu, kind: str, segs, tag: int, 
         for (ipa, n, attr), e in zip(segs, entries, strict=True):
             if ata and _tags_reachable(k, vcpu, attr, e) and _has_ghost(e.page):
                 first, tags = (ipa & (PAGE_SIZE - 1)) // MTE_GRANULE_SIZE, bytes([tag]) * (n // MTE_GRANULE_SIZE)
-                if _keeps_tags(e.page):
+                if _keeps_tags(e.page):  # else the memory drops the write (as the host's STG: user_stg)
                     write_tags(k, e.page, first, tags)
-                # else: a tag write the memory drops (the ghost still expects it: the tags are lost)
-                k.oracle.ghost.tags_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, tags)
+                    k.oracle.ghost.tags_written(loc_of_ipa(kvm, ipa >> PAGE_SHIFT), e.page, first, tags)
                 note_guest_write(kvm, ipa >> PAGE_SHIFT)
         return AccessResult(None)
     ldg = bytearray()
