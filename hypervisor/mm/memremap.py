@@ -164,8 +164,13 @@ def memremap(k: Kernel) -> Memremap:
 
 
 def region_names(k: Kernel) -> dict[str, Region]:
-    """The host's named regions (for meminfo's ``regions`` table)."""
+    """The host's named regions."""
     return memremap(k).regions
+
+
+def meminfo_regions(k: Kernel) -> dict:
+    """meminfo's ``regions`` table: ``{name: {type, pages}}`` for the named regions (unnamed ones are not listed)."""
+    return {name: {"type": r.type, "pages": r.pages} for name, r in memremap(k).regions.items()}
 
 
 async def migrate_to_coherent(k: Kernel, mm: MM, start: int, end: int, name: str) -> int:
