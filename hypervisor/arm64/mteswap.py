@@ -20,6 +20,10 @@ if TYPE_CHECKING:
     from hypervisor.kernel import Kernel
 
 
+class TagBufFailed(KernelError):
+    """mte_save_tags()'s GFP_KERNEL buffer could not be had (``inject-fault site = "tag-buf"``)."""
+
+
 class MteSwapTags:
     """``static DEFINE_XARRAY(mte_pages)``: saved tags by swap entry."""
 
@@ -40,7 +44,7 @@ class MteSwapTags:
         if self.capacity is not None and len(self.store) >= self.capacity:
             raise KernelError("ENOMEM", "mte_save_tags: no memory for the tag buffer")
         if ts.enabled and ts.should_fail("tag-buf"):
-            raise KernelError("ENOMEM", "mte_save_tags: no memory for the tag buffer (inject-fault tag-buf)")
+            raise TagBufFailed("ENOMEM", "mte_save_tags: no memory for the tag buffer (inject-fault tag-buf)")
         if parked:
             self.store[entry] = ts.tags_by_pfn.pop(page.pfn)
             return

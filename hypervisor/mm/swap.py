@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from hypervisor.arm64.mteswap import MteSwapTags, arch_prepare_to_swap, arch_swap_restore
+from hypervisor.arm64.mteswap import MteSwapTags, TagBufFailed, arch_prepare_to_swap, arch_swap_restore
 from hypervisor.mm.memory import put_page
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm.page_alloc import alloc_pages
@@ -164,6 +164,8 @@ async def shrink_folio_list(k: Kernel, pages: list[Page]) -> int:
     for page in pages:
         try:
             ok = await _swap_out_one(k, page)
+        except TagBufFailed:
+            continue  # SWAP-OUT FAILS CLOSED: the folio stays, the pass goes on (swap-out skips it)
         except KernelError:
             if done == 0:
                 raise
