@@ -254,25 +254,18 @@ class Oracle:
         k = self.k
         alloc = k.alloc
         for n in alloc.nodes:
-            if n.ts_pages and n.ts_mode == "static":
-                if n.managed != n.nr or any(pfn in alloc.frames for pfn in range(n.ts_start, n.ts_start + n.ts_pages)):
-                    self.report("TAG-CARVE-OUT-HIDDEN", f"node {n.name}'s static tag carve-out "
-                                                        f"(pfn {n.ts_start:#x}+{n.ts_pages}) is handed out or counted")
+            if n.ts_pages and n.ts_mode == "static" and (n.managed != n.nr or alloc.carve_out_used):
+                self.report("TAG-CARVE-OUT-HIDDEN", f"node {n.name}'s static tag carve-out "
+                                                    f"(pfn {n.ts_start:#x}+{n.ts_pages}) is handed out or counted")
         ts = k.tag_storage
-        none_nodes = any(n.ts_mode == "none" for n in alloc.nodes)
-        if not ts.enabled and not (k.mte and (none_nodes or getattr(k, "regions", None))):
-            return
-        if ts.enabled:
-            self._check_tag_storage(ts)
+        if not ts.enabled:
+            return  # TAGGED-PTE-IS-TAG-CAPABLE is check_memtype_state's
+        self._check_tag_storage(ts)
         for task in k.tasks.values():
             for vpn, pte in task.mm.pt.items():
                 page = pte.page
                 if page is None or not pte.tagged or pte.special or pte.migrating or pte.fault_on_access:
                     continue
-                if not page.tag_capable and not page.is_tag_storage:
-                    self.report("TAGGED-PTE-IS-TAG-CAPABLE", f"pid {task.pid} maps pfn {page.pfn:#x} ({page.node}, "
-                                                             f"keeps no tags) at {vpn << 12:#x} through a tagged "
-                                                             "PTE", page)
                 if ts.enabled and page.is_tag_storage:
                     self.report("TAG-STORAGE-NEVER-TAGGED", f"pid {task.pid} maps tag storage pfn {page.pfn:#x} "
                                                             f"at {vpn << 12:#x} through a tagged PTE", page)

@@ -168,6 +168,7 @@ class PageAllocator:
         self.frames: dict[int, Page] = {}  # every frame ever handed out, by pfn
         self.zero_page = Page(pfn=0x7FFFF, tags=bytearray(MTE_GRANULES_PER_PAGE), zone="zero", free=False,
                               refcount=1, shadow=bytearray(MTE_GRANULES_PER_PAGE), tag_capable=mte)
+        self.carve_out_used: list[int] = []  # pfns of a static carve-out ever made a frame (the oracle reports them)
         #: arch_free_pages_prepare(): set by the tag storage code (a sync callable taking the page)
         self.free_prepare: Callable[[Page], None] | None = None
 
@@ -176,6 +177,8 @@ class PageAllocator:
     def _frame(self, node: Node, pfn: int) -> Page:
         page = self.frames.get(pfn)
         if page is None:
+            if node.in_tag_storage(pfn) and not node.dynamic and not node.ts_ordinary:
+                self.carve_out_used.append(pfn)  # TAG-CARVE-OUT-HIDDEN breaks (never, by construction)
             ts = node.in_tag_storage(pfn) and node.dynamic
             page = Page(pfn=pfn, tags=boot_tags(pfn), node=node.name, zone=node.zone, is_tag_storage=ts,
                         tag_capable=self.mte and node.ts_mode != "none" and not ts)
