@@ -435,6 +435,9 @@ class FramedStream:
             max_map_len=1 << 16,
         )
         self._packer = msgpack.Packer(default=_default, use_bin_type=True)
+        #: a message's parts are written one by one (no joining copy) only to a socket: on other streams (the
+        #: memory streams of in-process runs) one message stays one ``send_all``, one checkpoint, as before
+        self.parts_ok = isinstance(stream, trio.SocketStream)
         self.max_frame = max_frame
         self._guard = _FrameGuard(max_frame)
         self._ready: collections.deque = collections.deque()  # decoded, not yet returned
@@ -475,7 +478,11 @@ class FramedStream:
         Raises:
             ConnectionClosed: the peer has gone.
         """
-        await self.send_packed(*self.pack_parts(msg))
+        parts = self.pack_parts(msg)
+        if self.parts_ok:
+            await self.send_packed(*parts)
+        else:
+            await self.send_packed(join_parts(parts))
 
     async def send_packed(self, *data: bytes | bytearray | memoryview) -> None:
         """Send bytes from :meth:`pack` or the parts of :meth:`pack_parts` (one or more whole messages).
