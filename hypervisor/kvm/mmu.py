@@ -343,7 +343,12 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         if reserve and not s2_force_noncacheable and not await kvm_reserve_tag_storage(k, page):
             _release(k, page)  # the fault's reference would make the folio busy for migration
             got = None
-            await replace_folio_with_tagged(k, page.folio)
+            folio = page.folio
+            if not await replace_folio_with_tagged(k, folio) and folio.isolated:
+                # Another CPU is migrating the folio (compaction): in Linux the replays spin until it is
+                # done. The model waits for it instead, so that an unfair schedule cannot make a livelock
+                # out of a migration that would finish.
+                await k.sched.wait_until(lambda: not folio.isolated, "user_mem_abort:folio_isolated")
             return TAG_STORAGE_RETRY
         if bug:
             await k.sched.point("user_mem_abort:kvm_vma_mte_allowed")

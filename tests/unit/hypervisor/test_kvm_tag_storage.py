@@ -12,13 +12,16 @@ and the VM-MTE-KVM-FLAG invariant.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
-from support import Vm, expect_errno, invariants
+from support import Vm, expect_errno, explore_bounded, invariants
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.kernel import Kernel
 from hypervisor.syscalls import HOST_OPS
 from shared.abi import validate_args
+from shared.errno import KernelError
 from shared.physmem import PhysConfig
 
 PAGE = 4096
@@ -210,3 +213,72 @@ class TestCopyTagsUnchanged:
         assert k.tag_storage.parked(page.pfn)  # a migration target never has storage: its tags wait
         r = await vm.copy_tags(RAM, PAGE, from_guest=True)
         assert r["tags"] == bytes(256)
+
+
+class TestRaces:
+    """The stage-2 reserve path under controlled interleavings (every schedule with at most two preemptions)."""
+
+    @pytest.fixture(autouse=True)
+    def dynamic_host(self, monkeypatch):
+        """support.run_once boots its Kernel with dynamic tag storage."""
+        import support
+
+        monkeypatch.setattr(support, "Kernel", functools.partial(Kernel, physmem=PhysConfig(tag_storage="dynamic")))
+
+    @staticmethod
+    async def _setup(k):
+        vm, hva = await vm_with_ram(k, 1)
+        await vm.slot(0, RAM, PAGE, hva)
+        return vm, hva
+
+    async def test_fault_vs_compaction_into_tag_storage(self):
+        """A guest fault racing with the page's move into tag storage never maps a page without storage Normal."""
+        async def setup(k):
+            vm, hva = await self._setup(k)
+            st: dict = {"vm": vm}
+
+            async def guest(k, st):
+                st["load"] = (await vm.load(RAM, 1)).value
+
+            async def compaction(k, st):
+                st["moved"] = await host_op(k, "migrate-pages", pid=vm.vmm.pid, addr=hva, size=PAGE, to="tag-storage")
+
+            return st, {"guest": guest, "host": compaction}
+
+        runs = await explore_bounded(setup, preemptions=2)
+        assert len(runs) > 10
+        for run in runs:
+            assert run.failure is None, run.failure
+            assert run.state["load"] == b"\x01"
+            e = run.state["vm"].s2(RAM)
+            if e is not None:
+                assert not e.page.is_tag_storage and run.k.tag_storage.has_storage(e.page)
+            assert invariants(run.k) == []
+        # not vacuous: the move came after the guest's mapping (stage 2 zapped) in some runs, before it in others
+        assert {r.state["vm"].s2(RAM) is None for r in runs} == {True, False}
+
+    async def test_fault_vs_memslot_delete(self):
+        """A guest fault racing with the memslot's DELETE never leaves VM_MTE_KVM on the VMA (VM-MTE-KVM-FLAG)."""
+        async def setup(k):
+            vm, hva = await self._setup(k)
+            st: dict = {"vm": vm, "hva": hva}
+
+            async def guest(k, st):
+                try:
+                    st["load"] = (await vm.load(RAM, 1)).value
+                except KernelError as exc:  # the slot went away under the fault (vcpu.py: "mixes RAM and MMIO")
+                    st["load"] = exc.name
+
+            async def vmm(k, st):
+                await vm.slot(0, RAM, 0, hva)
+
+            return st, {"guest": guest, "vmm": vmm}
+
+        runs = await explore_bounded(setup, preemptions=2)
+        assert len(runs) > 10
+        for run in runs:
+            assert run.failure is None, run.failure
+            assert not mte_kvm(run.state["vm"], run.state["hva"])
+            assert invariants(run.k) == []
+        loads = [r.state["load"] for r in runs]
+        assert b"\x01" in loads and any(isinstance(v, dict) and v.get("exit") == "mmio" for v in loads)
