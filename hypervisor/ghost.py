@@ -198,7 +198,7 @@ class Ghost:
         if loc is None:
             return
         kind, cur = self._backing(loc)
-        if kind == "none" or (isinstance(cur, Page) and cur is not page and cur.zone != "normal"):
+        if kind == "none" or (isinstance(cur, Page) and cur is not page and not cur.is_ram):
             return  # the location was dropped (MADV_DONTNEED, munmap): the write went to an orphan
         self._record_tags(loc, first, tags)
         if len(page.rmap) > 1:

@@ -91,7 +91,7 @@ async def __gfn_to_page(k: Kernel, kvm: Kvm, gfn: int, write: bool) -> Page | No
 
 
 def _release(k: Kernel, page: Page) -> None:
-    if page.zone == "normal":
+    if page.is_ram:
         put_page(k, page)
 
 
@@ -218,7 +218,7 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
             assert page is not None  # _faultin returns a present entry
             if page is zero_page:
                 got = ZERO_TAGS
-            elif page.zone != "normal":
+            elif not page.is_ram:
                 break
             elif (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
                 got = read_tags(k, page, 0, step, who)
@@ -231,7 +231,7 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
         else:
             break
         pte = get(vpn)
-        if pte is None or pte.page is None or pte.migrating or pte.page.zone != "normal" and pte.page is not zero_page:
+        if pte is None or pte.page is None or pte.migrating or not pte.page.is_ram and pte.page is not zero_page:
             break  # a fault that failed, or device memory: the per-page path decides
     return vpn - vpn0
 
@@ -304,7 +304,7 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
                     records = ghost.spaces.setdefault(mm if obj is None else obj, records)
             page = pte.page
             assert page is not None  # present
-            if pte.special or page.zone != "normal":
+            if pte.special or not page.is_ram:
                 break
             folio = page.folio
             if folio.flags & PG_mte_lock and not folio.flags & PG_mte_tagged:

@@ -383,3 +383,25 @@ class TestCopyTags:
         await expect_errno("EFAULT", vm.copy_tags(DEV, PAGE, from_guest=from_guest, tags=bytes(256)))
         r = await vm.copy_tags(DEV - PAGE, 2 * PAGE, from_guest=from_guest, tags=bytes(512))
         assert r["length"] == PAGE
+
+
+class TestMovableNode:
+    """KVM paths on RAM of a hot-plugged movable node (ZONE_MOVABLE struct pages)."""
+
+    @pytest.mark.parametrize("from_guest", [True, False])
+    async def test_copy_tags_drops_its_reference(self, from_guest):
+        """COPY_TAGS on a movable node's page drops its GUP reference: the page still migrates afterwards."""
+        k = host(nodes=[NodeConfig("cxl0", "cxl", 64 << 20, "movable")])
+        vm = await Vm.create(k, mte=True)
+        hva = await vm.vmm("mmap", addr=None, size=2 * PAGE, prot=RW, share="private", backing="anon", object=None,
+                           node="cxl0")
+        await vm.slot(0, RAM, 2 * PAGE, hva)
+        await vm.stg(RAM, 16, 4)
+        page = vm.vmm.page(hva)
+        assert page.zone == "movable" and page.node == "cxl0"
+        await vm.copy_tags(RAM, 2 * PAGE, from_guest=from_guest, tags=bytes([4]) * 512)
+        assert page.refcount == page.mapcount == 1
+        assert await HOST_OPS["migrate-pages"](k, validate_args("migrate-pages", {
+            "pid": vm.vmm.pid, "addr": hva, "size": PAGE})) == 1
+        assert await vm.ldg(RAM, 16) == [4]
+        assert invariants(k) == []
