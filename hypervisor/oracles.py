@@ -401,7 +401,7 @@ class Oracle:
 
 def page_tag_capable(page: Page) -> bool:
     """``tag-capable`` of page-flags: the memory keeps allocation tags (device memory never does)."""
-    return not is_device_page(page) and getattr(page, "tag_capable", True)
+    return not is_device_page(page) and page.tag_capable
 
 
 def _node_of(page: Page) -> str:
