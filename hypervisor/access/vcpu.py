@@ -115,7 +115,7 @@ def _tags_reachable(k: Kernel, vcpu: Vcpu, attr: str, entry) -> bool:
 
 def _keeps_tags(page) -> bool:
     """The memory behind the entry keeps allocation tags (``tag-capable`` of page-flags)."""
-    return page.zone not in DEVICE_ZONES and getattr(page, "tag_capable", True)
+    return page.zone not in DEVICE_ZONES and page.tag_capable
 
 
 def _has_ghost(page) -> bool:
