@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from hypervisor.mm.memory import handle_mm_fault, put_page
+from hypervisor.mm_types import VM_WRITE
 from shared.errno import KernelError
 from shared.mte import PAGE_SHIFT, PAGE_SIZE, page_align_up
 
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 
 async def pin_user_pages(k: Kernel, mm, start: int, end: int) -> int:
-    """pin_user_pages(FOLL_WRITE): fault each page of [start, end) in and pin it; returns pages pinned.
+    """pin_user_pages(): fault each page of [start, end) in (for write where writable) and pin it.
+
+    Returns the pages pinned.
 
     Raises:
         KernelError: EFAULT where there is no VMA (nothing stays pinned then).
@@ -28,9 +31,11 @@ async def pin_user_pages(k: Kernel, mm, start: int, end: int) -> int:
     try:
         async with mm.mmap_lock.read():
             for addr in range(start, end, PAGE_SIZE):
-                if mm.find_vma(addr) is None:
+                vma = mm.find_vma(addr)
+                if vma is None:
                     raise KernelError("EFAULT", f"pin-pages: no VMA at {addr:#x}")
-                pte = await handle_mm_fault(k, mm, addr, True, locked=True)
+                # FOLL_WRITE where the VMA is writable (a read into the buffer), else a read pin
+                pte = await handle_mm_fault(k, mm, addr, bool(vma.flags & VM_WRITE), locked=True)
                 page = pte.page
                 assert page is not None
                 if pte.special or not page.is_ram:

@@ -38,12 +38,12 @@ async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:
                 continue
             for vpn in mm.vpns_in(max(start, vma.start), min(end, vma.end)):
                 pte = mm.pt.get(vpn)
-                if pte is None or not pte.present or pte.special:
-                    continue
+                if pte is None or not pte.present or pte.special or pte.fault_on_access:
+                    continue  # (a fault-on-access PTE waits for tag storage: its page's tags may be parked)
                 page = pte.page
                 if page is None or not page.is_ram:
                     continue
-                if page.ksm or page.is_hugetlb or page.isolated or page.pins:
+                if page.ksm or page.is_hugetlb or page.isolated or page.pins or k.tag_storage.parked(page.pfn):
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")
                 key = page_content_key(page)
