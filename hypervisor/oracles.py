@@ -309,6 +309,11 @@ class Oracle:
                 else:
                     self.report("PARKED-TAGS-CONSUMED-ONCE", f"tags are parked for pfn {pfn:#x}, which has "
                                                              "tag storage", page)
+        for h in k.page_handles.values():  # alloc-pages pages living in tag storage keep their data
+            for i, page in enumerate(h):
+                if page.is_tag_storage and page.data != h.expected.get(i):
+                    self.report("TAG-STORAGE-NOT-CLOBBERED", f"tag storage pfn {page.pfn:#x}, in use as data by "
+                                                             f"{h.name!r}, no longer holds what its owner wrote", page)
         zp = alloc.zero_page
         blocks, _refs = ts.blocks_of(zp)
         if not zp.flags & PG_tag_storage_reserved or any(b not in ts.blocks for b in blocks):

@@ -197,3 +197,38 @@ class TestNodes:
         await expect_errno("ENOENT", host(k, "migrate-pages", pid=p.pid, addr=a, size=PAGE, to="nowhere"))
         await expect_errno("EINVAL", host(k, "migrate-pages", pid=p.pid, addr=a, size=PAGE, to="tag-storage"))
         assert invariants(k) == []
+
+
+class TestTagStorageInvariants:
+    """The state checks of part B can fail (each is shown breaking on a state made by hand)."""
+
+    async def test_clobbered_data_of_a_tag_storage_page(self):
+        """A tag storage page in use as data whose bytes change behind its owner breaks TAG-STORAGE-NOT-CLOBBERED."""
+        k = Kernel(physmem={"tag_storage": "dynamic"})
+        await host(k, "alloc-pages", name="ts", count=1, **{"from": "tag-storage"})
+        assert invariants(k) == []
+        k.page_handles["ts"][0].write(0, b"\xff" * 16)  # a tag write into an unreserved block, as it were
+        assert "TAG-STORAGE-NOT-CLOBBERED" in invariants(k)
+
+    async def test_refcount_and_zero_page(self):
+        """A block refcount off by one breaks TAG-BLOCK-REFCOUNT; dropping the zero page's block breaks
+        ZERO-PAGE-HAS-STORAGE."""
+        k = Kernel(physmem={"tag_storage": "dynamic"})
+        ts = k.tag_storage
+        (b,) = ts.blocks
+        ts.blocks[b] += 1
+        assert "TAG-BLOCK-REFCOUNT" in invariants(k)
+        del ts.blocks[b]
+        assert "ZERO-PAGE-HAS-STORAGE" in invariants(k)
+
+    async def test_tagged_without_storage(self):
+        """A PG_mte_tagged page of a dynamic node without PG_tag_storage_reserved breaks TAGGED-IMPLIES-STORAGE."""
+        from hypervisor.arm64.mte_tag_storage import PG_tag_storage_reserved
+
+        k = Kernel(physmem={"tag_storage": "dynamic"})
+        p = Proc.new(k, "p")
+        a = await p("mmap", size=PAGE, prot=RWM)
+        await p("stg", addr=a, tag=1, size=16)
+        assert invariants(k) == []
+        p.page(a).flags &= ~PG_tag_storage_reserved
+        assert "TAGGED-IMPLIES-STORAGE" in invariants(k)
