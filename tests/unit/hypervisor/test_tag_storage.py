@@ -179,3 +179,30 @@ class TestPins:
         assert c.page(a) is not p.page(a) and p.pte(a).write
         assert await c.tags(a, 16) == [5]
         assert invariants(k) == []
+
+
+class TestAtomicAndParkedChecks:
+    """NO-SLEEP-IN-ATOMIC and PARKED-TAGS-CONSUMED-ONCE can fail."""
+
+    async def test_reserve_under_a_spinlock(self):
+        """reserve_tag_storage under a page-table lock breaks NO-SLEEP-IN-ATOMIC."""
+        from hypervisor.arm64.mte_tag_storage import spin_lock
+
+        k = dynamic()
+        page = k.alloc.alloc_page("movable")
+        with spin_lock(k, "ptl[test]"):
+            await k.tag_storage.reserve_tag_storage(page)
+        assert "NO-SLEEP-IN-ATOMIC" in invariants(k)
+        assert k.atomic == {}
+
+    async def test_parked_entry_for_a_page_with_storage(self):
+        """Tags parked for a page that has storage break PARKED-TAGS-CONSUMED-ONCE; for a freed page too."""
+        k = dynamic()
+        p = Proc.new(k, "p")
+        a = await p("mmap", size=PAGE, prot=RWM)
+        await p("stg", addr=a, tag=1, size=16)
+        k.tag_storage.tags_by_pfn[p.page(a).pfn] = (bytes(128), None)
+        assert "PARKED-TAGS-CONSUMED-ONCE" in invariants(k)
+        k2 = dynamic()
+        k2.tag_storage.tags_by_pfn[0x80005] = (bytes(128), None)
+        assert "PARKED-TAGS-CONSUMED-ONCE" in invariants(k2)
