@@ -18,12 +18,13 @@ from hypervisor.arm64.mte_tag_storage import meminfo_physmem
 from hypervisor.fork import copy_process, kill_task
 from hypervisor.kvm.copy_tags import kvm_vm_ioctl_mte_copy_tags
 from hypervisor.kvm.memslot import kvm_set_memory_region, kvm_vm_ioctl_clear_dirty_log, kvm_vm_ioctl_get_dirty_log
+from hypervisor.kvm.mmu import stage2_entry_report
 from hypervisor.mm.fault_inject import host_inject_fault
 from hypervisor.mm.gup import host_pin_pages
 from hypervisor.mm.ksm import ksm_merge_range
 from hypervisor.mm.migrate import migrate_range
 from hypervisor.mm.mincore import do_mincore
-from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap
+from hypervisor.mm.mmap import do_madvise, do_mmap, do_mprotect_pkey, do_munmap, vma_flags_report
 from hypervisor.mm.page_alloc import host_alloc_pages, host_free_pages
 from hypervisor.mm.swap import madvise_pageout
 from hypervisor.ptrace import mte_ptrace_copy_tags
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 async def sys_mmap(k, t, a):
     return await do_mmap(k, t.mm, a["addr"], a["size"], a["prot"], a["share"], a["backing"], a["object"], a["offset"],
-                         hugepage_size=a["hugepage_size"])
+                         hugepage_size=a["hugepage_size"], node=a.get("node"), region=a.get("region"),
+                         attr=a.get("attr"))
 
 
 async def sys_mprotect(k, t, a):
@@ -274,6 +276,19 @@ async def host_kill(k, a):
     await kill_task(k, task)
 
 
+async def host_vma_flags(k: Kernel, pid: int, addr: int) -> dict:
+    """The VM_* flags and memtype of the VMA at ``addr`` of process ``pid`` (ESRCH: no such process)."""
+    return await vma_flags_report(k, k.task(pid).mm, addr)
+
+
+async def host_stage2_entry(k, a):
+    """The stage-2 leaf entry of VM ``vm`` at ``ipa`` (ESRCH when no VM of that name runs on this host)."""
+    for kvm in k.kvm.vms.values():
+        if not kvm.destroyed and vm_name(kvm) == a["vm"]:
+            return stage2_entry_report(k, kvm, a["ipa"])
+    raise KernelError("ESRCH", f"stage2-entry: no VM {a['vm']!r} runs on this host")
+
+
 HOST_OPS = {
     "swap-out": lambda k, a: host_swap_out(k, a["pid"], a["addr"], a["size"]),
     "ksm-merge": lambda k, a: host_ksm_merge(k, a["pid"], a["addr"], a["size"]),
@@ -282,6 +297,7 @@ HOST_OPS = {
     "inject-fault": host_inject_fault,
     "page-flags": host_page_flags, "check-invariants": host_check, "stats": host_stats,
     "meminfo": host_meminfo, "kill": host_kill,
+    "vma-flags": lambda k, a: host_vma_flags(k, a["pid"], a["addr"]), "stage2-entry": host_stage2_entry,
 }
 
 
