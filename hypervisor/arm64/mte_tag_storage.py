@@ -414,7 +414,9 @@ def page_flags_physmem(k: Kernel, page: Page | None, pte: Pte | None) -> dict:
 
 
 def meminfo_physmem(k: Kernel) -> dict:
-    """The physical-memory keys of ``meminfo``."""
+    """The physical-memory keys of ``meminfo`` (``regions`` from hypervisor/mm/memremap.py)."""
+    from hypervisor.mm.memremap import memremap
+
     alloc = k.alloc
     ts = k.tag_storage
     mode = alloc.layout.mode
@@ -423,7 +425,8 @@ def meminfo_physmem(k: Kernel) -> dict:
                                                                if n.ts_mode != "none"),
             "tag-storage-free-pages": alloc.cma_free_pages(),
             "tag-blocks-reserved": len(ts.blocks), "tags-parked": len(ts.tags_by_pfn),
-            "nodes": {n.name: n.to_meminfo() for n in alloc.nodes}}
+            "nodes": {n.name: n.to_meminfo() for n in alloc.nodes},
+            "regions": {r.name: {"type": r.type, "pages": r.pages} for r in memremap(k).regions.values()}}
 
 
 __all__ = ["FAULT_SITES", "PG_tag_storage_reserved", "Livelock", "TagStorage",

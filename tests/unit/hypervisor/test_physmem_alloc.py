@@ -232,3 +232,10 @@ class TestTagStorageInvariants:
         assert invariants(k) == []
         p.page(a).flags &= ~PG_tag_storage_reserved
         assert "TAGGED-IMPLIES-STORAGE" in invariants(k)
+
+
+async def test_meminfo_regions_are_not_ram():
+    """meminfo lists named regions by type and size; they are never counted in ram-pages."""
+    k = Kernel(physmem={"regions": [{"name": "bar0", "type": "pfnmap", "size": 2 << 20}]})
+    m = await host(k, "meminfo")
+    assert m["regions"] == {"bar0": {"type": "pfnmap", "pages": 512}} and m["ram-pages"] == 65536
