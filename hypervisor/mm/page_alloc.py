@@ -42,6 +42,9 @@ async def alloc_pages(k: Kernel, gfp: str = "movable", node: str | None = None, 
     """
     page = k.alloc.alloc_page(gfp, node, from_ts)
     if gfp == "tagged" and k.tag_storage.enabled:
+        if page.is_tag_storage:  # arch_alloc_cma() refuses __GFP_TAGGED (RFC invariant 4)
+            k.oracle.report("TAG-STORAGE-NEVER-TAGGED", f"a __GFP_TAGGED allocation returned tag storage pfn "
+                                                        f"{page.pfn:#x} (MIGRATE_CMA)", page)
         await k.tag_storage.reserve_tag_storage(page)  # best effort: a failure is ignored
     return page
 
@@ -68,7 +71,7 @@ class Handle(list):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
-        self.expected: dict[int, bytes] = {}  # id(page slot index) -> data; by position
+        self.expected: dict[int, bytes] = {}  # position in the handle -> the data its page holds
 
 
 def _usable(k: Kernel, gfp: str, node: str | None, from_ts: bool) -> int:
