@@ -226,6 +226,8 @@ class Oracle:
                     self.report("USER-VISIBLE-IMPLIES-TAGGED",
                                 f"pid {task.pid} maps untagged pfn {page.pfn:#x} at {vpn << 12:#x} "
                                 f"through a tagged PTE ({flag_names(vma.flags & VM_MTE)})", page)
+        if at_rest:
+            self.check_pte_attrs()
         for kvm in list(k.kvm.vms.values()):
             self._check_vm(kvm)
         self.check_physmem_state()
@@ -233,6 +235,22 @@ class Oracle:
         self.ghost.check()
         self._flush_ghost()
         return list(self.violations)
+
+    def check_pte_attrs(self) -> None:
+        """PTE-ATTRS-MATCH-VMA, at rest: a present PTE maps its page as its VMA says (Normal-Tagged
+        exactly where the VMA has VM_MTE). mprotect rewrites present PTEs; swap-in and migration
+        build theirs from vm_page_prot at the restore; one that lags silently drops STG (RAZ/WI)."""
+        for task in self.k.tasks.values():
+            mm = task.mm
+            for vpn, pte in mm.pt.items():
+                page = pte.page
+                if not pte.present or page is None or pte.special or not page.is_ram:
+                    continue
+                vma = mm.find_vma(vpn << 12)
+                if vma is not None and pte.tagged != bool(vma.flags & VM_MTE):
+                    self.report("PTE-ATTRS-MATCH-VMA",
+                                f"pid {task.pid} maps pfn {page.pfn:#x} at {vpn << 12:#x} "
+                                f"{'tagged' if pte.tagged else 'untagged'} in {vma!r}", page)
 
     # ---- physical memory and tag storage (H1: SCENARIOS-physmem parts A and B) ----------------
 

@@ -40,6 +40,7 @@ PROJECT: tuple[str, ...] = (
     "DIRTY-LOG-COMPLETE",
     "VMA-USE-AFTER-FREE",
     "STAGE-2-COHERENT",
+    "PTE-ATTRS-MATCH-VMA",  # at rest, a present PTE is Normal-Tagged exactly where its VMA has VM_MTE
 )
 
 #: The physical-memory part's invariants (the contract's table: static carve-out, RFC v3 dynamic
