@@ -217,7 +217,7 @@ async def migrate_to_coherent(k: Kernel, mm: MM, start: int, end: int, name: str
             old = pte.page
             if is_device_page(old) or old.is_hugetlb or old.ksm or old.swap_entry is not None or old.isolated:
                 continue
-            if old.mapcount != 1 or old.busy() or old.pins:
+            if old.mapcount != 1 or old.busy(held=0) or old.pins:
                 continue  # migrate_vma_check_page(): an extra reference (a pin, a CoW sharer) keeps it
             if region.next_free >= region.pages:
                 if moved:

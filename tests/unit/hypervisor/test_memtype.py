@@ -12,8 +12,10 @@ STAGE2-MEMTYPE.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
-from support import RW, RWM, Proc, Vm, expect_errno, invariants
+from support import RW, RWM, Proc, Vm, expect_errno, explore_bounded, invariants
 
 from hypervisor.kernel import Kernel
 from hypervisor.mm.memremap import REGION_BASE_PFN, memremap, migrate_to_coherent
@@ -405,3 +407,49 @@ class TestMovableNode:
             "pid": vm.vmm.pid, "addr": hva, "size": PAGE})) == 1
         assert await vm.ldg(RAM, 16) == [4]
         assert invariants(k) == []
+
+
+class TestCoherentRaces:
+    """migrate-pages to a coherent region against a guest's first access and a VMM store (bounded-exhaustive)."""
+
+    @pytest.fixture(autouse=True)
+    def coherent_host(self, monkeypatch):
+        """support.run_once boots its Kernel with a coherent region."""
+        import support
+
+        monkeypatch.setattr(support, "Kernel", functools.partial(
+            Kernel, physmem=PhysConfig(regions=(region("c", "coherent"),))))
+
+    async def test_migration_vs_guest_and_vmm(self):
+        """Whatever the interleaving, the guest and the VMM see the data, stage 2 follows the VMM's PTE, no
+        invariant breaks (the page is untagged)."""
+        async def setup(k):
+            vm = await Vm.create(k, mte=False)
+            hva = await vm.ram(0, RAM, PAGE)
+            await vm.vmm("store", addr=hva, data=b"\x05")
+            st: dict = {"vm": vm, "hva": hva}
+
+            async def guest(k, st):
+                st["load"] = (await vm.load(RAM, 1)).value
+
+            async def vmm(k, st):
+                await vm.vmm("store", addr=hva + 1, data=b"\x06")
+
+            async def driver(k, st):
+                st["moved"] = await migrate_to_coherent(k, vm.vmm.task.mm, hva, hva + PAGE, "c")
+
+            return st, {"driver": driver, "guest": guest, "vmm": vmm}
+
+        runs = await explore_bounded(setup, preemptions=1)
+        assert len(runs) > 10
+        for run in runs:
+            assert run.failure is None, run.failure
+            st = run.state
+            assert st["load"] == b"\x05"
+            assert (await st["vm"].vmm("load", addr=st["hva"], size=2)).value == b"\x05\x06"
+            e = st["vm"].s2(RAM)
+            assert e is None or e.page is st["vm"].vmm.page(st["hva"])
+            assert invariants(run.k) == []
+            assert (st["vm"].vmm.page(st["hva"]).zone == "device") == (st["moved"] == 1)
+        # not vacuous: a stage-2 fault's GUP reference makes the page busy (migrate_vma skips it) in some runs
+        assert {r.state["moved"] for r in runs} == {0, 1}
