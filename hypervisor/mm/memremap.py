@@ -235,7 +235,12 @@ async def _migrate_one(k: Kernel, mm: MM, vpn: int, pte: Pte, old: Page, region:
     mm.pt[vpn] = entry
     old.rmap.discard((mm, vpn))
     old.mapcount -= 1
-    await k.sched.point("migrate_vma_pages")
+    old.isolated = True  # migrate_vma_collect(): isolated from the LRU, no other migration takes it
+    try:
+        await k.sched.point("migrate_vma_pages")
+    finally:
+        old.isolated = False
+        k.sched.wake()
     if mm.pt.get(vpn) is not entry:  # zapped meanwhile (munmap, exit): nothing to map back
         put_page(k, old)
         return 0
