@@ -439,7 +439,8 @@ def _pte_mkwrite(mm: MM, vpn: int, pte: Pte) -> None:
     (Setting the bit on the same object would let a copier that sampled the
     read-only PTE install its stale copy over this one.)
     """
-    mm.pt[vpn] = Pte(page=pte.page, write=True, tagged=pte.tagged, special=pte.special)
+    mm.pt[vpn] = Pte(page=pte.page, write=True, tagged=pte.tagged, special=pte.special,
+                     fault_on_access=pte.fault_on_access)
 
 
 def _hugetlb_exclusive(mm: MM, vma: Vma, folio: Page) -> bool:
@@ -527,7 +528,8 @@ async def copy_page_range(k: Kernel, dst: MM, src: MM) -> None:
             continue
         if cow:
             pte.write = False
-        child = Pte(page=pte.page, write=pte.write, tagged=pte.tagged, special=pte.special)
+        child = Pte(page=pte.page, write=pte.write, tagged=pte.tagged, special=pte.special,
+                    fault_on_access=pte.fault_on_access)
         dst.pt[vpn] = child
         if not pte.special and pte.page is not None:
             pte.page.rmap.add((dst, vpn))

@@ -206,3 +206,16 @@ class TestAtomicAndParkedChecks:
         k2 = dynamic()
         k2.tag_storage.tags_by_pfn[0x80005] = (bytes(128), None)
         assert "PARKED-TAGS-CONSUMED-ONCE" in invariants(k2)
+
+
+async def test_fork_keeps_fault_on_access():
+    """fork shares a fault-on-access PTE as it is: the child's first access reserves storage, reads its zero tags."""
+    k = dynamic()
+    p = Proc.new(k, "p")
+    a = await p("mmap", size=PAGE, prot=RW)
+    await p("store", addr=a, data=b"d")
+    await p("mprotect", addr=a, size=PAGE, prot=RWM)
+    c = await p.fork("c")
+    assert c.pte(a).fault_on_access and invariants(k) == []
+    assert await c.tags(a, 16) == [0]
+    assert invariants(k) == []
