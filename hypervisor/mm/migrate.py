@@ -97,7 +97,8 @@ def _target(k: Kernel, to: str | None):
         if old.is_hugetlb:
             if to == "tag-storage":
                 raise KernelError("ENOMEM", "migrate-pages: a hugetlb folio does not fit a tag storage page")
-            return await alloc_hugetlb_folio(k, len(old.subpages), "movable", old.node if to is None else to)
+            # hugetlb folios are not parked (the model copies their tags whole): the target reserves storage
+            return await alloc_hugetlb_folio(k, len(old.subpages), "tagged", old.node if to is None else to)
         if to == "tag-storage":
             return await alloc_pages(k, "movable", None, from_ts=True)
         # v3 dropped the migration target's hook: an untagged movable page (it has no storage)
