@@ -46,6 +46,10 @@ async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:
                 if page.ksm or page.is_hugetlb or page.isolated or page.pins or k.tag_storage.parked(page.pfn):
                     continue
                 await k.sched.point("ksm:cmp_and_merge_page")
+                # the PTE may have changed while we slept (another pass merged it, a fault replaced it):
+                # cmp_and_merge_page() works under the page lock and replace_page() checks pte_same()
+                if mm.pt.get(vpn) is not pte or pte.page is not page or page.ksm or page.free:
+                    continue
                 key = page_content_key(page)
                 stable = k.ksm_stable.get(key)
                 if stable is not None and not stable.free and stable is not page \
