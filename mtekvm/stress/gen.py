@@ -59,7 +59,11 @@ VM_BACKINGS = ("anon", "memfd", "hugetlb")
 #: The physical-memory world: a host with dynamic tag storage and RAM of PHYSMEM_RAM (a 2 MiB tag region).
 PHYSMEM_RAM = "64MiB"
 PHYSMEM_PAGES = 4  # p0's PROT_MTE-able pages and the shared memfd's, each
-PHYSMEM_FAULT_SITES = ("reserve-tag-storage", "tag-buf", "tag-buf-atomic")
+#: Injected failures that the fixed kernel survives without breaking an invariant. Left out, as
+#: they break one by design (docs/findings.md): ``tag-buf-atomic`` (copy_highpage loses the tags:
+#: PRESERVE-ON-COPY), ``reserve-tag-storage`` every time (the fault livelocks), and pinned pages
+#: in tag storage (reservations of their blocks fail until unpinned: FAULT-FORWARD-PROGRESS).
+PHYSMEM_FAULTS = (("reserve-tag-storage", 1), ("reserve-tag-storage", 2), ("tag-buf", 1), ("tag-buf", -1))
 #: The migration world: a VM of MIGRATION_PAGES anonymous pages and two vCPUs on host ``src``, moved to ``dst``.
 MIGRATION_PAGES = 8
 MIGRATION_FAULTS = ("kill-destination", "cut")
@@ -180,6 +184,7 @@ class _World:
         self.block_page = 0
         self.host_keys: dict[str, Any] = {}
         self.phys_tagged: set[int] = set()
+        self.phys_pins = False
 
     def chance(self, p: float) -> bool:
         return self.rng.random() < p
@@ -331,7 +336,10 @@ class _World:
                                "size": 64})
         for pg in range(2):
             self.steps.append({"actor": "p0", "op": "stg", "addr": SHARED + pg * PAGE, "tag": self.tag(), "size": 64})
-        if self.chance(0.6):  # as compaction may: untagged data pages into free tag storage
+        # Pins and tag storage do not meet: a pinned page inside tag storage blocks every reservation
+        # of its block until unpinned, and a model pin is never released (docs/findings.md)
+        self.phys_pins = self.chance(0.4)
+        if not self.phys_pins and self.chance(0.6):  # as compaction may: untagged data pages into free tag storage
             first = r.randrange(PHYSMEM_PAGES)
             self.steps.append({"actor": "host", "op": "migrate-pages", "process": "p0", "addr": PRIVATE + first * PAGE,
                                "size": PAGE * r.randint(1, PHYSMEM_PAGES - first), "to": "tag-storage"})
@@ -343,22 +351,21 @@ class _World:
                                    "size": r.choice([16, 64, PAGE])})
         if self.chance(0.5):  # other users' data in tag storage: block claims migrate it, or fail on pins
             self.steps.append({"actor": "host", "op": "alloc-pages", "name": "ts", "from": "tag-storage",
-                               "count": r.choice([8, 64, "all"]), "pin": self.chance(0.4)})
+                               "count": r.choice([8, 64, "all"])})
         if self.chance(0.3):
             self.steps.append({"actor": "host", "op": "swap-out", "process": "p0", "addr": SHARED, "size": 2 * PAGE})
-        if self.chance(0.3):
+        pinned = None
+        if self.phys_pins and self.chance(0.6):  # fork copies a pinned page at once, under the PTLs
+            pinned = r.choice(tagged) if tagged and self.chance(0.7) else r.randrange(PHYSMEM_PAGES)
             self.steps.append({"actor": "host", "op": "pin-pages", "process": "p0",
-                               "addr": PRIVATE + r.randrange(PHYSMEM_PAGES) * PAGE, "size": PAGE})
-        if self.chance(0.35):
-            self.vm = {"backing": "anon", "size": size, "prot_mte": True, "setup": "auto", "host": "host",
-                       "vcpus": 1, "memory": [{"ipa": GUEST_IPA, "size": size, "backing": "anon"}]}
-            self.steps += [{"actor": "guest:vm0", "op": "enable-mte", "tcf": r.choice(["sync", "none"])},
-                           {"actor": "guest:vm0", "op": "map", "va": GUEST_IPA, "ipa": GUEST_IPA, "size": size,
-                            "attr": "tagged"}]
-            if self.chance(0.5):
-                self.steps.append({"actor": "guest:vm0", "op": "stg", "addr": GUEST_IPA, "tag": self.tag(),
-                                   "size": 64})
-        if self.chance(0.3):
+                               "addr": PRIVATE + pinned * PAGE, "size": PAGE})
+        if self.chance(0.35):  # an MTE VM whose RAM the VMM maps at VMM_RAM (KVM reserves at stage-2 faults)
+            self.vm = {"backing": "anon", "size": size, "prot_mte": False}
+            self._setup_vm()
+        if self.chance(0.5 if pinned is not None else 0.3):
+            if pinned is not None and self.chance(0.5):  # the child's copy gets no storage: its tags are parked
+                self.steps.append({"actor": "host", "op": "inject-fault", "site": "reserve-tag-storage",
+                                   "times": 1})
             self.steps.append({"actor": "p0", "op": "fork", "child": "c0"})
             self.child = "c0"
         for _ in range(1 if self.chance(0.6) else 2):
@@ -376,9 +383,12 @@ class _World:
             self.steps.append({"actor": "guest:vm0", "op": "ldg", "addr": GUEST_IPA, "size": 64})
 
     def _physmem_op(self) -> dict:
-        """One operation of a physmem race, mostly on the block's page."""
+        """One operation of a physmem race, mostly on the block's page; with a VM, half of the
+        operations are the guest's first accesses and the VMM dropping the same RAM."""
         r = self.rng
         pg = self.block_page if self.chance(0.8) else r.randrange(PHYSMEM_PAGES)
+        if self.vm is not None and self.chance(0.5):
+            return self._physmem_vm_op(pg)
         addr = PRIVATE + pg * PAGE
         shared = SHARED + (pg % 2) * PAGE
         procs = ["p0"] + ([self.child] if self.child else [])
@@ -393,7 +403,7 @@ class _World:
             return {"actor": who, "op": r.choice(["ldg", "load"]), "addr": addr, "size": 16}
         if x < 0.37:
             return {"actor": "host", "op": "migrate-pages", "process": "p0", "addr": r.choice([addr, shared]),
-                    "size": PAGE, **({"to": "tag-storage"} if self.chance(0.5) else {})}
+                    "size": PAGE, **({"to": "tag-storage"} if not self.phys_pins and self.chance(0.5) else {})}
         if x < 0.47:
             return {"actor": "host", "op": "swap-out", "process": "p0", "addr": r.choice([addr, shared]),
                     "size": PAGE}
@@ -406,23 +416,35 @@ class _World:
                 src = r.choice(["any", "tag-storage"])
                 return {"actor": "host", "op": "alloc-pages", "name": f"h{r.randrange(1 << 16)}",
                         "count": r.choice([1, 16, "all" if src == "tag-storage" else 64]), "from": src,
-                        "pin": self.chance(0.3)}
+                        "pin": src == "any" and self.phys_pins and self.chance(0.3)}
             return {"actor": "host", "op": "free-pages", "name": "ts"}
         if x < 0.74:
-            return {"actor": "host", "op": "inject-fault", "site": r.choice(PHYSMEM_FAULT_SITES),
-                    "times": r.choice([1, 1, 2, -1])}
+            site, times = r.choice(PHYSMEM_FAULTS)
+            return {"actor": "host", "op": "inject-fault", "site": site, "times": times}
         if x < 0.80:
-            return {"actor": "host", "op": "pin-pages", "process": "p0", "addr": addr, "size": PAGE}
+            if self.phys_pins:
+                return {"actor": "host", "op": "pin-pages", "process": "p0", "addr": addr, "size": PAGE}
+            return {"actor": "host", "op": "migrate-pages", "process": "p0", "addr": addr, "size": PAGE}
         if x < 0.86:
             if self.chance(0.5):
                 return {"actor": "p1", "op": "ptrace-peek-tags", "target": "p0", "addr": addr, "count": 4}
             return {"actor": "p1", "op": "ptrace-poke-tags", "target": "p0", "addr": addr, "tags": [self.tag()] * 2}
-        if self.vm is not None:
-            gaddr = GUEST_IPA + pg * PAGE
-            if self.chance(0.5):
-                return {"actor": "guest:vm0", "op": "stg", "addr": gaddr, "tag": self.tag(), "size": 64}
-            return {"actor": "guest:vm0", "op": r.choice(["ldg", "load"]), "addr": gaddr, "size": 16}
         return {"actor": "p0", "op": "stg", "addr": addr, "tag": self.tag(), "size": 16}
+
+    def _physmem_vm_op(self, pg: int) -> dict:
+        """A guest access to guest page ``pg`` (a stage-2 fault that reserves tag storage, on first
+        touch), or the VMM dropping or migrating that page meanwhile."""
+        r = self.rng
+        gaddr = GUEST_IPA + pg * PAGE
+        y = r.random()
+        if y < 0.3:  # KVM reserved the page's storage, then the VMM freed it before sanitise tagged it
+            return {"actor": "vmm:vm0", "op": "madvise", "addr": VMM_RAM + pg * PAGE, "size": PAGE,
+                    "advice": "dontneed"}
+        if y < 0.4:
+            return {"actor": "host", "op": "migrate-pages", "vm": "vm0", "ipa": gaddr, "size": PAGE}
+        if y < 0.7:
+            return {"actor": "guest:vm0", "op": "stg", "addr": gaddr, "tag": self.tag(), "size": 64}
+        return {"actor": "guest:vm0", "op": r.choice(["ldg", "load"]), "addr": gaddr, "size": 16}
 
     def _migrate_step(self, to: str) -> dict:
         """A ``migrate`` to ``to`` with 0-3 pre-copy passes, sometimes with an injected fault (its

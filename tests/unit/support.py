@@ -452,3 +452,19 @@ async def vmm_with_client(nursery, host, name: str = "vm0"):
     client = Client(a)
     await nursery.start(client.run)
     return vmm, client
+
+
+#: Shrinking kept short for the stress campaigns of the default suite (the command's defaults: 6 tries, 400 runs).
+STRESS_SHRINK = {"shrink_tries": 3, "shrink_runs": 60}
+
+
+def until_bug_worker():
+    """A stress campaign worker class that stops at the first failure the switched-on bug explains (one that
+    does not fail on the fixed model), for the quality tests' short campaigns."""
+    from mtekvm.stress.campaign import Worker
+
+    class UntilBug(Worker):
+        def _out_of_budget(self) -> bool:
+            return super()._out_of_budget() or any(f.get("fails_without_bugs") is False for f in self.failures)
+
+    return UntilBug
