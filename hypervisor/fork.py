@@ -23,6 +23,7 @@ from hypervisor.mm.memory import copy_page_range, zap_pte_range
 from hypervisor.mm.mmap import remove_vma
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm_types import MM, VM_SHARED
+from shared.errno import KernelError
 from shared.mte import TASK_SIZE
 
 if TYPE_CHECKING:
@@ -58,7 +59,12 @@ async def copy_process(k: Kernel, parent: Task, child_name: str | None) -> Task:
     child.mte_ctrl = MteCtrl(parent.mte_ctrl.tcf, parent.mte_ctrl.excl, parent.mte_ctrl.tagged_addr)
     child.tco = parent.tco
     child.fork_token = secrets.token_hex(16)
-    await dup_mmap(k, child.mm, parent.mm)  # dup_mm()
+    try:
+        await dup_mmap(k, child.mm, parent.mm)  # dup_mm()
+    except KernelError:  # dup_mmap() failed: the half-built child goes, and fork(2) fails with its errno
+        await exit_mmap(k, child.mm)
+        k.tasks.pop(child.pid, None)
+        raise
     return child
 
 

@@ -194,11 +194,11 @@ def _scheduler_kind(text: str) -> str:
 
 
 def list_bugs(out=sys.stdout) -> None:
-    """The bug zoo as a table: name, where it lives (host kernel or KVM), the fix, what it reintroduces."""
+    """The bug zoo as a table: name, where it lives (host mm, KVM, the VMM, tag storage), the fix."""
+    places = {2: "host mm", 3: "KVM", 9: "VMM", 11: "tag storage"}
     for b in BUGS.values():
-        where = "host mm" if b.issue <= 2 else "KVM"
-        print(f"{b.name:28} {where:8} fixed by {b.fixed_by}", file=out)
-        print(f"{'':28} {b.reintroduces}", file=out)
+        print(f"{b.name:34} {places.get(b.issue, '?'):11} fixed by {b.fixed_by}", file=out)
+        print(f"{'':34} {b.reintroduces}", file=out)
 
 
 class Progress:

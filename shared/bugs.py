@@ -139,6 +139,13 @@ KERNEL_FIXES: dict[str, KernelFix] = {
             "when they win its tag lock, not only the pages they were asked for "
             "(docs/findings.md, finding 3)",
         ),
+        KernelFix(
+            "tag-park-prepare",
+            "seed 002's second option for dynamic tag storage: a copy into a page without tag storage "
+            "that must run under spinlocks (fork's copy_present_page) prepares its tag buffer "
+            "beforehand with GFP_KERNEL, outside the locks; when that fails the fork fails with ENOMEM "
+            "instead of losing the tags (docs/findings.md)",
+        ),
     )
 }
 

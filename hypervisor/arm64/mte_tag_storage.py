@@ -64,6 +64,7 @@ class TagStorage:
         self.holders: dict[int, dict[int, int]] = {}  # ghost: block -> {folio pfn: references it holds}
         self.tags_by_pfn: dict[int, tuple[bytes, bytes | bytearray | None]] = {}  # pfn -> (packed tags, shadow)
         self.restoring: set[int] = set()
+        self.prepared: set[int] = set()  # pfns with a tag buffer prepared outside the locks (tag-park-prepare)
         self.lock = ModelMutex(k.sched, "tag_blocks_lock")
         self.inject: dict[str, int] = {}
         if self.enabled:
@@ -310,7 +311,9 @@ class TagStorage:
         ``tag-park-gfp-kernel``, xa_reserve(GFP_KERNEL) and a GFP_KERNEL buffer, which may sleep);
         otherwise swap-in's GFP_KERNEL buffer (``tag-buf``).
         """
-        if atomic:
+        if atomic and pfn in self.prepared:  # copy_highpage_prepare() allocated it: nothing to allocate now
+            self.prepared.discard(pfn)
+        elif atomic:
             if "tag-park-gfp-kernel" in self.k.bugs:
                 might_sleep(self.k, "xa_reserve(GFP_KERNEL) in copy_highpage")
                 might_sleep(self.k, "kmalloc(GFP_KERNEL) in copy_highpage")
@@ -321,6 +324,21 @@ class TagStorage:
             if self.should_fail("tag-buf"):
                 return False
         self.tags_by_pfn[pfn] = (packed, shadow)
+        return True
+
+
+    def copy_highpage_prepare(self, to: Page, frm: Page) -> bool:
+        """Seed 002's second option (kernel fix ``tag-park-prepare``): before a copy that will run under
+        spinlocks, allocate the buffer copy_highpage may park ``frm``'s tags in (GFP_KERNEL, so
+        ``tag-buf`` can fail it). True when none is needed or it is ready; the copy consumes it."""
+        if to.pfn in self.prepared or not self.lacks_storage(to):
+            return True
+        if not (frm.folio.flags & PG_mte_tagged or self.parked(frm.pfn)):
+            return True
+        might_sleep(self.k, "kmalloc(GFP_KERNEL) in copy_highpage_prepare")
+        if self.should_fail("tag-buf"):
+            return False
+        self.prepared.add(to.pfn)
         return True
 
 

@@ -547,10 +547,14 @@ async def copy_present_page(k: Kernel, dst: MM, src: MM, vma: Vma, vpn: int, pte
     page = pte.page
     assert page is not None
     new = await _alloc(k, vma)  # copy_pte_range()'s prealloc
+    ts = k.tag_storage
+    if "tag-park-prepare" in k.fixes and ts.enabled and not ts.copy_highpage_prepare(new, page):
+        put_page(k, new)
+        raise KernelError("ENOMEM", "fork: no buffer for the tags of a pinned page (copy_highpage_prepare)")
     with spin_lock(k, f"ptl[{dst.owner}]"), spin_lock(k, f"ptl[{src.owner}]"):
         await copy_user_highpage(k, new, page)
+    ts.prepared.discard(new.pfn)  # a buffer the copy did not need
     child = Pte(page=new, write=pte.write, tagged=pte.tagged)
-    ts = k.tag_storage
     if ts.enabled and pte.tagged and ts.lacks_storage(new):
         child.fault_on_access = True
     elif k.mte and pte.tagged and not page_mte_tagged_any(new):
