@@ -256,11 +256,10 @@ def _vma_tagged(mm: MM, vpn: int) -> bool:
 def _refs_unexpected(old: Page) -> bool:
     """folio_ref_count() != folio_expected_refs(): a reference beyond the isolation and the page cache.
 
-    Every PTE was turned into a migration entry, so a mapping the folio has now
-    was made since (a fault that found it in the page cache: in Linux it would
-    wait for the folio lock migration holds; the model has no folio lock, so the
-    migration gives up instead). Its reference counts as unexpected too, or the
-    new PTE would keep mapping the old frame after the page cache moved on.
+    Every PTE was turned into a migration entry, and page-cache faults wait while the folio is
+    isolated (``shmem_get_folio``'s folio lock), so a reference or mapping the folio has now was taken
+    by someone who does not wait (a GUP holder such as COPY_TAGS or ptrace, a KSM or reclaim pass):
+    the migration gives up, as a failed ``folio_ref_freeze`` makes Linux retry.
     """
     if old.is_hugetlb:  # migrate_huge_page_move_mapping(): every subpage's count (the head holds ours)
         return any(p.busy(held=int(p is old)) or p.mapcount > 0 for p in old.subpages)

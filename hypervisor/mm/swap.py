@@ -186,6 +186,7 @@ async def _swap_out_one(k: Kernel, page: Page) -> int:
     finally:
         page.isolated = False
         put_page(k, page)
+        k.sched.wake()  # folio_unlock(): page-cache faults waiting on it go on
 
 
 async def _reclaim_isolated(k: Kernel, page: Page) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 from support import RWM, Proc, Vm, explore_bounded, frame_problems, invariants, phases, run_once
 
+import hypervisor.mm.memory
 import hypervisor.mm.migrate
 import hypervisor.mm.swap
 import hypervisor.ptrace
@@ -334,7 +335,9 @@ class TestHugetlbTagLockPoint:
 
 # ---- found by the stress campaign with the ghost on: a fault maps the page during migration ---
 
-def fault_during_migration():
+def fault_during_migration(unmap: bool = False):
+    """Q's shared memfd page is migrated while A (PROT_MTE) faults it in and tags it, then (``unmap``)
+    unmaps it again: the shape of stress seed 971."""
     async def setup(k):
         q = Proc.new(k, "Q")
         a = Proc.new(k, "A", session=q.task.session)
@@ -345,6 +348,8 @@ def fault_during_migration():
 
         async def tagger(k, st):
             await a("stg", addr=am, tag=NEW, size=PAGE)  # A's first touch: a fault through the page cache
+            if unmap:
+                await a("munmap", addr=am, size=PAGE)
 
         async def migrate(k, st):
             st["moved"] = await host_migrate_pages(k, q.pid, qm, PAGE)
@@ -360,22 +365,32 @@ PLAN6 = (("m", "migrate:copied"), ("a", None), ("m", None))
 class TestFaultDuringMigration:
     """A process faulting the shared page in from the page cache while migration has it unmapped."""
 
-    async def test_fixed_model_gives_up_on_a_new_mapping(self):
-        """The new PTE's reference makes the freeze fail: migration backs off, A and Q keep one frame with A's tags."""
+    async def test_fault_waits_for_the_folio_lock(self):
+        """The fault waits for migration's folio lock, then maps the new folio: A and Q share it, with A's tags."""
         run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
         assert violated(run) == [] and frame_problems(run.k) == []
         st = run.state
-        assert st["moved"] == 0
+        assert st["moved"] == 1
         assert st["a"].page(st["am"]) is st["q"].page(st["qm"])
         assert await st["a"].tags(st["am"], 16) == [NEW]
 
-    async def test_old_check_fires_tags_as_written(self, monkeypatch):
-        """Counting the new mapping as expected leaves A on the old frame while the page cache moves on:
-        TAGS-AS-WRITTEN."""
-        monkeypatch.setattr(hypervisor.mm.migrate, "_refs_unexpected", lambda old: old.busy())
-        run, _ = await run_once(fault_during_migration(), policy=phases(*PLAN6))
+    async def test_without_the_folio_lock_a_mapping_made_and_dropped_in_the_window_loses_the_store(self,
+                                                                                                  monkeypatch):
+        """Stress seed 971: without the wait, A maps the old frame after the copy, tags it and unmaps it before
+        the freeze, so migration moves on without the tags: TAGS-AS-WRITTEN."""
+        monkeypatch.setattr(hypervisor.mm.memory, "_NO_FOLIO_LOCK", True)
+        run, _ = await run_once(fault_during_migration(unmap=True), policy=phases(*PLAN6))
         assert run.state["moved"] == 1
         assert set(violated(run)) == {"TAGS-AS-WRITTEN"}
+
+    async def test_the_folio_lock_keeps_that_store(self):
+        """With the wait, the same race tags the new folio: Q's mapping of it holds A's tags."""
+        run, _ = await run_once(fault_during_migration(unmap=True), policy=phases(*PLAN6))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        st = run.state
+        assert st["moved"] == 1
+        page = st["q"].page(st["qm"])
+        assert list(page.tags[:1]) == [NEW]
 
 
 # ---- found by the ghost in a KVM stress run: a CoW copy installed over a reused PTE --------------
