@@ -327,6 +327,11 @@ async def vma_alloc_zeroed_movable_folio(k: Kernel, vma: Vma) -> Page:
     return page
 
 
+def _folio_unlocked(obj: MemObject, index: int, held: Page):
+    """The predicate a page-cache fault waits on: ``held`` is no longer isolated, or no longer the cache's."""
+    return lambda: obj.pages.get(index) is not held or not held.isolated
+
+
 #: Test-only: page-cache faults do not wait for a folio under migration or reclaim (the model before it
 #: had a folio lock), so tests/unit/hypervisor/test_lost_tag_races.py can show the store that loses.
 _NO_FOLIO_LOCK = False
@@ -344,8 +349,7 @@ async def shmem_get_folio(k: Kernel, obj: MemObject, index: int, node: str | Non
     while isinstance(cur, Page) and cur.isolated and not _NO_FOLIO_LOCK:
         # filemap_fault() -> lock_folio_maybe_drop_mmap(): migration and reclaim hold the folio
         # lock while they unmap, copy and move the page cache on; the fault then finds the new folio
-        await k.sched.wait_until(lambda held=cur: obj.pages.get(index) is not held or not held.isolated,
-                                 "folio_lock")
+        await k.sched.wait_until(_folio_unlocked(obj, index, cur), "folio_lock")
         cur = obj.pages.get(index)
     if isinstance(cur, Page):
         get_page(cur)
