@@ -411,8 +411,8 @@ class _Run:
         """Raise ESRCH unless ``vm`` runs on ``host`` now."""
         if vm in self.gone:
             raise RemoteError("ESRCH", f"VM {vm} is gone ({self.gone[vm]})")
-        if self.vm_host[vm] != host:
-            raise RemoteError("ESRCH", f"VM {vm} runs on host {self.vm_host[vm]!r}, not {host!r}")
+        if self.vm_host.get(vm) != host:
+            raise RemoteError("ESRCH", f"VM {vm} runs on host {self.vm_host.get(vm)!r}, not {host!r}")
 
     async def _dispatch(self, step: Step, ctx: str) -> Reply:
         """Send the step to whoever serves it now and return the reply (RemoteError: its errno).

@@ -298,6 +298,10 @@ def normalise(actor_kind: str, op: str, raw: dict, st: Any, who: str, w: Where) 
         return _VMM_SPECIAL[op](a, d, st, w)
     if "pid" in names:
         return _host_op(a, d, st, who)
+    if actor_kind == "host" and "vm" in names and "vm" in a:  # stage2-entry: a VM of the scenario, by name
+        vm = a.get("vm", string)
+        if vm not in st.vms:
+            raise w.error("vm", f"unknown VM {vm!r}; VMs: {', '.join(st.vms) or 'none'}")
     if len(d.fields) > 1 and all(f.default is None for f in d.fields) and not any(f.key in a for f in d.fields):
         raise w.error(d.fields[0].key, f"op '{op}' needs "
                       f"{', '.join(repr(f.key) for f in d.fields[:-1])}, {d.fields[-1].key!r} or both")
