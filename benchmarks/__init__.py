@@ -133,11 +133,19 @@ The figures (columns: figure, unit, value, baseline, baseline value, ratio)
    ``path``, against writing the same number of bytes (data and tags) to a
    file in the same folder with plain ``write`` calls (no fsync, as the
    snapshot does none). Ratio = raw time / snapshot time.
+8. Controlled runs per second (``benchmarks/runs.py``): today's in-process path against the old one,
+   and with worker processes (see that module).
+9. Dynamic tag storage (``benchmarks/physmem.py``): the first STG of each of 2048 fresh PROT_MTE
+   pages in an in-process kernel, in pages/s, on a ``tag-storage = "dynamic"`` host with free tag
+   storage and with tag storage full of movable data (each block claim migrates it away: the cost of
+   a reservation in a pressured host). Baseline: the same on a static host. Ratio below 1: slower.
+   Whether the physical-memory work slowed the static path itself shows in figures 2 and 4 read
+   against a run of an older tree (docs/performance.md).
 
 Options: ``--seconds S`` (time per figure/baseline pair, default 2), ``--touch MiB``
 (default 64), ``--dump-mib MiB`` (guest RAM dumped by figure 5, default 1024; 0
 skips figure 5; a quick run can use 256), ``--migrate-mib MiB`` (guest RAM of
 figures 6 and 7, a multiple of 64, default 1024; 0 skips them), ``--json PATH`` (write the table as
-JSON too). Figures run in the order 1, 2, 4, 5, 6, 7, 3 (4 and 5 need the echo
-server); the table lists them by number.
+JSON too). Figures run in the order 1, 2, 4, 5, 6, 7, 3, 8, 9 (4 and 5 need the echo
+server).
 """

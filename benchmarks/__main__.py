@@ -590,6 +590,11 @@ async def run(args) -> list[Row]:
 
     print("figure 8: controlled runs per second (today's path against the old one) ...", file=sys.stderr, flush=True)
     rows += [Row(**r) for r in await bench_runs(2 * args.seconds)]
+    from benchmarks.physmem import bench_tag_storage
+
+    print("figure 9: first tagged touch with dynamic tag storage, against the static path ...", file=sys.stderr,
+          flush=True)
+    rows += [Row(**r) for r in await bench_tag_storage()]
     return rows + kvm_rows
 
 
