@@ -61,13 +61,12 @@ from __future__ import annotations
 
 import array
 import sys
-import zlib
 from typing import TYPE_CHECKING
 
 from hypervisor.arm64.mte_lock import PG_mte_tagged
 from hypervisor.arm64.tags import shared_tags
 from hypervisor.mm_types import VM_SHARED, MemObject
-from hypervisor.page import Page
+from hypervisor.page import Page, data_hash
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, PAGES_PER_HPAGE, unpack_tags
 
@@ -84,35 +83,45 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 _NO_ENTRIES: dict = {}
 
 
-_HALF = PAGE_SIZE // 2
-
-
-def data_hash(data) -> int | None:
-    """The ghost's digest of a page's data (None for an all-zero page).
-
-    The CRC-32 of each half of the page, as one 64-bit number: stable across
-    processes (``ghost-export`` on one host is compared on another after a
-    migration, so Python's per-process salted ``hash()`` will not do), and
-    cheaper than hashlib (zlib's CRC runs at several GB/s and reads the
-    bytearray without a copy). CRC detects every burst of up to 32 changed
-    bits in a half; a larger change goes unseen with odds of about 2^-64.
-    """
-    if data is None or data == _ZERO_PAGE:
-        return None
-    if len(data) != PAGE_SIZE:
-        return zlib.crc32(data) | (len(data) << 32)
-    view = memoryview(data)
-    return zlib.crc32(view[_HALF:]) << 32 | zlib.crc32(view[:_HALF])
-
-
 class Entry:
-    """What was last written at one user location."""
+    """What was last written at one user location.
 
-    __slots__ = ("tags", "data")
+    The data digest is taken lazily: after a store, the entry points at the
+    page written (``_src``) and means "what that page holds now"; the digest
+    is computed when someone asks for ``data``, or by the page itself just
+    before its content changes (``Page._settle``), whichever comes first. So a
+    page stored and never checked costs no CRC, and a load of a page whose
+    entry still points at it needs none to know it reads what was written.
+    """
+
+    __slots__ = ("tags", "_data", "_src")
 
     def __init__(self, tags: bytes | None = None, data: int | None = None):
         self.tags = tags  # immutable: shared between copies (and one object per uniform page, shared_tags)
-        self.data = data
+        self._data = data
+        self._src: Page | None = None
+
+    @property
+    def data(self) -> int | None:
+        """The digest of the data last written (None: zeros)."""
+        src = self._src
+        if src is not None:
+            self._data, self._src = src.data_hash(), None
+        return self._data
+
+    @data.setter
+    def data(self, value: int | None) -> None:
+        self._data, self._src = value, None
+
+    def written_from(self, page: Page) -> None:
+        """The data last written here is what ``page`` holds now (digest taken later, see the class)."""
+        if self._src is not page:
+            self._src = page
+            page.lazy_entry(self)
+
+    def holds(self, page: Page) -> bool:
+        """The data last written here is what ``page`` holds (no digest needed when the entry points at it)."""
+        return self._src is page or self.data == page.data_hash()
 
     def copy(self) -> Entry:
         """A private copy (fork, first private write over an object); the immutable tags are shared."""
@@ -221,7 +230,7 @@ class Ghost:
         """A data store into ``page`` (which ``loc`` maps at this instant) retired."""
         if loc is None:
             return
-        self._entry(loc).data = data_hash(page.data)
+        self._entry(loc).written_from(page)
 
     def anon_data_written(self, mm: MM, vpn: int, page: Page) -> None:
         """``data_written`` for a page of a private anonymous VMA (the mm's entry by vpn), without a location."""
@@ -230,9 +239,16 @@ class Ghost:
             pages = self.spaces[mm] = {}
         e = pages.get(vpn)
         if e is None:
-            pages[vpn] = Entry(None, data_hash(page.data))
-        else:
-            e.data = data_hash(page.data)
+            e = pages[vpn] = Entry()
+        e.written_from(page)
+
+    def anon_data_writing(self, mm: MM, vpn: int, page: Page) -> None:
+        """A store into ``page`` for the mm's entry ``vpn`` is about to be performed, then recorded
+        (``anon_data_written``, nothing running in between): the entry's pointer to the page is dropped,
+        so the page's change does not digest the content the store overwrites for it."""
+        e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
+        if e is not None and e._src is page:
+            e._src = None
 
     # ---- documented changes ----------------------------------------------------------
 
@@ -457,6 +473,17 @@ class Ghost:
 
     def expected_data(self, mm: MM, vma, vpn: int) -> int | None:
         """The data hash a load of page ``vpn`` (inside ``vma``) must find: ``lookup`` without a location tuple."""
+        e = self._run_entry(mm, vma, vpn)
+        return None if e is None else e.data
+
+    def reads_as_written(self, mm: MM, vma, vpn: int, page: Page) -> bool:
+        """A load of page ``vpn`` (inside ``vma``) from ``page`` finds the data last written there."""
+        e = self._run_entry(mm, vma, vpn)
+        if e is None:
+            return page.data_hash() is None
+        return e.holds(page)
+
+    def _run_entry(self, mm: MM, vma, vpn: int) -> Entry | None:
         obj = vma.obj
         if obj is None:
             e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
@@ -466,7 +493,7 @@ class Ghost:
             e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
             if e is None:
                 e = self.spaces.get(obj, _NO_ENTRIES).get(vma.index_of(vpn << PAGE_SHIFT))
-        return None if e is None else e.data
+        return e
 
     # ---- checks ------------------------------------------------------------------
 
@@ -484,8 +511,7 @@ class Ghost:
         if loc is None:
             return
         e = self.lookup(loc)
-        want = None if e is None else e.data
-        if data_hash(page.data) != want:
+        if not (page.data_hash() is None if e is None else e.holds(page)):
             self._mismatch(loc, page, f"{who} read data that differs from what was last written there")
 
     def check(self) -> None:
@@ -506,7 +532,7 @@ class Ghost:
                     else:  # untagged: zeroed when first mapped tagged, or given the tags parked for it
                         parked = self.k.tag_storage.tags_by_pfn.get(cur.pfn)  # (dynamic tag storage)
                         tags = ZERO_TAGS if parked is None else unpack_tags(parked[0])
-                    data = data_hash(cur.data)
+                    data = cur.data_hash()
                     page = cur
                 elif isinstance(cur, int):  # kind == "swap"
                     saved = self.k.swap.tags.store.get(cur)

@@ -12,12 +12,18 @@ is what makes stale-tag bugs observable. Hugetlb folios are 16 (64 KiB), 512
 state lives in the head page's flags (asm/mte.h ``folio_*_hugetlb_*``); each
 size has its own pool (hstate).
 
-Ghost state (``shadow``, ``inits``) is not kernel state: the oracles use it to
+A frame's data changes only through :meth:`Page.write`, :meth:`Page.copy_data_from` or an
+assignment to ``data`` (never by writing into the ``bytearray`` in place): the ghost's digest of
+the data is kept until then, and ghost entries recording "what this frame holds now" are given
+the old digest just before (``Page._settle``).
+
+Ghost state (``shadow``, ``inits``, the digest) is not kernel state: the oracles use it to
 know which tags a correct kernel would hold (see hypervisor/oracles.py).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,10 +43,35 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 _BOOT_PATTERN = bytes((i % 15) + 1 for i in range(MTE_GRANULES_PER_PAGE + 15))
 
 
+_BOOT_TAGS = [_BOOT_PATTERN[off:off + MTE_GRANULES_PER_PAGE] for off in range(15)]
+
+
 def boot_tags(pfn: int) -> bytearray:
     """The garbage tags of frame ``pfn`` before anyone initialised them."""
-    off = pfn % 15
-    return bytearray(_BOOT_PATTERN[off:off + MTE_GRANULES_PER_PAGE])
+    return bytearray(_BOOT_TAGS[pfn % 15])
+
+
+_HALF = PAGE_SIZE // 2
+#: ``Page._dhash`` when the digest of the page's data is not known.
+_UNKNOWN_HASH = -1
+
+
+def data_hash(data) -> int | None:
+    """The ghost's digest of a page's data (None for an all-zero page).
+
+    The CRC-32 of each half of the page, as one 64-bit number: stable across
+    processes (``ghost-export`` on one host is compared on another after a
+    migration, so Python's per-process salted ``hash()`` will not do), and
+    cheaper than hashlib (zlib's CRC runs at several GB/s and reads the
+    bytearray without a copy). CRC detects every burst of up to 32 changed
+    bits in a half; a larger change goes unseen with odds of about 2^-64.
+    """
+    if data is None or data == _ZERO_PAGE:
+        return None
+    if len(data) != PAGE_SIZE:
+        return zlib.crc32(data) | (len(data) << 32)
+    view = memoryview(data)
+    return zlib.crc32(view[_HALF:]) << 32 | zlib.crc32(view[:_HALF])
 
 
 class Rmap(dict):
@@ -65,7 +96,7 @@ class Page:
 
     pfn: int
     tags: bytearray
-    data: bytearray | None = None
+    _data: bytearray | None = None  # the ``data`` property (constructor argument ``data``)
     flags: int = 0
     refcount: int = 0
     mapcount: int = 0
@@ -88,6 +119,10 @@ class Page:
     shadow: bytes | bytearray | None = None  # bytes while shared with ZERO_TAGS or a copy (write_tags copies)
     inits: int = 0
     initialiser: str | None = None
+    # the ghost's digest of the data, computed when first asked for (_UNKNOWN_HASH: not yet), and the
+    # ghost entries (hypervisor/ghost.py Entry) whose recorded data is "what this page holds now"
+    _dhash: int | None = _UNKNOWN_HASH
+    _lazy: list | None = None
 
     def __repr__(self) -> str:
         return f"<page pfn={self.pfn:#x} flags={self.flags:#x} ref={self.refcount} map={self.mapcount}>"
@@ -107,6 +142,41 @@ class Page:
         """page_folio(): the head page for hugetlb, else the page itself."""
         return self.head if self.head is not None else self
 
+    @property
+    def data(self) -> bytearray | None:
+        """The frame's 4096 bytes (None: all zeros). Assigning it counts as a change of the content."""
+        return self._data
+
+    @data.setter
+    def data(self, value: bytearray | None) -> None:
+        if self._lazy is not None:
+            self._settle()
+        self._dhash = _UNKNOWN_HASH
+        self._data = value
+
+    def data_hash(self) -> int | None:
+        """:func:`data_hash` of the data, kept until the data changes (ghost state, not kernel state)."""
+        h = self._dhash
+        if h == _UNKNOWN_HASH:
+            h = self._dhash = data_hash(self._data)
+        return h
+
+    def lazy_entry(self, entry) -> None:
+        """A ghost entry records "what this page holds now": give it the digest before the data changes."""
+        if self._lazy is None:
+            self._lazy = [entry]
+        else:
+            self._lazy.append(entry)
+
+    def _settle(self) -> None:
+        """The content is about to change: the entries still pointing here get the digest of the old one."""
+        todo = [e for e in self._lazy or () if e._src is self]
+        self._lazy = None
+        if todo:
+            h = self.data_hash()
+            for e in todo:
+                e._data, e._src = h, None
+
     def read(self, off: int, n: int) -> bytes:
         """Read ``n`` bytes of data at offset ``off`` in the frame."""
         if self.data is None:
@@ -116,18 +186,21 @@ class Page:
     def write(self, off: int, data) -> None:
         """Write data (bytes-like) at offset ``off`` in the frame."""
         n = len(data)
-        if self.data is None:
+        if self._lazy is not None:
+            self._settle()
+        self._dhash = _UNKNOWN_HASH
+        if self._data is None:
             # the zero tests compare bytes-like objects (memcmp): a memoryview compared with bytes is
             # compared element by element, 13 us for a page of zeros
             if off == 0 and n == PAGE_SIZE:
                 new = bytearray(data)
                 if new != _ZERO_PAGE:
-                    self.data = new
+                    self._data = new
                 return
             if bytes(data) == _ZERO_PAGE[:n]:
                 return
-            self.data = bytearray(PAGE_SIZE)
-        self.data[off:off + n] = data
+            self._data = bytearray(PAGE_SIZE)
+        self._data[off:off + n] = data
 
     def busy(self, held: int = 1) -> bool:
         """Someone else holds a reference: more than the mappings, the page/swap cache and ``held`` of ours.
@@ -139,7 +212,8 @@ class Page:
 
     def copy_data_from(self, src: Page) -> None:
         """copy_page(): the data only."""
-        self.data = None if src.data is None else bytearray(src.data)
+        self.data = None if src._data is None else bytearray(src._data)
+        self._dhash = src._dhash  # same bytes, same digest
 
 
 class PageAllocator:

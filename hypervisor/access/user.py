@@ -38,7 +38,7 @@ from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.mte_tag_storage import Livelock
 from hypervisor.arm64.tags import read_tags, write_tags
-from hypervisor.ghost import Ghost, data_hash, loc_of
+from hypervisor.ghost import Ghost, loc_of
 from hypervisor.mm.memory import do_anonymous_page_run, handle_mm_fault
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
@@ -184,7 +184,7 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
     mm = task.mm
     for pte, _off, _n, vpn, vma in ptes:
         page = pte.page
-        if page.zone not in ("device", "pfnmap") and ghost.expected_data(mm, vma, vpn) != data_hash(page.data):
+        if page.zone not in ("device", "pfnmap") and not ghost.reads_as_written(mm, vma, vpn, page):
             ghost.check_read_data(Ghost.run_loc(mm, vma, vpn), page, f"load by pid {task.pid}")  # reports
     return AccessResult(data, fault)
 
@@ -208,12 +208,14 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     mm = task.mm
     for pte, off, n, vpn, vma in ptes:
         page = pte.page
-        page.write(off, view[pos:pos + n])
         if page.zone in ("device", "pfnmap"):
-            pass
+            page.write(off, view[pos:pos + n])
         elif vma.obj is None:  # private anonymous: the mm's entry by vpn
+            ghost.anon_data_writing(mm, vpn, page)  # (no digest of the content being overwritten)
+            page.write(off, view[pos:pos + n])
             ghost.anon_data_written(mm, vpn, page)
         else:
+            page.write(off, view[pos:pos + n])
             ghost.data_written(Ghost.run_loc(mm, vma, vpn), page)
         pos += n
     return AccessResult(None, fault)
