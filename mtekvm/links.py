@@ -47,6 +47,9 @@ from hypervisor.kernel import Kernel
 from hypervisor.sched import ControlledScheduler, Scheduler
 from hypervisor.server import Hypervisor
 from shared import lifeline
+from shared.abi import validate_args
+from shared.control import VMM_CONTROL
+from shared.rpc import DirectChannel
 from shared.transport import Connector, ExplainedClient, PeerLost, open_connection, unreachable
 from shared.wire import Client
 
@@ -297,7 +300,7 @@ class InProcessHost(HostLink):
 
     def vmm_link(self, name: str, session: str | None) -> VmmLink:
         """An in-process VMM (and guest) on this hypervisor."""
-        return InProcessVmm(self.nursery, self, name, session, migration=self.migration)
+        return InProcessVmm(self.nursery, self, name, session, migration=self.migration, direct=self.direct)
 
     def failures(self) -> list[str]:
         """What the hypervisor recorded of its scheduler's failures."""
@@ -499,14 +502,22 @@ class InProcessVmm(VmmLink):
         session: the scenario's session.
         copy_chunk: passed to :class:`~vmm.machine.Vmm` when given.
         migration: ``factory(nursery, secret)`` -> the VMM's migration transport, or None.
+        direct: control connections are :class:`shared.rpc.DirectChannel`\\ s (a request runs
+            the VMM's handler in the caller's task, validated against ``VMM_CONTROL`` as
+            ``Vmm.serve`` does; killing or stopping the VMM cancels the requests in flight and
+            closes the connections, as cancelling its tasks closes its streams); false: msgpack
+            over in-memory streams served by ``Vmm.serve``.
     """
 
     def __init__(self, nursery: trio.Nursery, host: HostLink, name: str, session: str | None, *,
-                 copy_chunk: int | None = None, migration=None):
+                 copy_chunk: int | None = None, migration=None, direct: bool = False):
         super().__init__(nursery, name, session)
         self.host = host
         self.copy_chunk = copy_chunk
         self.migration = migration
+        self.direct = direct
+        self._controls: list[DirectChannel] = []  # the direct control connections
+        self._requests: set[trio.CancelScope] = set()  # one per direct control request in flight
         self.vmm: Vmm | None = None
         self.dead = False
         self._inner: trio.Nursery | None = None
@@ -545,19 +556,45 @@ class InProcessVmm(VmmLink):
             await trio.sleep_forever()  # stop() or kill() cancels
 
     async def connect(self) -> Client:
-        """A control connection over an in-memory stream."""
+        """A control connection: direct (see ``direct``), or over an in-memory stream."""
         if self._inner is None or self.vmm is None:
             raise RuntimeError(f"VMM {self.name} has not started")
+        if self.direct:
+            channel = DirectChannel(self._serve_direct, name=f"vmm:{self.name}")
+            self._controls.append(channel)
+            return channel
         client_end, server_end = trio.testing.memory_stream_pair()
         self._inner.start_soon(self.vmm.serve, server_end)
         client = Client(client_end)
         await self._inner.start(client.run)
         return client
 
+    async def _serve_direct(self, op, args, ctx):
+        """One request of a direct control connection, as ``Vmm.serve`` runs one (validated against
+        VMM_CONTROL), in a cancel scope that :meth:`_drop_controls` cancels (the VMM died)."""
+        vmm = self.vmm
+        assert vmm is not None
+        with trio.CancelScope() as scope:
+            self._requests.add(scope)
+            try:
+                return await vmm._handle(op, validate_args(op, args, VMM_CONTROL), ctx)
+            finally:
+                self._requests.discard(scope)
+        return None  # cancelled by _drop_controls, which closed the connection first: the caller gets ConnectionClosed
+
+    def _drop_controls(self, why: str) -> None:
+        """The VMM's tasks are gone: its direct control connections close and their requests stop."""
+        for channel in self._controls:
+            channel.close(why)
+        self._controls.clear()
+        for scope in list(self._requests):
+            scope.cancel()
+
     async def stop(self) -> None:
         """Shut the VMM down, then cancel its tasks (control clients see their connection close)."""
         if self.vmm is not None and not self.dead:
             await self.vmm.shutdown()
+        self._drop_controls(f"the VMM {self.name} has stopped")
         if self._inner is not None:
             self._inner.cancel_scope.cancel()
             self._inner = None
@@ -573,6 +610,7 @@ class InProcessVmm(VmmLink):
         inner, self._inner = self._inner, None
         for client in self._hv_clients:
             await _close_quietly(client)
+        self._drop_controls(f"the VMM {self.name} was killed")
         if inner is not None:
             inner.cancel_scope.cancel()
 

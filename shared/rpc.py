@@ -395,8 +395,12 @@ class DirectChannel(wire.Client):
             except StopIteration as stop:  # done without yielding to trio: nothing to shield, no cancel scope
                 reply = stop.value
             else:
-                # the shield is entered before trio sees the first trap, so it covers every checkpoint
-                with trio.CancelScope(shield=self.shield):
+                if self.shield:
+                    # the shield is entered before trio sees the first trap, so it covers every checkpoint
+                    # (a dispatch that opens a cancel scope before its first trap needs shield=False)
+                    with trio.CancelScope(shield=True):
+                        reply = await _finish(coro, trap)
+                else:
                     reply = await _finish(coro, trap)
         finally:
             self.outstanding -= 1
