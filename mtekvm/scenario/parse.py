@@ -311,35 +311,36 @@ PHYSMEM_HOST_KEYS = ("tag-storage", "tag-block-size", "kvm-tag-storage", "stage2
                      "regions")
 
 
+def _sized_tables(t: dict, key: str, keys: tuple[str, ...], unit: int, w: _Where, where: str):
+    """``(name, table, path, size)`` of each ``[WHERE.KEY.NAME]`` table: only ``keys``, the first of
+    them and ``size`` required, ``size`` a non-zero multiple of ``unit``."""
+    for name, sub in _table(t.get(key, {}), w, f"{where}.{key}").items():
+        p = f"{where}.{key}.{name}"
+        _name(name, w, p)
+        _table(sub, w, p)
+        _check_keys(sub, keys, w, f"{p}.")
+        for req in (keys[0], "size"):
+            if req not in sub:
+                raise w.error(f"{p}.{req}", "missing")
+        size = _size(sub["size"], w, f"{p}.size")
+        if not size or size % unit:
+            raise w.error(f"{p}.size", f"must be a non-zero multiple of "
+                          f"{f'{unit >> 20} MiB' if unit >= 1 << 20 else f'{unit >> 10} KiB'} (got {size})")
+        yield name, sub, p, size
+
+
 def _parse_physmem(t: dict, w: _Where, where: str) -> PhysConfig:
     """A host's tag storage mode, CPU features, hot-plugged nodes and device regions."""
     nodes, regions = [], []
-    for name, n in _table(t.get("nodes", {}), w, f"{where}.nodes").items():
-        p = f"{where}.nodes.{name}"
-        _name(name, w, p)
-        _table(n, w, p)
-        _check_keys(n, ("kind", "size", "zone", "tag-storage"), w, f"{p}.")
-        if "kind" not in n or "size" not in n:
-            raise w.error(f"{p}.{'kind' if 'kind' not in n else 'size'}", "missing")
+    for name, n, p, size in _sized_tables(t, "nodes", ("kind", "size", "zone", "tag-storage"), TWO_MIB, w, where):
         kind = _choice(*NODE_KINDS)(n["kind"], w, f"{p}.kind")
-        size = _size(n["size"], w, f"{p}.size")
-        if not size or size % TWO_MIB:
-            raise w.error(f"{p}.size", f"must be a non-zero multiple of 2 MiB (got {size})")
         ts = n.get("tag-storage")
         nodes.append(NodeConfig(name, kind, size, _choice(*NODE_ZONES)(n.get("zone", default_node_zone(kind)), w,
                                                                         f"{p}.zone"),
                                 None if ts is None else _choice(*NODE_TAG_STORAGE)(ts, w, f"{p}.tag-storage")))
-    for name, r in _table(t.get("regions", {}), w, f"{where}.regions").items():
-        p = f"{where}.regions.{name}"
-        _name(name, w, p)
-        _table(r, w, p)
-        _check_keys(r, ("type", "size", "attr", "allow-any-uncached"), w, f"{p}.")
-        if "type" not in r or "size" not in r:
-            raise w.error(f"{p}.{'type' if 'type' not in r else 'size'}", "missing")
+    for name, r, p, size in _sized_tables(t, "regions", ("type", "size", "attr", "allow-any-uncached"), PAGE_SIZE,
+                                          w, where):
         rtype = _choice(*REGION_TYPES)(r["type"], w, f"{p}.type")
-        size = _size(r["size"], w, f"{p}.size")
-        if not size or size % PAGE_SIZE:
-            raise w.error(f"{p}.size", f"must be a non-zero multiple of {PAGE_SIZE} (got {size})")
         for key, types in (("attr", ("pfnmap", "pci-p2pdma")), ("allow-any-uncached", ("pfnmap",))):
             if key in r and rtype not in types:
                 raise w.error(f"{p}.{key}", f"only for a region of type {' or '.join(types)} (got {rtype!r})")

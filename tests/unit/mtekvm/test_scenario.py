@@ -649,3 +649,44 @@ class TestContractAdditions:
     def test_livelock_outcome(self):
         """The contract's livelock outcome is a valid expectation."""
         assert one("p", "load", addr=0, size=1, expect="livelock").expect == Expect("livelock")
+
+
+class TestPhysicalMemoryKeys:
+    """The host keys of the physical-memory part: tag storage, CPU features, nodes and regions."""
+
+    def test_keys_parse_into_the_host_spec(self):
+        """Every key reaches HostSpec.physmem, nodes and regions in declared order with their defaults."""
+        s = parse('name = "t"\n[host]\ntag-storage = "dynamic"\ntag-block-size = "16KiB"\nkvm-tag-storage = "refuse"\n'
+                  'stage2-fwb = false\n[host.nodes.gpu0]\nkind = "gpu"\nsize = "64MiB"\n'
+                  '[host.nodes.d1]\nkind = "dram"\nsize = "128MiB"\ntag-storage = "none"\n'
+                  '[host.regions.bar]\ntype = "pfnmap"\nsize = "8KiB"\nattr = "write-combine"\n')
+        pm = s.hosts["host"].physmem
+        assert (pm.tag_storage, pm.tag_block_size, pm.kvm_tag_storage, pm.stage2_fwb, pm.cache_dic) == (
+            "dynamic", 16 << 10, "refuse", False, True)
+        assert [(n.name, n.kind, n.zone, n.tag_storage) for n in pm.nodes] == [
+            ("gpu0", "gpu", "movable", None), ("d1", "dram", "normal", "none")]
+        assert [(r.name, r.type, r.attr, r.allow_any_uncached) for r in pm.regions] == [
+            ("bar", "pfnmap", "write-combine", True)]
+        assert parse('name = "t"\n').hosts["host"].physmem.is_default
+
+    @pytest.mark.parametrize("host, key", [
+        ({"tag-storage": "sometimes"}, "host.tag-storage"),
+        ({"nodes": {"node0": {"kind": "dram", "size": "2MiB"}}}, "host.nodes"),
+        ({"regions": {"tag-storage": {"type": "pfnmap", "size": "4KiB"}}}, "host.nodes"),
+        ({"nodes": {"x": {"kind": "dram", "size": "2MiB"}}, "regions": {"x": {"type": "pfnmap", "size": "4KiB"}}},
+         "host.nodes"),
+        ({"nodes": {"n": {"kind": "dram", "size": "3MiB"}}}, "host.nodes.n.size"),
+        ({"nodes": {"n": {"size": "2MiB"}}}, "host.nodes.n.kind"),
+        ({"nodes": {"n": {"kind": "hbm", "size": "2MiB"}}}, "host.nodes.n.kind"),
+        ({"regions": {"r": {"type": "pfnmap", "size": "6KiB"}}}, "host.regions.r.size"),
+        ({"regions": {"r": {"type": "coherent", "size": "4KiB", "attr": "device"}}}, "host.regions.r.attr"),
+        ({"regions": {"r": {"type": "fs-dax", "size": "4KiB", "allow-any-uncached": False}}},
+         "host.regions.r.allow-any-uncached")])
+    def test_bad_keys(self, host, key):
+        """Reserved or repeated names, bad sizes, kinds, types, or a key for another region type name the key."""
+        assert error({"name": "t", "host": host}).key == key
+
+    def test_stage2_entry_names_a_vm_of_the_scenario(self):
+        """stage2-entry takes a VM by name; an unknown one makes the file invalid."""
+        assert one("host", "stage2-entry", vm="vm0", ipa=0x4000_0000).args == {"vm": "vm0", "ipa": 0x4000_0000}
+        assert step_error("host", "stage2-entry", vm="nope", ipa=0).key.endswith("vm")
