@@ -96,8 +96,6 @@ def test_sixty_seconds_find_the_bug(bug, tmp_path):
 
 
 @pytest.mark.skipif(not SLOW, reason="a 60 s campaign on two worker processes: MTEKVM_SLOW=1")
-@pytest.mark.xfail(strict=False, reason="open fixed-model findings (docs/concurrency.md): the migration family's "
-                   "LOCK-LIVENESS (seed 269) and a host migrate-pages/munmap TAGS-AS-WRITTEN (seed 971)")
 def test_sixty_seconds_fixed_model(tmp_path):
     """The fixed model runs `--budget 60s --jobs 2` of every family clean."""
     cfg = CampaignConfig(budget=Budget(seconds=60), jobs=2, out=str(tmp_path))
