@@ -477,11 +477,17 @@ class Ghost:
         return None if e is None else e.data
 
     def reads_as_written(self, mm: MM, vma, vpn: int, page: Page) -> bool:
-        """A load of page ``vpn`` (inside ``vma``) from ``page`` finds the data last written there."""
+        """A load of page ``vpn`` (inside ``vma``) from ``page`` finds the data last written there.
+
+        The page's digest is taken here (kept until its data changes) even when the entry points at the page
+        and needs none: the load just read the bytes, so the CRC runs from the cache, where ``ghost-export``
+        after a migration's passes would read them from memory again.
+        """
+        h = page.data_hash()
         e = self._run_entry(mm, vma, vpn)
         if e is None:
-            return page.data_hash() is None
-        return e.holds(page)
+            return h is None
+        return e._src is page or e.data == h
 
     def _run_entry(self, mm: MM, vma, vpn: int) -> Entry | None:
         obj = vma.obj
@@ -591,6 +597,7 @@ def _pack_runs(entries: dict[int, Entry]) -> list:
     for gfn in sorted(entries):
         e = entries[gfn]
         et = e.tags
+        data = e.data
         t: int | bytes | None
         if et is None:
             kind, t = 0, None
@@ -598,14 +605,14 @@ def _pack_runs(entries: dict[int, Entry]) -> list:
             kind, t = 1, et[0]
         else:
             kind, t = 2, et
-        k2 = (kind, e.data is not None)
+        k2 = (kind, data is not None)
         if k2 != key or gfn != prev + 1:
             close()
             key, first, tags, hashes = k2, gfn, [], []
         if kind:
             tags.append(t)
-        if e.data is not None:
-            hashes.append(e.data)
+        if data is not None:
+            hashes.append(data)
         prev = gfn
     close()
     return runs

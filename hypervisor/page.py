@@ -343,6 +343,48 @@ class PageAllocator:
         where = f"node {node}" if node is not None else "any node"
         raise KernelError("ENOMEM", f"out of memory: no free page on {where} for a {gfp} allocation")
 
+    def alloc_pages_bulk(self, nr: int) -> list[Page]:
+        """alloc_pages_bulk_array() (mm/page_alloc.c): up to ``nr`` order-0 movable pages of any node, as many
+        as are free (possibly none), each as :meth:`alloc_page` gives it; never raises.
+
+        The static host's node0 hands them out from its free list, then from its
+        never-used ranges, in the order ``alloc_page`` would, without a call per page.
+        """
+        n0 = self.nodes[0]
+        if n0.dynamic:
+            out: list[Page] = []
+            for _ in range(nr):
+                try:
+                    out.append(self.alloc_page())
+                except KernelError:
+                    break
+            return out
+        free = n0.free
+        k = min(nr, len(free))
+        out = free[len(free) - k:]  # the order pop() would give them
+        del free[len(free) - k:]
+        out.reverse()
+        while len(out) < nr and n0.ranges:
+            r = n0.ranges[0]
+            m = min(nr - len(out), r[1] - r[0])
+            if m > 0:
+                out += [self._frame(n0, pfn) for pfn in range(r[0], r[0] + m)]
+                r[0] += m
+            if r[0] >= r[1]:
+                n0.ranges.pop(0)
+        self.allocated += len(out)
+        n0.used += len(out)
+        for page in out:
+            page.free = False
+            page.refcount = 1
+            page.data = None
+        while len(out) < nr:  # node0 is out: the other nodes, a page at a time
+            try:
+                out.append(self.alloc_page())
+            except KernelError:
+                break
+        return out
+
     def _prep(self, n: Node, page: Page) -> Page:
         self.allocated += 1
         n.used += 1
@@ -439,7 +481,10 @@ class PageAllocator:
         p.flags = 0
         p.refcount = 0
         p.mapcount = 0
-        p.data = None
+        if p._lazy is not None:  # (the data setter, inline)
+            p._settle()
+        p._dhash = _UNKNOWN_HASH
+        p._data = None
         p.rmap.clear()
         p.mapping = None
         p.swap_entry = None

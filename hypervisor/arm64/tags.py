@@ -95,7 +95,9 @@ def mte_restore_page_tags(k: Kernel, page: Page, packed: bytes, shadow: bytes | 
 def read_tags(k: Kernel, page: Page, first: int, count: int, who: str) -> bytes:
     """A user-visible read of ``count`` granule tags (LDG, PEEKMTETAGS, COPY_TAGS)."""
     if page.flags & PG_mte_tagged or (page.folio.flags & PG_mte_tagged):
-        k.oracle.on_tags_read(page, who)
+        shadow = page.shadow
+        if shadow is None or page.tags != shadow:  # what the oracle reports on (it checks again); else nothing
+            k.oracle.on_tags_read(page, who)
     return bytes(page.tags[first:first + count])
 
 

@@ -250,9 +250,15 @@ def _check_run(ghost, mm, vma, vpn0: int, pages: list, read: list, who: str) -> 
     entries, off, fallback, _ = ghost.run_view(mm, vma, vpn0)
     m = len(pages)
     got = dict(read)
-    todo = range(m) if fallback else sorted({i - off for i, _ in _entries_in(entries, off, off + m)} | set(got))
-    for i in todo:  # a private mapping of an object (fallback): every page through the full lookup
-        ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), pages[i], 0, got.get(i, ZERO_TAGS), who)
+    if fallback:  # a private mapping of an object: every page through the full lookup
+        for i in range(m):
+            ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), pages[i], 0, got.get(i, ZERO_TAGS), who)
+        return
+    for i in sorted({i - off for i, _ in _entries_in(entries, off, off + m)} | set(got)):
+        e = entries.get(off + i)
+        want = ZERO_TAGS if e is None or e.tags is None else e.tags
+        if got.get(i, ZERO_TAGS) != want:  # check_read_tags decides (granules marked unknown) and reports
+            ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), pages[i], 0, got.get(i, ZERO_TAGS), who)
 
 
 def _entries_in(pages: dict, lo: int, hi: int) -> list:

@@ -292,15 +292,13 @@ async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked:
         clear = tagged and k.mte  # vma_alloc_zeroed_movable_folio(): __GFP_ZEROTAGS
         actor = current_actor.get()
         done = 0
-        for v in range(vpn, vpn + nr):
-            if v in pt:
-                break
-            try:
-                page = alloc.alloc_page()
-            except KernelError:
-                if done:
-                    break
-                raise
+        empty = 0
+        while empty < nr and vpn + empty not in pt:
+            empty += 1
+        pages = alloc.alloc_pages_bulk(empty)
+        if empty and not pages:
+            pages = [alloc.alloc_page()]  # out of memory: ENOMEM, as the page-by-page path raises it
+        for v, page in zip(range(vpn, vpn + len(pages)), pages, strict=True):
             if clear:  # tag_clear_highpage(): try_page_mte_tagging() wins on a new page
                 page.flags |= PG_mte_lock
                 k.oracle.on_init_start(page, actor)
