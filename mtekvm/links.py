@@ -425,8 +425,90 @@ class ProcessHost(HostLink):
 # ---- VMMs: one per VM, driven through VMM_CONTROL ----------------------------------------
 
 from guest.agent import GuestAgent  # noqa: E402 - the VMM side, after the host side
-from vmm.guestlink import InProcessGuests  # noqa: E402
+from shared.control import EXIT_CHANNEL, GUEST_CHANNEL  # noqa: E402
+from vmm.guestlink import GuestHandle, GuestLauncher, InProcessGuests, OnExit, ServeExits  # noqa: E402
 from vmm.machine import Vmm  # noqa: E402
+
+
+class _DirectGuest(GuestHandle):
+    """An in-process guest reached through :class:`shared.rpc.DirectChannel`\\ s (see :class:`DirectGuests`)."""
+
+    def __init__(self, name: str):
+        super().__init__(name, DirectChannel(self._unset, name="guest"))
+        self._scope = trio.CancelScope()
+        self._killed = False
+        self._requests: set[trio.CancelScope] = set()  # one per request in flight on either channel
+
+    @staticmethod
+    async def _unset(op, args, ctx):
+        raise RuntimeError("the guest's channel has no server yet")
+
+    def serving(self, table, handler):
+        """A dispatch running ``handler`` on requests validated against ``table`` (as ``serve_requests``
+        does), each in a cancel scope that the guest's death cancels."""
+
+        async def dispatch(op, args, ctx):
+            with trio.CancelScope() as scope:
+                self._requests.add(scope)
+                try:
+                    return await handler(op, validate_args(op, args, table), ctx)
+                finally:
+                    self._requests.discard(scope)
+            return None  # cancelled: the guest died and closed both channels, so the caller gets ConnectionClosed
+
+        return dispatch
+
+    async def kill(self) -> None:
+        self._killed = True
+        self._scope.cancel()
+        await self.died.wait()
+
+    async def run(self, exits: DirectChannel, hv: Client, on_exit: OnExit, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """The guest's life: until the VMM closes its channel (exit 0) or it is killed; then, as
+        ``vmm.guestlink``'s in-process guest, its connections close and ``on_exit`` runs."""
+        channel = self.client
+        assert isinstance(channel, DirectChannel)
+        try:
+            with self._scope:
+                task_status.started()
+                await channel.wait_closed()
+        finally:
+            channel.close("the guest has exited")
+            exits.close("the guest has exited")
+            for scope in list(self._requests):
+                scope.cancel()
+            await _close_quietly(hv)
+            self.detail = "killed by SIGKILL" if self._killed else "exited with status 0"
+            self.died.set()
+        await on_exit(self)
+
+
+class DirectGuests(GuestLauncher):
+    """:class:`vmm.guestlink.InProcessGuests` with direct channels: the VMM's GUEST_CHANNEL requests
+    run the agent's handler, and the guest's EXIT_CHANNEL requests the VMM's, in the caller's task
+    (:class:`shared.rpc.DirectChannel`; no streams, no serving tasks). Killing the guest cancels
+    the requests in flight on both channels and closes them, as cancelling its tasks closes its
+    streams. ``vmm`` is set once the :class:`~vmm.machine.Vmm` that owns the launcher exists.
+    """
+
+    def __init__(self, nursery: trio.Nursery, connect, agent):
+        super().__init__(nursery)
+        self.connect = connect
+        self.agent = agent
+        self.vmm: Vmm | None = None
+
+    async def start(self, name: str, serve_exits: ServeExits, on_exit: OnExit) -> GuestHandle:
+        """Start a guest agent for VM ``name`` (see :meth:`GuestLauncher.start`)."""
+        assert self.vmm is not None
+        hv, _ = await self.connect("vcpu", name=f"guest:{name}")
+        guest = _DirectGuest(name)
+        exits = DirectChannel(guest.serving(EXIT_CHANNEL, self.vmm._handle_exit), name=f"vmm:{name}:exits")
+        agent = self.agent(hv, exits)
+        assert isinstance(guest.client, DirectChannel)
+        guest.client.dispatch = guest.serving(GUEST_CHANNEL, agent.handle)
+        await self.nursery.start(guest.run, exits, hv, on_exit)
+        return guest
 
 
 def in_process_migration():
@@ -549,8 +631,11 @@ class InProcessVmm(VmmLink):
                 extra["migration"] = self.migration(inner, self.host.secret)
             if "die" in accepted:
                 extra["die"] = self.kill
-            self.vmm = Vmm(self._connect, InProcessGuests(inner, self._connect, GuestAgent), name=self.name,
-                           session=self.session, **extra)
+            guests: GuestLauncher = (DirectGuests(inner, self._connect, GuestAgent) if self.direct
+                                     else InProcessGuests(inner, self._connect, GuestAgent))
+            self.vmm = Vmm(self._connect, guests, name=self.name, session=self.session, **extra)
+            if isinstance(guests, DirectGuests):
+                guests.vmm = self.vmm
             await self.vmm.start()
             task_status.started()
             await trio.sleep_forever()  # stop() or kill() cancels
