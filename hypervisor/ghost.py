@@ -242,14 +242,6 @@ class Ghost:
             e = pages[vpn] = Entry()
         e.written_from(page)
 
-    def anon_data_writing(self, mm: MM, vpn: int, page: Page) -> None:
-        """A store into ``page`` for the mm's entry ``vpn`` is about to be performed, then recorded
-        (``anon_data_written``, nothing running in between): the entry's pointer to the page is dropped,
-        so the page's change does not digest the content the store overwrites for it."""
-        e = self.spaces.get(mm, _NO_ENTRIES).get(vpn)
-        if e is not None and e._src is page:
-            e._src = None
-
     # ---- documented changes ----------------------------------------------------------
 
     def drop_range(self, mm: MM, start_vpn: int, end_vpn: int) -> None:

@@ -38,7 +38,7 @@ from hypervisor.access.tagcheck import AccessResult, mte_check_access
 from hypervisor.arm64.mte import mte_update_sctlr_user
 from hypervisor.arm64.mte_tag_storage import Livelock
 from hypervisor.arm64.tags import read_tags, write_tags
-from hypervisor.ghost import Ghost, loc_of
+from hypervisor.ghost import Entry, Ghost, loc_of
 from hypervisor.mm.memory import do_anonymous_page_run, handle_mm_fault
 from shared.errno import KernelError
 from shared.mte import MTE_GRANULE_SIZE, MTE_GRANULES_PER_PAGE, PAGE_SHIFT, PAGE_SIZE, pointer_tag, untagged_addr
@@ -206,14 +206,21 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
     view = memoryview(data)
     ghost = k.oracle.ghost
     mm = task.mm
+    records = None
     for pte, off, n, vpn, vma in ptes:
         page = pte.page
         if page.zone in ("device", "pfnmap"):
             page.write(off, view[pos:pos + n])
-        elif vma.obj is None:  # private anonymous: the mm's entry by vpn
-            ghost.anon_data_writing(mm, vpn, page)  # (no digest of the content being overwritten)
+        elif vma.obj is None:  # private anonymous: the mm's entry by vpn (Ghost.anon_data_written, inline)
+            if records is None:
+                records = ghost.spaces.setdefault(mm, {})
+            e = records.get(vpn)
+            if e is None:
+                e = records[vpn] = Entry()
+            elif e._src is page:
+                e._src = None  # about to be overwritten: the page's change need not digest what it held
             page.write(off, view[pos:pos + n])
-            ghost.anon_data_written(mm, vpn, page)
+            e.written_from(page)
         else:
             page.write(off, view[pos:pos + n])
             ghost.data_written(Ghost.run_loc(mm, vma, vpn), page)

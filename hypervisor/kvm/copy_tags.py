@@ -288,6 +288,8 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
     sanitise = "sanitise-whole-hugetlb-folio" in k.fixes
     step = MTE_GRANULES_PER_PAGE
     masked = tags[pos:pos + n * step].translate(_LOW_NIBBLE)  # mte_copy_tags_from_user(), for the run
+    # one tag everywhere (a restore of uniformly tagged memory): every page's tags are one shared object
+    same = shared_tags(masked[:step]) if masked and masked.count(masked[:1]) == len(masked) else None
     obj = vma.obj
     if obj is None:  # the ghost's records of these pages: anonymous -> the mm's, by vpn
         records, rec_off = ghost.spaces.setdefault(mm, {}), 0
@@ -323,7 +325,7 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
                     for sub in folio.subpages:
                         if sub is not page:
                             mte_clear_page_tags(k, sub)
-            written = masked[i * step:(i + 1) * step]
+            written = same if same is not None else masked[i * step:(i + 1) * step]
             if hugetlb or records is None or len(page.rmap) > 1:
                 write_tags(k, page, 0, written)
                 ghost.tags_written(ghost.run_loc(mm, vma, vpn), page, 0, written)
@@ -334,7 +336,8 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
                 k.oracle.check_copy_tags_write(page)
             else:
                 # write_tags() for a whole page: the shadow is the written tags (immutable, shared)
-                written = shared_tags(written)
+                if same is None:
+                    written = shared_tags(written)
                 k.oracle.on_tag_write(page, "KVM_ARM_MTE_COPY_TAGS TO_GUEST")  # TAG-STORAGE-NOT-CLOBBERED
                 page.tags[:] = written
                 page.shadow = written
