@@ -203,7 +203,7 @@ class Oracle:
         for page in k.alloc.live_pages():
             head = page.folio
             tagged = bool(head.flags & PG_mte_tagged)
-            if tagged and (page.shadow is None or bytes(page.tags) != bytes(page.shadow)):
+            if tagged and (page.shadow is None or page.tags != page.shadow):  # bytes/bytearray: by content
                 what = ("tags nobody wrote: stale from a previous owner" if page.shadow is None
                         else "a tag changed that nobody wrote: " + _granules(page.tags, page.shadow))
                 self.report("LAST-TAG-WRITTEN", f"pfn {page.pfn:#x} is PG_mte_tagged with {what}", page)

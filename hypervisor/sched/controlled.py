@@ -47,10 +47,15 @@ from shared.errno import Deadlock, ScheduleDivergence
 class _Actor:
     name: str
     decisions: int = 0  # decisions taken while this actor was the running one
-    event: trio.Event | None = None  # set to release it
+    event: trio.Event | None = None  # set to release it (made only when the context has to wait)
+    go: bool = False  # released since it last parked
     pred: Callable[[], bool] | None = None  # a wait_until predicate
     label: str = ""
     alive: bool = True
+
+
+def _by_name(a: _Actor) -> str:
+    return a.name
 
 
 class _Runnable(trio.abc.Instrument):
@@ -164,7 +169,8 @@ class ControlledScheduler(Scheduler):
         self._arrived.set()
 
     async def _park(self, a: _Actor, label: str, pred) -> None:
-        event = a.event = trio.Event()
+        a.go = False
+        a.event = None
         a.pred = pred
         a.label = label
         self._parked[a.name] = a
@@ -175,12 +181,13 @@ class ControlledScheduler(Scheduler):
             # every other task is blocked: the driver would take this very decision next; take it here
             self.inline += 1
             self.step()
-            if event.is_set():  # released (this context, or every one by a failure): no trio pass at all
+            if a.go:  # released (this context, or every one by a failure): no trio pass, no event
                 if self.failure is not None:
                     raise self.failure
                 return
         else:
             self._kick()
+        event = a.event = trio.Event()  # nothing released it since it parked: no await in between
         await event.wait()
         if self.failure is not None:
             raise self.failure
@@ -202,9 +209,13 @@ class ControlledScheduler(Scheduler):
             await self._park(a, label, pred)
 
     def _runnable(self) -> list[_Actor]:
+        parked = self._parked
+        if len(parked) == 1:  # the common case: one context parked, nothing to sort
+            for a in parked.values():
+                return [a] if a.pred is None or a.pred() else []
         return sorted(
-            (a for a in self._parked.values() if a.pred is None or a.pred()),
-            key=lambda a: a.name,
+            (a for a in parked.values() if a.pred is None or a.pred()),
+            key=_by_name,
         )
 
     def _choose(self, runnable: list[_Actor]) -> _Actor:
@@ -220,8 +231,7 @@ class ControlledScheduler(Scheduler):
         if choice not in runnable:
             raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, "
                              "which is not runnable")
-        explicit = isinstance(self.policy, Replay) and self.policy.entries.get(key) == choice.name
-        if choice is not default or explicit:
+        if choice is not default or (isinstance(self.policy, Replay) and self.policy.entries.get(key) == choice.name):
             self.preemptions.append((key[0], key[1], choice.name))
         return choice
 
@@ -256,9 +266,14 @@ class ControlledScheduler(Scheduler):
         del self._parked[a.name]
         self._running = a
         self._last = a
-        assert a.event is not None
-        a.event.set()
+        self._release(a)
         return entry
+
+    @staticmethod
+    def _release(a: _Actor) -> None:
+        a.go = True
+        if a.event is not None:
+            a.event.set()
 
     async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Release one parked context at a time, forever (cancel to stop): a loop over :meth:`step`."""
@@ -295,8 +310,7 @@ class ControlledScheduler(Scheduler):
             self.failure = exc
         for a in list(self._parked.values()):
             del self._parked[a.name]
-            assert a.event is not None
-            a.event.set()
+            self._release(a)
 
 
 class _Context:
