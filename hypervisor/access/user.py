@@ -32,6 +32,7 @@ SIGBUS (an unaligned STG) come back as EFAULT with the signal named.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import TYPE_CHECKING, cast
 
 from hypervisor.access.tagcheck import AccessResult, mte_check_access
@@ -99,8 +100,8 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
         if None in found:
             continue  # a page went away after its fault: fault again
         got = cast("list[Pte]", found)  # no None left
-        if not all(pte.present and (pte.write or not write) and not pte.fault_on_access for pte in got):
-            continue
+        if not all(map(_PRESENT, got)) or (write and not all(map(_WRITE, got))) or any(map(_FAULT_ON_ACCESS, got)):
+            continue  # (C-level walks: a 16 MiB access is 4096 PTEs)
         ptes = []
         vpn = lo
         while vpn < hi:  # one VMA lookup per VMA, not per page
@@ -121,6 +122,11 @@ async def _fault_in(k: Kernel, task: Task, va: int, size: int, write: bool):
             ptes[-1] = (pte, 0, va + size - (v << PAGE_SHIFT), v, vma)
         return ptes
     raise KernelError("EFAULT", f"access at {va:#x} kept losing its pages")
+
+
+_PRESENT = operator.attrgetter("present")
+_WRITE = operator.attrgetter("write")
+_FAULT_ON_ACCESS = operator.attrgetter("fault_on_access")
 
 
 def _empty_run(ptes: list, i: int) -> int:
