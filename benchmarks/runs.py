@@ -14,6 +14,8 @@ host, runs the steps with the oracles after every step, and tears down.
   the median of its slices, so drift in the machine's load hits both alike.
 * Points per second: the controlled scheduler's scheduling points (``ControlledScheduler.points``)
   passed per second of runs; decisions likewise.
+* The KVM row: the same for ``scenarios/race-kvm-sanitise-vs-vmm.toml`` with ``no-tag-lock`` (a VM whose
+  VMM and guest run in-process: with ``direct`` their control, guest and exit channels are direct too).
 * Worker processes: the new path in ``workers`` spawned processes at once, each running its own
   seeds (seed ``w``, ``w + N``, ...) for the same time, against the new path in one process.
 """
@@ -35,6 +37,9 @@ from mtekvm.scenario import SchedulerSpec, load_scenario
 
 SCENARIO = pathlib.Path(__file__).resolve().parents[1] / "scenarios" / "race-cow-vs-mprotect.toml"
 BUGS = ("flag-before-init",)
+#: the KVM row: a VM (its VMM and guest in-process) whose guest faults race the VMM's accesses
+KVM_SCENARIO = SCENARIO.parent / "race-kvm-sanitise-vs-vmm.toml"
+KVM_BUGS = ("no-tag-lock",)
 
 
 class _Counted:
@@ -65,10 +70,11 @@ class _Counted:
         return points, decisions
 
 
-async def _slice(new: bool, seeds, seconds: float, counted: _Counted) -> tuple[float, float, float]:
+async def _slice(new: bool, seeds, seconds: float, counted: _Counted, path: pathlib.Path = SCENARIO,
+                 bugs: tuple[str, ...] = BUGS) -> tuple[float, float, float]:
     """Runs, points and decisions per second of runs taken one after another for ``seconds``."""
-    scn = load_scenario(SCENARIO)
-    opts = RunOptions(bugs=BUGS, direct=new, inline_decisions=new)
+    scn = load_scenario(path)
+    opts = RunOptions(bugs=bugs, direct=new, inline_decisions=new)
     runs = 0
     counted.take()
     t0 = time.perf_counter()
@@ -146,6 +152,17 @@ async def bench_runs(seconds: float, workers: int = 2, rounds: int = 5) -> list[
         {"group": "runs", "figure": "its scheduler decisions", "unit": "decisions/s", "value": med_new[2],
          "baseline": base, "baseline_value": med_old[2]},
     ]
+    kvm_old: list[float] = []
+    kvm_new: list[float] = []
+    with _Counted() as counted:
+        await _slice(False, seeds, 0.2, counted, KVM_SCENARIO, KVM_BUGS)
+        await _slice(True, seeds, 0.2, counted, KVM_SCENARIO, KVM_BUGS)
+        for _ in range(rounds):
+            kvm_old.append((await _slice(False, seeds, per, counted, KVM_SCENARIO, KVM_BUGS))[0])
+            kvm_new.append((await _slice(True, seeds, per, counted, KVM_SCENARIO, KVM_BUGS))[0])
+    rows.append({"group": "runs", "figure": "controlled KVM race, VMM and guest in-process (race-kvm-sanitise-vs-vmm)",
+                 "unit": "runs/s", "value": statistics.median(kvm_new), "baseline": base,
+                 "baseline_value": statistics.median(kvm_old)})
     if workers > 1 and (os.cpu_count() or 1) > 1:
         # the 1-process figure again right before, so both see the same machine load
         with _Counted() as counted:
