@@ -135,3 +135,73 @@ async def test_inline_decisions_are_taken():
     on, off = seen
     assert on.decisions == off.decisions and on.schedule == off.schedule
     assert on.inline > on.decisions // 2 and off.inline == 0
+
+
+_DEATHS = """
+name = "VMM deaths"
+
+[hosts.src]
+[hosts.dst]
+
+[vms.vm0]
+host = "src"
+memory = [ { ipa = 0x4000_0000, size = "16KiB", backing = "anon" } ]
+
+[[steps]]
+actor = "guest:vm0"
+op = "enable-mte"
+tcf = "sync"
+
+[[steps]]
+actor = "guest:vm0"
+op = "map"
+va = 0x4000_0000
+ipa = 0x4000_0000
+size = "16KiB"
+attr = "tagged"
+
+[[steps]]
+actor = "guest:vm0"
+op = "stg"
+addr = 0x4000_0000
+tag = 3
+size = "16KiB"
+
+[[steps]]
+parallel = [
+  { actor = "vmm:vm0", op = "migrate", to = "dst", max-passes = 1, fail = "FAIL", fail-at = "AT" },
+  { actor = "guest:vm0", op = "ldg", addr = 0x4000_0000, size = 64 },
+  { actor = "guest:vm0", op = "ldg", addr = 0x4000_1000, size = 64 },
+]
+
+[[steps]]
+parallel = [
+  { actor = "host:HOST", op = "kill", process = "vmm:vm0" },
+  { actor = "guest:vm0", op = "ldg", addr = 0x4000_2000, size = 64 },
+]
+
+[[steps]]
+actor = "guest:vm0"
+op = "ldg"
+addr = 0x4000_3000
+size = 64
+"""
+
+
+@pytest.mark.parametrize("fail, at", [("kill-source", "precopy:1"), ("kill-source", "after-resume"),
+                                      ("kill-destination", "switchover"), ("cut", "precopy:1")])
+async def test_vmm_deaths_are_identical_direct_and_over_streams(tmp_path, fail, at):
+    """A VMM killed by migration fault injection or by the host mid-access gives the same schedules, outcomes and
+    violations whether its control, guest and exit channels are direct or memory streams."""
+    seen = set()
+    for seed in range(4):
+        for host in ("src", "dst"):
+            path = tmp_path / f"deaths-{seed}-{host}.toml"
+            path.write_text(_DEATHS.replace("FAIL", fail).replace("AT", at).replace("HOST", host))
+            scn = load_scenario(path)
+            both = [_observed(await run_scenario(scn, RunOptions(direct=new, inline_decisions=new,
+                                                                 scheduler=SchedulerSpec("random", seed))))
+                    for new in (False, True)]
+            assert both[0] == both[1], f"{fail}@{at} seed {seed} host {host} differs"
+            seen.update(o for _i, o, _v in both[1][1])
+    assert "ESRCH" in seen or "ECONNRESET" in seen, seen  # some step met a dead VMM
