@@ -31,6 +31,25 @@ RAM2 = 0x8000_0000
 RAM3 = 0xC000_0000
 
 
+
+async def migrate_dirtying_during_precopy(src, dst, plan) -> list:
+    """Fill ``plan`` on a tagged VM, migrate it while pages are written after pass 1 and at the pause (two
+    passes and a stop-and-copy that resend them); returns the late writes."""
+    await tagged_vm(src)
+    await fill(src, plan)
+    late = [(RAM + 9 * PAGE_SIZE, b"pass two", 4), (RAM + 2 * MiB, b"at the pause", 6), (RAM, b"AGAIN PAGE", 3)]
+
+    async def hook(point):
+        if point == "pass-end:1":
+            await fill(src, late[:1] + late[2:])
+        if point == "pause":
+            await fill(src, late[1:2])
+
+    src.vmm.migration_hook = hook
+    res = await migrate(src, dst)
+    assert res["passes"] == 2 and res["stop-pages"] >= 1
+    return late
+
 class Node:
     """One host, one VMM on it (which may die), its control client."""
 
@@ -201,19 +220,7 @@ class TestMigration:
     async def test_pages_dirtied_during_precopy_are_resent(self, pair):
         """A page written after pass 1 is resent by pass 2 and one written before the pause by the stop-and-copy."""
         src, dst = pair
-        await tagged_vm(src)
-        await fill(src, PLAN)
-        late = [(RAM + 9 * PAGE_SIZE, b"pass two", 4), (RAM + 2 * MiB, b"at the pause", 6), (RAM, b"AGAIN PAGE", 3)]
-
-        async def hook(point):
-            if point == "pass-end:1":
-                await fill(src, late[:1] + late[2:])
-            if point == "pause":
-                await fill(src, late[1:2])
-
-        src.vmm.migration_hook = hook
-        res = await migrate(src, dst)
-        assert res["passes"] == 2 and res["stop-pages"] >= 1
+        late = await migrate_dirtying_during_precopy(src, dst, PLAN)
         await check(dst, PLAN[1:] + late)
 
     async def test_guest_op_issued_at_the_switchover_waits_then_fails_estale(self, pair, nursery):
@@ -583,19 +590,7 @@ class TestPipelined:
     async def test_pages_dirtied_during_precopy_are_resent(self, pair, pipelined):
         """Pipelined: pages written after pass 1 and before the pause arrive."""
         src, dst = pair
-        await tagged_vm(src)
-        await fill(src, MANY)
-        late = [(RAM + 9 * PAGE_SIZE, b"pass two", 4), (RAM + 2 * MiB, b"at the pause", 6), (RAM, b"AGAIN PAGE", 3)]
-
-        async def hook(point):
-            if point == "pass-end:1":
-                await fill(src, late[:1] + late[2:])
-            if point == "pause":
-                await fill(src, late[1:2])
-
-        src.vmm.migration_hook = hook
-        res = await migrate(src, dst)
-        assert res["passes"] == 2 and res["stop-pages"] >= 1
+        late = await migrate_dirtying_during_precopy(src, dst, MANY)
         await check(dst, MANY[:-len(PLAN)] + PLAN[1:] + late)
 
     @pytest.mark.parametrize("fail", ["kill-destination", "cut"])
