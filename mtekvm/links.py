@@ -255,16 +255,17 @@ class InProcessHost(HostLink):
     """
 
     def __init__(self, nursery: trio.Nursery, kernel: Kernel, *, drive: bool = True, migration=None,
-                 direct: bool = False):
+                 direct: bool = False, vmm_direct: bool | None = None):
         super().__init__(nursery)
         self.hv = Hypervisor(kernel)
         self.drive = drive
         self.migration = migration
         self.direct = direct
+        self.vmm_direct = direct if vmm_direct is None else vmm_direct
 
     @classmethod
     def boot(cls, nursery: trio.Nursery, sched: Scheduler, *, drive: bool = True, pid_base: int | None = None,
-             migration=None, direct: bool = False, **kernel_args) -> InProcessHost:
+             migration=None, direct: bool = False, vmm_direct: bool | None = None, **kernel_args) -> InProcessHost:
         """A host whose kernel boots with ``kernel_args`` (mte, ram, swap, bugs, boot extras) under ``sched``.
 
         Several in-process hosts of one run share one scheduler (one driver: ``drive`` on exactly
@@ -272,7 +273,8 @@ class InProcessHost(HostLink):
         first pid this kernel hands out (each host of a run gets its own range, so that kernel
         contexts named after a pid, such as a process's exit, never meet one of another host's
         under the shared scheduler). ``migration``: how this host's VMMs make their migration
-        transport (:func:`in_process_migration`).
+        transport (:func:`in_process_migration`). ``vmm_direct``: the VMMs' control and guest
+        channels are direct too (default: as ``direct``).
 
         Raises:
             TypeError: an argument this build's kernel does not take.
@@ -280,7 +282,7 @@ class InProcessHost(HostLink):
         kernel = Kernel(sched=sched, **kernel_args)
         if pid_base is not None:
             kernel._pids = itertools.count(pid_base)  # the model's pid allocator (Kernel.create_task)
-        return cls(nursery, kernel, drive=drive, migration=migration, direct=direct)
+        return cls(nursery, kernel, drive=drive, migration=migration, direct=direct, vmm_direct=vmm_direct)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -300,7 +302,7 @@ class InProcessHost(HostLink):
 
     def vmm_link(self, name: str, session: str | None) -> VmmLink:
         """An in-process VMM (and guest) on this hypervisor."""
-        return InProcessVmm(self.nursery, self, name, session, migration=self.migration, direct=self.direct)
+        return InProcessVmm(self.nursery, self, name, session, migration=self.migration, direct=self.vmm_direct)
 
     def failures(self) -> list[str]:
         """What the hypervisor recorded of its scheduler's failures."""

@@ -192,7 +192,8 @@ size = 64
                                       ("kill-destination", "switchover"), ("cut", "precopy:1")])
 async def test_vmm_deaths_are_identical_direct_and_over_streams(tmp_path, fail, at):
     """A VMM killed by migration fault injection or by the host mid-access gives the same schedules, outcomes and
-    violations whether its control, guest and exit channels are direct or memory streams."""
+    violations with RunOptions.direct on (direct host connections, inline decisions; such a run keeps its VMMs on
+    memory streams: runner.kills_a_vmm) as on the old path."""
     seen = set()
     for seed in range(4):
         for host in ("src", "dst"):
@@ -205,3 +206,19 @@ async def test_vmm_deaths_are_identical_direct_and_over_streams(tmp_path, fail, 
             assert both[0] == both[1], f"{fail}@{at} seed {seed} host {host} differs"
             seen.update(o for _i, o, _v in both[1][1])
     assert "ESRCH" in seen or "ECONNRESET" in seen, seen  # some step met a dead VMM
+
+
+def test_scenarios_that_kill_a_vmm_keep_its_channels_on_streams(tmp_path):
+    """kills_a_vmm: a host kill of a VMM or a migrate with a fault says yes, a clean migrate no."""
+    from mtekvm.runner import kills_a_vmm
+
+    def scn(body: str):
+        path = tmp_path / "s.toml"
+        path.write_text(_DEATHS.split("[[steps]]")[0] + body)
+        return load_scenario(path)
+
+    assert kills_a_vmm(scn('[[steps]]\nactor = "host:src"\nop = "kill"\nprocess = "vmm:vm0"\n'))
+    assert kills_a_vmm(scn('[[steps]]\nactor = "vmm:vm0"\nop = "migrate"\nto = "dst"\nfail = "cut"\n'
+                           'fail-at = "switchover"\n'))
+    assert not kills_a_vmm(scn('[[steps]]\nactor = "vmm:vm0"\nop = "migrate"\nto = "dst"\n'))
+
