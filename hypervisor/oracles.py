@@ -13,7 +13,8 @@ Two kinds of checks:
   tagged page holds exactly the tags its actors last wrote, or zeros from its
   one initialisation), USER-VISIBLE-IMPLIES-TAGGED, VM_MTE-IMPLIES-VM_MTE_ALLOWED,
   ZERO PAGE NEVER FLAGGED, LOCK-LIVENESS (at rest, no page is locked but
-  untagged), and for every VM: GUEST-VISIBLE-IMPLIES-TAGGED, MTE-VM MEMORY IS
+  untagged), PTE-ATTRS-MATCH-VMA (at rest, a present PTE is Normal-Tagged exactly where
+  its VMA has VM_MTE), and for every VM: GUEST-VISIBLE-IMPLIES-TAGGED, MTE-VM MEMORY IS
   TAG-CAPABLE (checked on what stage 2 maps), STAGE-2 COHERENT (stage 2 maps
   the frame the VMM's PTE maps: the MMU notifier did its job) and CAP BEFORE
   VCPUS (no AArch32 vCPU runs in an MTE VM).
@@ -218,16 +219,23 @@ class Oracle:
                                 f"pid {task.pid} {v!r} has VM_MTE without VM_MTE_ALLOWED")
             for vpn, pte in mm.pt.items():
                 page = pte.page
-                if not pte.present or page is None or not pte.tagged or pte.special or not page.is_ram \
-                        or pte.fault_on_access:
+                if not pte.present or page is None or pte.special or not page.is_ram:
                     continue
                 vma = mm.find_vma(vpn << 12)
-                if vma is not None and vma.flags & VM_READ and not page.folio.flags & PG_mte_tagged:
+                if vma is None:
+                    continue
+                if at_rest and pte.tagged != bool(vma.flags & VM_MTE):
+                    # PTE-ATTRS-MATCH-VMA: mprotect rewrites present PTEs; swap-in and migration build theirs
+                    # from vm_page_prot at the restore; one that lags silently drops STG (RAZ/WI)
+                    self.report("PTE-ATTRS-MATCH-VMA",
+                                f"pid {task.pid} maps pfn {page.pfn:#x} at {vpn << 12:#x} "
+                                f"{'tagged' if pte.tagged else 'untagged'} in {vma!r}", page)
+                if not pte.tagged or pte.fault_on_access:
+                    continue
+                if vma.flags & VM_READ and not page.folio.flags & PG_mte_tagged:
                     self.report("USER-VISIBLE-IMPLIES-TAGGED",
                                 f"pid {task.pid} maps untagged pfn {page.pfn:#x} at {vpn << 12:#x} "
                                 f"through a tagged PTE ({flag_names(vma.flags & VM_MTE)})", page)
-        if at_rest:
-            self.check_pte_attrs()
         for kvm in list(k.kvm.vms.values()):
             self._check_vm(kvm)
         self.check_physmem_state()
@@ -235,22 +243,6 @@ class Oracle:
         self.ghost.check()
         self._flush_ghost()
         return list(self.violations)
-
-    def check_pte_attrs(self) -> None:
-        """PTE-ATTRS-MATCH-VMA, at rest: a present PTE maps its page as its VMA says (Normal-Tagged
-        exactly where the VMA has VM_MTE). mprotect rewrites present PTEs; swap-in and migration
-        build theirs from vm_page_prot at the restore; one that lags silently drops STG (RAZ/WI)."""
-        for task in self.k.tasks.values():
-            mm = task.mm
-            for vpn, pte in mm.pt.items():
-                page = pte.page
-                if not pte.present or page is None or pte.special or not page.is_ram:
-                    continue
-                vma = mm.find_vma(vpn << 12)
-                if vma is not None and pte.tagged != bool(vma.flags & VM_MTE):
-                    self.report("PTE-ATTRS-MATCH-VMA",
-                                f"pid {task.pid} maps pfn {page.pfn:#x} at {vpn << 12:#x} "
-                                f"{'tagged' if pte.tagged else 'untagged'} in {vma!r}", page)
 
     # ---- physical memory and tag storage (H1: SCENARIOS-physmem parts A and B) ----------------
 

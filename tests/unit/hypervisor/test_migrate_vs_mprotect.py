@@ -58,3 +58,16 @@ class TestMigrateVsMprotect:
             assert st["p"].pte(st["addr"]).tagged
             assert await st["p"].tags(st["addr"], 16) == [5]
             assert invariants(run.k) == []
+
+
+async def test_a_pte_lagging_its_vma_is_reported():
+    """PTE-ATTRS-MATCH-VMA: at rest, a present PTE mapped untagged in a VM_MTE VMA is a violation."""
+    from hypervisor.kernel import Kernel
+
+    k = Kernel()
+    p = Proc.new(k, "P")
+    addr = await p("mmap", size=PAGE, prot=RWM)
+    await p("store", addr=addr, data=b"x")
+    assert invariants(k) == []
+    p.pte(addr).tagged = False  # what the restore used to leave behind
+    assert "PTE-ATTRS-MATCH-VMA" in invariants(k)

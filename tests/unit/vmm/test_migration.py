@@ -50,6 +50,22 @@ async def migrate_dirtying_during_precopy(src, dst, plan) -> list:
     assert res["passes"] == 2 and res["stop-pages"] >= 1
     return late
 
+
+async def migrate_to_a_host_too_small(nursery) -> None:
+    """Migrate a VM with 2 MiB of touched pages to a 1 MiB host: ENOMEM, the source resumes with logging off and
+    its data, the destination keeps nothing."""
+    src = await start_node(nursery, await new_host(nursery))
+    dst = await start_node(nursery, await new_host(nursery, ram=MiB, swap=0))
+    await tagged_vm(src)
+    for i in range(4 * MiB // PAGE_SIZE // 2):
+        await src.guest("store", addr=RAM + 2 * i * PAGE_SIZE, data=b"x")
+    with pytest.raises(RemoteError) as info:
+        await migrate(src, dst)
+    assert info.value.errno == ENOMEM
+    assert src.vmm.slots[0].flags == () and not src.vmm.paused
+    assert await src.guest("load", addr=RAM + 2 * PAGE_SIZE, size=1) == b"x"
+    await assert_gone_from(dst)
+
 class Node:
     """One host, one VMM on it (which may die), its control client."""
 
@@ -263,17 +279,7 @@ class TestMigration:
 
     async def test_destination_out_of_memory_is_enomem_and_the_source_runs_on(self, nursery):
         """A destination host too small for the VM's pages fails ENOMEM; the source resumes with logging off."""
-        src = await start_node(nursery, await new_host(nursery))
-        dst = await start_node(nursery, await new_host(nursery, ram=MiB, swap=0))
-        await tagged_vm(src)
-        for i in range(4 * MiB // PAGE_SIZE // 2):
-            await src.guest("store", addr=RAM + 2 * i * PAGE_SIZE, data=b"x")
-        with pytest.raises(RemoteError) as info:
-            await migrate(src, dst)
-        assert info.value.errno == ENOMEM
-        assert src.vmm.slots[0].flags == () and not src.vmm.paused
-        assert await src.guest("load", addr=RAM + 2 * PAGE_SIZE, size=1) == b"x"
-        await assert_gone_from(dst)
+        await migrate_to_a_host_too_small(nursery)
 
     async def test_nobody_listening_is_econnrefused_and_changes_nothing(self, pair):
         """migrate-out to an address nobody listens at fails ECONNREFUSED before touching the VM."""
@@ -621,17 +627,7 @@ class TestPipelined:
 
     async def test_destination_out_of_memory_midway_is_enomem(self, nursery, pipelined):
         """Pipelined: a destination that runs out of memory after some chunks fails ENOMEM; the source runs on."""
-        src = await start_node(nursery, await new_host(nursery))
-        dst = await start_node(nursery, await new_host(nursery, ram=MiB, swap=0))
-        await tagged_vm(src)
-        for i in range(4 * MiB // PAGE_SIZE // 2):
-            await src.guest("store", addr=RAM + 2 * i * PAGE_SIZE, data=b"x")
-        with pytest.raises(RemoteError) as info:
-            await migrate(src, dst)
-        assert info.value.errno == ENOMEM
-        assert src.vmm.slots[0].flags == () and not src.vmm.paused
-        assert await src.guest("load", addr=RAM + 2 * PAGE_SIZE, size=1) == b"x"
-        await assert_gone_from(dst)
+        await migrate_to_a_host_too_small(nursery)
 
     async def test_a_read_error_midway_is_raised_in_its_turn(self, pair, pipelined, monkeypatch):
         """Pipelined: a chunk the source cannot read fails the migration with that chunk's errno, after the
