@@ -328,10 +328,20 @@ class Ghost:
         else:
             todo = self._keyed_entries(kvm, entries)
         self._drop_vm(kvm)
-        for loc, tags, data in todo:  # ...then holds what the source recorded
-            e = self._entry(loc)
-            e.tags, e.data = tags, data
-        return len(todo)
+        installed = 0
+        for item in todo:  # ...then holds what the source recorded
+            if len(item) == 3:
+                loc, tags, data = item
+                e = self._entry(loc)
+                e.tags, e.data = tags, data
+                installed += 1
+                continue
+            # a run of private anonymous pages (_unpack_runs): their locations are (mm, vpn, None) and
+            # _drop_vm left none of them an entry, so each gets a new one, as _entry would make it
+            mm, vpn, per, datas = item
+            self.spaces.setdefault(mm, {}).update(zip(range(vpn, vpn + len(per)), map(Entry, per, datas), strict=True))
+            installed += len(per)
+        return installed
 
     @staticmethod
     def _keyed_entries(kvm, entries: dict) -> list:
@@ -359,7 +369,11 @@ class Ghost:
         return todo
 
     def _unpack_runs(self, kvm, runs) -> list:
-        """The compact form's ``(loc, tags, data)`` (see _pack_runs), located a VMA span at a time."""
+        """The compact form's ``(loc, tags, data)`` (see _pack_runs), located a VMA span at a time.
+
+        A span of a private anonymous VMA is one item ``(mm, first vpn, tags, hashes)`` (the lists of
+        its pages) rather than a location tuple per page.
+        """
         if not isinstance(runs, (list, tuple)):
             raise KernelError("EINVAL", "ghost-import: runs must be a list")
         spans = [(gfn0, gfn0 + v1 - v0, vma, v0) for slot in kvm.memslots.values()
@@ -401,7 +415,10 @@ class Ghost:
                 g0, g1, vma, v0 = span
                 n = min(end, g1) - gfn
                 vpn = v0 + gfn - g0
-                todo += [(Ghost.run_loc(mm, vma, vpn + j), per[i + j], datas[i + j]) for j in range(n)]
+                if vma.obj is None:
+                    todo.append((mm, vpn, per[i:i + n], datas[i:i + n]))
+                else:
+                    todo += [(Ghost.run_loc(mm, vma, vpn + j), per[i + j], datas[i + j]) for j in range(n)]
                 gfn, i = gfn + n, i + n
         return todo
 
@@ -423,7 +440,8 @@ class Ghost:
                     for index, _ in _in_range(theirs, i0, i0 + v1 - v0):
                         self._entry((mm, v0 + index - i0, None))
                 mine = self.spaces.get(mm, {})
-                for vpn, _ in _in_range(mine, v0, v1):
+                for vpn, e in _in_range(mine, v0, v1):
+                    e._src = None  # dropped: the page it points at need not digest its data for it
                     if obj is None:
                         del mine[vpn]
                     else:
