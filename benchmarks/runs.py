@@ -16,6 +16,8 @@ host, runs the steps with the oracles after every step, and tears down.
   passed per second of runs; decisions likewise.
 * The KVM row: the same for ``scenarios/race-kvm-sanitise-vs-vmm.toml`` with ``no-tag-lock`` (a VM whose
   VMM and guest run in-process: with ``direct`` their control, guest and exit channels are direct too).
+* The collector is tuned as every ``mtekvm`` command tunes it (``collect_garbage_less_often``), for
+  both paths alike.
 * Worker processes: the new path in ``workers`` spawned processes at once, each running its own
   seeds (seed ``w``, ``w + N``, ...) for the same time, against the new path in one process.
 """
@@ -32,7 +34,7 @@ from typing import Any
 import trio
 
 from hypervisor.sched import ControlledScheduler
-from mtekvm.runner import RunOptions, run_scenario
+from mtekvm.runner import RunOptions, collect_garbage_less_often, run_scenario
 from mtekvm.scenario import SchedulerSpec, load_scenario
 
 SCENARIO = pathlib.Path(__file__).resolve().parents[1] / "scenarios" / "race-cow-vs-mprotect.toml"
@@ -98,6 +100,8 @@ def _seeds(start: int = 0, step: int = 1):
 def _worker(index: int, workers: int, seconds: float, ready, out) -> None:
     """A worker process: the new path over its own seeds for ``seconds`` (after all are ready); puts its runs/s."""
 
+    collect_garbage_less_often()  # as every mtekvm command does
+
     async def go() -> float:
         with _Counted() as counted:
             await _slice(True, _seeds(index, workers), 0.2, counted)  # warm up
@@ -130,6 +134,7 @@ def _in_workers(workers: int, seconds: float) -> float:
 
 async def bench_runs(seconds: float, workers: int = 2, rounds: int = 5) -> list[dict]:
     """Figure 8's rows (group, figure, unit, value, baseline, baseline_value) for the driver's ``Row``."""
+    collect_garbage_less_often()  # as every mtekvm command does (both paths alike)
     old: list[tuple[float, float, float]] = []
     new: list[tuple[float, float, float]] = []
     seeds = _seeds()

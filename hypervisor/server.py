@@ -74,8 +74,16 @@ class Hypervisor:
         self.secret = secret
         self.connections = 0
         self.failures: list[str] = []  # scheduler failures (deadlock, divergence)
+        #: set by :meth:`discard`: connections closing from now on end without their processes' exits
+        self.discarding = False
         self._idle = trio.Event()
         self._idle.set()
+
+    def discard(self) -> None:
+        """Nothing will look at this kernel again (an in-process host whose run has been judged): a
+        connection that closes from now on ends without its process's exit (do_exit(), its page-table
+        teardown and the scheduling decisions of its exit context), which nobody would observe."""
+        self.discarding = True
 
     async def wait_idle(self) -> None:
         """Wait until every connection has closed and its process has exited."""
@@ -314,6 +322,8 @@ class _Connection:
             if vcpu.attached is self:
                 vcpu.attached = None
         self.vcpus.clear()
+        if self.task is not None and self.hv.discarding:
+            self.task = None
         if self.task is not None:
             task, self.task = self.task, None
             # children forked but never attached die with their parent's connection

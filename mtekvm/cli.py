@@ -69,6 +69,7 @@ from mtekvm.runner import (  # noqa: E402
     ScenarioResult,
     VmSetupError,
     classify_error,
+    collect_garbage_less_often,
 )
 from mtekvm.scenario import Scenario, ScenarioError, SchedulerSpec, load_scenario  # noqa: E402
 from shared.bugs import BUGS  # noqa: E402
@@ -492,6 +493,7 @@ def main(argv=None) -> int:
         if args.cmd == "bugs":
             list_bugs()
             return report.EXIT_OK
+        collect_garbage_less_often()
         if args.cmd == "stress":
             return _stress(args, argv)
         _setup_logging(args.verbose)

@@ -215,6 +215,10 @@ class HostLink(Connector):
     async def start(self) -> None:
         """Make the host ready (start its process, or its scheduler's driver)."""
 
+    def discard(self) -> None:
+        """The run has been judged and this host ends with it: skip work nobody will observe (only an
+        in-process host does so: :meth:`InProcessHost.discard`)."""
+
     async def stop(self) -> None:
         """Let the host finish its work and release it (idempotent)."""
 
@@ -293,6 +297,11 @@ class InProcessHost(HostLink):
         """Start the controlled scheduler's driver, if there is one and this host drives it."""
         if self.drive and isinstance(self.scheduler, ControlledScheduler):
             await self.nursery.start(self.scheduler.run_driver)
+
+    def discard(self) -> None:
+        """The kernel dies with the run: its processes' connections close without their exits
+        (:meth:`hypervisor.server.Hypervisor.discard`)."""
+        self.hv.discard()
 
     async def stop(self, timeout: float = 60) -> None:
         """Wait (up to ``timeout`` seconds) until the hypervisor is idle: exits run as kernel

@@ -112,7 +112,7 @@ class CampaignConfig:
     shard: tuple[int, int] = (0, 1)
     jobs: int = 1
     shrink: bool = True
-    shrink_tries: int = 6  # schedules tried per scenario-shrinking candidate
+    shrink_tries: int = 10  # schedules tried per scenario-shrinking candidate (6 left races half-shrunk)
     shrink_runs: int = 400  # at most this many runs shrinking one scenario
     max_failures: int | None = None  # stop after this many distinct failures (None: the whole budget)
     out: str = "."  # where failure files will be written (the replay command names them there)

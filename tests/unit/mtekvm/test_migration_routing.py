@@ -112,6 +112,9 @@ class FakeHost:
             return None
         return {"op": op, "args": args}
 
+    def discard(self) -> None:
+        pass
+
     async def stop(self) -> None:
         pass
 
