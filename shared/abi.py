@@ -528,6 +528,18 @@ def bind(table: dict[str, OpDef], **handlers: Any) -> dict[str, Any]:
     return out
 
 
+#: per op definition (by identity): the definition, its field names, and (name, checker, default) per field
+_PLANS: dict[int, tuple[OpDef, frozenset[str], tuple[tuple[str, Callable[[Any], Any], Any], ...]]] = {}
+
+
+def _plan(d: OpDef) -> tuple[OpDef, frozenset[str], tuple[tuple[str, Callable[[Any], Any], Any], ...]]:
+    entry = _PLANS.get(id(d))
+    if entry is None or entry[0] is not d:
+        entry = _PLANS[id(d)] = (d, frozenset(f.name for f in d.fields),
+                                 tuple((f.name, f.kind.check, f.default) for f in d.fields))
+    return entry
+
+
 def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> dict:
     """Check ``args`` against ``op``'s definition and return them normalised.
 
@@ -545,33 +557,37 @@ def validate_args(op: str, args: Any, table: dict[str, OpDef] | None = None) -> 
             ``args`` are (a checker's TypeError is a wrong shape: EINVAL), and
             error text quotes what the peer sent only briefly.
     """
-    from shared.errno import ENOSYS
-    from shared.wire import brief
-
     d = (OPS if table is None else table).get(op) if isinstance(op, str) else None
     if d is None:
+        from shared.errno import ENOSYS
+        from shared.wire import brief
+
         raise AbiError(ENOSYS, f"unknown op {brief(op)}")
     if not isinstance(args, dict):
         raise AbiError(EINVAL, f"{op}: args must be a map")
-    known = {f.name for f in d.fields}
-    extra = [k for k in args if k not in known]
-    if extra:
-        raise AbiError(EINVAL, f"{op}: unknown argument {brief(extra[0])}")
+    _d, known, plan = _plan(d)
+    for k in args:
+        if k not in known:
+            from shared.wire import brief
+
+            raise AbiError(EINVAL, f"{op}: unknown argument {brief(k)}")
     out: dict[str, Any] = {}
-    for f in d.fields:
-        if f.name in args and args[f.name] is None and f.default is None:
-            out[f.name] = None  # an optional argument given as nil
-        elif f.name in args:
+    for name, check, default in plan:
+        if name in args:
+            value = args[name]
+            if value is None and default is None:
+                out[name] = None  # an optional argument given as nil
+                continue
             try:
-                out[f.name] = f.check(args[f.name])
+                out[name] = check(value)
             except OverflowError as exc:
-                raise AbiError(E2BIG, f"{op}: argument {f.name!r}: {exc}") from None
+                raise AbiError(E2BIG, f"{op}: argument {name!r}: {exc}") from None
             except ValueError as exc:
-                raise AbiError(EINVAL, f"{op}: argument {f.name!r} {exc}") from None
+                raise AbiError(EINVAL, f"{op}: argument {name!r} {exc}") from None
             except TypeError as exc:  # a checker met a shape it did not expect
-                raise AbiError(EINVAL, f"{op}: argument {f.name!r} has the wrong shape ({exc})") from None
-        elif f.default is _REQUIRED:
-            raise AbiError(EINVAL, f"{op}: missing argument {f.name!r}")
+                raise AbiError(EINVAL, f"{op}: argument {name!r} has the wrong shape ({exc})") from None
+        elif default is _REQUIRED:
+            raise AbiError(EINVAL, f"{op}: missing argument {name!r}")
         else:
-            out[f.name] = f.default
+            out[name] = default
     return out
