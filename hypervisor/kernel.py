@@ -129,7 +129,7 @@ class Kernel:
 
     def stats(self) -> dict:
         """Counts for benchmarks and status."""
-        resident = sum(1 for p in self.alloc.live_pages() if p.data is not None)
+        resident = sum(1 for p in self.alloc.live_pages() if p.data_view() is not None)
         return {"frames_allocated": self.alloc.allocated, "frames_with_data": resident,
                 "swap_slots": len(self.swap.slots), "tasks": len(self.tasks), "vms": len(self.kvm.vms),
                 "violations": len(self.oracle.violations), "warnings": list(self.warnings)}
