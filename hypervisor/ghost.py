@@ -250,7 +250,7 @@ class Ghost:
         if not pages:
             return
         for vpn in [v for v in pages if start_vpn <= v < end_vpn]:
-            del pages[vpn]
+            pages.pop(vpn)._src = None  # dropped: its page need not digest its data for it
         if not pages:
             del self.spaces[mm]
 

@@ -17,6 +17,13 @@ assignment to ``data`` (never by writing into the ``bytearray`` in place): the g
 the data is kept until then, and ghost entries recording "what this frame holds now" are given
 the old digest just before (``Page._settle``).
 
+A whole page written into a frame without data from an immutable ``bytes`` buffer (a store's
+request, a migration's pages) is kept as a read-only view of that buffer, not copied: the model's
+representation, not kernel state. The ``data`` property turns it into the frame's own
+``bytearray`` the first time anyone asks for it, and so does a partial write; readers inside the
+model that only read use :meth:`Page.data_view`. The buffer stays alive while a frame views it
+(a 16 MiB store keeps its 16 MiB until every page of it is rewritten or freed).
+
 Ghost state (``shadow``, ``inits``, the digest) is not kernel state: the oracles use it to
 know which tags a correct kernel would hold (see hypervisor/oracles.py).
 """
@@ -96,7 +103,7 @@ class Page:
 
     pfn: int
     tags: bytearray
-    _data: bytearray | None = None  # the ``data`` property (constructor argument ``data``)
+    _data: bytearray | memoryview | None = None  # the ``data`` property (constructor argument ``data``)
     flags: int = 0
     refcount: int = 0
     mapcount: int = 0
@@ -145,7 +152,10 @@ class Page:
     @property
     def data(self) -> bytearray | None:
         """The frame's 4096 bytes (None: all zeros). Assigning it counts as a change of the content."""
-        return self._data
+        d = self._data
+        if d is not None and type(d) is not bytearray:  # a view of a store's buffer: the frame's own copy now
+            d = self._data = bytearray(d)  # (same content: the digest and the ghost's entries stand)
+        return d
 
     @data.setter
     def data(self, value: bytearray | None) -> None:
@@ -154,11 +164,19 @@ class Page:
         self._dhash = _UNKNOWN_HASH
         self._data = value
 
+    def data_view(self) -> bytearray | memoryview | None:
+        """The frame's data to read, as it is held (a read-only view of a store's buffer, or the bytearray)."""
+        return self._data
+
     def data_hash(self) -> int | None:
         """:func:`data_hash` of the data, kept until the data changes (ghost state, not kernel state)."""
         h = self._dhash
         if h == _UNKNOWN_HASH:
-            h = self._dhash = data_hash(self._data)
+            d = self._data
+            if type(d) is memoryview:  # a view is kept only of a whole page that is not all zeros
+                h = self._dhash = zlib.crc32(d[_HALF:]) << 32 | zlib.crc32(d[:_HALF])
+            else:
+                h = self._dhash = data_hash(d)
         return h
 
     def lazy_entry(self, entry) -> None:
@@ -179,9 +197,10 @@ class Page:
 
     def read(self, off: int, n: int) -> bytes:
         """Read ``n`` bytes of data at offset ``off`` in the frame."""
-        if self.data is None:
+        d = self._data
+        if d is None:
             return bytes(n)
-        return bytes(self.data[off:off + n])
+        return bytes(d[off:off + n])
 
     def write(self, off: int, data) -> None:
         """Write data (bytes-like) at offset ``off`` in the frame."""
@@ -189,18 +208,27 @@ class Page:
         if self._lazy is not None:
             self._settle()
         self._dhash = _UNKNOWN_HASH
-        if self._data is None:
+        d = self._data
+        if d is None:
             # the zero tests compare bytes-like objects (memcmp): a memoryview compared with bytes is
             # compared element by element, 13 us for a page of zeros
             if off == 0 and n == PAGE_SIZE:
+                if type(data) is memoryview and type(data.obj) is bytes and data.format == "B" \
+                        and data.c_contiguous and data.nbytes == PAGE_SIZE:
+                    # a whole page of an immutable buffer: kept as a view (no 4 KiB copy into fresh memory)
+                    if (data[0] or data[-1] or data.tobytes() != _ZERO_PAGE):
+                        self._data = data
+                    return
                 new = bytearray(data)
                 if new != _ZERO_PAGE:
                     self._data = new
                 return
             if bytes(data) == _ZERO_PAGE[:n]:
                 return
-            self._data = bytearray(PAGE_SIZE)
-        self._data[off:off + n] = data
+            d = self._data = bytearray(PAGE_SIZE)
+        if type(d) is not bytearray:  # a view: the frame's own copy before it changes
+            d = self._data = bytearray(d)
+        d[off:off + n] = data
 
     def busy(self, held: int = 1) -> bool:
         """Someone else holds a reference: more than the mappings, the page/swap cache and ``held`` of ours.
@@ -474,6 +502,27 @@ class PageAllocator:
             n.cma_free[page.pfn] = None
         else:
             n.free.append(page)
+
+    def free_pages_bulk(self, pages: list[Page]) -> None:
+        """release_pages() (mm/swap.c) of order-0 frames whose last reference went: :meth:`free_page` of
+        each, in order, with the per-call lookups taken once."""
+        node_of = self.node_by_name
+        prepare = self.free_prepare
+        reset = self._reset
+        for page in pages:
+            if page.free or page.head is not None or not (page.zone == "normal" or page.zone == "movable"):
+                self.free_page(page)
+                continue
+            n = node_of[page.node]
+            if prepare is not None:
+                prepare(page)
+            reset(page)
+            self.allocated -= 1
+            n.used -= 1
+            if page.is_tag_storage:
+                n.cma_free[page.pfn] = None
+            else:
+                n.free.append(page)
 
     @staticmethod
     def _reset(p: Page) -> None:

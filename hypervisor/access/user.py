@@ -184,7 +184,7 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
         return AccessResult(None, fault)
     if fault:
         task.tfsr |= 1
-    data = b"".join([_ZERO_PAGE[:n] if pte.page.data is None else memoryview(pte.page.data)[off:off + n]
+    data = b"".join([_ZERO_PAGE[:n] if (d := pte.page.data_view()) is None else memoryview(d)[off:off + n]
                      for pte, off, n, _vpn, _vma in ptes])
     ghost = k.oracle.ghost
     mm = task.mm

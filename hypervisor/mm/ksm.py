@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 
 def page_content_key(page) -> bytes:
     """The stable tree's key: the page's bytes (an all-zero page, however it got there, is b"")."""
-    if page.data is None or not any(page.data):
+    data = page.data_view()
+    if data is None or not any(data):
         return b""
-    return bytes(page.data)
+    return bytes(data)
 
 
 async def ksm_merge_range(k: Kernel, mm: MM, start: int, end: int) -> int:

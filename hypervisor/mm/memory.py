@@ -137,13 +137,36 @@ def _release_pte(k: Kernel, mm: MM, vpn: int, pte: Pte) -> None:
 
 
 def zap_pte_range(k: Kernel, mm: MM, start: int, end: int, event: str = "unmap") -> None:
-    """zap_pte_range(): drop the PTEs of [start, end) and their page references."""
+    """zap_pte_range(): drop the PTEs of [start, end) and their page references.
+
+    As Linux's mmu_gather, the frames whose last reference a PTE held are freed
+    together after the walk (tlb_finish_mmu() -> free_pages_and_swap_cache() ->
+    release_pages()), in the order the walk met them: the same frames, freed in
+    the same order, as freeing each on the spot (no scheduling point between).
+    The ghost's entries of the range are dropped before the frames are freed
+    (the private pages read fresh), so freeing takes no digest for them.
+    """
     mmu_notifier_invalidate_range(mm, start, end, event)
+    k.oracle.ghost.drop_range(mm, start >> PAGE_SHIFT, end >> PAGE_SHIFT)
+    pt = mm.pt
+    batch: list[Page] = []
     for vpn in mm.vpns_in(start, end):
-        pte = mm.pt.pop(vpn, None)
-        if pte is not None:
+        pte = pt.pop(vpn, None)
+        if pte is None:
+            continue
+        page = pte.page
+        # the common case inline: an order-0 RAM frame mapped by an ordinary PTE (_release_pte + put_page)
+        if page is not None and page.head is None and not pte.special and not pte.migrating \
+                and (page.zone == "normal" or page.zone == "movable"):
+            page.rmap.pop((mm, vpn), None)
+            page.mapcount -= 1
+            page.refcount -= 1
+            if page.refcount <= 0:
+                batch.append(page)
+        else:
             _release_pte(k, mm, vpn, pte)
-    k.oracle.ghost.drop_range(mm, start >> PAGE_SHIFT, end >> PAGE_SHIFT)  # the private pages read fresh
+    if batch:
+        k.alloc.free_pages_bulk(batch)
     k.sched.wake()
 
 

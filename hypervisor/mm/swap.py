@@ -233,7 +233,7 @@ async def _reclaim_isolated(k: Kernel, page: Page) -> int:
         except KernelError:
             _remap(k, page, entry, unmapped)
             raise
-    k.swap.slots[entry].data = None if page.data is None else bytes(page.data)  # pageout()
+    k.swap.slots[entry].data = None if (d := page.data_view()) is None else bytes(d)  # pageout()
     if obj is not None:
         obj.pages[page.index] = entry
         k.swap.slots[entry].count += 1
