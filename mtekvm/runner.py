@@ -54,6 +54,7 @@ from mtekvm.scenario import FAULT_REPLAY_LIMIT, Expect, Parallel, Scenario, Sche
 from shared.control import ACTOR_CHANNEL, ACTOR_OPS
 from shared.errno import ScheduleDivergence
 from shared.invariants import canonical
+from shared.rpc import DirectChannel
 from shared.wire import Client, RemoteError, Reply, WireError
 
 
@@ -695,6 +696,9 @@ class _Run:
             with trio.move_on_after(30), trio.CancelScope(shield=True):
                 await link.stop()
         for c in list(self.procs.values()) + list(self.host_clients.values()):
+            if isinstance(c, DirectChannel):  # closed at once: the hosts' waits below are the checkpoint
+                c.close("the run is over")
+                continue
             with trio.CancelScope(shield=True):
                 await c.aclose()
         for host in self.hosts.values():

@@ -86,7 +86,7 @@ class PhysConfig:
     @property
     def is_default(self) -> bool:
         """Nothing beyond mainline's static host: ``boot`` need not carry it."""
-        return self == PhysConfig()
+        return self is _DEFAULT or self == _DEFAULT
 
     def to_wire(self) -> dict:
         """As ``boot`` carries it."""
@@ -201,3 +201,6 @@ def _name(v: Any) -> str:
     if not isinstance(v, str) or not v or len(v) > 64:
         raise ValueError(f"a node or region needs a name (got {str(v)[:40]!r})")
     return v
+
+
+_DEFAULT = PhysConfig()  # (frozen: what is_default compares with)
