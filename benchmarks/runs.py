@@ -18,12 +18,16 @@ host, runs the steps with the oracles after every step, and tears down.
   VMM and guest run in-process: with ``direct`` their control, guest and exit channels are direct too).
 * The collector is tuned as every ``mtekvm`` command tunes it (``collect_garbage_less_often``), for
   both paths alike.
+* The floor: the same steps straight into the kernel model (``_floor_run``: the same kernel calls,
+  scheduler and state checks, no runner, ABI channel, connections or teardown), against today's
+  path: what a framework costing nothing would give.
 * Worker processes: the new path in ``workers`` spawned processes at once, each running its own
   seeds (seed ``w``, ``w + N``, ...) for the same time, against the new path in one process.
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import pathlib
@@ -33,9 +37,13 @@ from typing import Any
 
 import trio
 
+from hypervisor.kernel import Kernel
 from hypervisor.sched import ControlledScheduler
+from hypervisor.server import _in_kernel
+from hypervisor.syscalls import PROCESS_OPS
 from mtekvm.runner import RunOptions, collect_garbage_less_often, run_scenario
 from mtekvm.scenario import SchedulerSpec, load_scenario
+from shared.abi import validate_args
 
 SCENARIO = pathlib.Path(__file__).resolve().parents[1] / "scenarios" / "race-cow-vs-mprotect.toml"
 BUGS = ("flag-before-init",)
@@ -90,6 +98,53 @@ async def _slice(new: bool, seeds, seconds: float, counted: _Counted, path: path
             return runs / elapsed, points / elapsed, decisions / elapsed
 
 
+async def _floor_run(seed: int) -> None:
+    """The 8-step race's steps straight into the kernel model under the same scheduler and oracles:
+    no runner, no ABI channel, no connections, no teardown (the floor under any framework)."""
+    sched = ControlledScheduler(seed=seed)
+    k = Kernel(sched=sched, bugs=BUGS)
+    addr, page, mte = 0x1000_0000, 4096, ["read", "write", "mte"]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run_driver)
+        tasks = {"parent": k.create_task("parent")}
+
+        async def do(actor: str, ctx: str, op: str, **args) -> Any:
+            a, t = validate_args(op, args), tasks[actor]
+            async with sched.context(ctx):
+                return await _in_kernel(k, t, PROCESS_OPS[op](k, t, a))
+
+        await do("parent", "parent/1", "mmap", addr=addr, size=page, prot=["read", "write"])
+        k.oracle.check_state()
+        await do("parent", "parent/2", "store", addr=addr, data=b"\xaa" * 64)
+        k.oracle.check_state()
+        child = await do("parent", "parent/3", "fork", child="child")
+        tasks["child"] = k.tasks[child["pid"]]
+        k.oracle.check_state()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(functools.partial(do, "parent", "parent/4.1", "mprotect", addr=addr, size=page, prot=mte))
+            inner.start_soon(functools.partial(do, "child", "child/4.2", "store", addr=addr, data=b"\xbb" * 16))
+        k.oracle.check_state()
+        await do("child", "child/5", "mprotect", addr=addr, size=page, prot=mte)
+        k.oracle.check_state()
+        await do("child", "child/6", "ldg", addr=addr, size=page)
+        k.oracle.check_state()
+        await do("parent", "parent/7", "ldg", addr=addr, size=page)
+        k.oracle.check_state()
+        nursery.cancel_scope.cancel()
+
+
+async def _floor_slice(seeds, seconds: float) -> float:
+    """Runs per second of :func:`_floor_run` one after another for ``seconds``."""
+    runs = 0
+    t0 = time.perf_counter()
+    while True:
+        await _floor_run(next(seeds))
+        runs += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return runs / elapsed
+
+
 def _seeds(start: int = 0, step: int = 1):
     seed = start
     while True:
@@ -137,14 +192,17 @@ async def bench_runs(seconds: float, workers: int = 2, rounds: int = 5) -> list[
     collect_garbage_less_often()  # as every mtekvm command does (both paths alike)
     old: list[tuple[float, float, float]] = []
     new: list[tuple[float, float, float]] = []
+    floor: list[float] = []
     seeds = _seeds()
     per = max(seconds / (2 * rounds), 0.2)
     with _Counted() as counted:
         await _slice(False, seeds, 0.2, counted)  # warm up both
         await _slice(True, seeds, 0.2, counted)
+        await _floor_slice(seeds, 0.2)
         for _ in range(rounds):
             old.append(await _slice(False, seeds, per, counted))
             new.append(await _slice(True, seeds, per, counted))
+            floor.append(await _floor_slice(seeds, per))
     med_old = [statistics.median(s[i] for s in old) for i in range(3)]
     med_new = [statistics.median(s[i] for s in new) for i in range(3)]
     name = "controlled 8-step race (race-cow-vs-mprotect, random)"
@@ -156,6 +214,8 @@ async def bench_runs(seconds: float, workers: int = 2, rounds: int = 5) -> list[
          "baseline": base, "baseline_value": med_old[1]},
         {"group": "runs", "figure": "its scheduler decisions", "unit": "decisions/s", "value": med_new[2],
          "baseline": base, "baseline_value": med_old[2]},
+        {"group": "runs", "figure": "the floor: its steps straight into the kernel model (no runner, ABI, teardown)",
+         "unit": "runs/s", "value": statistics.median(floor), "baseline": "today's path", "baseline_value": med_new[0]},
     ]
     kvm_old: list[float] = []
     kvm_new: list[float] = []
