@@ -28,7 +28,7 @@ from hypervisor.arm64.copypage import copy_user_highpage
 from hypervisor.arm64.mte import mte_sync_tags, tag_clear_highpage
 from hypervisor.arm64.mte_lock import PG_mte_lock, PG_mte_tagged
 from hypervisor.arm64.mte_tag_storage import Livelock, handle_folio_missing_tag_storage, spin_lock
-from hypervisor.arm64.tags import mte_clear_page_tags
+from hypervisor.arm64.tags import ZERO_TAGS
 from hypervisor.mm.mmu_notifier import mmu_notifier_invalidate_range
 from hypervisor.mm.page_alloc import alloc_hugetlb_folio, alloc_pages, vma_gfp
 from hypervisor.mm_types import VM_HUGETLB, VM_MTE, VM_PFNMAP, VM_READ, VM_SHARED, VM_WRITE, MemObject, Pte, Vma
@@ -321,16 +321,26 @@ async def do_anonymous_page_run(k: Kernel, mm: MM, vpn: int, nr: int, *, locked:
         pages = alloc.alloc_pages_bulk(empty)
         if empty and not pages:
             pages = [alloc.alloc_page()]  # out of memory: ENOMEM, as the page-by-page path raises it
+        oracle = k.oracle
         for v, page in zip(range(vpn, vpn + len(pages)), pages, strict=True):
             if clear:  # tag_clear_highpage(): try_page_mte_tagging() wins on a new page
                 page.flags |= PG_mte_lock
-                k.oracle.on_init_start(page, actor)
-                mte_clear_page_tags(k, page)
+                if page.inits:
+                    oracle.on_init_start(page, actor)  # a second initialiser: EXCLUSIVE-INIT reports it
+                else:
+                    page.inits = 1  # (on_init_start, inline)
+                # mte_clear_page_tags(), inline: on_tag_write() checks only tag storage, off on this path
+                page.tags[:] = ZERO_TAGS
+                if page.initialiser != "write":
+                    page.shadow = ZERO_TAGS
+                    page.initialiser = "init"
+                else:
+                    oracle.on_tags_overwritten(page, "mte_clear_page_tags")
                 page.flags |= PG_mte_tagged  # set_page_mte_tagged(); waiters are woken below
             # set_pte_at(): mte_sync_tags() finds the page tagged; _install() takes the PTE's reference,
             # put_page() drops the allocation's: one reference, the PTE's
-            pt[v] = Pte(page=page, write=True, tagged=tagged)
-            page.rmap.add((mm, v))
+            pt[v] = Pte(page, None, True, tagged)  # (page, swap, write, tagged)
+            page.rmap[(mm, v)] = None  # Rmap.add
             page.mapcount += 1
             done += 1
         k.sched.wake()
