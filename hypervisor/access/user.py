@@ -226,7 +226,11 @@ async def user_store(k: Kernel, task: Task, ptr: int, tag: int, data: bytes) -> 
             elif e._src is page:
                 e._src = None  # about to be overwritten: the page's change need not digest what it held
             page.write(off, view[pos:pos + n])
-            e.written_from(page)
+            e._src = page  # Entry.written_from(page), inline (the entry does not point at the page here)
+            if page._lazy is None:
+                page._lazy = [e]
+            else:
+                page._lazy.append(e)
         else:
             page.write(off, view[pos:pos + n])
             ghost.data_written(Ghost.run_loc(mm, vma, vpn), page)

@@ -298,6 +298,8 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
     else:
         records, rec_off = None, 0  # a private mapping of an object: the ghost's own rules (tags_written)
     done = 0
+    oracle = k.oracle
+    ts_enabled = k.tag_storage.enabled  # (on_tag_write() checks nothing without tag storage)
     try:
         for i in range(n):
             vpn = vpn0 + i
@@ -312,12 +314,13 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
                     records = ghost.spaces.setdefault(mm if obj is None else obj, records)
             page = pte.page
             assert page is not None  # present
-            if pte.special or not page.is_ram:
+            if pte.special or not (page.zone == "normal" or page.zone == "movable"):  # (not page.is_ram)
                 break
-            folio = page.folio
+            hugetlb = page.head is not None
+            folio = page.head if hugetlb else page  # page.folio
+            assert folio is not None
             if folio.flags & PG_mte_lock and not folio.flags & PG_mte_tagged:
                 break  # another initialiser holds the tag lock: the per-page path waits for it
-            hugetlb = page.head is not None
             if not folio.flags & PG_mte_lock:  # try_page_mte_tagging() / folio_try_hugetlb_mte_tagging() won
                 folio.flags |= PG_mte_lock
                 k.oracle.on_init_start(folio, current_actor.get())
@@ -338,7 +341,8 @@ async def _copy_to_guest_run(k: Kernel, kvm: Kvm, slot, gfn: int, mm, vma, vpn0:
                 # write_tags() for a whole page: the shadow is the written tags (immutable, shared)
                 if same is None:
                     written = shared_tags(written)
-                k.oracle.on_tag_write(page, "KVM_ARM_MTE_COPY_TAGS TO_GUEST")  # TAG-STORAGE-NOT-CLOBBERED
+                if ts_enabled:
+                    oracle.on_tag_write(page, "KVM_ARM_MTE_COPY_TAGS TO_GUEST")  # TAG-STORAGE-NOT-CLOBBERED
                 page.tags[:] = written
                 page.shadow = written
                 page.initialiser = "write"
