@@ -188,11 +188,23 @@ async def user_load(k: Kernel, task: Task, ptr: int, tag: int, size: int) -> Acc
                      for pte, off, n, _vpn, _vma in ptes])
     ghost = k.oracle.ghost
     mm = task.mm
+    records = ghost.spaces.get(mm, _NO_RECORDS)
     for pte, _off, _n, vpn, vma in ptes:
         page = pte.page
-        if page.zone not in ("device", "pfnmap") and not ghost.reads_as_written(mm, vma, vpn, page):
-            ghost.check_read_data(Ghost.run_loc(mm, vma, vpn), page, f"load by pid {task.pid}")  # reports
+        if page.zone in ("device", "pfnmap"):
+            continue
+        if vma.obj is None:  # private anonymous: Ghost.reads_as_written(), inline
+            h = page.data_hash()
+            e = records.get(vpn)
+            if (h is None) if e is None else (e._src is page or e.data == h):
+                continue
+        elif ghost.reads_as_written(mm, vma, vpn, page):
+            continue
+        ghost.check_read_data(Ghost.run_loc(mm, vma, vpn), page, f"load by pid {task.pid}")  # reports
     return AccessResult(data, fault)
+
+
+_NO_RECORDS: dict = {}
 
 
 @_livelock

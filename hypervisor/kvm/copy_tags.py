@@ -185,8 +185,12 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
         pages = list(map(_PAGE, ptes))
         if None in pages:  # a swap entry
             pages = pages[:pages.index(None)]
-        read = []  # (index, tags) of the pages that read non-zero tags
-        if pages.count(zero_page) != len(pages):
+        read: list = []  # (index, tags) of the pages that read non-zero tags
+        if pages.count(zero_page) == len(pages):
+            _check_run(ghost, mm, vma, vpn, pages, read, who)  # no tags to read: only entries can differ
+        elif vma.obj is None:
+            _read_and_check_anon(k, ghost, mm, vma, vpn, pages, out, at + (vpn - vpn0) * step, who)
+        else:
             for i, page in enumerate(pages):
                 if page is zero_page:
                     continue  # never PG_mte_tagged: reads as zeros
@@ -200,7 +204,7 @@ async def _copy_from_guest_run(k: Kernel, mm, vma, vpn0: int, n: int, out: bytea
                         out[o:o + step] = got
                         read.append((i, got))
                 # else: clear_user(), untagged pages read as zeros
-        _check_run(ghost, mm, vma, vpn, pages, read, who)
+            _check_run(ghost, mm, vma, vpn, pages, read, who)
         vpn += len(pages)
         if len(pages) == len(ptes) == batch:
             batch = min(batch * 2, 4096)
@@ -259,6 +263,40 @@ def _check_run(ghost, mm, vma, vpn0: int, pages: list, read: list, who: str) -> 
         want = ZERO_TAGS if e is None or e.tags is None else e.tags
         if got.get(i, ZERO_TAGS) != want:  # check_read_tags decides (granules marked unknown) and reports
             ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), pages[i], 0, got.get(i, ZERO_TAGS), who)
+
+
+def _read_and_check_anon(k: Kernel, ghost, mm, vma, vpn0: int, pages: list, out: bytearray, o: int,
+                         who: str) -> None:
+    """The read loop of _copy_from_guest_run and _check_run in one pass, for the pages of a private anonymous
+    VMA: each page's tags (read_tags(), inline: on_tags_read() only when tags and shadow differ) go to
+    ``out`` from offset ``o`` and are compared at once with the ghost's entry for the page (check_read_tags
+    decides and reports on a difference), page by page as the per-page path does."""
+    records = ghost.spaces.get(mm, _NO_RECORDS)
+    oracle = k.oracle
+    zero_page = k.alloc.zero_page
+    step = MTE_GRANULES_PER_PAGE
+    for i, page in enumerate(pages):
+        got = ZERO_TAGS
+        if page is zero_page:
+            pass  # never PG_mte_tagged: reads as zeros
+        elif page.zone in ("device", "pfnmap"):
+            del pages[i:]  # device memory: EFAULT from the per-page path
+            break
+        elif (page.flags if page.head is None else page.head.flags) & PG_mte_tagged:
+            tags = page.tags
+            shadow = page.shadow
+            if shadow is None or tags != shadow:  # read_tags(): what the oracle reports on (it checks again)
+                oracle.on_tags_read(page, who)
+            if tags != ZERO_TAGS:
+                got = bytes(tags)
+                out[o + i * step:o + (i + 1) * step] = got
+        # else: clear_user(), untagged pages read as zeros
+        e = records.get(vpn0 + i)
+        if got != (ZERO_TAGS if e is None or e.tags is None else e.tags):
+            ghost.check_read_tags(ghost.run_loc(mm, vma, vpn0 + i), page, 0, got, who)
+
+
+_NO_RECORDS: dict = {}
 
 
 def _entries_in(pages: dict, lo: int, hi: int) -> list:
