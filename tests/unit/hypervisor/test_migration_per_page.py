@@ -131,3 +131,43 @@ class TestBulkZap:
         assert not frames[0].free and frames[0].mapcount == 1 and child.page(addr).data == bytes([1]) * PAGE
         assert k.alloc.allocated == allocated - 6
         assert invariants(k) == []
+
+
+def _runs_one_by_one(entries: dict) -> list:
+    """The compact form cut entry by entry (the definition _pack_runs implements with list operations)."""
+    runs: list = []
+    for gfn in sorted(entries):
+        e = entries[gfn]
+        t = e.tags
+        kind = 0 if t is None else 1 if t.count(t[:1]) == len(t) else 2
+        key = (kind, e.data is not None)
+        if runs and runs[-1][0] == key and runs[-1][1] + runs[-1][2] == gfn:
+            runs[-1][2] += 1
+            runs[-1][3].append(e)
+        else:
+            runs.append([key, gfn, 1, [e]])
+    out = []
+    for (kind, has), first, n, es in runs:
+        tags = None if kind == 0 else bytes(e.tags[0] for e in es) if kind == 1 else b"".join(e.tags for e in es)
+        hashes = b"".join(e.data.to_bytes(8, "little") for e in es) if has else None
+        out.append([first, n, tags, hashes])
+    return out
+
+
+def test_pack_runs_cuts_the_runs_the_definition_does():
+    """_pack_runs gives, for a record mixing holes, tag kinds (none, uniform, mixed) and data or none, exactly
+    the runs cutting it entry by entry gives."""
+    import random
+
+    from hypervisor.arm64.tags import shared_tags
+    from hypervisor.ghost import Entry, _pack_runs
+
+    rng = random.Random(7)
+    kinds = [None, shared_tags(bytes([3]) * 256), bytes([4]) * 256, bytes(range(256))]
+    entries = {}
+    gfn = 0x40000
+    for _ in range(3000):
+        gfn += 1 if rng.random() < 0.9 else rng.randint(2, 5)
+        entries[gfn] = Entry(rng.choice(kinds), rng.choice([None, rng.getrandbits(64)]) if rng.random() < 0.2
+                             else rng.getrandbits(64))
+    assert _pack_runs(entries) == _runs_one_by_one(entries)
