@@ -32,6 +32,7 @@ SIGBUS (an unaligned STG) come back as EFAULT with the signal named.
 from __future__ import annotations
 
 import functools
+import itertools
 import operator
 from typing import TYPE_CHECKING, cast
 
@@ -131,11 +132,11 @@ _FAULT_ON_ACCESS = operator.attrgetter("fault_on_access")
 
 def _empty_run(ptes: list, i: int) -> int:
     """How many entries of ``ptes`` from ``i`` are None (empty PTEs)."""
-    n = len(ptes)
-    j = i
-    while j < n and ptes[j] is None:
-        j += 1
-    return j - i
+    taken = list(map(_IS_NOT, itertools.islice(ptes, i, None), itertools.repeat(None)))  # (C-level walk)
+    return taken.index(True) if True in taken else len(taken)
+
+
+_IS_NOT = operator.is_not
 
 
 def effective_tcf(k: Kernel, task: Task) -> str:
