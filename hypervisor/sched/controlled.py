@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import NamedTuple
 
 import attrs
 import trio
@@ -71,9 +72,8 @@ class _Runnable(trio.abc.Instrument):
         self.n -= 1
 
 
-@attrs.frozen
-class TraceEntry:
-    """One release decision: who ran, at which of their points, and why."""
+class TraceEntry(NamedTuple):
+    """One release decision: who ran, at which of their points, and why (a named tuple: one per decision)."""
 
     actor: str
     n: int

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
-
-import attrs
+from typing import Any, NamedTuple, Protocol
 
 from hypervisor.sched.schedule import Preemption, parse_schedule
 from shared.errno import ScheduleDivergence
@@ -36,9 +34,8 @@ from shared.errno import ScheduleDivergence
 PCT_STEPS = 40  # PCT's first-execution bound on contended decisions (change points are drawn below it)
 
 
-@attrs.frozen
-class Decision:
-    """One scheduling decision, as a policy sees it.
+class Decision(NamedTuple):
+    """One scheduling decision, as a policy sees it (a named tuple: one is made per decision).
 
     Attributes:
         runnable: the contexts that may run, sorted by name; each has ``name``, ``label`` (the
@@ -53,7 +50,7 @@ class Decision:
     last: str
     default: Any
     key: tuple[str, int]
-    index: int
+    index: int  # type: ignore[assignment]  # (shadows tuple.index: a decision is never searched)
 
     @property
     def current(self) -> Any | None:
