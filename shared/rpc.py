@@ -68,6 +68,11 @@ Handler = Callable[[str, dict, "str | None"], Awaitable[Any]]
 _CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+#: value types a msgpack round trip returns unchanged (ints within 64 bits; str when ASCII, see ``_reply``)
+_SAME_AFTER_MSGPACK = frozenset({type(None), bool, int, bytes})
+_INT64, _UINT64 = -(1 << 63), 1 << 64
+
+
 def _never() -> bool:
     return False
 
@@ -411,6 +416,11 @@ class DirectChannel(wire.Client):
         return self._reply(reply)
 
     def _reply(self, msg: dict) -> dict:
+        value = msg.get("value")
+        if msg.get("fault") is None and msg.get("ok") and (
+                type(value) in _SAME_AFTER_MSGPACK and (type(value) is not int or _INT64 <= value < _UINT64)
+                or type(value) is str and value.isascii()):
+            return msg  # a new envelope around an immutable value msgpack gives back as it is: no round trip
         try:
             data = self._packer.pack(msg)
         except Exception as exc:  # noqa: BLE001 - a value msgpack refuses: EIO, as RequestLoop._pack

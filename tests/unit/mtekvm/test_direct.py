@@ -114,6 +114,24 @@ async def test_direct_values_are_copies():
         await channel.call("x", {})
 
 
+async def test_direct_scalar_replies_are_as_on_the_wire():
+    """A reply of a scalar skips the msgpack round trip only where it would change nothing: a non-ASCII
+    string and a bytearray come back as msgpack gives them, an int beyond 64 bits fails with EIO."""
+    values = iter([None, True, -5, b"\x00\xff", "ascii", "h\u00e9llo", bytearray(b"ab"), 1 << 70])
+
+    async def dispatch(op, args, ctx):
+        return next(values)
+
+    channel = DirectChannel(dispatch)
+    got = [(await channel.call("x", {})).value for _ in range(7)]
+    assert got == [None, True, -5, b"\x00\xff", "ascii", "h\u00e9llo", b"ab"]
+    assert type(got[6]) is bytes
+    with pytest.raises(RemoteError) as err:
+        await channel.call("x", {})
+    assert err.value.name == "EIO"
+    await channel.aclose()
+
+
 async def test_inline_decisions_are_taken():
     """Most decisions of a direct controlled run are taken by the parking context, the rest by the driver."""
     from hypervisor.sched import ControlledScheduler
