@@ -72,6 +72,21 @@ class _Runnable(trio.abc.Instrument):
         self.n -= 1
 
 
+_RUNNABLE: trio.lowlevel.RunVar[_Runnable] = trio.lowlevel.RunVar("mtekvm_runnable_tasks")
+
+
+def _runnable_counter() -> _Runnable:
+    """This trio run's :class:`_Runnable`, installed at its first use and kept: one run of many
+    controlled executions (a hunt, a stress campaign) adds the instrument once, not per execution."""
+    try:
+        return _RUNNABLE.get()
+    except LookupError:
+        counter = _Runnable()
+        trio.lowlevel.add_instrument(counter)
+        _RUNNABLE.set(counter)
+        return counter
+
+
 class TraceEntry(NamedTuple):
     """One release decision: who ran, at which of their points, and why (a named tuple: one per decision)."""
 
@@ -277,15 +292,11 @@ class ControlledScheduler(Scheduler):
 
     async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Release one parked context at a time, forever (cancel to stop): a loop over :meth:`step`."""
-        counter = _Runnable() if self.inline_decisions else None
-        if counter is not None:
-            trio.lowlevel.add_instrument(counter)
+        counter = _runnable_counter() if self.inline_decisions else None
         try:
             await self._drive(counter, task_status)
         finally:
             self._runnable_tasks = None
-            if counter is not None:
-                trio.lowlevel.remove_instrument(counter)
 
     async def _drive(self, counter: _Runnable | None, task_status) -> None:
         task_status.started()
