@@ -525,6 +525,10 @@ class PageAllocator:
             n.used -= len(head.subpages)
             n.free_huge.setdefault(len(head.subpages), []).append(head)
             return
+        self._free_order0(n, page)
+
+    def _free_order0(self, n: Node, page: Page) -> None:
+        """The end of __free_pages() for an order-0 RAM frame of node ``n``: back on its free list."""
         if self.free_prepare is not None:
             self.free_prepare(page)
         self._reset(page)
@@ -539,22 +543,12 @@ class PageAllocator:
         """release_pages() (mm/swap.c) of order-0 frames whose last reference went: :meth:`free_page` of
         each, in order, with the per-call lookups taken once."""
         node_of = self.node_by_name
-        prepare = self.free_prepare
-        reset = self._reset
+        free_order0 = self._free_order0
         for page in pages:
             if page.free or page.head is not None or not (page.zone == "normal" or page.zone == "movable"):
                 self.free_page(page)
                 continue
-            n = node_of[page.node]
-            if prepare is not None:
-                prepare(page)
-            reset(page)
-            self.allocated -= 1
-            n.used -= 1
-            if page.is_tag_storage:
-                n.cma_free[page.pfn] = None
-            else:
-                n.free.append(page)
+            free_order0(node_of[page.node], page)
 
     @staticmethod
     def _reset(p: Page) -> None:
