@@ -134,7 +134,8 @@ The figures (columns: figure, unit, value, baseline, baseline value, ratio)
    file in the same folder with plain ``write`` calls (no fsync, as the
    snapshot does none). Ratio = raw time / snapshot time.
 8. Controlled runs per second (``benchmarks/runs.py``): today's in-process path against the old one,
-   and with worker processes (see that module).
+   the floor (the same race's kernel calls with no runner or ABI: what a framework costing nothing
+   would give) against today's path, and with worker processes (see that module).
 9. Dynamic tag storage (``benchmarks/physmem.py``): the first STG of each of 2048 fresh PROT_MTE
    pages in an in-process kernel, in pages/s, on a ``tag-storage = "dynamic"`` host with free tag
    storage and with tag storage full of movable data (each block claim migrates it away: the cost of
