@@ -249,7 +249,7 @@ async def host_page_flags(k, a):
 
 
 async def host_check(k, a):
-    return [v.to_wire() for v in k.oracle.check_state()]
+    return k.oracle.check_state_wire()
 
 
 async def host_stats(k, a):
