@@ -196,10 +196,6 @@ class Oracle:
 
     # ---- state checks ------------------------------------------------------------
 
-    def check_state_wire(self) -> list[dict]:
-        """``check-invariants``' reply: :meth:`check_state`, each violation in its wire form."""
-        return [v.to_wire() for v in self.check_state()]
-
     def check_state(self, *, at_rest: bool = True) -> list[Violation]:
         """Run every state invariant now; returns all violations so far."""
         k = self.k

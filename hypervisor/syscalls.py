@@ -249,7 +249,7 @@ async def host_page_flags(k, a):
 
 
 async def host_check(k, a):
-    return k.oracle.check_state_wire()
+    return [v.to_wire() for v in k.oracle.check_state()]
 
 
 async def host_stats(k, a):

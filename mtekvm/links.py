@@ -215,10 +215,6 @@ class HostLink(Connector):
     async def start(self) -> None:
         """Make the host ready (start its process, or its scheduler's driver)."""
 
-    async def check_invariants(self, client: Client) -> list[dict]:
-        """The host's state invariants now (``check-invariants`` on ``client``, a host connection)."""
-        return (await client.call("check-invariants")).value
-
     def discard(self) -> None:
         """The run has been judged and this host ends with it: skip work nobody will observe (only an
         in-process host does so: :meth:`InProcessHost.discard`)."""
@@ -301,13 +297,6 @@ class InProcessHost(HostLink):
         """Start the controlled scheduler's driver, if there is one and this host drives it."""
         if self.drive and isinstance(self.scheduler, ControlledScheduler):
             await self.nursery.start(self.scheduler.run_driver)
-
-    async def check_invariants(self, client: Client) -> list[dict]:
-        """With ``direct``, the oracle's answer read here (as :meth:`failures` reads the scheduler's): what
-        ``check-invariants`` replies, an observer with no kernel context, without the round trip."""
-        if not self.direct:
-            return await super().check_invariants(client)
-        return self.hv.kernel.oracle.check_state_wire()
 
     def discard(self) -> None:
         """The kernel dies with the run: its processes' connections close without their exits
