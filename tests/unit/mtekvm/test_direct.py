@@ -18,7 +18,7 @@ import trio
 
 from hypervisor.kernel import Kernel
 from hypervisor.sched import FreeScheduler
-from mtekvm.links import InProcessHost
+from mtekvm.links import InProcessHost, InProcessVmm
 from mtekvm.runner import RunOptions, run_scenario
 from mtekvm.scenario import SchedulerSpec, load_scenario
 from shared.rpc import DirectChannel
@@ -91,6 +91,47 @@ async def test_direct_errors_and_close():
         with trio.fail_after(10):
             await host.stop()
         assert host.hv.connections == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_killing_a_direct_vmm_ends_its_requests_in_flight():
+    """A request in flight on a direct VMM control connection ends with ConnectionClosed when the VMM is
+    killed (its handler cancelled, not left running), and the connection takes no more requests."""
+    async with trio.open_nursery() as nursery:
+        host = InProcessHost(nursery, Kernel(sched=FreeScheduler()), direct=True)
+        link = InProcessVmm(nursery, host, "vm0", "unit", direct=True)
+        await link.start()
+        control = await link.connect()
+        assert link.vmm is not None
+        entered, finished = trio.Event(), []
+        handle = link.vmm._handle
+
+        async def stuck(op, args, ctx):
+            if op != "status":
+                return await handle(op, args, ctx)
+            entered.set()
+            await trio.sleep_forever()  # a request the VMM is still working on
+            finished.append(op)
+
+        link.vmm._handle = stuck  # type: ignore[method-assign]
+        outcome: list = []
+
+        async def ask() -> None:
+            try:
+                await control.call("status")
+            except ConnectionClosed as exc:
+                outcome.append(exc)
+
+        with trio.fail_after(10):
+            nursery.start_soon(ask)
+            await entered.wait()
+            await link.kill()
+            while not outcome:
+                await trio.sleep(0)
+        assert isinstance(outcome[0], ConnectionClosed) and finished == []
+        assert not link._requests  # the request's cancel scope is gone with it
+        with pytest.raises(ConnectionClosed):
+            await control.call("status")
         nursery.cancel_scope.cancel()
 
 
