@@ -73,6 +73,37 @@ _SAME_AFTER_MSGPACK = frozenset({type(None), bool, int, bytes})
 _INT64, _UINT64 = -(1 << 63), 1 << 64
 
 
+def _same_after_msgpack(v: Any) -> bool:
+    """``v`` comes back from a msgpack round trip as it is (see ``_SAME_AFTER_MSGPACK``)."""
+    t = type(v)
+    if t is int:
+        return _INT64 <= v < _UINT64
+    return t in _SAME_AFTER_MSGPACK or (t is str and v.isascii())
+
+
+def _as_decoded(args: dict, ctx: Any) -> dict | None:
+    """A request's ``args`` as the server would decode them, made without msgpack when that is easy: a
+    map with ASCII string keys whose values are msgpack-stable scalars or lists of them (a new map, new
+    lists), and a well-formed ``ctx``. None: anything else (the caller takes the round trip)."""
+    if ctx is not None and not (type(ctx) is str and len(ctx) <= wire.MAX_CTX and ctx.isascii()):
+        return None
+    if type(args) is not dict:
+        return None
+    out = {}
+    for k, v in args.items():
+        if type(k) is not str or not k.isascii():
+            return None
+        if type(v) is list:
+            for x in v:
+                if not _same_after_msgpack(x):
+                    return None
+            v = list(v)
+        elif not _same_after_msgpack(v):
+            return None
+        out[k] = v
+    return out
+
+
 def _never() -> bool:
     return False
 
@@ -383,13 +414,17 @@ class DirectChannel(wire.Client):
         if self._closed is not None:
             raise wire.ConnectionClosed(str(self._closed))
         rid = next(self._ids)
-        msg = self._unpack(self._packer.pack(wire.request(rid, op, args or {}, ctx)))  # as the server decodes it
-        try:
-            rid, op, args, ctx = wire.parse_request(msg)
-        except wire.EnvelopeError as exc:
-            if exc.fatal:
-                self.close("the server closed the connection: " + exc.message)
-            return self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
+        same = _as_decoded(args or {}, ctx) if type(op) is str else None
+        if same is not None:  # what msgpack would give back, made without the round trip
+            args = same
+        else:
+            msg = self._unpack(self._packer.pack(wire.request(rid, op, args or {}, ctx)))  # as the server decodes it
+            try:
+                rid, op, args, ctx = wire.parse_request(msg)
+            except wire.EnvelopeError as exc:
+                if exc.fatal:
+                    self.close("the server closed the connection: " + exc.message)
+                return self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
         if self.outstanding >= self.max_outstanding:
             return self._reply(wire.response_err(rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"))
         self.outstanding += 1

@@ -155,6 +155,35 @@ async def test_direct_values_are_copies():
         await channel.call("x", {})
 
 
+async def test_direct_requests_are_as_on_the_wire():
+    """A request reaches the server as msgpack would deliver it, with or without the round trip: tuples as
+    new lists, maps copied, a non-ASCII string intact; a ctx over MAX_CTX is EINVAL and a 70-bit int cannot
+    be sent at all."""
+    seen: list = []
+
+    async def dispatch(op, args, ctx):
+        seen.append((args, ctx))
+        return None
+
+    channel = DirectChannel(dispatch)
+    prot = ["read"]
+    sent = [{"addr": 4096, "prot": prot, "data": b"\x01", "flag": True, "none": None},
+            {"pair": (1, 2), "name": "h\u00e9"}, {"map": {"a": [1]}, "nested": [[1]]}]
+    for args in sent:
+        await channel.call("x", args, ctx="p/1")
+    assert [a for a, _ in seen] == [
+        {"addr": 4096, "prot": ["read"], "data": b"\x01", "flag": True, "none": None},
+        {"pair": [1, 2], "name": "h\u00e9"}, {"map": {"a": [1]}, "nested": [[1]]}]
+    assert seen[0][0]["prot"] is not prot and seen[2][0]["map"] is not sent[2]["map"]
+    assert all(ctx == "p/1" for _, ctx in seen)
+    with pytest.raises(RemoteError) as err:
+        await channel.call("x", {}, ctx="c" * 300)
+    assert err.value.name == "EINVAL" and len(seen) == 3
+    with pytest.raises(TypeError):  # msgpack's packer refuses it, as on the wire
+        await channel.call("x", {"addr": 1 << 70})
+    await channel.aclose()
+
+
 async def test_direct_scalar_replies_are_as_on_the_wire():
     """A reply of a scalar skips the msgpack round trip only where it would change nothing: a non-ASCII
     string and a bytearray come back as msgpack gives them, an int beyond 64 bits fails with EIO."""
