@@ -368,8 +368,10 @@ class DirectChannel(wire.Client):
     envelope is checked (:func:`shared.wire.parse_request`), :data:`max_outstanding`
     applies (EAGAIN), :func:`respond` runs it through ``dispatch`` (errno replies,
     ``on_internal_error``) and the reply is encoded (``on_unencodable``: EIO). Request and
-    reply still go through msgpack (``packb`` and ``unpackb``, microseconds in C), so the
-    server and the caller get the same values as over the wire and share no objects.
+    reply go through msgpack (``packb`` and ``unpackb``, microseconds in C), so the server
+    and the caller get the same values as over the wire and share no objects; when msgpack
+    would give them back unchanged (``_as_decoded``: msgpack-stable scalars and lists of them;
+    a reply of one such scalar) they are handed over without the round trip, in new maps and lists.
     ``shield``: the request runs to its end even if the caller is cancelled, as a
     shielded :class:`RequestLoop` finishes requests whose client died.
 
