@@ -73,35 +73,50 @@ _SAME_AFTER_MSGPACK = frozenset({type(None), bool, int, bytes})
 _INT64, _UINT64 = -(1 << 63), 1 << 64
 
 
-def _same_after_msgpack(v: Any) -> bool:
-    """``v`` comes back from a msgpack round trip as it is (see ``_SAME_AFTER_MSGPACK``)."""
+_NOT_STABLE = object()
+
+
+def _decoded(v: Any, depth: int = 0) -> Any:
+    """What a msgpack round trip gives back for ``v``, made without it when that is easy: msgpack-stable
+    scalars (``_SAME_AFTER_MSGPACK``; ints within 64 bits; ASCII str) as they are, and maps (ASCII str
+    keys) and lists of them, two levels deep, as new maps and lists. ``_NOT_STABLE``: anything else
+    (a tuple, a float, a bytearray, deeper nesting...): the caller takes the round trip."""
     t = type(v)
     if t is int:
-        return _INT64 <= v < _UINT64
-    return t in _SAME_AFTER_MSGPACK or (t is str and v.isascii())
+        return v if _INT64 <= v < _UINT64 else _NOT_STABLE
+    if t in _SAME_AFTER_MSGPACK or (t is str and v.isascii()):
+        return v
+    if depth < 2:
+        if t is list:
+            out = []
+            for x in v:
+                y = _decoded(x, depth + 1)
+                if y is _NOT_STABLE:
+                    return _NOT_STABLE
+                out.append(y)
+            return out
+        if t is dict:
+            m = {}
+            for k, x in v.items():
+                if type(k) is not str or not k.isascii():
+                    return _NOT_STABLE
+                y = _decoded(x, depth + 1)
+                if y is _NOT_STABLE:
+                    return _NOT_STABLE
+                m[k] = y
+            return m
+    return _NOT_STABLE
 
 
-def _as_decoded(args: dict, ctx: Any) -> dict | None:
-    """A request's ``args`` as the server would decode them, made without msgpack when that is easy: a
-    map with ASCII string keys whose values are msgpack-stable scalars or lists of them (a new map, new
-    lists), and a well-formed ``ctx``. None: anything else (the caller takes the round trip)."""
+def _as_decoded(args: Any, ctx: Any) -> dict | None:
+    """A request's ``args`` as the server would decode them (:func:`_decoded` of a map), when its ``ctx``
+    is well-formed too; None: the caller takes the round trip (and the envelope's parse)."""
     if ctx is not None and not (type(ctx) is str and len(ctx) <= wire.MAX_CTX and ctx.isascii()):
         return None
     if type(args) is not dict:
         return None
-    out = {}
-    for k, v in args.items():
-        if type(k) is not str or not k.isascii():
-            return None
-        if type(v) is list:
-            for x in v:
-                if not _same_after_msgpack(x):
-                    return None
-            v = list(v)
-        elif not _same_after_msgpack(v):
-            return None
-        out[k] = v
-    return out
+    out = _decoded(args)
+    return None if out is _NOT_STABLE else out
 
 
 def _never() -> bool:
@@ -370,8 +385,8 @@ class DirectChannel(wire.Client):
     ``on_internal_error``) and the reply is encoded (``on_unencodable``: EIO). Request and
     reply go through msgpack (``packb`` and ``unpackb``, microseconds in C), so the server
     and the caller get the same values as over the wire and share no objects; when msgpack
-    would give them back unchanged (``_as_decoded``: msgpack-stable scalars and lists of them;
-    a reply of one such scalar) they are handed over without the round trip, in new maps and lists.
+    would give them back unchanged (:func:`_decoded`: msgpack-stable scalars, and maps and lists
+    of them two levels deep) they are handed over without the round trip, in new maps and lists.
     ``shield``: the request runs to its end even if the caller is cancelled, as a
     shielded :class:`RequestLoop` finishes requests whose client died.
 
@@ -453,11 +468,10 @@ class DirectChannel(wire.Client):
         return self._reply(reply)
 
     def _reply(self, msg: dict) -> dict:
-        value = msg.get("value")
-        if msg.get("fault") is None and msg.get("ok") and (
-                type(value) in _SAME_AFTER_MSGPACK and (type(value) is not int or _INT64 <= value < _UINT64)
-                or type(value) is str and value.isascii()):
-            return msg  # a new envelope around an immutable value msgpack gives back as it is: no round trip
+        if msg.get("fault") is None and msg.get("ok"):
+            value = _decoded(msg.get("value"))
+            if value is not _NOT_STABLE:  # what msgpack would give back, in a new envelope: no round trip
+                return dict(msg, value=value)
         try:
             data = self._packer.pack(msg)
         except Exception as exc:  # noqa: BLE001 - a value msgpack refuses: EIO, as RequestLoop._pack

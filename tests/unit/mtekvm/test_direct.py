@@ -150,6 +150,9 @@ async def test_direct_values_are_copies():
     assert value == {"tags": [1, 2], "pair": [3, 4]}
     value["tags"].append(9)
     assert state["tags"] == [1, 2] and kept[0] == args and kept[0] is not args
+    del state["pair"]  # now all msgpack-stable: handed over without the round trip, still a copy
+    value = (await channel.call("x", args)).value
+    assert value == {"tags": [1, 2]} and value is not state and value["tags"] is not state["tags"]
     await channel.aclose()
     with pytest.raises(ConnectionClosed):
         await channel.call("x", {})
