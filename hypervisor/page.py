@@ -294,10 +294,7 @@ class PageAllocator:
         if not (hi <= node.ts_start or lo >= node.ts_start + node.ts_pages):
             out = [self._frame(node, pfn) for pfn in range(lo, hi)]
             for page in out:
-                page.free = False
-                page.refcount = 1
-                if page._data is not None or page._lazy is not None:
-                    page.data = None
+                self._allocated(page)
             return out
         frames = self.frames
         get = frames.get
@@ -311,10 +308,7 @@ class PageAllocator:
                                 free=False, refcount=1))
                 frames[pfn] = out[-1]
             else:  # looked up by pfn before (pfn_to_page), never allocated
-                seen.free = False
-                seen.refcount = 1
-                if seen._data is not None or seen._lazy is not None:
-                    seen.data = None
+                self._allocated(seen)
                 out.append(seen)
         return out
 
@@ -423,11 +417,8 @@ class PageAllocator:
         out = free[len(free) - k:]  # the order pop() would give them
         del free[len(free) - k:]
         out.reverse()
-        for page in out:  # (a freed frame has no data: _reset)
-            page.free = False
-            page.refcount = 1
-            if page._data is not None or page._lazy is not None:
-                page.data = None
+        for page in out:
+            self._allocated(page)
         while len(out) < nr and n0.ranges:
             r = n0.ranges[0]
             m = min(nr - len(out), r[1] - r[0])
@@ -549,6 +540,14 @@ class PageAllocator:
                 self.free_page(page)
                 continue
             free_order0(node_of[page.node], page)
+
+    @staticmethod
+    def _allocated(page: Page) -> None:
+        """A frame handed out by alloc_pages_bulk(): one reference, no data (a freed one has none: _reset)."""
+        page.free = False
+        page.refcount = 1
+        if page._data is not None or page._lazy is not None:
+            page.data = None
 
     @staticmethod
     def _reset(p: Page) -> None:

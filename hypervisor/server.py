@@ -322,8 +322,8 @@ class _Connection:
             if vcpu.attached is self:
                 vcpu.attached = None
         self.vcpus.clear()
-        if self.task is not None and self.hv.discarding:
-            self.task = None
+        if self.hv.discarding:
+            self.task = None  # nothing will look at this kernel again: no exit
         if self.task is not None:
             task, self.task = self.task, None
             # children forked but never attached die with their parent's connection

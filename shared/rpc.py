@@ -68,8 +68,8 @@ Handler = Callable[[str, dict, "str | None"], Awaitable[Any]]
 _CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-#: value types a msgpack round trip returns unchanged (ints within 64 bits; str when ASCII, see ``_reply``)
-_SAME_AFTER_MSGPACK = frozenset({type(None), bool, int, bytes})
+#: value types a msgpack round trip returns unchanged (so do ints within 64 bits and ASCII str: see ``_decoded``)
+_SAME_AFTER_MSGPACK = frozenset({type(None), bool, bytes})
 _INT64, _UINT64 = -(1 << 63), 1 << 64
 
 
