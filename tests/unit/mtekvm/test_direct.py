@@ -94,6 +94,27 @@ async def test_direct_errors_and_close():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_discarded_host_closes_connections_without_exits():
+    """Once its host is discarded, a process's connection closes without do_exit (the process is left as
+    it was) and the host still becomes idle; before that, closing one exits its process."""
+    async with trio.open_nursery() as nursery:
+        host = InProcessHost(nursery, Kernel(sched=FreeScheduler()), direct=True)
+        first, hello1 = await host.connect("process", name="first")
+        second, hello2 = await host.connect("process", name="second")
+        await first.aclose()
+        with trio.fail_after(10):
+            while hello1["pid"] in host.hv.kernel.tasks:
+                await trio.sleep(0)
+        host.discard()
+        await second.aclose()
+        with trio.fail_after(10):
+            await host.stop()
+        assert host.hv.connections == 0
+        task = host.hv.kernel.tasks[hello2["pid"]]
+        assert not task.exiting
+        nursery.cancel_scope.cancel()
+
+
 async def test_killing_a_direct_vmm_ends_its_requests_in_flight():
     """A request in flight on a direct VMM control connection ends with ConnectionClosed when the VMM is
     killed (its handler cancelled, not left running), and the connection takes no more requests."""
