@@ -322,6 +322,7 @@ class _Run:
         self.killed: set[str] = set()  # host processes a `kill` step killed
         self.snapshots: str | None = None  # the run's private folder of named snapshots
         self.scheduler: ControlledScheduler | None = None  # the one scheduler every in-process host shares
+        self.violations: dict[str, list[dict]] = {}  # by host: what its checks returned so far (see check)
 
     async def setup(self) -> None:
         if self.opts.host is not None and (self.controlled or len(self.scn.hosts) > 1):
@@ -662,9 +663,13 @@ class _Run:
         self.proc_host[child] = host
 
     async def check(self) -> list[dict]:
+        """Run every host's oracles now; returns all the violations found so far, host by host. Each
+        crosses the wire once: a check asks only for those found since the last one."""
         out = []
-        for client in self.host_clients.values():
-            out += (await client.call("check-invariants")).value
+        for host, client in self.host_clients.items():
+            kept = self.violations.setdefault(host, [])
+            kept += (await client.call("check-invariants", {"since": len(kept)})).value
+            out += kept
         return out
 
     def failures(self) -> list[dict]:

@@ -494,7 +494,9 @@ _OPS += [
     OpDef("kill", "host", (F("pid", PID),),
           "SIGKILL a host process: it exits at once (its VMs destroyed, its memory freed); ESRCH when it is gone.",
           ("host",)),
-    OpDef("check-invariants", "host", (), "Run every oracle now; returns the violations found so far."),
+    OpDef("check-invariants", "host", (
+        F("since", U64, 0, "how many the caller has already: the first since of them are left out"),
+    ), "Run every oracle now; returns the violations found so far (in the order found), from index since on."),
     OpDef("stats", "host", (), "Memory and object counts."),
 ]
 

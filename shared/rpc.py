@@ -88,6 +88,8 @@ def _decoded(v: Any, depth: int = 0) -> Any:
         return v
     if depth < 2:
         if t is list:
+            if v and set(map(type, v)) == {int}:  # a page's tags, pfns...: one pass in C
+                return list(v) if min(v) >= _INT64 and max(v) < _UINT64 else _NOT_STABLE
             out = []
             for x in v:
                 y = _decoded(x, depth + 1)
