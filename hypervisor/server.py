@@ -37,6 +37,7 @@ Errors replied:
 
 from __future__ import annotations
 
+import functools
 import hmac
 import logging
 import traceback
@@ -106,39 +107,48 @@ class Hypervisor:
                     await stream.aclose()
                 except Exception:  # noqa: BLE001 - closing a broken stream
                     pass
-            self.connections -= 1
-            if self.connections == 0:
-                self._idle.set()
+            self._connection_gone()
 
     def open_direct(self, nursery: trio.Nursery) -> DirectChannel:
         """A connection served by direct calls (:class:`shared.rpc.DirectChannel`), for a client in
         this process: the same :class:`_Connection` (hello, roles, kernel contexts, errno replies,
-        the process's exit when it closes) without a stream or a task per request. Its exit runs
-        in a task in ``nursery``, as :meth:`serve`'s does, once the connection closes."""
+        the process's exit when it closes) without a stream or a task per request. Once it closes
+        and its requests in flight finish, its process's exit runs in a task started then in
+        ``nursery``, as :meth:`serve`'s does; a connection with no exit to run (no process, or a
+        discarded host) ends there and then, with no task at all."""
         conn = _Connection(self, None)
         assert conn.channel is not None
         self.connections += 1
         if self._idle.is_set():
             self._idle = trio.Event()
-        nursery.start_soon(self._serve_direct, conn, conn.channel)
+        conn.channel.when_done(functools.partial(self._direct_done, nursery, conn))
         return conn.channel
 
-    async def _serve_direct(self, conn: _Connection, channel: DirectChannel) -> None:
-        """What :meth:`serve` does around a connection, for a direct one: wait until it closes and its
-        requests in flight finish (a cancellation from outside closes it), then the process exits."""
+    def _direct_done(self, nursery: trio.Nursery, conn: _Connection) -> None:
+        """A direct connection has closed and its requests have finished: what :meth:`serve` does after
+        its loop, in a task only when there is a process to exit."""
+        task = conn.release()
+        if task is not None:
+            try:
+                nursery.start_soon(self._exit_direct, conn, task)
+                return
+            except RuntimeError:  # the host's nursery is gone with its run: nobody will look at the exit
+                pass
+        self._connection_gone()
+
+    async def _exit_direct(self, conn: _Connection, task: Task) -> None:
         try:
-            await channel.wait_closed()
-        finally:
             with trio.CancelScope(shield=True):
-                channel.close()
-                await channel.wait_closed()
-                try:
-                    await conn.cleanup()
-                except Exception:  # noqa: BLE001 - a bug serving one connection must not take the host down
-                    log.exception("connection failed; closing it")
-            self.connections -= 1
-            if self.connections == 0:
-                self._idle.set()
+                await conn.exit(task)
+        except Exception:  # noqa: BLE001 - a bug serving one connection must not take the host down
+            log.exception("connection failed; closing it")
+        finally:
+            self._connection_gone()
+
+    def _connection_gone(self) -> None:
+        self.connections -= 1
+        if self.connections == 0:
+            self._idle.set()
 
 
 async def _in_kernel(k: Kernel, task: Task, call):
@@ -318,19 +328,28 @@ class _Connection:
             pass
 
     async def cleanup(self) -> None:
+        """The connection has closed: it lets go of its vCPUs, and its process exits."""
+        task = self.release()
+        if task is not None:
+            await self.exit(task)
+
+    def release(self) -> Task | None:
+        """Let go of the vCPUs this connection attached; returns its process, which is to exit now
+        (None: no process, or a discarded host, whose processes are left as they are)."""
         for vcpu in self.vcpus.values():
             if vcpu.attached is self:
                 vcpu.attached = None
         self.vcpus.clear()
-        if self.hv.discarding:
-            self.task = None  # nothing will look at this kernel again: no exit
-        if self.task is not None:
-            task, self.task = self.task, None
-            # children forked but never attached die with their parent's connection
-            orphans = [t for t in self.k.tasks.values() if t.parent == task.pid and not t.attached]
-            for t in [task, *orphans]:
-                try:
-                    async with self.k.sched.context(f"exit:{t.name}:{t.pid}"):
-                        await do_exit(self.k, t)
-                except Exception:  # noqa: BLE001
-                    log.exception("exit of pid %s failed", t.pid)
+        task, self.task = self.task, None
+        return None if self.hv.discarding else task
+
+    async def exit(self, task: Task) -> None:
+        """do_exit() of the connection's process, and of the children it forked and nobody attached
+        (they die with their parent's connection), each as a kernel context."""
+        orphans = [t for t in self.k.tasks.values() if t.parent == task.pid and not t.attached]
+        for t in [task, *orphans]:
+            try:
+                async with self.k.sched.context(f"exit:{t.name}:{t.pid}"):
+                    await do_exit(self.k, t)
+            except Exception:  # noqa: BLE001
+                log.exception("exit of pid %s failed", t.pid)

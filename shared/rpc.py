@@ -394,8 +394,9 @@ class DirectChannel(wire.Client):
 
     The connection closes from either side: :meth:`aclose` (the client), or :meth:`close`
     (the server, e.g. its process was killed); a call after that, or one in flight when the
-    server closed it, raises :class:`shared.wire.ConnectionClosed`. :meth:`wait_closed` is
-    the server's: it returns once the connection is closed and no request is in flight.
+    server closed it, raises :class:`shared.wire.ConnectionClosed`. The server learns of the end
+    by :meth:`wait_closed` (in a task of its own) or :meth:`when_done` (a callback, no task):
+    both once the connection is closed and no request is in flight.
     """
 
     def __init__(self, dispatch: Dispatch, *, max_outstanding: int = 256, name: str = "rpc",
@@ -414,6 +415,7 @@ class DirectChannel(wire.Client):
         self._closed: Exception | None = None
         self._closed_event = trio.Event()
         self._drained: trio.Event | None = None  # set when the last request in flight finishes
+        self._on_done: Callable[[], None] | None = None  # see when_done
         self._packer = msgpack.Packer(default=wire._default, use_bin_type=True)
 
     def _log_internal_error(self, op: Any, exc: Exception) -> tuple[int, str]:
@@ -463,8 +465,11 @@ class DirectChannel(wire.Client):
                     reply = await _finish(coro, trap)
         finally:
             self.outstanding -= 1
-            if not self.outstanding and self._drained is not None:
-                self._drained.set()
+            if not self.outstanding:
+                if self._drained is not None:
+                    self._drained.set()
+                if self._closed is not None:
+                    self._done()
         if self._closed is not None:  # closed while it ran: its reply is lost with the connection
             raise wire.ConnectionClosed(str(self._closed))
         return self._reply(reply)
@@ -489,6 +494,21 @@ class DirectChannel(wire.Client):
         if self._closed is None:
             self._closed = wire.ConnectionClosed(why)
             self._closed_event.set()
+            if not self.outstanding:
+                self._done()
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once, in the task that closes the connection or finishes its last
+        request in flight, when it is closed and none is in flight (:meth:`wait_closed` without a
+        task waiting for the whole life of the connection)."""
+        self._on_done = callback
+        if self._closed is not None and not self.outstanding:
+            self._done()
+
+    def _done(self) -> None:
+        callback, self._on_done = self._on_done, None
+        if callback is not None:
+            callback()
 
     async def aclose(self) -> None:
         """Close the connection (the client's side)."""

@@ -115,6 +115,31 @@ async def test_a_discarded_host_closes_connections_without_exits():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_direct_connection_starts_a_task_only_for_an_exit():
+    """A direct connection starts no task while open, ends at once when it closes with no exit to run
+    (a host connection, or any on a discarded host), and starts one task only for a process's exit."""
+    async with trio.open_nursery() as nursery:
+        host = InProcessHost(nursery, Kernel(sched=FreeScheduler()), direct=True)
+        hostc, _ = await host.connect("host")
+        proc, hello = await host.connect("process", name="p")
+        kept, _ = await host.connect("process", name="kept")
+        assert not nursery.child_tasks
+        assert isinstance(hostc, DirectChannel) and isinstance(proc, DirectChannel)
+        hostc.close()
+        assert host.hv.connections == 2 and not nursery.child_tasks  # gone, with no checkpoint between
+        proc.close()
+        assert len(nursery.child_tasks) == 1  # its process's exit
+        with trio.fail_after(10):
+            while hello["pid"] in host.hv.kernel.tasks:
+                await trio.sleep(0)
+        host.discard()
+        kept.close()
+        assert host.hv.connections == 0
+        with trio.fail_after(10):
+            await host.hv.wait_idle()
+        nursery.cancel_scope.cancel()
+
+
 async def test_killing_a_direct_vmm_ends_its_requests_in_flight():
     """A request in flight on a direct VMM control connection ends with ConnectionClosed when the VMM is
     killed (its handler cancelled, not left running), and the connection takes no more requests."""
