@@ -92,7 +92,6 @@ class Kernel:
         pid = next(self._pids)
         session = session or secrets.token_hex(8)
         task = Task(pid=pid, name=name or f"pid{pid}", mm=MM(self, name or f"pid{pid}", session), session=session)
-        task.rng.seed(pid)
         self.tasks[pid] = task
         return task
 

@@ -27,7 +27,7 @@ class Task:
     mte_ctrl: MteCtrl = attrs.Factory(MteCtrl)
     tco: bool = False
     tfsr: int = 0  # pending asynchronous tag check fault (TFSRE0_EL1.TF0)
-    rng: random.Random = attrs.Factory(lambda: random.Random(0))
+    rng: random.Random | None = None  # IRG's source (irg_rng()): made at its first use, not per process
     parent: int | None = None
     fork_token: str | None = None  # set until a connection attaches to this child
     attached: bool = False
@@ -40,3 +40,10 @@ class Task:
     dead: bool = False  # do_exit() has finished: VMs destroyed, mm torn down, pid released
     #: set by the server for a process with a connection: closes it (a SIGKILLed process's socket goes)
     on_kill: Callable[[], Awaitable[None]] | None = None
+
+    def irg_rng(self) -> random.Random:
+        """IRG's random source, seeded with the pid at its first use (the tags of one seeded when the
+        process was made: most processes never run IRG, and a seed costs as much as a small syscall)."""
+        if self.rng is None:
+            self.rng = random.Random(self.pid)
+        return self.rng

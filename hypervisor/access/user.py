@@ -304,4 +304,4 @@ def user_irg(k: Kernel, task: Task) -> int:
     allowed = [t for t in range(16) if not task.mte_ctrl.excl & (1 << t)]
     if not allowed or not k.mte:
         return 0
-    return task.rng.choice(allowed)
+    return task.irg_rng().choice(allowed)
