@@ -88,8 +88,13 @@ def _decoded(v: Any, depth: int = 0) -> Any:
         return v
     if depth < 2:
         if t is list:
-            if v and set(map(type, v)) == {int}:  # a page's tags, pfns...: one pass in C
-                return list(v) if min(v) >= _INT64 and max(v) < _UINT64 else _NOT_STABLE
+            if v and list(map(type, v)).count(int) == len(v):  # a page's tags, pfns...: in C
+                try:
+                    bytes(v)  # all within 0..255 (tags): one pass, cheaper than min() and max()
+                except ValueError:
+                    if min(v) < _INT64 or max(v) >= _UINT64:
+                        return _NOT_STABLE
+                return list(v)
             out = []
             for x in v:
                 y = _decoded(x, depth + 1)

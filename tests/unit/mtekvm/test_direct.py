@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 
+import msgpack
 import pytest
 import trio
 
@@ -246,9 +247,11 @@ async def test_direct_int_lists_are_as_on_the_wire():
     tags = [i % 16 for i in range(256)]
     reply = (await channel.call("x", {"tags": tags})).value
     assert seen[0]["tags"] == tags and seen[0]["tags"] is not tags and reply == tags and reply is not seen[0]["tags"]
+    wide = [300, -5, 1 << 63, -(1 << 63)]  # beyond a byte, within 64 bits: as on the wire too
+    assert (await channel.call("x", {"tags": wide})).value == msgpack.unpackb(msgpack.packb(wide))
     with pytest.raises(TypeError):
         await channel.call("x", {"tags": [1, 1 << 70]})
-    assert len(seen) == 1
+    assert len(seen) == 2
     await channel.aclose()
 
 
