@@ -104,8 +104,8 @@ class ControlledScheduler(Scheduler):
         schedule: :class:`Replay` of this schedule string (strict);
         max_decisions: safety bound; a run that takes more is reported as livelock.
 
-    Call :meth:`run_driver` in a nursery (``nursery.start``) before any context
-    starts. Failures found by the driver (deadlock, divergence) are recorded in
+    Start :meth:`run_driver` in a nursery before any context starts (``start_soon`` is
+    enough: a context parked before the driver first runs waits for it). Failures found by the driver (deadlock, divergence) are recorded in
     :attr:`failure` and the blocked contexts are cancelled with the error.
     One scheduler is one execution; a policy may serve many (see :mod:`mtekvm.hunt`).
     """
