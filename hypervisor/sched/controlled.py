@@ -21,6 +21,7 @@ state, without the passes (none at all when the policy lets it go on).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import NamedTuple
@@ -59,6 +60,11 @@ def _by_name(a: _Actor) -> str:
     return a.name
 
 
+#: ``Decision(*fields)`` and ``TraceEntry(*fields)`` without the named tuples' Python-level ``__new__``
+#: (one of each is made per decision)
+_decision = functools.partial(tuple.__new__, Decision)
+
+
 class _Runnable(trio.abc.Instrument):
     """Counts trio tasks scheduled but not yet stepped (the run queue plus the rest of the current batch)."""
 
@@ -95,6 +101,9 @@ class TraceEntry(NamedTuple):
     label: str
 
 
+_trace_entry = functools.partial(tuple.__new__, TraceEntry)
+
+
 class ControlledScheduler(Scheduler):
     """One context at a time, chosen by a policy.
 
@@ -105,8 +114,9 @@ class ControlledScheduler(Scheduler):
         max_decisions: safety bound; a run that takes more is reported as livelock.
 
     Start :meth:`run_driver` in a nursery before any context starts (``start_soon`` is
-    enough: a context parked before the driver first runs waits for it). Failures found by the driver (deadlock, divergence) are recorded in
-    :attr:`failure` and the blocked contexts are cancelled with the error.
+    enough: a context parked before the driver first runs waits for it). Failures found by
+    the driver (deadlock, divergence) are recorded in :attr:`failure` and the blocked
+    contexts are cancelled with the error.
     One scheduler is one execution; a policy may serve many (see :mod:`mtekvm.hunt`).
     """
 
@@ -128,6 +138,8 @@ class ControlledScheduler(Scheduler):
         elif seed is not None or schedule is not None:
             raise ValueError("give a policy or a seed/schedule, not both")
         self.policy: SchedulingPolicy = policy
+        #: a strict or lenient replay's entries: a choice that is the default is recorded too when one names it
+        self._replayed: dict[tuple[str, int], str] | None = policy.entries if isinstance(policy, Replay) else None
         self.seed: int | None = getattr(policy, "seed", None)
         self._actors: dict[str, _Actor] = {}
         self._parked: dict[str, _Actor] = {}
@@ -235,19 +247,20 @@ class ControlledScheduler(Scheduler):
 
     def _choose(self, runnable: list[_Actor]) -> _Actor:
         last = self._last
+        name = last.name
         default = last if (last.alive and last in runnable) else runnable[0]
         last.decisions += 1
         # keyed on the name's count, not the context's: a name may be reused (a VMM makes many calls under
         # one step's name), even while a dead context of that name is still the last one, and (name, n)
         # must be reached once per run for a schedule to replay
-        n = self._name_decisions[last.name] = self._name_decisions.get(last.name, 0) + 1
-        key = (last.name, n)
-        choice = self.policy.choose(Decision(tuple(runnable), last.name, default, key, self.decisions))
+        n = self._name_decisions[name] = self._name_decisions.get(name, 0) + 1
+        key = (name, n)
+        choice = self.policy.choose(_decision((tuple(runnable), name, default, key, self.decisions)))
         if choice not in runnable:
             raise ValueError(f"{self.policy.describe()} chose {getattr(choice, 'name', choice)!r}, "
                              "which is not runnable")
-        if choice is not default or (isinstance(self.policy, Replay) and self.policy.entries.get(key) == choice.name):
-            self.preemptions.append((key[0], key[1], choice.name))
+        if choice is not default or (self._replayed is not None and self._replayed.get(key) == choice.name):
+            self.preemptions.append((name, n, choice.name))
         return choice
 
     def step(self) -> TraceEntry | None:
@@ -276,12 +289,14 @@ class ControlledScheduler(Scheduler):
         except ScheduleDivergence as exc:
             self._fail(exc)
             return None
-        entry = TraceEntry(a.name, a.decisions, a.label)
+        entry = _trace_entry((a.name, a.decisions, a.label))
         self.trace.append(entry)
         del self._parked[a.name]
         self._running = a
         self._last = a
-        self._release(a)
+        a.go = True  # released (_release, written out)
+        if a.event is not None:
+            a.event.set()
         return entry
 
     @staticmethod
