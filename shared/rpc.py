@@ -88,12 +88,17 @@ def _decoded(v: Any, depth: int = 0) -> Any:
         return v
     if depth < 2:
         if t is list:
-            if v and list(map(type, v)).count(int) == len(v):  # a page's tags, pfns...: in C
+            if not v:
+                return []
+            types = list(map(type, v))
+            if types.count(int) == len(v):  # a page's tags, pfns...: in C
                 try:
                     bytes(v)  # all within 0..255 (tags): one pass, cheaper than min() and max()
                 except ValueError:
                     if min(v) < _INT64 or max(v) >= _UINT64:
                         return _NOT_STABLE
+                return list(v)
+            if types.count(str) == len(v) and all(map(str.isascii, v)):  # names (prot, flags): in C
                 return list(v)
             out = []
             for x in v:
@@ -107,10 +112,18 @@ def _decoded(v: Any, depth: int = 0) -> Any:
             for k, x in v.items():
                 if type(k) is not str or not k.isascii():
                     return _NOT_STABLE
-                y = _decoded(x, depth + 1)
-                if y is _NOT_STABLE:
-                    return _NOT_STABLE
-                m[k] = y
+                tx = type(x)  # the scalars inline (most values are): a call each only for the rest
+                if tx is int:
+                    if not _INT64 <= x < _UINT64:
+                        return _NOT_STABLE
+                elif tx is str:
+                    if not x.isascii():
+                        return _NOT_STABLE
+                elif tx not in _SAME_AFTER_MSGPACK:
+                    x = _decoded(x, depth + 1)
+                    if x is _NOT_STABLE:
+                        return _NOT_STABLE
+                m[k] = x
             return m
     return _NOT_STABLE
 
