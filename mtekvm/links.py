@@ -296,7 +296,7 @@ class InProcessHost(HostLink):
     async def start(self) -> None:
         """Start the controlled scheduler's driver, if there is one and this host drives it."""
         if self.drive and isinstance(self.scheduler, ControlledScheduler):
-            self.nursery.start_soon(self.scheduler.run_driver)  # it first runs once this task blocks: early enough
+            self.scheduler.start_driver(self.nursery)
 
     def discard(self) -> None:
         """The kernel dies with the run: its processes' connections close without their exits

@@ -16,7 +16,11 @@ trio instrument (:class:`_Runnable`) counts the tasks scheduled and not yet
 run, and when that count is zero as a context parks, no other task can run
 before the driver would decide, so the parking context takes that decision
 itself (:meth:`ControlledScheduler._park`): the same decision on the same
-state, without the passes (none at all when the policy lets it go on).
+state, without the passes (none at all when the policy lets it go on). Once
+that count is known to be exact in a trio run, a scheduler started by
+:meth:`ControlledScheduler.start_driver` starts its driver only for a decision
+no context can take (one parks while another task can run) and the driver ends
+after it: a run of sequential steps has no driver task at all.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class _Runnable(trio.abc.Instrument):
 
     def __init__(self) -> None:
         self.n = 0
+        #: set once a driver has set ``n`` at a moment every task was blocked; from then on it is exact
+        #: (every task scheduled is stepped once), so later schedulers of this trio run may trust it at once
+        self.calibrated = False
 
     def task_scheduled(self, task) -> None:
         self.n += 1
@@ -157,7 +164,9 @@ class ControlledScheduler(Scheduler):
         #: a parking context decides when no other task can run (see the module doc); False: the driver always
         self.inline_decisions = True
         self.inline = 0  # decisions a parking context took itself (for tests and statistics)
-        self._runnable_tasks: _Runnable | None = None  # installed while the driver runs
+        self._runnable_tasks: _Runnable | None = None  # installed while the driver runs (see start_driver)
+        self._spawn_driver: Callable[[], object] | None = None  # start_driver's deferred start, when not running
+        self._lazy_driver: Callable[[], object] | None = None  # the same, kept: the driver runs per decision
 
     @property
     def schedule(self) -> str:
@@ -193,7 +202,23 @@ class ControlledScheduler(Scheduler):
         self._kick()
 
     def _kick(self) -> None:
+        if self._spawn_driver is not None and self._parked:  # a decision only the driver can take: start it
+            spawn, self._spawn_driver = self._spawn_driver, None
+            spawn()
         self._arrived.set()
+
+    def start_driver(self, nursery: trio.Nursery) -> None:
+        """Start :meth:`run_driver` in ``nursery``, or only once a decision needs it: with inline decisions
+        and this trio run's count of runnable tasks already exact (an earlier driver set it), a parking
+        context decides for itself whenever no other task can run, and the driver is started the first
+        time one parks while another can (a parallel step), if ever. A run whose contexts never meet
+        costs no driver task."""
+        counter = _runnable_counter() if self.inline_decisions else None
+        if counter is not None and counter.calibrated:
+            self._runnable_tasks = counter
+            self._lazy_driver = self._spawn_driver = functools.partial(nursery.start_soon, self.run_driver)
+        else:
+            nursery.start_soon(self.run_driver)
 
     async def _park(self, a: _Actor, label: str, pred) -> None:
         a.go = False
@@ -311,7 +336,8 @@ class ControlledScheduler(Scheduler):
         try:
             await self._drive(counter, task_status)
         finally:
-            self._runnable_tasks = None
+            if self._lazy_driver is None:
+                self._runnable_tasks = None
 
     async def _drive(self, counter: _Runnable | None, task_status) -> None:
         task_status.started()
@@ -319,6 +345,7 @@ class ControlledScheduler(Scheduler):
             await trio.testing.wait_all_tasks_blocked()
             if counter is not None:  # every task is blocked: only this one (and other idle waiters) runs now
                 counter.n = trio.lowlevel.current_statistics().tasks_runnable
+                counter.calibrated = True
                 self._runnable_tasks = counter
             if self._running is not None and self._running.alive and self._running.name not in self._parked:
                 # the running actor is blocked on something outside the model (I/O): wait for it
@@ -330,6 +357,9 @@ class ControlledScheduler(Scheduler):
                 await self._arrived.wait()
                 continue
             self.step()
+            if self._lazy_driver is not None:  # started for this decision: the contexts take the next ones
+                self._spawn_driver = self._lazy_driver
+                return
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:

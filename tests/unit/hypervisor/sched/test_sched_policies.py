@@ -211,6 +211,56 @@ class TestExhaustive:
         assert policy.new_execution()
 
 
+async def _run_started(sched: ControlledScheduler, points: dict[str, int]) -> tuple[str, int]:
+    """run_program with the driver started by ``start_driver``; also how many times the driver task started."""
+    starts = 0
+    run_driver = sched.run_driver
+
+    async def counted(**kwargs):
+        nonlocal starts
+        starts += 1
+        await run_driver(**kwargs)
+
+    sched.run_driver = counted  # type: ignore[method-assign]
+
+    async def body(name: str, n: int):
+        async with sched.context(name):
+            for i in range(n):
+                await sched.point(f"{name}:{i}")
+
+    async with trio.open_nursery() as outer:
+        sched.start_driver(outer)
+        async with trio.open_nursery() as inner:
+            for name, n in points.items():
+                inner.start_soon(body, name, n)
+        outer.cancel_scope.cancel()
+    return "".join(e.actor for e in sched.trace), starts
+
+
+class TestStartDriver:
+    async def test_the_driver_starts_only_for_decisions_no_context_can_take(self):
+        """Once a driver has counted this trio run's runnable tasks, a later scheduler starts its driver only when
+        a context parks while another task can run, with the same releases as a driver started at once."""
+        first, starts = await _run_started(ControlledScheduler(Random(1)), {"a": 2})
+        assert (first, starts) == ("aaa", 1)  # nothing counted yet: the driver starts at once
+        alone, starts = await _run_started(ControlledScheduler(Random(1)), {"a": 3})
+        assert (alone, starts) == ("aaaa", 0)  # one context: every decision taken as it parks, no driver
+        for seed in range(6):
+            expected = await run_program(ControlledScheduler(Random(seed)), THREE)
+            sched = ControlledScheduler(Random(seed))
+            released, starts = await _run_started(sched, THREE)
+            assert released == expected and starts >= 1, seed
+            assert sched.inline > 0
+
+    async def test_without_inline_decisions_the_driver_starts_at_once(self):
+        """A scheduler whose contexts may not decide for themselves starts its driver at once, counted or not."""
+        await _run_started(ControlledScheduler(Random(1)), {"a": 2})
+        sched = ControlledScheduler(Random(1))
+        sched.inline_decisions = False
+        released, starts = await _run_started(sched, {"a": 3})
+        assert (released, starts, sched.inline) == ("aaaa", 1, 0)
+
+
 class TestStep:
     async def test_step_is_one_decision(self):
         """Stepping by hand releases one context per step(), in the order run_driver would."""
