@@ -303,6 +303,11 @@ class InProcessHost(HostLink):
         (:meth:`hypervisor.server.Hypervisor.discard`)."""
         self.hv.discard()
 
+    @property
+    def idle(self) -> bool:
+        """Every connection has ended, its process's exit included (:meth:`stop` would return at once)."""
+        return self.hv.connections == 0
+
     async def stop(self, timeout: float = 60) -> None:
         """Wait (up to ``timeout`` seconds) until the hypervisor is idle: exits run as kernel
         contexts, so the scheduler's driver must outlive them."""

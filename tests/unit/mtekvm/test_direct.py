@@ -124,7 +124,7 @@ async def test_a_direct_connection_starts_a_task_only_for_an_exit():
         hostc, _ = await host.connect("host")
         proc, hello = await host.connect("process", name="p")
         kept, _ = await host.connect("process", name="kept")
-        assert not nursery.child_tasks
+        assert not nursery.child_tasks and not host.idle
         assert isinstance(hostc, DirectChannel) and isinstance(proc, DirectChannel)
         hostc.close()
         assert host.hv.connections == 2 and not nursery.child_tasks  # gone, with no checkpoint between
@@ -135,7 +135,7 @@ async def test_a_direct_connection_starts_a_task_only_for_an_exit():
                 await trio.sleep(0)
         host.discard()
         kept.close()
-        assert host.hv.connections == 0
+        assert host.hv.connections == 0 and host.idle
         with trio.fail_after(10):
             await host.hv.wait_idle()
         nursery.cancel_scope.cancel()
