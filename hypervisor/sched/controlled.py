@@ -221,6 +221,12 @@ class ControlledScheduler(Scheduler):
             nursery.start_soon(self.run_driver)
 
     async def _park(self, a: _Actor, label: str, pred) -> None:
+        if not self._parked_and_released(a, label, pred):
+            await self._wait_released(a)
+
+    def _parked_and_released(self, a: _Actor, label: str, pred) -> bool:
+        """Park ``a`` at ``label``; True when that decision was taken here and released it at once (the
+        common case: no await, no coroutine), else :meth:`_wait_released` must follow."""
         a.go = False
         a.event = None
         a.pred = pred
@@ -236,9 +242,12 @@ class ControlledScheduler(Scheduler):
             if a.go:  # released (this context, or every one by a failure): no trio pass, no event
                 if self.failure is not None:
                     raise self.failure
-                return
+                return True
         else:
             self._kick()
+        return False
+
+    async def _wait_released(self, a: _Actor) -> None:
         event = a.event = trio.Event()  # nothing released it since it parked: no await in between
         await event.wait()
         if self.failure is not None:
@@ -249,7 +258,8 @@ class ControlledScheduler(Scheduler):
         a = self._actors.get(current_actor.get())
         if a is None:  # not inside a controlled context (set-up code): no interleaving
             return
-        await self._park(a, label, None)
+        if not self._parked_and_released(a, label, None):
+            await self._wait_released(a)
 
     async def wait_until(self, pred, label):
         a = self._actors.get(current_actor.get())
@@ -383,7 +393,8 @@ class _Context:
         self.a = a = self.sched._enter(self.actor)
         self.token = current_actor.set(self.actor)
         try:
-            await self.sched._park(a, "enter", None)
+            if not self.sched._parked_and_released(a, "enter", None):
+                await self.sched._wait_released(a)
         except BaseException:
             self._leave()
             raise
