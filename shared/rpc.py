@@ -49,8 +49,8 @@ import itertools
 import logging
 import traceback
 import types
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, cast
 
 import msgpack
 import trio
@@ -177,18 +177,28 @@ async def respond(dispatch: Dispatch, on_internal_error: Callable[[Any, Exceptio
     reply for any other exception. :class:`RequestLoop` and :class:`DirectChannel` both answer so."""
     try:
         result = await dispatch(op, args, ctx)
-        if type(result) is wire.Reply:
-            return wire.response_ok(rid, result.value, result.fault)
-        return wire.response_ok(rid, result)
     except trio.Cancelled:
         raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
-        errno = exc.errno if isinstance(exc, ErrnoError) else getattr(exc, "errno", None)
-        if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
-            assert isinstance(errno, int)  # ErrnoError.errno is always the number
-            return wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
-        number, text = on_internal_error(op, exc)
-        return wire.response_err(rid, number, text)
+        return _error_envelope(rid, op, exc, on_internal_error)
+    return _ok_envelope(rid, result)
+
+
+def _ok_envelope(rid: int, result: Any) -> dict:
+    if type(result) is wire.Reply:
+        return wire.response_ok(rid, result.value, result.fault)
+    return wire.response_ok(rid, result)
+
+
+def _error_envelope(rid: int, op: Any, exc: Exception,
+                    on_internal_error: Callable[[Any, Exception], tuple[int, str]]) -> dict:
+    """The reply to a request whose dispatch raised ``exc``: its errno, or ``on_internal_error``'s."""
+    errno = exc.errno if isinstance(exc, ErrnoError) else getattr(exc, "errno", None)
+    if isinstance(exc, ErrnoError) or (isinstance(errno, int) and errno > 0):
+        assert isinstance(errno, int)  # ErrnoError.errno is always the number
+        return wire.response_err(rid, errno, getattr(exc, "message", str(exc)))
+    number, text = on_internal_error(op, exc)
+    return wire.response_err(rid, number, text)
 
 
 def _coalesce(parts: list):
@@ -450,6 +460,28 @@ class DirectChannel(wire.Client):
 
     async def call_raw(self, op: str, args: dict | None = None, ctx: str | None = None) -> dict:
         """Run one request now, in this task; return its response envelope."""
+        err, result, rid = await self._serve(op, args, ctx)
+        return self._reply(_ok_envelope(rid, result) if err is None else err)
+
+    async def call(self, op: str, args: dict | None = None, ctx: str | None = None) -> wire.Reply:
+        """As :meth:`shared.wire.Client.call`: :meth:`call_raw`, its envelope made only when the value
+        needs encoding (a fault, an error, or a value msgpack would change)."""
+        err, result, rid = await self._serve(op, args, ctx)
+        if err is None:
+            value, fault = (result.value, result.fault) if type(result) is wire.Reply else (result, None)
+            if fault is None:
+                same = _decoded(value)
+                if same is not _NOT_STABLE:  # what msgpack would give back: no envelope, no round trip
+                    return wire.Reply(same)
+            err = wire.response_ok(rid, value, fault)
+        msg = self._reply(err)
+        if not msg.get("ok"):
+            raise wire.RemoteError(msg.get("errno", 0), msg.get("msg", ""))
+        return wire.Reply(msg.get("value"), msg.get("fault"))
+
+    async def _serve(self, op: Any, args: Any, ctx: Any) -> tuple[dict | None, Any, int]:
+        """What :class:`RequestLoop` does with one request, up to its reply: ``(None, the dispatch's
+        result, request id)``, or ``(an error envelope, None, request id)`` (:func:`respond`'s errors)."""
         if self._closed is not None:
             raise wire.ConnectionClosed(str(self._closed))
         rid = next(self._ids)
@@ -463,24 +495,30 @@ class DirectChannel(wire.Client):
             except wire.EnvelopeError as exc:
                 if exc.fatal:
                     self.close("the server closed the connection: " + exc.message)
-                return self._reply(wire.response_err(exc.rid, exc.errno, exc.message))
+                return wire.response_err(exc.rid, exc.errno, exc.message), None, rid
         if self.outstanding >= self.max_outstanding:
-            return self._reply(wire.response_err(rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"))
+            return wire.response_err(rid, EAGAIN, f"more than {self.max_outstanding} requests in flight"), None, rid
         self.outstanding += 1
+        err: dict | None = None
         try:
-            coro = respond(self.dispatch, self.on_internal_error, rid, op, args, ctx)
-            try:
-                trap = coro.send(None)
-            except StopIteration as stop:  # done without yielding to trio: nothing to shield, no cancel scope
-                reply = stop.value
-            else:
-                if self.shield:
-                    # the shield is entered before trio sees the first trap, so it covers every checkpoint
-                    # (a dispatch that opens a cancel scope before its first trap needs shield=False)
-                    with trio.CancelScope(shield=True):
-                        reply = await _finish(coro, trap)
+            try:  # respond()'s work, written out: one coroutine less a request
+                coro = cast("Coroutine[Any, Any, Any]", self.dispatch(op, args, ctx))  # (every dispatch is async)
+                try:
+                    trap = coro.send(None)
+                except StopIteration as stop:  # done without yielding to trio: nothing to shield, no cancel scope
+                    result = stop.value
                 else:
-                    reply = await _finish(coro, trap)
+                    if self.shield:
+                        # the shield is entered before trio sees the first trap, so it covers every checkpoint
+                        # (a dispatch that opens a cancel scope before its first trap needs shield=False)
+                        with trio.CancelScope(shield=True):
+                            result = await _finish(coro, trap)
+                    else:
+                        result = await _finish(coro, trap)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a reply
+                result, err = None, _error_envelope(rid, op, exc, self.on_internal_error)
         finally:
             self.outstanding -= 1
             if not self.outstanding:
@@ -490,7 +528,7 @@ class DirectChannel(wire.Client):
                     self._done()
         if self._closed is not None:  # closed while it ran: its reply is lost with the connection
             raise wire.ConnectionClosed(str(self._closed))
-        return self._reply(reply)
+        return err, result, rid
 
     def _reply(self, msg: dict) -> dict:
         if msg.get("fault") is None and msg.get("ok"):
