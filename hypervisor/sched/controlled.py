@@ -53,7 +53,7 @@ from shared.errno import Deadlock, ScheduleDivergence
 class _Actor:
     name: str
     decisions: int = 0  # decisions taken while this actor was the running one
-    event: trio.Event | None = None  # set to release it (made only when the context has to wait)
+    task: trio.lowlevel.Task | None = None  # the trio task waiting to be released (only when it has to wait)
     go: bool = False  # released since it last parked
     pred: Callable[[], bool] | None = None  # a wait_until predicate
     label: str = ""
@@ -228,7 +228,7 @@ class ControlledScheduler(Scheduler):
         """Park ``a`` at ``label``; True when that decision was taken here and released it at once (the
         common case: no await, no coroutine), else :meth:`_wait_released` must follow."""
         a.go = False
-        a.event = None
+        a.task = None
         a.pred = pred
         a.label = label
         self._parked[a.name] = a
@@ -248,8 +248,13 @@ class ControlledScheduler(Scheduler):
         return False
 
     async def _wait_released(self, a: _Actor) -> None:
-        event = a.event = trio.Event()  # nothing released it since it parked: no await in between
-        await event.wait()
+        a.task = trio.lowlevel.current_task()  # nothing released it since it parked: no await in between
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            a.task = None  # cancelled while parked: a release now has no one to wake
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)  # (a trio.Event's wait, without the Event)
         if self.failure is not None:
             raise self.failure
 
@@ -330,15 +335,17 @@ class ControlledScheduler(Scheduler):
         self._running = a
         self._last = a
         a.go = True  # released (_release, written out)
-        if a.event is not None:
-            a.event.set()
+        if a.task is not None:
+            trio.lowlevel.reschedule(a.task)
+            a.task = None
         return entry
 
     @staticmethod
     def _release(a: _Actor) -> None:
         a.go = True
-        if a.event is not None:
-            a.event.set()
+        if a.task is not None:
+            trio.lowlevel.reschedule(a.task)
+            a.task = None
 
     async def run_driver(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Release one parked context at a time, forever (cancel to stop): a loop over :meth:`step`."""
