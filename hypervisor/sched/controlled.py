@@ -18,9 +18,10 @@ before the driver would decide, so the parking context takes that decision
 itself (:meth:`ControlledScheduler._park`): the same decision on the same
 state, without the passes (none at all when the policy lets it go on). Once
 that count is known to be exact in a trio run, a scheduler started by
-:meth:`ControlledScheduler.start_driver` starts its driver only for a decision
-no context can take (one parks while another task can run) and the driver ends
-after it: a run of sequential steps has no driver task at all.
+:meth:`ControlledScheduler.start_driver` has no driver task at all: a decision
+no parking context can take (one parks while another task can run) is taken by
+the instrument as the last runnable task blocks, the moment the driver's
+``wait_all_tasks_blocked()`` would have returned.
 """
 
 from __future__ import annotations
@@ -77,12 +78,20 @@ class _Runnable(trio.abc.Instrument):
         #: set once a driver has set ``n`` at a moment every task was blocked; from then on it is exact
         #: (every task scheduled is stepped once), so later schedulers of this trio run may trust it at once
         self.calibrated = False
+        #: schedulers owed a decision no parking context could take (see ControlledScheduler.start_driver)
+        self.waiting: list[ControlledScheduler] = []
 
     def task_scheduled(self, task) -> None:
         self.n += 1
 
     def before_task_step(self, task) -> None:
         self.n -= 1
+
+    def after_task_step(self, task) -> None:
+        if not self.n and self.waiting:  # the last runnable task has just blocked: what the driver waits for
+            waiting, self.waiting = self.waiting, []
+            for sched in waiting:
+                sched._decide_at_idle()
 
 
 _RUNNABLE: trio.lowlevel.RunVar[_Runnable] = trio.lowlevel.RunVar("mtekvm_runnable_tasks")
@@ -165,8 +174,7 @@ class ControlledScheduler(Scheduler):
         self.inline_decisions = True
         self.inline = 0  # decisions a parking context took itself (for tests and statistics)
         self._runnable_tasks: _Runnable | None = None  # installed while the driver runs (see start_driver)
-        self._spawn_driver: Callable[[], object] | None = None  # start_driver's deferred start, when not running
-        self._lazy_driver: Callable[[], object] | None = None  # the same, kept: the driver runs per decision
+        self._idle_decisions: _Runnable | None = None  # no driver: this count takes what it would (start_driver)
 
     @property
     def schedule(self) -> str:
@@ -202,23 +210,35 @@ class ControlledScheduler(Scheduler):
         self._kick()
 
     def _kick(self) -> None:
-        if self._spawn_driver is not None and self._parked:  # a decision only the driver can take: start it
-            spawn, self._spawn_driver = self._spawn_driver, None
-            spawn()
+        counter = self._idle_decisions
+        if counter is not None:  # no driver: the counter takes the decision once no task can run
+            if self._parked and self not in counter.waiting:
+                counter.waiting.append(self)
+            return
         self._arrived.set()
 
     def start_driver(self, nursery: trio.Nursery) -> None:
-        """Start :meth:`run_driver` in ``nursery``, or only once a decision needs it: with inline decisions
-        and this trio run's count of runnable tasks already exact (an earlier driver set it), a parking
-        context decides for itself whenever no other task can run, and the driver is started the first
-        time one parks while another can (a parallel step), if ever. A run whose contexts never meet
-        costs no driver task."""
+        """Start :meth:`run_driver` in ``nursery``, or do without one: with inline decisions and this trio
+        run's count of runnable tasks already exact (an earlier driver set it), a parking context decides
+        for itself whenever no other task can run, and a decision it cannot take (one parks while another
+        task can run: a parallel step) is taken by the count itself, as the last runnable task blocks
+        (:meth:`_Runnable.after_task_step`): the moment the driver's ``wait_all_tasks_blocked()`` waits
+        for, with no task, no idle wait and no trio pass of its own."""
         counter = _runnable_counter() if self.inline_decisions else None
         if counter is not None and counter.calibrated:
-            self._runnable_tasks = counter
-            self._lazy_driver = self._spawn_driver = functools.partial(nursery.start_soon, self.run_driver)
+            self._runnable_tasks = self._idle_decisions = counter
         else:
             nursery.start_soon(self.run_driver)
+
+    def _decide_at_idle(self) -> None:
+        """What the driver does when ``wait_all_tasks_blocked()`` returns (see :meth:`start_driver`)."""
+        if self._running is not None and self._running.alive and self._running.name not in self._parked:
+            return  # the running actor is blocked outside the model (I/O): its next park or exit asks again
+        if self._parked:
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a policy's bug: end the parked contexts with it
+                self._fail(exc)  # (an instrument must not raise: trio would remove it, and the count with it)
 
     async def _park(self, a: _Actor, label: str, pred) -> None:
         if not self._parked_and_released(a, label, pred):
@@ -353,8 +373,7 @@ class ControlledScheduler(Scheduler):
         try:
             await self._drive(counter, task_status)
         finally:
-            if self._lazy_driver is None:
-                self._runnable_tasks = None
+            self._runnable_tasks = None
 
     async def _drive(self, counter: _Runnable | None, task_status) -> None:
         task_status.started()
@@ -374,9 +393,6 @@ class ControlledScheduler(Scheduler):
                 await self._arrived.wait()
                 continue
             self.step()
-            if self._lazy_driver is not None:  # started for this decision: the contexts take the next ones
-                self._spawn_driver = self._lazy_driver
-                return
 
     def _fail(self, exc: Exception) -> None:
         if self.failure is None:
