@@ -535,10 +535,20 @@ class Ghost:
         """Walk every entry, look it up through what maps it now, and compare."""
         zero_page = self.k.alloc.zero_page
         for space, pages in list(self.spaces.items()):
+            pt = None if isinstance(space, MemObject) else space.pt
             for index, e in list(pages.items()):
                 loc = (space, index, None)
-                kind, cur = self._backing(loc)
-                want = e.expected_tags()
+                if pt is None:
+                    kind, cur = self._object_backing(space, index)
+                else:  # _backing(loc) of a user page, written out (the common case: one call less an entry)
+                    pte = pt.get(index)
+                    if pte is None:
+                        kind, cur = "none", None
+                    elif pte.swap is not None:
+                        kind, cur = "swap", pte.swap
+                    else:
+                        kind, cur = "page", pte.page
+                want = ZERO_TAGS if e.tags is None else e.tags  # (e.expected_tags())
                 if isinstance(cur, Page):  # kind == "page"
                     if cur.zone in ("device", "pfnmap"):
                         continue
@@ -559,7 +569,7 @@ class Ghost:
                     page = None
                 else:
                     tags, data, page = ZERO_TAGS, None, None
-                if not _same(tags, want):
+                if tags != want and not _same(tags, want):
                     self._mismatch(loc, page, f"now holds tags {_diff(tags, want, 0)}"
                                    + (f" (swap entry {cur})" if kind == "swap" else "")
                                    + (" (nothing maps it any more)" if kind == "none" else ""))

@@ -201,8 +201,10 @@ class Oracle:
         k = self.k
         if k.alloc.zero_page.flags & PG_mte_tagged:
             self.report("ZERO-PAGE-NEVER-FLAGGED", "ZERO_PAGE has PG_mte_tagged", k.alloc.zero_page)
-        for page in k.alloc.live_pages():
-            head = page.folio
+        for page in k.alloc.frames.values():  # live_pages() and page.folio, written out (after every step)
+            if page.free:
+                continue
+            head = page if page.head is None else page.head
             tagged = bool(head.flags & PG_mte_tagged)
             if tagged and (page.shadow is None or page.tags != page.shadow):  # bytes/bytearray: by content
                 what = ("tags nobody wrote: stale from a previous owner" if page.shadow is None
