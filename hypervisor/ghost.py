@@ -535,11 +535,12 @@ class Ghost:
         """Walk every entry, look it up through what maps it now, and compare."""
         zero_page = self.k.alloc.zero_page
         for space, pages in list(self.spaces.items()):
-            pt = None if isinstance(space, MemObject) else space.pt
+            obj = space if isinstance(space, MemObject) else None
+            pt: dict = {} if obj is not None else space.pt  # type: ignore[attr-defined]  # (else an MM)
             for index, e in list(pages.items()):
                 loc = (space, index, None)
-                if pt is None:
-                    kind, cur = self._object_backing(space, index)
+                if obj is not None:
+                    kind, cur = self._object_backing(obj, index)
                 else:  # _backing(loc) of a user page, written out (the common case: one call less an entry)
                     pte = pt.get(index)
                     if pte is None:

@@ -201,6 +201,7 @@ class Oracle:
         k = self.k
         if k.alloc.zero_page.flags & PG_mte_tagged:
             self.report("ZERO-PAGE-NEVER-FLAGGED", "ZERO_PAGE has PG_mte_tagged", k.alloc.zero_page)
+        page: Page | None
         for page in k.alloc.frames.values():  # live_pages() and page.folio, written out (after every step)
             if page.free:
                 continue
