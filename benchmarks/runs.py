@@ -7,7 +7,8 @@ host, runs the steps with the oracles after every step, and tears down.
 
 * **new**: the runner's default (``RunOptions.direct``: direct calls into the hypervisor's dispatch;
   ``RunOptions.inline_decisions``: a parking context takes the scheduler's decision when no other
-  task can run). **old**: both off: msgpack over in-memory streams served by the hypervisor's
+  task can run, and once the count of runnable tasks is known there is no driver task at all:
+  ``ControlledScheduler.start_driver``). **old**: both off: msgpack over in-memory streams served by the hypervisor's
   reader and handler tasks, and a driver task for every decision (the path before issue 10, part 5).
   The two give the same schedules, outcomes and violations (tests/unit/mtekvm/test_direct.py).
 * Both are measured in alternating slices (old, new, old, new, ...) in this process; each figure is
@@ -105,7 +106,7 @@ async def _floor_run(seed: int) -> None:
     k = Kernel(sched=sched, bugs=BUGS)
     addr, page, mte = 0x1000_0000, 4096, ["read", "write", "mte"]
     async with trio.open_nursery() as nursery:
-        await nursery.start(sched.run_driver)
+        sched.start_driver(nursery)  # as today's path starts it (no driver task once the count is known)
         tasks = {"parent": k.create_task("parent")}
 
         async def do(actor: str, ctx: str, op: str, **args) -> Any:
@@ -120,9 +121,9 @@ async def _floor_run(seed: int) -> None:
         child = await do("parent", "parent/3", "fork", child="child")
         tasks["child"] = k.tasks[child["pid"]]
         k.oracle.check_state()
-        async with trio.open_nursery() as inner:
-            inner.start_soon(functools.partial(do, "parent", "parent/4.1", "mprotect", addr=addr, size=page, prot=mte))
+        async with trio.open_nursery() as inner:  # the first sub-step in this task, as the runner runs it
             inner.start_soon(functools.partial(do, "child", "child/4.2", "store", addr=addr, data=b"\xbb" * 16))
+            await do("parent", "parent/4.1", "mprotect", addr=addr, size=page, prot=mte)
         k.oracle.check_state()
         await do("child", "child/5", "mprotect", addr=addr, size=page, prot=mte)
         k.oracle.check_state()
