@@ -290,8 +290,9 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
     """user_mem_abort() (arch/arm64/kvm/mmu.c, v6.17-era), MTE steps line for line.
 
     Returns:
-        None when the stage-2 entry is installed, :data:`RETRY` when an MMU
-        invalidation raced with the fault (the guest takes it again),
+        None when the stage-2 entry is installed (or, for a permission fault, relaxed),
+        :data:`RETRY` when an MMU invalidation raced with the fault (the guest takes it
+        again; for a permission fault, also when the entry it found is gone),
         :data:`TAG_STORAGE_RETRY` when a folio without tag storage was migrated
         (dynamic tag storage, "reserve"; replayed too).
 
@@ -372,6 +373,19 @@ async def user_mem_abort(k: Kernel, kvm: Kvm, vcpu: Vcpu, gfn: int, slot: Memslo
         writable = host_writable and not slot.readonly
         if logging_active and not write:
             writable = False  # only map writable on a write fault while logging
+        if fault_is_perm and nr_pages == 1:
+            # kvm_pgtable_stage2_relax_perms() (vma_pagesize == fault_granule): a permission fault adds
+            # permissions to the entry it found and never changes its frame; if an invalidation removed
+            # that entry before this fault read mmu_seq, the walk finds no valid entry (-EAGAIN) and the
+            # guest takes the fault again, now a translation fault that sanitises the new frame
+            found = kvm.s2.get(gfn)
+            if found is None:
+                return RETRY
+            kvm.s2[gfn] = S2Entry(found.page, found.writable or writable, found.memtype)
+            if writable:
+                mark_page_dirty(kvm, gfn)
+            k.sched.wake()
+            return None
         if s2_force_noncacheable:  # KVM_PGTABLE_PROT_NORMAL_NC or KVM_PGTABLE_PROT_DEVICE
             memtype = "normal-nc" if vfio_allow_any_uncached else "device"
         else:

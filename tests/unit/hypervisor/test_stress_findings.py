@@ -1,9 +1,12 @@
-"""The three failures `mtekvm stress` found on the fixed model (docs/concurrency.md, "fixed-model failures";
-docs/findings.md), each driven by a scripted schedule that reproduces its shrunk scenario.
+"""The failures `mtekvm stress` found on the fixed model (docs/concurrency.md, "fixed-model failures";
+docs/findings.md), each driven by a scripted schedule (or every interleaving) that reproduces its shrunk scenario.
 
 1. STAGE-2-COHERENT: a memslot deleted (or moved) while a stage-2 fault that looked it up is in flight;
 2. TAGS-AS-WRITTEN: a CoW store on private hugetlb racing migration of the child's page;
-3. TAGS-AS-WRITTEN: KVM_ARM_MTE_COPY_TAGS TO_GUEST racing the VMM's munmap of that page.
+3. TAGS-AS-WRITTEN: KVM_ARM_MTE_COPY_TAGS TO_GUEST racing the VMM's munmap of that page;
+4. PRESERVE-ON-MAP: a stage-2 permission fault racing another vCPU's CoW of the same page (a model bug:
+   the permission fault mapped the new frame without sanitising it, where Linux only relaxes the
+   permissions of the entry it found).
 """
 
 from __future__ import annotations
@@ -162,3 +165,54 @@ class TestCopyTagsVsMunmap:
                                 policy=phases(("c", "kvm_vm_ioctl_mte_copy_tags:copy"), ("u", None), ("c", None)))
         assert violated(run) == [] and frame_problems(run.k) == []
         assert run.state["copied"]["length"] == PAGE
+
+
+# ---- 4. a stage-2 permission fault racing another vCPU's CoW of the same page --------------------------------
+
+
+def perm_fault_vs_cow(k_unused=None):
+    """The guest reads a page (stage 2 maps the zero page read-only), then two tag stores race on it: each
+    takes a permission fault on that entry, and the first to CoW the host page invalidates it."""
+
+    async def setup(k):
+        vm = await Vm.create(k)
+        await vm.ram(0, RAM, 4 * PAGE, prot=["read", "write"])
+        assert await vm.ldg(RAM + PAGE, 16) == [0]
+        assert vm.page(RAM + PAGE) is k.alloc.zero_page
+
+        async def first(k, st):
+            await vm.stg(RAM + PAGE, 64, 6)
+
+        async def second(k, st):
+            await vm.stg(RAM + PAGE, 64, 10)
+
+        return {"vm": vm}, {"a": first, "b": second}
+
+    return setup
+
+
+def _lost_or_unsanitised(run) -> bool:
+    return run.failure is not None or invariants(run.k) != []
+
+
+class TestPermFaultVsCow:
+    """Race 4: a permission fault only relaxes the entry it found; one an invalidation removed is -EAGAIN."""
+
+    async def test_no_interleaving_maps_an_unsanitised_frame(self):
+        """No interleaving (two preemptions) maps the CoW's new frame unsanitised or zeroes tags already stored."""
+        runs = await explore_bounded(perm_fault_vs_cow(), preemptions=2, until=_lost_or_unsanitised)
+        assert not _lost_or_unsanitised(runs[-1]), (runs[-1].schedule, invariants(runs[-1].k))
+        assert frame_problems(runs[-1].k) == []
+
+    async def test_the_fault_that_lost_its_entry_retries(self):
+        """The shrunk failure: "a" takes a permission fault on the zero page's entry, "b" CoWs the page (which
+        removes that entry) and parks in its own retried fault, then "a" goes on: it must fault again and
+        sanitise the new frame itself, so "b" finds it initialised and clears no tag "a" stored."""
+        run, _ = await run_once(perm_fault_vs_cow(),
+                                policy=phases(("a", "mmap_lock[vmm]:read_lock"), ("b", "kvm_run:retry"),
+                                              ("b", "mmap_lock[vmm]:read_lock"), ("a", None), ("b", None)))
+        assert violated(run) == [] and frame_problems(run.k) == []
+        vm = run.state["vm"]
+        page = vm.page(RAM + PAGE)
+        assert page is not run.k.alloc.zero_page and vm.s2(RAM + PAGE).writable
+        assert list(page.tags[:4]) == [10, 10, 10, 10]  # "b" stored last
