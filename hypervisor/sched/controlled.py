@@ -75,8 +75,8 @@ class _Runnable(trio.abc.Instrument):
 
     def __init__(self) -> None:
         self.n = 0
-        #: set once a driver has set ``n`` at a moment every task was blocked; from then on it is exact
-        #: (every task scheduled is stepped once), so later schedulers of this trio run may trust it at once
+        #: set by :class:`_Calibrate` at the first wait for I/O after the count was installed; from then on
+        #: ``n`` is exact (every task scheduled is stepped once), and every scheduler of this trio run trusts it
         self.calibrated = False
         #: schedulers owed a decision no parking context could take (see ControlledScheduler.start_driver)
         self.waiting: list[ControlledScheduler] = []
@@ -94,6 +94,20 @@ class _Runnable(trio.abc.Instrument):
                 sched._decide_at_idle()
 
 
+class _Calibrate(trio.abc.Instrument):
+    """Sets a new :class:`_Runnable`'s count once, then removes itself: as trio is about to wait for I/O,
+    every task of the last batch has been stepped, so the tasks scheduled and not yet stepped are
+    exactly the run queue (tasks installed mid-batch were counted wrong until then)."""
+
+    def __init__(self, counter: _Runnable) -> None:
+        self.counter = counter
+
+    def before_io_wait(self, timeout) -> None:
+        self.counter.n = trio.lowlevel.current_statistics().tasks_runnable
+        self.counter.calibrated = True
+        trio.lowlevel.remove_instrument(self)
+
+
 _RUNNABLE: trio.lowlevel.RunVar[_Runnable] = trio.lowlevel.RunVar("mtekvm_runnable_tasks")
 
 
@@ -105,6 +119,7 @@ def _runnable_counter() -> _Runnable:
     except LookupError:
         counter = _Runnable()
         trio.lowlevel.add_instrument(counter)
+        trio.lowlevel.add_instrument(_Calibrate(counter))
         _RUNNABLE.set(counter)
         return counter
 
@@ -379,9 +394,7 @@ class ControlledScheduler(Scheduler):
         task_status.started()
         while True:
             await trio.testing.wait_all_tasks_blocked()
-            if counter is not None:  # every task is blocked: only this one (and other idle waiters) runs now
-                counter.n = trio.lowlevel.current_statistics().tasks_runnable
-                counter.calibrated = True
+            if counter is not None and counter.calibrated:  # (exact from the first wait for I/O on)
                 self._runnable_tasks = counter
             if self._running is not None and self._running.alive and self._running.name not in self._parked:
                 # the running actor is blocked on something outside the model (I/O): wait for it

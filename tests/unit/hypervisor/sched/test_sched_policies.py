@@ -254,6 +254,22 @@ class TestStartDriver:
             assert released == expected and starts == 0, seed
             assert 0 < sched.inline < sched.decisions  # some decisions were the count's, at an idle moment
 
+    async def test_the_count_stays_exact_beside_another_idle_waiter(self):
+        """Another task waiting for every task to block (a second idle waiter, woken in the same batch as a
+        driver) does not skew the count: later schedulers still take every decision without a driver."""
+
+        async def idler():
+            while True:
+                await trio.testing.wait_all_tasks_blocked()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(idler)
+            for seed in range(8):
+                expected = await run_program(ControlledScheduler(Random(seed)), THREE)  # an eager driver
+                released, starts = await _run_started(ControlledScheduler(Random(seed)), THREE)
+                assert (released, starts) == (expected, 0), seed
+            nursery.cancel_scope.cancel()
+
     async def test_without_inline_decisions_the_driver_starts_at_once(self):
         """A scheduler whose contexts may not decide for themselves starts its driver at once, counted or not."""
         await _run_started(ControlledScheduler(Random(1)), {"a": 2})
