@@ -517,9 +517,9 @@ async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
                 _pte_mkwrite(mm, v, e)
         return
     head_pte = mm.pt.get(first)
-    new = await alloc_hugetlb_folio(k, nr, vma_gfp(vma), _node(vma))
-    get_page(old)  # the fault's reference on the source while it copies
+    get_page(old)  # folio_get(old_folio) before the allocation, which may sleep (as wp_page_copy's source)
     try:
+        new = await alloc_hugetlb_folio(k, nr, vma_gfp(vma), _node(vma))
         for i in range(nr):  # copy_user_large_folio()
             await copy_user_highpage(k, new.subpages[i], old.subpages[i])
     finally:
@@ -533,22 +533,32 @@ async def hugetlb_wp(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
 
 
 async def wp_page_copy(k: Kernel, mm: MM, vma: Vma, vpn: int, pte: Pte) -> None:
-    """wp_page_copy(): copy-on-write into a new page through copy_user_highpage()."""
+    """wp_page_copy(): copy-on-write into a new page through copy_user_highpage().
+
+    The source holds the fault's reference from before the allocation (do_wp_page()'s
+    folio_get() under the PTE lock) to the end, as in Linux: reclaim or migration that
+    meets the folio meanwhile finds it busy, so it is never freed under the copy.
+    """
     old = pte.page
     assert old is not None  # a write fault on a present entry
     if pte.special:  # the zero page: a fresh zeroed page (__GFP_ZEROTAGS under VM_MTE)
         new = await vma_alloc_zeroed_movable_folio(k, vma)
     else:
-        new = await _alloc(k, vma)
-        get_page(old)  # the fault's reference on the source while it copies
+        get_page(old)  # do_wp_page(): folio_get() before the allocation, which may sleep
         try:
+            new = await _alloc(k, vma)
             await copy_user_highpage(k, new, old)
-        finally:
+        except BaseException:
             put_page(k, old)
-    await k.sched.point("wp_page_copy:map")
-    # if the PTE changed under us (pte_same() fails), back off: the fault retries
-    await set_pte_at(k, mm, vpn, _pte_for(vma, new, True), expect=pte)
-    put_page(k, new)
+            raise
+    try:
+        await k.sched.point("wp_page_copy:map")
+        # if the PTE changed under us (pte_same() fails), back off: the fault retries
+        await set_pte_at(k, mm, vpn, _pte_for(vma, new, True), expect=pte)
+        put_page(k, new)
+    finally:
+        if not pte.special:
+            put_page(k, old)  # folio_put(old_folio)
 
 
 # ---- fork ------------------------------------------------------------------
