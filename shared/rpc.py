@@ -474,10 +474,7 @@ class DirectChannel(wire.Client):
                 if same is not _NOT_STABLE:  # what msgpack would give back: no envelope, no round trip
                     return wire.Reply(same)
             err = wire.response_ok(rid, value, fault)
-        msg = self._reply(err)
-        if not msg.get("ok"):
-            raise wire.RemoteError(msg.get("errno", 0), msg.get("msg", ""))
-        return wire.Reply(msg.get("value"), msg.get("fault"))
+        return wire.reply_of(self._reply(err))
 
     async def _serve(self, op: Any, args: Any, ctx: Any) -> tuple[dict | None, Any, int]:
         """What :class:`RequestLoop` does with one request, up to its reply: ``(None, the dispatch's

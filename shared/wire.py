@@ -92,6 +92,17 @@ class Reply:
     fault: dict | None = None
 
 
+def reply_of(msg: dict) -> Reply:
+    """A response envelope's :class:`Reply`.
+
+    Raises:
+        RemoteError: the envelope carries an errno.
+    """
+    if not msg.get("ok"):
+        raise RemoteError(msg.get("errno", 0), msg.get("msg", ""))
+    return Reply(msg.get("value"), msg.get("fault"))
+
+
 def request(rid: int, op: str, args: dict, ctx: str | None = None) -> dict:
     """Build a request envelope."""
     msg = {"t": "req", "id": rid, "op": op, "args": args}
@@ -620,10 +631,7 @@ class Client:
             RemoteError: the op failed with an errno.
             ConnectionClosed: the connection went away first.
         """
-        msg = await self.call_raw(op, args, ctx)
-        if not msg.get("ok"):
-            raise RemoteError(msg.get("errno", 0), msg.get("msg", ""))
-        return Reply(msg.get("value"), msg.get("fault"))
+        return reply_of(await self.call_raw(op, args, ctx))
 
     async def aclose(self) -> None:
         """Close the connection."""

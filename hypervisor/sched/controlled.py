@@ -245,10 +245,16 @@ class ControlledScheduler(Scheduler):
         else:
             nursery.start_soon(self.run_driver)
 
+    def _running_outside_model(self) -> bool:
+        """The running context is neither parked nor ended: every task blocked, it waits on something
+        outside the model (I/O), and no decision is due."""
+        a = self._running
+        return a is not None and a.alive and a.name not in self._parked
+
     def _decide_at_idle(self) -> None:
         """What the driver does when ``wait_all_tasks_blocked()`` returns (see :meth:`start_driver`)."""
-        if self._running is not None and self._running.alive and self._running.name not in self._parked:
-            return  # the running actor is blocked outside the model (I/O): its next park or exit asks again
+        if self._running_outside_model():
+            return  # its next park or exit asks again
         if self._parked:
             try:
                 self.step()
@@ -369,10 +375,7 @@ class ControlledScheduler(Scheduler):
         del self._parked[a.name]
         self._running = a
         self._last = a
-        a.go = True  # released (_release, written out)
-        if a.task is not None:
-            trio.lowlevel.reschedule(a.task)
-            a.task = None
+        self._release(a)
         return entry
 
     @staticmethod
@@ -396,8 +399,7 @@ class ControlledScheduler(Scheduler):
             await trio.testing.wait_all_tasks_blocked()
             if counter is not None and counter.calibrated:  # (exact from the first wait for I/O on)
                 self._runnable_tasks = counter
-            if self._running is not None and self._running.alive and self._running.name not in self._parked:
-                # the running actor is blocked on something outside the model (I/O): wait for it
+            if self._running_outside_model():  # wait for it
                 self._arrived = trio.Event()
                 await self._arrived.wait()
                 continue
